@@ -1,0 +1,3 @@
+"""llmwarm: serve vLLM warm."""
+
+__version__ = "0.1.0"

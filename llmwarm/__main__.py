@@ -1,0 +1,3 @@
+from llmwarm.cli import main
+
+main()

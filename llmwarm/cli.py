@@ -1,0 +1,169 @@
+"""The `llmwarm` command line: maps options onto settings and renders every error.
+
+Exit codes:
+  0    success (warm-up done; or served, then shut down on request)
+  2    bad input: a profile, a vLLM flag, MODEL, the port, the report path
+  3    the vLLM engine could not start
+  4    the warm-up failed (a request failed, or the engine died while warming)
+  5    the engine died while serving
+  130  interrupted (SIGINT/SIGTERM) before the server was ready
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from llmwarm import __version__
+from llmwarm.errors import EXIT_INTERRUPTED, LlmwarmError
+
+err = Console(stderr=True)
+
+app = typer.Typer(
+    name="llmwarm",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="markdown",
+)
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 2 bad input; 3 the engine could not start; 4 the warm-up failed; "
+    "5 the engine died while serving; 130 interrupted before ready."
+)
+
+# MODEL and every `vllm serve` flag are handed, untouched, to vLLM's own parser.
+PASSTHROUGH = {
+    "allow_extra_args": True,
+    "ignore_unknown_options": True,
+    "help_option_names": ["-h", "--help"],
+}
+
+ProfileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--profile",
+        help="Warm-up profile (YAML). Default: the shipped configs/default.yaml.",
+        exists=True,
+        dir_okay=False,
+        show_default=False,
+    ),
+]
+VllmHelpOption = Annotated[
+    bool, typer.Option("--vllm-help", help="Show every vLLM flag that passes through, and exit.")
+]
+
+
+def _fail(exc: LlmwarmError) -> NoReturn:
+    err.print(f"[bold red]Error:[/] {exc.message}", highlight=False, soft_wrap=True)
+    for where, message in exc.problems:
+        err.print(f"  • {where}: {message}", highlight=False, soft_wrap=True, markup=False)
+    raise typer.Exit(code=exc.exit_code) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmwarm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(epilog=EXIT_CODES_HELP)
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Serve vLLM warm: a measured warm-up through the real OpenAI path before user traffic."""
+
+
+def _configure_logging() -> None:
+    # llmwarm's own logger only: vLLM configures (and formats) its loggers itself.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [llmwarm] %(message)s"))
+    logger = logging.getLogger("llmwarm")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _run(
+    ctx: typer.Context, profile: Path | None, report: Path | None, serve: bool, vllm_help: bool
+) -> None:
+    # Imported here so `--help`, `--version` and profile errors never wait on vLLM.
+    from llmwarm import engine, server, settings
+
+    prog = f"llmwarm {ctx.info_name}"
+    _configure_logging()
+    try:
+        if vllm_help:
+            typer.echo(engine.vllm_help(prog))
+            return
+        resolved = settings.resolve(
+            ctx.args, profile_path=profile, report_path=report, serve=serve, prog=prog
+        )
+        server.run_sync(resolved)
+    except LlmwarmError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:  # before the event loop (and its signal handlers) ran
+        err.print("Interrupted.")
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
+
+
+ReportOption = Annotated[
+    Path | None,
+    typer.Option("--report", help="Write the warm-up report (JSON) here.", dir_okay=False),
+]
+
+SERVE_HELP = """Start vLLM, warm it up, then serve: `llmwarm serve MODEL [vllm serve flags]`.
+
+The port answers 503 with Retry-After (`/health`, `/ready`, `/v1/*`) until the warm-up is done;
+then the same warm engine serves vLLM's OpenAI-compatible API, and `/ready` is 200. MODEL and
+every `vllm serve` flag pass through to vLLM unchanged (see `--vllm-help`).
+"""
+
+WARM_HELP = """Start vLLM, warm it up, write the report and exit: `llmwarm warm MODEL [vllm flags]`.
+
+For CI, image builds and benchmarks: the warm-up talks to a private loopback port.
+"""
+
+
+def _command(serve: bool):  # type: ignore[no-untyped-def]
+    # One parameter list for both commands; they differ only in whether they go on serving.
+    def command(
+        ctx: typer.Context,
+        profile: ProfileOption = None,
+        report: ReportOption = Path("llmwarm-report.json"),
+        vllm_help: VllmHelpOption = False,
+    ) -> None:
+        _run(ctx, profile, report, serve=serve, vllm_help=vllm_help)
+
+    return command
+
+
+app.command(
+    "serve",
+    help=SERVE_HELP,
+    context_settings=PASSTHROUGH,
+    epilog=EXIT_CODES_HELP,
+    options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
+)(
+    _command(serve=True)
+)
+app.command(
+    "warm",
+    help=WARM_HELP,
+    context_settings=PASSTHROUGH,
+    epilog=EXIT_CODES_HELP,
+    options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
+)(
+    _command(serve=False)
+)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,275 @@
+"""The vLLM adapter: the only module that imports vLLM.
+
+vLLM's internal API moves between releases; everything llmwarm needs from it is here, written
+against vLLM 0.32 (`vllm.entrypoints.launchers`). Its own argument parser owns every
+`vllm serve` flag; its own app builder and app state make the OpenAI server that users hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import threading
+from argparse import Namespace
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import uvicorn
+
+from llmwarm.errors import EngineDied, PortInUse, StartupError, VllmArgsError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from starlette.types import ASGIApp
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+
+class _Abandoned(Exception):
+    """The engine build was cancelled; its result is not wanted."""
+
+
+def _parser(prog: str) -> Any:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class Parser(FlexibleArgumentParser):
+        # argparse would print and sys.exit(2); llmwarm renders errors in its CLI instead.
+        def error(self, message: str):  # type: ignore[override]
+            raise VllmArgsError(
+                f"bad vLLM arguments: {message}", problems=[("vllm flags", message)]
+            )
+
+    return make_arg_parser(Parser(prog=prog, description="vLLM flags accepted by llmwarm"))
+
+
+def vllm_help(prog: str) -> str:
+    """vLLM's own help for every flag `llmwarm serve` passes through."""
+    return str(_parser(prog).format_help())
+
+
+def parse_args(argv: list[str], prog: str) -> Namespace:
+    """Parse `MODEL [vllm serve flags]` with vLLM's own parser and checks."""
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+    args = _parser(prog).parse_args(argv)
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    try:
+        validate_parsed_serve_args(args)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise VllmArgsError(str(exc), problems=[("vllm flags", str(exc))]) from None
+    for flag, unsupported in (
+        ("--headless", args.headless),
+        ("--grpc", getattr(args, "grpc", False)),
+        ("--api-server-count", (args.api_server_count or 1) > 1),
+    ):
+        if unsupported:
+            raise VllmArgsError(
+                f"{flag} is not supported by llmwarm",
+                problems=[(flag, "llmwarm runs one in-process API server in front of the engine")],
+            )
+    return args
+
+
+def model_name(args: Namespace) -> str:
+    """The name clients use in the `model` field."""
+    return str(args.served_model_name[0] if args.served_model_name else args.model)
+
+
+def bind(args: Namespace) -> tuple[str, socket.socket]:
+    """Bind the HTTP socket before the engine loads, as `vllm serve` does."""
+    from vllm.entrypoints.launchers.launcher import setup_server
+
+    try:
+        return setup_server(args, reuse_port=False)  # type: ignore[no-any-return]
+    except OSError as exc:
+        where = args.uds or f"{args.host or '0.0.0.0'}:{args.port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"cannot listen on {where}: address already in use",
+                problems=[("--uds" if args.uds else "--port", f"{where} is already in use")],
+            ) from None
+        raise PortInUse(
+            f"cannot listen on {where}: {exc.strerror}",
+            problems=[("--uds" if args.uds else "--host/--port", str(exc))],
+        ) from None
+    except (KeyError, ValueError) as exc:
+        raise VllmArgsError(str(exc), problems=[("vllm flags", str(exc))]) from None
+
+
+def _end_children() -> None:
+    """Terminate (then kill) every process this one started: the EngineCore and its workers."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:
+        child.kill()
+
+
+def force_exit(code: int) -> None:
+    """Leave at once, taking the engine processes along (a second Ctrl-C)."""
+    _end_children()
+    os._exit(code)
+
+
+@asynccontextmanager
+async def start_engine(args: Namespace) -> AsyncIterator[AsyncLLM]:
+    """A V1 `AsyncLLM` for these arguments, shut down on exit whatever happened.
+
+    vLLM builds the engine synchronously (config, process spawn, a handshake wait of a minute
+    or more). That runs in a thread, so the event loop keeps answering 503s meanwhile; a
+    cancellation ends the engine's processes, which ends the thread's wait.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import propagate_flash_late_interaction
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    propagate_flash_late_interaction(args, engine_args)
+    cancelled = threading.Event()
+
+    def build() -> AsyncLLM:
+        try:
+            config = engine_args.create_engine_config(
+                usage_context=UsageContext.OPENAI_API_SERVER
+            )
+        except Exception as exc:  # vLLM raises many types for a bad value of a flag
+            raise VllmArgsError(
+                f"vLLM rejected the configuration: {exc}",
+                problems=[("vllm flags", str(exc).splitlines()[0] if str(exc) else repr(exc))],
+            ) from exc
+        if cancelled.is_set():
+            raise _Abandoned
+        try:
+            return AsyncLLM.from_vllm_config(
+                vllm_config=config,
+                usage_context=UsageContext.OPENAI_API_SERVER,
+                enable_log_requests=engine_args.enable_log_requests,
+                aggregate_engine_logging=engine_args.aggregate_engine_logging,
+                disable_log_stats=engine_args.disable_log_stats,
+            )
+        except Exception as exc:
+            if cancelled.is_set():
+                raise _Abandoned from exc
+            raise StartupError(
+                f"the vLLM engine failed to start: {exc}",
+                problems=[("engine", str(exc) or repr(exc))],
+            ) from exc
+
+    future = asyncio.get_running_loop().run_in_executor(None, build)
+    try:
+        engine = await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancelled.set()
+        # The thread may be about to spawn the engine: keep ending children until it returns.
+        while not future.done():
+            await asyncio.to_thread(_end_children)
+            await asyncio.wait([future], timeout=0.5)
+        if not future.cancelled() and future.exception() is None:
+            future.result().shutdown()
+        raise
+    try:
+        # Started lazily outside an event loop; start it now so an engine death during the
+        # warm-up is noticed at once.
+        engine._run_output_handler()
+        await engine.reset_mm_cache()
+        yield engine
+    finally:
+        # Synchronous, as in vLLM's own engine context: in a thread, the still-running output
+        # handler would see the engine die first and log a spurious EngineDeadError.
+        engine.shutdown(timeout=engine.vllm_config.shutdown_timeout)
+
+
+def max_model_len(engine: AsyncLLM) -> int:
+    return int(engine.model_config.max_model_len)
+
+
+def tokenizer(engine: AsyncLLM) -> Any:
+    tok = engine.tokenizer
+    if tok is None:
+        raise StartupError(
+            "the engine has no tokenizer (--skip-tokenizer-init?); llmwarm needs one for prompts"
+        )
+    return tok
+
+
+async def build_app(engine: AsyncLLM, args: Namespace, server: uvicorn.Server) -> FastAPI:
+    """vLLM's OpenAI-compatible FastAPI app with its state, exactly as `vllm serve` builds it."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app as vllm_build_app
+
+    supported_tasks = await engine.get_supported_tasks()
+    app = vllm_build_app(args, supported_tasks, engine.model_config)
+    await init_app_state(engine, app.state, args, supported_tasks)
+    app.state.server = server  # vLLM's error handlers read it
+    return app
+
+
+@asynccontextmanager
+async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """vLLM's app lifespan (stats logging, GC freeze, clean-up), run when the app goes live."""
+    async with app.router.lifespan_context(app):
+        yield
+
+
+async def reset_prefix_cache(engine: AsyncLLM) -> bool:
+    return bool(await engine.reset_prefix_cache())
+
+
+async def wait_dead(engine: AsyncLLM, interval: float = 1.0) -> None:
+    """Return when the engine has died (like vLLM's own API-server watchdog)."""
+    while not (engine.errored and not engine.is_running):
+        await asyncio.sleep(interval)
+    raise EngineDied(f"the vLLM engine died: {engine.dead_error}")
+
+
+def http_server(app: ASGIApp, args: Namespace) -> uvicorn.Server:
+    """A uvicorn server configured from vLLM's frontend flags, installing no signal handlers."""
+    from vllm import envs
+    from vllm.entrypoints.launchers.launcher import NoSignalServer
+    from vllm.entrypoints.launchers.utils.constants import (
+        H11_MAX_HEADER_COUNT_DEFAULT,
+        H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT,
+    )
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+
+    kwargs: dict[str, Any] = {}
+    log_config = get_uvicorn_log_config(args)
+    if log_config is not None:
+        kwargs["log_config"] = log_config
+    config = uvicorn.Config(
+        app,
+        lifespan="off",  # vLLM's app lifespan runs when the gate opens, not at bind time
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs,
+        ssl_ciphers=args.ssl_ciphers,
+        **kwargs,
+    )
+    config.h11_max_incomplete_event_size = (
+        args.h11_max_incomplete_event_size or H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT
+    )
+    config.h11_max_header_count = args.h11_max_header_count or H11_MAX_HEADER_COUNT_DEFAULT
+    config.load()
+    return NoSignalServer(config)
+
+
+def vllm_version() -> str:
+    from vllm.version import __version__
+
+    return str(__version__)

@@ -1,0 +1,136 @@
+"""The readiness gate: 503 + Retry-After until the engine is warm, then vLLM's own app.
+
+An ASGI app that wraps vLLM's. It owns `/ready`. While loading it answers every request itself;
+while warming it lets through only llmwarm's own warm-up requests, recognised by a per-process
+random token in a header *and* a loopback (or unix-socket) peer, so no outside client can
+forge its way past; once ready it hands every request to vLLM's app.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import ipaddress
+import json
+import secrets
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+WARMUP_HEADER = "x-llmwarm-warmup"
+
+
+class Phase(str, enum.Enum):
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+# Seconds a client should wait before trying again, by phase: loading takes a minute or
+# more, warming tens of seconds.
+RETRY_AFTER = {Phase.LOADING: 10, Phase.WARMING: 5, Phase.STOPPING: 5}
+
+
+def _is_loopback(scope: Scope) -> bool:
+    client = scope.get("client")
+    if client is None:  # a unix socket: only local processes can connect
+        return True
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class Gate:
+    """Readiness state and the ASGI app that enforces it."""
+
+    def __init__(self) -> None:
+        self.phase = Phase.LOADING
+        self.token = secrets.token_urlsafe(32)
+        self.app: ASGIApp | None = None
+        self.done = 0
+        self.total = 0
+        self.summary: dict[str, Any] = {}
+
+    # --- state changes, called by the server's lifecycle -----------------------------
+    def warming(self, app: ASGIApp, total: int) -> None:
+        self.app, self.total, self.done, self.phase = app, total, 0, Phase.WARMING
+
+    def progress(self, done: int) -> None:
+        self.done = done
+
+    def open(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+        self.phase = Phase.READY
+
+    def stopping(self) -> None:
+        self.phase = Phase.STOPPING
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers that let a warm-up request through."""
+        return {WARMUP_HEADER: self.token}
+
+    # --- ASGI -------------------------------------------------------------------------
+    def _is_warmup(self, scope: Scope) -> bool:
+        expected = self.token.encode()
+        for name, value in scope.get("headers", []):
+            if name == WARMUP_HEADER.encode():
+                return hmac.compare_digest(value, expected) and _is_loopback(scope)
+        return False
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"status": self.phase.value}
+        if self.phase is Phase.WARMING:
+            state["progress"] = {"done": self.done, "total": self.total}
+        return state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return
+        if scope["type"] == "http" and scope["path"] == "/ready":
+            if self.phase is Phase.READY:
+                return await _json(send, 200, {**self._state(), **self.summary})
+            return await self._unavailable(scope, send)
+        passes = self.phase in (Phase.READY, Phase.STOPPING) or (
+            self.phase is Phase.WARMING and self._is_warmup(scope)
+        )
+        if passes and self.app is not None:
+            return await self.app(scope, receive, send)
+        await self._unavailable(scope, send)
+
+    async def _unavailable(self, scope: Scope, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # 1013: try again later.
+            await send({"type": "websocket.close", "code": 1013})
+            return
+        body = {
+            **self._state(),
+            "message": "llmwarm: the model server is not warm yet; retry later",
+        }
+        retry = RETRY_AFTER.get(self.phase, 5)
+        await _json(send, 503, body, [(b"retry-after", str(retry).encode())])
+
+
+async def _json(
+    send: Send,
+    status: int,
+    body: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"cache-control", b"no-store"),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

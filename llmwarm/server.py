@@ -1,0 +1,197 @@
+"""The lifecycle of one llmwarm process.
+
+    bind the port (503 from the first moment)
+      -> start the vLLM engine (503 "loading")
+      -> build vLLM's OpenAI app on that engine (503 "warming" to everyone else)
+      -> warm it up over real HTTP through that app, measuring as a client
+      -> reset the prefix cache, write the report
+      -> run vLLM's app lifespan and open the gate (serve)
+      -> on SIGTERM/SIGINT: /ready 503, drain in-flight requests, stop the engine
+
+This module owns the process's signals; nothing else installs handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from argparse import Namespace
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import httpx
+from rich.console import Console
+
+from llmwarm import __version__, corpus, engine, warmup
+from llmwarm.errors import EXIT_INTERRUPTED, Interrupted
+from llmwarm.gate import Gate, Phase
+from llmwarm.report import Report, table, write_json
+from llmwarm.settings import Settings
+
+if TYPE_CHECKING:
+    import uvicorn
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM ask for a graceful stop; a second one forces an exit."""
+    loop = asyncio.get_running_loop()
+
+    def handle(sig: signal.Signals) -> None:
+        if stop.is_set():
+            logger.warning("%s again: forcing exit", sig.name)
+            engine.force_exit(EXIT_INTERRUPTED)
+        logger.info("%s received: shutting down", sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handle, sig)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _base_url(sock: socket.socket, args: Namespace) -> tuple[str, httpx.AsyncHTTPTransport]:
+    """Where the warm-up client reaches this very server."""
+    if sock.family == socket.AF_UNIX:
+        return "http://localhost", httpx.AsyncHTTPTransport(uds=sock.getsockname())
+    host, port = sock.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if args.ssl_certfile else "http"
+    # verify=False: the certificate names the public host, not the loopback we dial.
+    return f"{scheme}://{host}:{port}", httpx.AsyncHTTPTransport(verify=False)
+
+
+def _warmup_client(sock: socket.socket, args: Namespace, gate: Gate) -> httpx.AsyncClient:
+    headers = dict(gate.headers)
+    if args.api_key:
+        keys = args.api_key if isinstance(args.api_key, list) else [args.api_key]
+        headers["authorization"] = f"Bearer {keys[0]}"
+    base_url, transport = _base_url(sock, args)
+    return httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=warmup.TIMEOUT, transport=transport
+    )
+
+
+def listen_url(sock: socket.socket, args: Namespace) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if args.ssl_certfile else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+async def _serve_until_stopped(
+    stop: asyncio.Event, http_task: asyncio.Task[None], eng: engine.AsyncLLM
+) -> None:
+    stopped = asyncio.create_task(stop.wait())
+    dead = asyncio.create_task(engine.wait_dead(eng))
+    try:
+        await asyncio.wait({stopped, dead, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        dead.cancel()
+    if dead.done() and not dead.cancelled() and not stop.is_set():
+        dead.result()  # raises EngineDied
+
+
+async def _lifecycle(
+    settings: Settings,
+    gate: Gate,
+    http: uvicorn.Server,
+    http_task: asyncio.Task[None],
+    sock: socket.socket,
+    stop: asyncio.Event,
+) -> Report:
+    args = settings.vllm_args
+    started_at = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    async with engine.start_engine(args) as eng:
+        engine_start_s = time.perf_counter() - start
+        logger.info("engine started in %.1f s; warming up", engine_start_s)
+        app = await engine.build_app(eng, args, http)
+        corpus.check_fits(settings.profile, engine.max_model_len(eng))
+        batches = list(corpus.plan(settings.profile, engine.tokenizer(eng), settings.model))
+        total = sum(len(b.requests) for b in batches)
+        gate.warming(app, total)
+        warm_start = time.perf_counter()
+        async with _warmup_client(sock, args, gate) as client:
+            buckets = await warmup.run(client, batches, on_progress=gate.progress)
+        warmup_s = time.perf_counter() - warm_start
+        # Warm-up prompts must leave no state behind that a user could hit.
+        reset = await engine.reset_prefix_cache(eng)
+        report = Report(
+            llmwarm_version=__version__,
+            vllm_version=engine.vllm_version(),
+            model=settings.model,
+            profile=str(settings.profile_path),
+            started_at=started_at,
+            engine_start_s=engine_start_s,
+            warmup_s=warmup_s,
+            requests=total,
+            prefix_cache_reset=reset,
+            buckets=buckets,
+        )
+        if settings.report_path is not None:
+            write_json(report, settings.report_path)
+            logger.info("warm-up report written to %s", settings.report_path)
+        Console(stderr=True, width=160).print(table(report))
+        if not settings.serve:
+            return report
+        async with engine.app_lifespan(app):
+            gate.open(report.summary())
+            logger.info("warm: serving on %s", listen_url(sock, args))
+            try:
+                await _serve_until_stopped(stop, http_task, eng)
+            finally:
+                gate.stopping()
+                http.should_exit = True
+                await http_task  # drains in-flight requests (--shutdown-timeout)
+    return report
+
+
+async def run(settings: Settings) -> Report:
+    """Run llmwarm to the end: serve until a signal (`serve`), or warm and return (`warm`)."""
+    stop = asyncio.Event()
+    gate = Gate()
+    args = settings.vllm_args
+    _, sock = engine.bind(args)
+    http = engine.http_server(gate, args)
+    http_task = asyncio.create_task(http.serve(sockets=[sock]))
+    logger.info("listening on %s (503 until warm)", listen_url(sock, args))
+    with _signals(stop):
+        life = asyncio.create_task(_lifecycle(settings, gate, http, http_task, sock, stop))
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({life, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not life.done() and gate.phase is not Phase.READY:
+                phase = gate.phase.value
+                life.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await life
+                raise Interrupted(f"interrupted while {phase}; the engine was shut down")
+            return await life
+        finally:
+            stopped.cancel()
+            http.should_exit = True
+            await http_task
+            sock.close()
+
+
+def run_sync(settings: Settings) -> Report:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - vLLM depends on uvloop
+        return asyncio.run(run(settings))
+    return uvloop.run(run(settings))

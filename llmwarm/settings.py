@@ -1,0 +1,98 @@
+"""Everything a run needs, resolved and checked once, before any engine starts.
+
+Fast checks come first (profile, report path) so a typo costs no vLLM import; then vLLM's own
+parser takes MODEL and every `vllm serve` flag.
+"""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from llmwarm import engine
+from llmwarm.errors import ModelNotFound, UsageError
+from llmwarm.profile import Profile, load_profile
+
+
+def default_profile() -> Path:
+    """The profile shipped with llmwarm (`configs/default.yaml`)."""
+    return Path(str(resources.files("llmwarm") / "configs" / "default.yaml"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    vllm_args: Namespace
+    profile: Profile
+    profile_path: Path
+    report_path: Path | None
+    serve: bool
+
+    @property
+    def model(self) -> str:
+        return engine.model_name(self.vllm_args)
+
+
+def check_model(model: str) -> None:
+    """A MODEL that names a local path must be a model directory (or a GGUF file).
+
+    Anything else is a model hub id, which vLLM resolves itself.
+    """
+    path = Path(model).expanduser()
+    if not (model.startswith(("/", "./", "../", "~")) or path.exists()):
+        return
+    if path.is_file() and path.suffix == ".gguf":
+        return
+    if not path.is_dir():
+        raise ModelNotFound(
+            f"model directory {model} does not exist",
+            problems=[("MODEL", f"{model!r} is not a directory")],
+        )
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(
+            f"{model} is not a model directory",
+            problems=[("MODEL", f"{model!r} has no config.json")],
+        )
+
+
+def check_report_path(path: Path | None) -> None:
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(
+            f"--report {path} is a directory", problems=[("--report", f"{path} is a directory")]
+        )
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(
+            f"--report {path}: cannot write into {parent}",
+            problems=[("--report", f"{parent} does not exist or is not writable")],
+        )
+
+
+def resolve(
+    vllm_argv: list[str],
+    *,
+    profile_path: Path | None,
+    report_path: Path | None,
+    serve: bool,
+    prog: str,
+) -> Settings:
+    """Check every input; raise a `UsageError` naming the first bad one."""
+    profile_path = profile_path or default_profile()
+    profile = load_profile(profile_path)
+    check_report_path(report_path)
+    args = engine.parse_args(vllm_argv, prog)
+    check_model(args.model)
+    if not serve:
+        # `warm` serves nobody: its warm-up talks to a private loopback port.
+        args.host, args.port, args.uds = "127.0.0.1", 0, None
+    return Settings(
+        vllm_args=args,
+        profile=profile,
+        profile_path=profile_path,
+        report_path=report_path,
+        serve=serve,
+    )
