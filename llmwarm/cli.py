@@ -12,6 +12,7 @@ Exit codes:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -132,7 +133,7 @@ For CI, image builds and benchmarks: the warm-up talks to a private loopback por
 """
 
 
-def _command(serve: bool):  # type: ignore[no-untyped-def]
+def _command(serve: bool) -> Callable[..., None]:
     # One parameter list for both commands; they differ only in whether they go on serving.
     def command(
         ctx: typer.Context,
@@ -151,18 +152,14 @@ app.command(
     context_settings=PASSTHROUGH,
     epilog=EXIT_CODES_HELP,
     options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
-)(
-    _command(serve=True)
-)
+)(_command(serve=True))
 app.command(
     "warm",
     help=WARM_HELP,
     context_settings=PASSTHROUGH,
     epilog=EXIT_CODES_HELP,
     options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
-)(
-    _command(serve=False)
-)
+)(_command(serve=False))
 
 
 def main() -> None:

@@ -99,8 +99,11 @@ def check_fits(profile: Profile, max_model_len: int) -> None:
                 (
                     f"buckets.{i}",
                     f"prompt_tokens + max_tokens = {bucket.prompt_tokens + bucket.max_tokens}"
-                    + (f" (+{CHAT_TEMPLATE_ALLOWANCE} for the chat template)"
-                       if "chat" in profile.endpoints else "")
+                    + (
+                        f" (+{CHAT_TEMPLATE_ALLOWANCE} for the chat template)"
+                        if "chat" in profile.endpoints
+                        else ""
+                    )
                     + f" exceeds the engine's max_model_len {max_model_len}",
                 )
             )
@@ -108,9 +111,7 @@ def check_fits(profile: Profile, max_model_len: int) -> None:
         raise ProfileError("profile does not fit the engine", problems=problems)
 
 
-def _body(
-    endpoint: str, stream: bool, prompt: str, bucket: Bucket, model: str
-) -> dict[str, Any]:
+def _body(endpoint: str, stream: bool, prompt: str, bucket: Bucket, model: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": bucket.max_tokens,
@@ -152,4 +153,3 @@ def plan(profile: Profile, tokenizer: Tokenizer, model: str) -> Iterator[Batch]:
                         )
                     )
                 yield Batch(bucket=bucket, round=round_, kind=kind, requests=tuple(requests))
-

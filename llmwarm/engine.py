@@ -8,6 +8,7 @@ against vLLM 0.32 (`vllm.entrypoints.launchers`). Its own argument parser owns e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -16,7 +17,7 @@ import threading
 from argparse import Namespace
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psutil
 import uvicorn
@@ -41,10 +42,13 @@ def _parser(prog: str) -> Any:
 
     class Parser(FlexibleArgumentParser):
         # argparse would print and sys.exit(2); llmwarm renders errors in its CLI instead.
-        def error(self, message: str):  # type: ignore[override]
-            raise VllmArgsError(
-                f"bad vLLM arguments: {message}", problems=[("vllm flags", message)]
-            )
+        def error(self, message: str) -> NoReturn:
+            flag, _, detail = message.partition(": ")
+            if flag.startswith("argument "):  # "argument --max-model-len: invalid ..."
+                problem = (flag.removeprefix("argument ").split("/")[0], detail)
+            else:
+                problem = ("vllm flags", message)
+            raise VllmArgsError("bad vLLM arguments", problems=[problem])
 
     return make_arg_parser(Parser(prog=prog, description="vLLM flags accepted by llmwarm"))
 
@@ -66,7 +70,9 @@ def parse_args(argv: list[str], prog: str) -> Namespace:
     try:
         validate_parsed_serve_args(args)
     except (ValueError, TypeError, KeyError) as exc:
-        raise VllmArgsError(str(exc), problems=[("vllm flags", str(exc))]) from None
+        raise VllmArgsError(
+            "bad vLLM arguments", problems=[("vllm flags", str(exc).removeprefix("Error: "))]
+        ) from None
     for flag, unsupported in (
         ("--headless", args.headless),
         ("--grpc", getattr(args, "grpc", False)),
@@ -90,7 +96,7 @@ def bind(args: Namespace) -> tuple[str, socket.socket]:
     from vllm.entrypoints.launchers.launcher import setup_server
 
     try:
-        return setup_server(args, reuse_port=False)  # type: ignore[no-any-return]
+        return setup_server(args, reuse_port=False)
     except OSError as exc:
         where = args.uds or f"{args.host or '0.0.0.0'}:{args.port}"
         if exc.errno == errno.EADDRINUSE:
@@ -103,17 +109,34 @@ def bind(args: Namespace) -> tuple[str, socket.socket]:
             problems=[("--uds" if args.uds else "--host/--port", str(exc))],
         ) from None
     except (KeyError, ValueError) as exc:
-        raise VllmArgsError(str(exc), problems=[("vllm flags", str(exc))]) from None
+        raise VllmArgsError("bad vLLM arguments", problems=[("vllm flags", str(exc))]) from None
+
+
+def _config_problems(exc: Exception) -> list[tuple[str, str]]:
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return [("vllm flags", str(exc) or repr(exc))]
+    problems = []
+    for err in exc.errors():
+        field = "-".join(str(part) for part in err["loc"]).replace("_", "-")
+        message = str(err["msg"]).removeprefix("Value error, ")
+        problems.append((f"--{field}" if field else f"vllm {exc.title}", message))
+    return problems
 
 
 def _end_children() -> None:
-    """Terminate (then kill) every process this one started: the EngineCore and its workers."""
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=5)
-    for child in alive:
-        child.kill()
+    """Kill every process this one started (the EngineCore and its workers) at once.
+
+    Only for abnormal exits: an interrupted start, a forced exit. SIGKILL, all together: a
+    vLLM engine ignores SIGTERM until it has finished loading, and a worker ended before its
+    EngineCore makes the EngineCore print a start-up failure traceback.
+    """
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            # multiprocessing's resource tracker ends with this process and cleans up after it
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                child.kill()
 
 
 def force_exit(code: int) -> None:
@@ -141,13 +164,10 @@ async def start_engine(args: Namespace) -> AsyncIterator[AsyncLLM]:
 
     def build() -> AsyncLLM:
         try:
-            config = engine_args.create_engine_config(
-                usage_context=UsageContext.OPENAI_API_SERVER
-            )
+            config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         except Exception as exc:  # vLLM raises many types for a bad value of a flag
             raise VllmArgsError(
-                f"vLLM rejected the configuration: {exc}",
-                problems=[("vllm flags", str(exc).splitlines()[0] if str(exc) else repr(exc))],
+                "vLLM rejected the configuration", problems=_config_problems(exc)
             ) from exc
         if cancelled.is_set():
             raise _Abandoned
@@ -264,7 +284,10 @@ def http_server(app: ASGIApp, args: Namespace) -> uvicorn.Server:
     config.h11_max_incomplete_event_size = (
         args.h11_max_incomplete_event_size or H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT
     )
-    config.h11_max_header_count = args.h11_max_header_count or H11_MAX_HEADER_COUNT_DEFAULT
+    # Read by vLLM's patched h11 protocol; uvicorn's Config does not declare it.
+    config.h11_max_header_count = (  # type: ignore[attr-defined]
+        args.h11_max_header_count or H11_MAX_HEADER_COUNT_DEFAULT
+    )
     config.load()
     return NoSignalServer(config)
 

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmwarm.errors import ProfileError
 
@@ -68,17 +75,21 @@ class Profile(BaseModel):
     )
     seed: int = Field(default=0, description="Seed for the synthetic prompts.")
 
-    @model_validator(mode="after")
-    def _unique(self) -> Profile:
-        names = [b.name for b in self.buckets]
+    @field_validator("buckets")
+    @classmethod
+    def _unique_names(cls, buckets: list[Bucket]) -> list[Bucket]:
+        names = [b.name for b in buckets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"bucket names must be unique; repeated: {', '.join(dupes)}")
-        for field in ("endpoints", "stream"):
-            values = getattr(self, field)
-            if len(set(values)) != len(values):
-                raise ValueError(f"{field} lists a value twice: {values!r}")
-        return self
+        return buckets
+
+    @field_validator("endpoints", "stream")
+    @classmethod
+    def _no_repeats(cls, values: list[Any]) -> list[Any]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"a value is listed twice: {values!r}")
+        return values
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -86,8 +97,10 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     for err in exc.errors():
         where = ".".join(str(part) for part in err["loc"]) or "(profile)"
         message = err["msg"]
-        if err["type"] not in ("missing",) and "input" in err:
-            message += f" (got {err['input']!r})"
+        value = err.get("input")
+        # Echo the bad value where it is short enough to read; never a whole mapping.
+        if err["type"] != "missing" and not isinstance(value, (dict, list)):
+            message += f" (got {value!r})"
         problems.append((where, message))
     return problems
 

@@ -124,7 +124,10 @@ async def run(
         done += len(samples)
         on_progress(done)
         logger.debug(
-            "bucket %s round %d %s: e2e %s", b.name, batch.round, batch.kind,
+            "bucket %s round %d %s: e2e %s",
+            b.name,
+            batch.round,
+            batch.kind,
             [round(s.e2e_s, 3) for s in samples],
         )
     return list(buckets.values())

@@ -1,0 +1,221 @@
+"""End to end: the real `llmwarm` process, the real CPU vLLM engine, the tiny model, real sockets.
+
+One `llmwarm serve` is shared by this module; its shutdown test runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from llmwarm.gate import WARMUP_HEADER
+from tests.conftest import ENGINE_FLAGS, LLMWARM, ROOT, engine_env, free_port
+
+pytestmark = pytest.mark.e2e
+
+MINIMAL = ROOT / "llmwarm" / "configs" / "minimal.yaml"
+STARTUP_TIMEOUT_S = 400
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    url: str
+    report: Path
+    log: Path
+    # (path, status, retry-after, JSON body) of every answer seen before /ready was 200
+    before_ready: list[tuple[str, int, str | None, dict]] = field(default_factory=list)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _poll_until_ready(served: Served) -> None:
+    """Probe like a load balancer (and a forger) until /ready is 200."""
+    probes = [
+        ("GET", "/ready", {}),
+        ("GET", "/health", {}),
+        ("GET", "/v1/models", {}),
+        ("POST", "/v1/completions", {WARMUP_HEADER: "forged-token"}),
+    ]
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    i = 0
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        while time.monotonic() < deadline:
+            if served.proc.poll() is not None:
+                pytest.fail(f"llmwarm exited early:\n{served.log_text()[-3000:]}")
+            method, path, headers = probes[i % len(probes)]
+            i += 1
+            try:
+                body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+                r = client.request(method, path, headers=headers, json=body)
+            except httpx.TransportError:
+                time.sleep(0.2)  # not bound yet (the CLI is still importing vLLM)
+                continue
+            if r.status_code == 200:
+                # The gate opened between probes: /ready must agree (it never closes again).
+                assert client.get("/ready").status_code == 200, (path, r.text)
+                return
+            served.before_ready.append(
+                (path, r.status_code, r.headers.get("retry-after"), r.json())
+            )
+            time.sleep(0.1)
+    pytest.fail(f"not ready after {STARTUP_TIMEOUT_S} s:\n{served.log_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("served")
+    port = free_port()
+    log = tmp / "llmwarm.log"
+    cmd = [
+        *LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS,
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
+        "--profile", str(MINIMAL), "--report", str(tmp / "report.json"),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env())
+    s = Served(proc=proc, url=f"http://127.0.0.1:{port}", report=tmp / "report.json", log=log)
+    try:
+        _poll_until_ready(s)
+        yield s
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_503_with_retry_after_until_warm(served: Served) -> None:
+    seen = served.before_ready
+    assert seen, "never saw the server before it was ready"
+    for path, status, retry_after, body in seen:
+        assert status == 503, (path, status, body)
+        assert retry_after is not None and int(retry_after) > 0
+        assert body["status"] in ("loading", "warming")
+    phases = {body["status"] for *_, body in seen}
+    assert "loading" in phases
+    paths = {path for path, *_ in seen}
+    assert {"/ready", "/health", "/v1/models", "/v1/completions"} <= paths
+    warming = [body for *_, body in seen if body["status"] == "warming"]
+    for body in warming:
+        assert 0 <= body["progress"]["done"] <= body["progress"]["total"]
+
+
+def test_ready_reports_the_warmup(served: Served) -> None:
+    ready = httpx.get(f"{served.url}/ready").json()
+    assert ready["status"] == "ready" and ready["model"] == "tiny"
+    assert ready["requests"] == 2 * 4 * (1 + 2)  # rounds x kinds x concurrency per bucket
+    assert httpx.get(f"{served.url}/health").status_code == 200
+
+
+def test_report_file(served: Served) -> None:
+    report = json.loads(served.report.read_text())
+    assert report["version"] == 1 and report["model"] == "tiny"
+    assert report["prefix_cache_reset"] is True
+    assert [b["name"] for b in report["buckets"]] == ["p16-c1-o8", "p64-c2-o8"]
+    for bucket in report["buckets"]:
+        assert [r["round"] for r in bucket["rounds"]] == [1, 2]
+        for rnd in bucket["rounds"]:
+            assert len(rnd["samples"]) == 4 * bucket["concurrency"]
+            for sample in rnd["samples"]:
+                assert sample["output_tokens"] == 8  # ignore_eos: the full decode ran
+                assert sample["e2e_s"] > 0
+                if sample["kind"].endswith("stream"):
+                    assert sample["ttft_s"] > 0 and sample["tpot_s"] > 0
+    # the warm-up table was logged
+    assert "llmwarm warm-up: 24 requests" in served.log_text()
+
+
+def test_openai_client_completions_chat_and_stream(served: Served) -> None:
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    done = client.completions.create(model="tiny", prompt="the model", max_tokens=5)
+    assert done.usage is not None and done.usage.completion_tokens >= 1
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5
+    )
+    assert chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text
+
+
+def test_sigterm_shuts_down_and_leaves_no_engine(served: Served) -> None:
+    children = psutil.Process(served.proc.pid).children(recursive=True)
+    assert children, "expected an EngineCore process"
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(30) == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    assert "Traceback" not in served.log_text()
+
+
+def test_warm_writes_the_report_and_exits(tiny_model: Path, tmp_path: Path) -> None:
+    report = tmp_path / "warm.json"
+    proc = subprocess.run(
+        [*LLMWARM, "warm", str(tiny_model), *ENGINE_FLAGS, "--profile", str(MINIMAL),
+         "--report", str(report)],
+        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, env=engine_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["requests"] == 24 and len(data["buckets"]) == 2
+    assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_while_loading_exits_130_and_leaves_no_engine(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, "--port", str(port),
+             "--host", "127.0.0.1", "--profile", str(MINIMAL),
+             "--report", str(tmp_path / "r.json")],
+            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        engine_started = False
+        while time.monotonic() < deadline and not engine_started:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            engine_started = any(
+                "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM")
+                for p in psutil.Process(proc.pid).children(recursive=True)
+            )
+            time.sleep(0.2)
+        assert engine_started, "no engine process appeared"
+        r = httpx.get(f"http://127.0.0.1:{port}/ready")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 130
+        assert time.monotonic() - t0 < 15
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+        text = log.read_text()
+        assert "interrupted while loading" in text and "Traceback" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from llmwarm.gate import WARMUP_HEADER, Gate, Phase
+
+
+async def _inner(request):  # type: ignore[no-untyped-def]
+    return JSONResponse({"served": request.url.path})
+
+
+INNER = Starlette(routes=[Route("/{path:path}", _inner, methods=["GET", "POST"])])
+
+
+def client(gate: Gate, peer: str = "127.0.0.1") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=gate, client=(peer, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://llmwarm")
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/v1/completions", "/v1/models", "/x"])
+async def test_loading_answers_503_with_retry_after(path: str) -> None:
+    async with client(Gate()) as c:
+        r = await c.get(path)
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "10"
+    assert r.json()["status"] == "loading"
+
+
+async def test_warming_lets_only_the_warmup_token_through() -> None:
+    gate = Gate()
+    gate.warming(INNER, total=8)
+    gate.progress(3)
+    async with client(gate) as c:
+        outside = await c.post("/v1/completions", json={})
+        forged = await c.post("/v1/completions", headers={WARMUP_HEADER: "guess"})
+        empty = await c.post("/v1/completions", headers={WARMUP_HEADER: ""})
+        warm = await c.post("/v1/completions", headers=gate.headers)
+        ready = await c.get("/ready", headers=gate.headers)
+    assert outside.status_code == forged.status_code == empty.status_code == 503
+    assert outside.headers["retry-after"] == "5"
+    assert outside.json() == {
+        "status": "warming",
+        "progress": {"done": 3, "total": 8},
+        "message": "llmwarm: the model server is not warm yet; retry later",
+    }
+    assert warm.status_code == 200 and warm.json() == {"served": "/v1/completions"}
+    assert ready.status_code == 503  # the token never makes /ready say yes
+
+
+async def test_the_token_is_refused_from_another_host() -> None:
+    gate = Gate()
+    gate.warming(INNER, total=1)
+    async with client(gate, peer="203.0.113.9") as c:
+        r = await c.post("/v1/completions", headers=gate.headers)
+    assert r.status_code == 503
+
+
+def test_each_gate_has_its_own_long_token() -> None:
+    a, b = Gate(), Gate()
+    assert a.token != b.token and len(a.token) >= 40
+
+
+async def test_ready_passes_everything_and_reports() -> None:
+    gate = Gate()
+    gate.warming(INNER, total=1)
+    gate.open({"model": "tiny", "warmup_s": 1.5})
+    async with client(gate, peer="203.0.113.9") as c:
+        ready = await c.get("/ready")
+        health = await c.get("/health")
+        v1 = await c.post("/v1/chat/completions", json={})
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "model": "tiny", "warmup_s": 1.5}
+    assert health.json() == {"served": "/health"}
+    assert v1.json() == {"served": "/v1/chat/completions"}
+
+
+async def test_stopping_fails_ready_but_serves_in_flight_paths() -> None:
+    gate = Gate()
+    gate.warming(INNER, total=1)
+    gate.open({})
+    gate.stopping()
+    assert gate.phase is Phase.STOPPING
+    async with client(gate) as c:
+        ready = await c.get("/ready")
+        v1 = await c.get("/v1/models")
+    assert ready.status_code == 503 and ready.json()["status"] == "stopping"
+    assert v1.status_code == 200

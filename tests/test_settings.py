@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmwarm.errors import ModelNotFound, UsageError
+from llmwarm.settings import check_model, check_report_path, default_profile
+
+
+def test_default_profile_ships_with_the_package() -> None:
+    assert default_profile().is_file()
+
+
+def test_hub_ids_are_left_to_vllm() -> None:
+    check_model("Qwen/Qwen3-0.6B")
+    check_model("gpt2")
+
+
+def test_local_model_directory(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    check_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["/no/such/model", "./missing-model", "~/missing-model"])
+def test_missing_local_model(name: str) -> None:
+    with pytest.raises(ModelNotFound) as info:
+        check_model(name)
+    assert info.value.problems[0][0] == "MODEL"
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound) as info:
+        check_model(str(tmp_path))
+    assert "has no config.json" in info.value.problems[0][1]
+
+
+def test_report_path(tmp_path: Path) -> None:
+    check_report_path(None)
+    check_report_path(tmp_path / "r.json")
+    with pytest.raises(UsageError, match="is a directory"):
+        check_report_path(tmp_path)
+    with pytest.raises(UsageError) as info:
+        check_report_path(tmp_path / "missing" / "r.json")
+    assert info.value.problems[0][0] == "--report"
