@@ -6,6 +6,7 @@ Exit codes:
   3    the vLLM engine could not start
   4    the warm-up failed (a request failed, or the engine died while warming)
   5    the engine died while serving
+  6    a bucket did not converge and --on-unconverged is `fail`
   130  interrupted (SIGINT/SIGTERM) before the server was ready
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -34,7 +35,8 @@ app = typer.Typer(
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 2 bad input; 3 the engine could not start; 4 the warm-up failed; "
-    "5 the engine died while serving; 130 interrupted before ready."
+    "5 the engine died while serving; 6 not converged with --on-unconverged fail; "
+    "130 interrupted before ready."
 )
 
 # MODEL and every `vllm serve` flag are handed, untouched, to vLLM's own parser.
@@ -92,9 +94,7 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
-def _run(
-    ctx: typer.Context, profile: Path | None, report: Path | None, serve: bool, vllm_help: bool
-) -> None:
+def _run(ctx: typer.Context, *, serve: bool, vllm_help: bool, **options: Any) -> None:
     # Imported here so `--help`, `--version` and profile errors never wait on vLLM.
     from llmwarm import engine, server, settings
 
@@ -104,9 +104,7 @@ def _run(
         if vllm_help:
             typer.echo(engine.vllm_help(prog))
             return
-        resolved = settings.resolve(
-            ctx.args, profile_path=profile, report_path=report, serve=serve, prog=prog
-        )
+        resolved = settings.resolve(ctx.args, serve=serve, prog=prog, **options)
         server.run_sync(resolved)
     except LlmwarmError as exc:
         _fail(exc)
@@ -118,6 +116,22 @@ def _run(
 ReportOption = Annotated[
     Path | None,
     typer.Option("--report", help="Write the warm-up report (JSON) here.", dir_okay=False),
+]
+PlotOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Also draw latency per round per bucket, converged rounds marked (PNG).",
+        dir_okay=False,
+    ),
+]
+OnUnconvergedOption = Annotated[
+    Literal["serve", "fail"],
+    typer.Option(
+        "--on-unconverged",
+        help="If a bucket has not converged by max_rounds or the budget: `serve` anyway (a "
+        "warning, and the report says so) or `fail` (exit 6, after writing the report).",
+    ),
 ]
 
 SERVE_HELP = """Start vLLM, warm it up, then serve: `llmwarm serve MODEL [vllm serve flags]`.
@@ -139,9 +153,19 @@ def _command(serve: bool) -> Callable[..., None]:
         ctx: typer.Context,
         profile: ProfileOption = None,
         report: ReportOption = Path("llmwarm-report.json"),
+        plot: PlotOption = None,
+        on_unconverged: OnUnconvergedOption = "serve",
         vllm_help: VllmHelpOption = False,
     ) -> None:
-        _run(ctx, profile, report, serve=serve, vllm_help=vllm_help)
+        _run(
+            ctx,
+            serve=serve,
+            vllm_help=vllm_help,
+            profile_path=profile,
+            report_path=report,
+            plot_path=plot,
+            on_unconverged=on_unconverged,
+        )
 
     return command
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,24 +132,26 @@ def _body(endpoint: str, stream: bool, prompt: str, bucket: Bucket, model: str) 
 _PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
-def plan(profile: Profile, tokenizer: Tokenizer, model: str) -> Iterator[Batch]:
-    """Yield the warm-up batches, bucket by bucket, round by round, kind by kind."""
-    for bucket in profile.buckets:
-        for round_ in range(1, profile.rounds + 1):
-            for endpoint, stream in kinds(profile):
-                kind = kind_name(endpoint, stream)
-                requests = []
-                for i in range(bucket.concurrency):
-                    rng = _rng(profile.seed, bucket.name, round_, kind, i)
-                    prompt = make_prompt(tokenizer, bucket.prompt_tokens, rng)
-                    requests.append(
-                        WarmRequest(
-                            bucket=bucket.name,
-                            round=round_,
-                            kind=kind,
-                            path=_PATHS[endpoint],
-                            stream=stream,
-                            body=_body(endpoint, stream, prompt, bucket, model),
-                        )
-                    )
-                yield Batch(bucket=bucket, round=round_, kind=kind, requests=tuple(requests))
+def round_batches(
+    profile: Profile, bucket: Bucket, round_: int, tokenizer: Tokenizer, model: str
+) -> list[Batch]:
+    """One round of one bucket: a batch per request kind, `concurrency` requests each."""
+    batches = []
+    for endpoint, stream in kinds(profile):
+        kind = kind_name(endpoint, stream)
+        requests = []
+        for i in range(bucket.concurrency):
+            rng = _rng(profile.seed, bucket.name, round_, kind, i)
+            prompt = make_prompt(tokenizer, bucket.prompt_tokens, rng)
+            requests.append(
+                WarmRequest(
+                    bucket=bucket.name,
+                    round=round_,
+                    kind=kind,
+                    path=_PATHS[endpoint],
+                    stream=stream,
+                    body=_body(endpoint, stream, prompt, bucket, model),
+                )
+            )
+        batches.append(Batch(bucket=bucket, round=round_, kind=kind, requests=tuple(requests)))
+    return batches

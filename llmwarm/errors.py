@@ -9,6 +9,7 @@
     ├── StartupError          the vLLM engine could not be started: exit 3
     ├── WarmupError           a warm-up request failed, or the engine died warming: exit 4
     ├── EngineDied            the engine died while serving: exit 5
+    ├── Unconverged           a bucket did not converge and the policy is `fail`: exit 6
     └── Interrupted           SIGINT/SIGTERM before the server was ready: exit 130
 
 Each carries `problems`: one `(where, message)` pair per problem, where `where` names the
@@ -23,6 +24,7 @@ EXIT_USAGE = 2
 EXIT_STARTUP_FAILURE = 3
 EXIT_WARMUP_FAILURE = 4
 EXIT_ENGINE_DIED = 5
+EXIT_UNCONVERGED = 6
 EXIT_INTERRUPTED = 130
 
 
@@ -65,6 +67,10 @@ class WarmupError(LlmwarmError):
 
 class EngineDied(LlmwarmError):
     exit_code = EXIT_ENGINE_DIED
+
+
+class Unconverged(LlmwarmError):
+    exit_code = EXIT_UNCONVERGED
 
 
 class Interrupted(LlmwarmError):

@@ -3,7 +3,8 @@
 An ASGI app that wraps vLLM's. It owns `/ready`. While loading it answers every request itself;
 while warming it lets through only llmwarm's own warm-up requests, recognised by a per-process
 random token in a header *and* a loopback (or unix-socket) peer, so no outside client can
-forge its way past; once ready it hands every request to vLLM's app.
+forge its way past; once ready it hands every request to vLLM's app. `/metrics` is never
+gated: it is read-only, and it shows the warm-up's progress.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import ipaddress
 import json
 import secrets
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client import make_asgi_app
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -50,16 +53,18 @@ class Gate:
         self.phase = Phase.LOADING
         self.token = secrets.token_urlsafe(32)
         self.app: ASGIApp | None = None
-        self.done = 0
-        self.total = 0
+        self.where: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
+        # Until vLLM's app (and its /metrics) exists, serve the same registry ourselves.
+        self.metrics_app: ASGIApp = make_asgi_app()
 
     # --- state changes, called by the server's lifecycle -----------------------------
-    def warming(self, app: ASGIApp, total: int) -> None:
-        self.app, self.total, self.done, self.phase = app, total, 0, Phase.WARMING
+    def warming(self, app: ASGIApp) -> None:
+        self.app, self.phase = app, Phase.WARMING
 
-    def progress(self, done: int) -> None:
-        self.done = done
+    def progress(self, where: dict[str, Any]) -> None:
+        """Where the warm-up is, for the 503 body."""
+        self.where = where
 
     def open(self, summary: dict[str, Any]) -> None:
         self.summary = summary
@@ -83,8 +88,8 @@ class Gate:
 
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"status": self.phase.value}
-        if self.phase is Phase.WARMING:
-            state["progress"] = {"done": self.done, "total": self.total}
+        if self.phase is Phase.WARMING and self.where:
+            state["progress"] = self.where
         return state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,6 +99,9 @@ class Gate:
             if self.phase is Phase.READY:
                 return await _json(send, 200, {**self._state(), **self.summary})
             return await self._unavailable(scope, send)
+        if scope["type"] == "http" and scope["path"].startswith("/metrics"):
+            # Read-only; lets a scraper watch the warm-up (llmwarm_phase and friends).
+            return await (self.app or self.metrics_app)(scope, receive, send)
         passes = self.phase in (Phase.READY, Phase.STOPPING) or (
             self.phase is Phase.WARMING and self._is_warmup(scope)
         )

@@ -14,10 +14,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from llmwarm.convergence import Rule
 from llmwarm.errors import ProfileError
 
 Endpoint = Literal["completions", "chat"]
@@ -49,6 +51,18 @@ class Bucket(BaseModel):
         return self
 
 
+class Budget(BaseModel):
+    """Limits on the whole warm-up; buckets not yet converged when it runs out are reported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Start no new round after this many seconds of warm-up (none: no limit).",
+    )
+
+
 class Profile(BaseModel):
     """A warm-up profile."""
 
@@ -56,12 +70,6 @@ class Profile(BaseModel):
 
     buckets: list[Bucket] = Field(
         min_length=1, description="The request shapes to warm, run in this order."
-    )
-    rounds: int = Field(
-        default=3,
-        ge=1,
-        le=1000,
-        description="Rounds per bucket; round 1 is the cold one, later rounds measure warm.",
     )
     endpoints: list[Endpoint] = Field(
         default=["completions", "chat"],
@@ -74,6 +82,25 @@ class Profile(BaseModel):
         description="Streaming modes each round uses; streamed requests give TTFT and TPOT.",
     )
     seed: int = Field(default=0, description="Seed for the synthetic prompts.")
+    convergence: Rule = Field(
+        default_factory=Rule,
+        validate_default=True,  # the default metric needs streaming too
+        description="When a bucket is warm: its rounds repeat until this rule holds "
+        "(or max_rounds). Round 1 is the cold one.",
+    )
+    budget: Budget = Field(default_factory=Budget, description="Limits on the whole warm-up.")
+
+    @field_validator("convergence")
+    @classmethod
+    def _metric_needs_streaming(cls, rule: Rule, info: ValidationInfo) -> Rule:
+        # `stream` is declared earlier, so it is validated (if valid) by now.
+        stream = info.data.get("stream", [True])
+        if rule.metric in ("tpot", "ttft") and True not in stream:
+            raise ValueError(
+                f"metric {rule.metric!r} is measured on streamed requests, but `stream` has "
+                "no `true`; add it or use metric `e2e`"
+            )
+        return rule
 
     @field_validator("buckets")
     @classmethod

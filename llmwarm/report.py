@@ -5,9 +5,12 @@ from __future__ import annotations
 import statistics
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, computed_field
 from rich.table import Table
+
+from llmwarm.convergence import Rule
 
 REPORT_VERSION = 1
 
@@ -50,20 +53,43 @@ class RoundResult(BaseModel):
         return _median([s.e2e_s for s in self.samples])
 
 
+METRIC_FIELDS = {"tpot": "tpot_median_s", "ttft": "ttft_median_s", "e2e": "e2e_median_s"}
+
+StopReason = Literal["converged", "max_rounds", "budget", "running"]
+
+
 class BucketResult(BaseModel):
     name: str
     prompt_tokens: int
     concurrency: int
     max_tokens: int
     rounds: list[RoundResult] = Field(default_factory=list)
+    converged_at: int | None = Field(
+        default=None, description="The round at which the convergence rule first held."
+    )
+    stop_reason: StopReason = Field(
+        default="running",
+        description="Why its rounds ended: `converged`, `max_rounds` or `budget` (the "
+        "warm-up's time budget ran out first).",
+    )
+
+    @property
+    def converged(self) -> bool:
+        return self.converged_at is not None
+
+    def series(self, metric: str) -> list[float]:
+        """Per-round medians of one metric (`tpot`, `ttft`, `e2e`), rounds that have it."""
+        values = [getattr(r, METRIC_FIELDS[metric]) for r in self.rounds]
+        return [v for v in values if v is not None]
 
     def first(self, metric: str) -> float | None:
         """The metric's median in the cold first round."""
-        return getattr(self.rounds[0], metric) if self.rounds else None
+        return getattr(self.rounds[0], METRIC_FIELDS[metric]) if self.rounds else None
 
-    def steady(self, metric: str) -> float | None:
-        """Median of the per-round medians after the first round."""
-        return _median([getattr(r, metric) for r in self.rounds[1:]])
+    def warm(self, metric: str, window: int) -> float | None:
+        """Median of the per-round medians over the last `window` rounds after round 1."""
+        later = self.rounds[1:][-window:]
+        return _median([getattr(r, METRIC_FIELDS[metric]) for r in later])
 
 
 class Report(BaseModel):
@@ -81,7 +107,22 @@ class Report(BaseModel):
     prefix_cache_reset: bool = Field(
         description="Whether vLLM's prefix cache was emptied after the warm-up."
     )
+    convergence: Rule = Field(description="The rule each bucket was held to.")
+    on_unconverged: Literal["serve", "fail"] = Field(
+        description="The policy for buckets that did not converge."
+    )
+    budget_exhausted: bool = Field(description="Whether the time budget cut the warm-up short.")
     buckets: list[BucketResult]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def converged(self) -> bool:
+        """Every bucket converged."""
+        return all(b.converged for b in self.buckets)
+
+    @property
+    def unconverged(self) -> list[str]:
+        return [b.name for b in self.buckets if not b.converged]
 
     def summary(self) -> dict[str, object]:
         """A short form for `/ready`."""
@@ -91,6 +132,8 @@ class Report(BaseModel):
             "warmup_s": round(self.warmup_s, 3),
             "requests": self.requests,
             "buckets": len(self.buckets),
+            "converged": self.converged,
+            "unconverged": self.unconverged,
         }
 
 
@@ -109,22 +152,62 @@ def _ratio(first: float | None, steady: float | None) -> str:
 
 
 def table(report: Report) -> Table:
-    """First (cold) round against the steady rounds, per bucket, in milliseconds."""
+    """Cold (round 1) against warm (the converged window), per bucket, in milliseconds."""
+    state = "converged" if report.converged else f"NOT converged: {', '.join(report.unconverged)}"
     t = Table(
         title=f"llmwarm warm-up: {report.requests} requests in {report.warmup_s:.1f} s "
-        f"(engine start {report.engine_start_s:.1f} s)",
+        f"(engine start {report.engine_start_s:.1f} s); {state}",
         title_justify="left",
     )
     t.add_column("bucket")
     t.add_column("rounds", justify="right")
+    t.add_column("converged")
     for label in ("TTFT", "TPOT", "e2e"):
-        t.add_column(f"{label} first", justify="right")
-        t.add_column(f"{label} steady", justify="right")
-    t.add_column("e2e first/steady", justify="right")
+        t.add_column(f"{label} cold", justify="right")
+        t.add_column(f"{label} warm", justify="right")
+    t.add_column("e2e cold/warm", justify="right")
+    window = report.convergence.window
     for b in report.buckets:
-        cells = [b.name, str(len(b.rounds))]
-        for metric in ("ttft_median_s", "tpot_median_s", "e2e_median_s"):
-            cells += [_ms(b.first(metric)), _ms(b.steady(metric))]
-        cells.append(_ratio(b.first("e2e_median_s"), b.steady("e2e_median_s")))
+        verdict = f"round {b.converged_at}" if b.converged else f"no ({b.stop_reason})"
+        cells = [b.name, str(len(b.rounds)), verdict]
+        for metric in ("ttft", "tpot", "e2e"):
+            cells += [_ms(b.first(metric)), _ms(b.warm(metric, window))]
+        cells.append(_ratio(b.first("e2e"), b.warm("e2e", window)))
         t.add_row(*cells)
     return t
+
+
+def plot(report: Report, path: Path) -> None:
+    """Latency per round per bucket (TTFT, TPOT), the converged round marked; a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for ax, (metric, label) in zip(
+        axes, (("ttft", "time to first token"), ("tpot", "time per output token")), strict=True
+    ):
+        for b in report.buckets:
+            rounds = [r.round for r in b.rounds if getattr(r, METRIC_FIELDS[metric]) is not None]
+            values = [v * 1000 for v in b.series(metric)]
+            (line,) = ax.plot(rounds, values, marker="o", markersize=3, label=b.name)
+            if b.converged_at is not None and b.converged_at in rounds:
+                at = rounds.index(b.converged_at)
+                ax.plot(rounds[at], values[at], marker="*", markersize=14, color=line.get_color())
+        ax.set_title(label)
+        ax.set_xlabel("round (1 = cold)")
+        ax.set_ylabel("median, ms")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3, which="both")
+    axes[0].legend(fontsize="small")
+    fig.suptitle(
+        f"llmwarm warm-up of {report.model}: ★ = converged "
+        f"({report.convergence.metric}, window {report.convergence.window}, "
+        f"spread ≤ {report.convergence.spread:.0%})"
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -3,8 +3,9 @@
     bind the port (503 from the first moment)
       -> start the vLLM engine (503 "loading")
       -> build vLLM's OpenAI app on that engine (503 "warming" to everyone else)
-      -> warm it up over real HTTP through that app, measuring as a client
-      -> reset the prefix cache, write the report
+      -> warm it up over real HTTP through that app, measuring as a client, round after
+         round until each bucket's latency has converged
+      -> reset the prefix cache, write the report (and plot); apply --on-unconverged
       -> run vLLM's app lifespan and open the gate (serve)
       -> on SIGTERM/SIGINT: /ready 503, drain in-flight requests, stop the engine
 
@@ -27,10 +28,12 @@ from typing import TYPE_CHECKING
 import httpx
 from rich.console import Console
 
-from llmwarm import __version__, corpus, engine, warmup
-from llmwarm.errors import EXIT_INTERRUPTED, Interrupted
+from llmwarm import __version__, corpus, engine, metrics, warmup
+from llmwarm.errors import EXIT_INTERRUPTED, Interrupted, Unconverged
 from llmwarm.gate import Gate, Phase
-from llmwarm.report import Report, table, write_json
+from llmwarm.metrics import Live, WarmupCollector
+from llmwarm.progress import ProgressView
+from llmwarm.report import Report, plot, table, write_json
 from llmwarm.settings import Settings
 
 if TYPE_CHECKING:
@@ -92,6 +95,26 @@ def listen_url(sock: socket.socket, args: Namespace) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+async def _stop_http(http: uvicorn.Server, task: asyncio.Task[None], grace: int) -> None:
+    """Stop the HTTP server, giving in-flight requests `grace` seconds, then cancelling them.
+
+    Always before the engine stops: a request handler must never outlive the engine.
+    """
+    if not task.done():
+        if grace > 0:
+            http.config.timeout_graceful_shutdown = grace
+        else:
+            http.force_exit = True  # no wait at all; the handlers are cancelled below
+        http.should_exit = True
+        await task
+    # Whatever uvicorn gave up on, cancel, and let it unwind (abort its engine request).
+    handlers = list(http.server_state.tasks)
+    for handler in handlers:
+        handler.cancel()
+    if handlers:
+        await asyncio.wait(handlers, timeout=5)
+
+
 async def _serve_until_stopped(
     stop: asyncio.Event, http_task: asyncio.Task[None], eng: engine.AsyncLLM
 ) -> None:
@@ -106,58 +129,129 @@ async def _serve_until_stopped(
         dead.result()  # raises EngineDied
 
 
+async def _warm(
+    settings: Settings,
+    gate: Gate,
+    live: Live,
+    eng: engine.AsyncLLM,
+    sock: socket.socket,
+) -> warmup.Outcome:
+    profile = settings.profile
+    view = ProgressView(len(profile.buckets), profile.convergence.metric)
+
+    def on_round(p: warmup.Progress) -> None:
+        live.buckets[p.bucket.name] = p.bucket
+        live.requests = p.requests
+        gate.progress(
+            {
+                "bucket": p.bucket_index,
+                "buckets": p.buckets,
+                "name": p.bucket.name,
+                "round": p.round,
+                "requests": p.requests,
+            }
+        )
+        view.update(p)
+
+    live.warmup_started = time.perf_counter()
+    with view:
+        async with _warmup_client(sock, settings.vllm_args, gate) as client:
+            outcome = await warmup.run(
+                client, profile, engine.tokenizer(eng), settings.model, on_round=on_round
+            )
+    live.warmup_s = time.perf_counter() - live.warmup_started
+    return outcome
+
+
+def _publish(report: Report, settings: Settings) -> None:
+    """Write the report (and plot), show the table, apply the unconverged policy."""
+    if settings.report_path is not None:
+        write_json(report, settings.report_path)
+        logger.info("warm-up report written to %s", settings.report_path)
+    if settings.plot_path is not None:
+        plot(report, settings.plot_path)
+        logger.info("warm-up plot written to %s", settings.plot_path)
+    Console(stderr=True, width=180).print(table(report))
+    if report.converged:
+        return
+    unconverged = ", ".join(report.unconverged)
+    why = "the time budget ran out" if report.budget_exhausted else "max_rounds was reached"
+    if settings.on_unconverged == "fail":
+        raise Unconverged(
+            f"not warm: {why} before every bucket converged (--on-unconverged fail)",
+            problems=[(f"bucket {b}", "did not converge") for b in report.unconverged],
+        )
+    logger.warning("serving although %s before these buckets converged: %s", why, unconverged)
+
+
 async def _lifecycle(
     settings: Settings,
     gate: Gate,
+    live: Live,
     http: uvicorn.Server,
     http_task: asyncio.Task[None],
     sock: socket.socket,
     stop: asyncio.Event,
 ) -> Report:
-    args = settings.vllm_args
     started_at = datetime.now(timezone.utc)
     start = time.perf_counter()
-    async with engine.start_engine(args) as eng:
-        engine_start_s = time.perf_counter() - start
-        logger.info("engine started in %.1f s; warming up", engine_start_s)
-        app = await engine.build_app(eng, args, http)
-        corpus.check_fits(settings.profile, engine.max_model_len(eng))
-        batches = list(corpus.plan(settings.profile, engine.tokenizer(eng), settings.model))
-        total = sum(len(b.requests) for b in batches)
-        gate.warming(app, total)
-        warm_start = time.perf_counter()
-        async with _warmup_client(sock, args, gate) as client:
-            buckets = await warmup.run(client, batches, on_progress=gate.progress)
-        warmup_s = time.perf_counter() - warm_start
-        # Warm-up prompts must leave no state behind that a user could hit.
-        reset = await engine.reset_prefix_cache(eng)
-        report = Report(
-            llmwarm_version=__version__,
-            vllm_version=engine.vllm_version(),
-            model=settings.model,
-            profile=str(settings.profile_path),
-            started_at=started_at,
-            engine_start_s=engine_start_s,
-            warmup_s=warmup_s,
-            requests=total,
-            prefix_cache_reset=reset,
-            buckets=buckets,
-        )
-        if settings.report_path is not None:
-            write_json(report, settings.report_path)
-            logger.info("warm-up report written to %s", settings.report_path)
-        Console(stderr=True, width=160).print(table(report))
-        if not settings.serve:
-            return report
-        async with engine.app_lifespan(app):
-            gate.open(report.summary())
-            logger.info("warm: serving on %s", listen_url(sock, args))
-            try:
-                await _serve_until_stopped(stop, http_task, eng)
-            finally:
-                gate.stopping()
-                http.should_exit = True
-                await http_task  # drains in-flight requests (--shutdown-timeout)
+    async with engine.start_engine(settings.vllm_args) as eng:
+        live.engine_start_s = time.perf_counter() - start
+        try:
+            return await _warm_and_serve(
+                settings, gate, live, eng, http, http_task, sock, stop, started_at
+            )
+        finally:
+            # Interrupted, failed or done: no request may reach the engine after this.
+            await _stop_http(http, http_task, grace=0)
+
+
+async def _warm_and_serve(
+    settings: Settings,
+    gate: Gate,
+    live: Live,
+    eng: engine.AsyncLLM,
+    http: uvicorn.Server,
+    http_task: asyncio.Task[None],
+    sock: socket.socket,
+    stop: asyncio.Event,
+    started_at: datetime,
+) -> Report:
+    args = settings.vllm_args
+    logger.info("engine started in %.1f s; warming up", live.engine_start_s)
+    app = await engine.build_app(eng, args, http)
+    corpus.check_fits(settings.profile, engine.max_model_len(eng))
+    gate.warming(app)
+    outcome = await _warm(settings, gate, live, eng, sock)
+    # Warm-up prompts must leave no state behind that a user could hit.
+    reset = await engine.reset_prefix_cache(eng)
+    report = Report(
+        llmwarm_version=__version__,
+        vllm_version=engine.vllm_version(),
+        model=settings.model,
+        profile=str(settings.profile_path),
+        started_at=started_at,
+        engine_start_s=live.engine_start_s or 0.0,
+        warmup_s=live.warmup_s or 0.0,
+        requests=outcome.requests,
+        prefix_cache_reset=reset,
+        convergence=settings.profile.convergence,
+        on_unconverged=settings.on_unconverged,
+        budget_exhausted=outcome.budget_exhausted,
+        buckets=outcome.buckets,
+    )
+    _publish(report, settings)
+    if not settings.serve:
+        return report
+    async with engine.app_lifespan(app):
+        gate.open(report.summary())
+        logger.info("warm: serving on %s", listen_url(sock, args))
+        try:
+            await _serve_until_stopped(stop, http_task, eng)
+        finally:
+            gate.stopping()
+            # vLLM's --shutdown-timeout: how long in-flight requests may drain
+            await _stop_http(http, http_task, grace=args.shutdown_timeout)
     return report
 
 
@@ -170,8 +264,9 @@ async def run(settings: Settings) -> Report:
     http = engine.http_server(gate, args)
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
     logger.info("listening on %s (503 until warm)", listen_url(sock, args))
-    with _signals(stop):
-        life = asyncio.create_task(_lifecycle(settings, gate, http, http_task, sock, stop))
+    live = Live(window=settings.profile.convergence.window)
+    with _signals(stop), metrics.registered(WarmupCollector(gate, live)):
+        life = asyncio.create_task(_lifecycle(settings, gate, live, http, http_task, sock, stop))
         stopped = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({life, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -184,8 +279,7 @@ async def run(settings: Settings) -> Report:
             return await life
         finally:
             stopped.cancel()
-            http.should_exit = True
-            await http_task
+            await _stop_http(http, http_task, grace=0)
             sock.close()
 
 

@@ -11,10 +11,13 @@ from argparse import Namespace
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from llmwarm import engine
 from llmwarm.errors import ModelNotFound, UsageError
 from llmwarm.profile import Profile, load_profile
+
+OnUnconverged = Literal["serve", "fail"]
 
 
 def default_profile() -> Path:
@@ -28,6 +31,8 @@ class Settings:
     profile: Profile
     profile_path: Path
     report_path: Path | None
+    plot_path: Path | None
+    on_unconverged: OnUnconverged
     serve: bool
 
     @property
@@ -57,18 +62,19 @@ def check_model(model: str) -> None:
         )
 
 
-def check_report_path(path: Path | None) -> None:
+def check_output_path(path: Path | None, option: str) -> None:
+    """An output file must be writable before any engine starts, so no warm-up is lost."""
     if path is None:
         return
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise UsageError(
-            f"--report {path} is a directory", problems=[("--report", f"{path} is a directory")]
+            f"{option} {path} is a directory", problems=[(option, f"{path} is a directory")]
         )
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(
-            f"--report {path}: cannot write into {parent}",
-            problems=[("--report", f"{parent} does not exist or is not writable")],
+            f"{option} {path}: cannot write into {parent}",
+            problems=[(option, f"{parent} does not exist or is not writable")],
         )
 
 
@@ -77,13 +83,21 @@ def resolve(
     *,
     profile_path: Path | None,
     report_path: Path | None,
+    plot_path: Path | None,
+    on_unconverged: OnUnconverged,
     serve: bool,
     prog: str,
 ) -> Settings:
     """Check every input; raise a `UsageError` naming the first bad one."""
     profile_path = profile_path or default_profile()
     profile = load_profile(profile_path)
-    check_report_path(report_path)
+    check_output_path(report_path, "--report")
+    check_output_path(plot_path, "--plot")
+    if plot_path is not None and plot_path.suffix.lower() != ".png":
+        raise UsageError(
+            f"--plot {plot_path}: the plot is a PNG",
+            problems=[("--plot", f"{plot_path.name!r} does not end in .png")],
+        )
     args = engine.parse_args(vllm_argv, prog)
     check_model(args.model)
     if not serve:
@@ -94,5 +108,7 @@ def resolve(
         profile=profile,
         profile_path=profile_path,
         report_path=report_path,
+        plot_path=plot_path,
+        on_unconverged=on_unconverged,
         serve=serve,
     )

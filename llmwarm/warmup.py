@@ -6,13 +6,16 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from llmwarm.corpus import Batch, WarmRequest
+from llmwarm import convergence, corpus
+from llmwarm.corpus import WarmRequest
 from llmwarm.errors import WarmupError
+from llmwarm.profile import Profile
 from llmwarm.report import BucketResult, RoundResult, Sample
 
 logger = logging.getLogger(__name__)
@@ -97,37 +100,69 @@ async def measure(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
         raise _fail(req, f"{type(exc).__name__}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where the warm-up is, after each round."""
+
+    bucket_index: int  # 1-based
+    buckets: int
+    bucket: BucketResult  # live: it grows as later rounds run
+    round: int  # the round just done
+    requests: int  # sent so far
+    elapsed_s: float
+    bucket_done: bool  # converged, or its last allowed round
+
+
+@dataclass
+class Outcome:
+    buckets: list[BucketResult]
+    requests: int
+    budget_exhausted: bool
+
+
 async def run(
     client: httpx.AsyncClient,
-    batches: Iterable[Batch],
+    profile: Profile,
+    tokenizer: corpus.Tokenizer,
+    model: str,
     *,
-    on_progress: Callable[[int], None] = lambda done: None,
-) -> list[BucketResult]:
-    """Send the batches in order, each batch's requests at once; collect results per bucket."""
-    buckets: dict[str, BucketResult] = {}
-    done = 0
-    for batch in batches:
-        b = batch.bucket
-        result = buckets.setdefault(
-            b.name,
-            BucketResult(
-                name=b.name,
-                prompt_tokens=b.prompt_tokens,
-                concurrency=b.concurrency,
-                max_tokens=b.max_tokens,
-            ),
+    on_round: Callable[[Progress], None] = lambda progress: None,
+) -> Outcome:
+    """Warm bucket by bucket, round by round, until each converges (or the limits hit)."""
+    rule = profile.convergence
+    deadline = profile.budget.max_seconds
+    start = time.perf_counter()
+    results = [
+        BucketResult(
+            name=b.name,
+            prompt_tokens=b.prompt_tokens,
+            concurrency=b.concurrency,
+            max_tokens=b.max_tokens,
         )
-        if not result.rounds or result.rounds[-1].round != batch.round:
-            result.rounds.append(RoundResult(round=batch.round, samples=[]))
-        samples = await asyncio.gather(*(measure(client, r) for r in batch.requests))
-        result.rounds[-1].samples.extend(samples)
-        done += len(samples)
-        on_progress(done)
-        logger.debug(
-            "bucket %s round %d %s: e2e %s",
-            b.name,
-            batch.round,
-            batch.kind,
-            [round(s.e2e_s, 3) for s in samples],
+        for b in profile.buckets
+    ]
+    sent = 0
+    budget_exhausted = False
+    for index, (bucket, result) in enumerate(zip(profile.buckets, results, strict=True), 1):
+        for round_ in range(1, rule.max_rounds + 1):
+            if deadline is not None and time.perf_counter() - start >= deadline:
+                budget_exhausted = True
+                break
+            samples: list[Sample] = []
+            for batch in corpus.round_batches(profile, bucket, round_, tokenizer, model):
+                samples += await asyncio.gather(*(measure(client, r) for r in batch.requests))
+            sent += len(samples)
+            result.rounds.append(RoundResult(round=round_, samples=samples))
+            verdict = convergence.check(result.series(rule.metric), rule)
+            logger.debug("bucket %s round %d: %s", bucket.name, round_, verdict.reason)
+            if verdict.converged:
+                result.converged_at = round_
+            done = verdict.converged or round_ == rule.max_rounds
+            elapsed = time.perf_counter() - start
+            on_round(Progress(index, len(results), result, round_, sent, elapsed, done))
+            if verdict.converged:
+                break
+        result.stop_reason = (
+            "converged" if result.converged else "budget" if budget_exhausted else "max_rounds"
         )
-    return list(buckets.values())
+    return Outcome(buckets=results, requests=sent, budget_exhausted=budget_exhausted)

@@ -6,7 +6,7 @@ import pytest
 
 from llmwarm import corpus
 from llmwarm.errors import ProfileError
-from llmwarm.profile import parse_profile
+from llmwarm.profile import Profile, parse_profile
 
 
 class WordTokenizer:
@@ -35,7 +35,6 @@ class CharTokenizer:
 
 PROFILE = parse_profile(
     {
-        "rounds": 2,
         "buckets": [
             {"prompt_tokens": 12, "concurrency": 3, "max_tokens": 5},
             {"prompt_tokens": 40, "concurrency": 1, "max_tokens": 7},
@@ -44,16 +43,25 @@ PROFILE = parse_profile(
 )
 
 
+def plan(profile: Profile, tokenizer: corpus.Tokenizer, model: str, rounds: int = 2) -> list:
+    return [
+        batch
+        for bucket in profile.buckets
+        for round_ in range(1, rounds + 1)
+        for batch in corpus.round_batches(profile, bucket, round_, tokenizer, model)
+    ]
+
+
 @pytest.mark.parametrize("tokenizer", [WordTokenizer(), CharTokenizer()])
 def test_prompts_have_exact_token_counts(tokenizer: corpus.Tokenizer) -> None:
-    for batch in corpus.plan(PROFILE, tokenizer, "m"):
+    for batch in plan(PROFILE, tokenizer, "m"):
         for req in batch.requests:
             text = req.body.get("prompt") or req.body["messages"][0]["content"]
             assert len(tokenizer.encode(text)) == batch.bucket.prompt_tokens
 
 
 def test_plan_order_and_shape() -> None:
-    batches = list(corpus.plan(PROFILE, WordTokenizer(), "tiny"))
+    batches = plan(PROFILE, WordTokenizer(), "tiny")
     # bucket-major, then round, then the four request kinds
     assert [(b.bucket.name, b.round, b.kind) for b in batches[:5]] == [
         ("p12-c3-o5", 1, "completions-stream"),
@@ -75,8 +83,8 @@ def test_plan_order_and_shape() -> None:
 
 
 def test_plan_is_deterministic_and_prompts_differ() -> None:
-    a = [r.body for b in corpus.plan(PROFILE, WordTokenizer(), "m") for r in b.requests]
-    b = [r.body for b in corpus.plan(PROFILE, WordTokenizer(), "m") for r in b.requests]
+    a = [r.body for b in plan(PROFILE, WordTokenizer(), "m") for r in b.requests]
+    b = [r.body for b in plan(PROFILE, WordTokenizer(), "m") for r in b.requests]
     assert a == b
     prompts = [body.get("prompt") or body["messages"][0]["content"] for body in a]
     # every request has its own prompt, and no two share their first words (prefix cache)
@@ -86,8 +94,8 @@ def test_plan_is_deterministic_and_prompts_differ() -> None:
 
 def test_seed_changes_prompts() -> None:
     other = PROFILE.model_copy(update={"seed": 1})
-    first = next(iter(corpus.plan(PROFILE, WordTokenizer(), "m"))).requests[0].body["prompt"]
-    second = next(iter(corpus.plan(other, WordTokenizer(), "m"))).requests[0].body["prompt"]
+    first = plan(PROFILE, WordTokenizer(), "m")[0].requests[0].body["prompt"]
+    second = plan(other, WordTokenizer(), "m")[0].requests[0].body["prompt"]
     assert first != second
 
 

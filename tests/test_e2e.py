@@ -111,13 +111,17 @@ def test_503_with_retry_after_until_warm(served: Served) -> None:
     assert {"/ready", "/health", "/v1/models", "/v1/completions"} <= paths
     warming = [body for *_, body in seen if body["status"] == "warming"]
     for body in warming:
-        assert 0 <= body["progress"]["done"] <= body["progress"]["total"]
+        if "progress" in body:  # from the end of the first round on
+            assert 1 <= body["progress"]["bucket"] <= body["progress"]["buckets"] == 2
+            assert body["progress"]["round"] >= 1
 
 
 def test_ready_reports_the_warmup(served: Served) -> None:
     ready = httpx.get(f"{served.url}/ready").json()
+    report = json.loads(served.report.read_text())
     assert ready["status"] == "ready" and ready["model"] == "tiny"
-    assert ready["requests"] == 2 * 4 * (1 + 2)  # rounds x kinds x concurrency per bucket
+    assert ready["requests"] == report["requests"] > 0
+    assert ready["converged"] == report["converged"]
     assert httpx.get(f"{served.url}/health").status_code == 200
 
 
@@ -126,17 +130,34 @@ def test_report_file(served: Served) -> None:
     assert report["version"] == 1 and report["model"] == "tiny"
     assert report["prefix_cache_reset"] is True
     assert [b["name"] for b in report["buckets"]] == ["p16-c1-o8", "p64-c2-o8"]
+    sent = 0
     for bucket in report["buckets"]:
-        assert [r["round"] for r in bucket["rounds"]] == [1, 2]
+        n = len(bucket["rounds"])
+        assert 2 <= n <= 4  # minimal.yaml: min_rounds 2, max_rounds 4
+        assert [r["round"] for r in bucket["rounds"]] == list(range(1, n + 1))
+        if bucket["converged_at"] is not None:
+            assert bucket["converged_at"] == n and bucket["stop_reason"] == "converged"
+        else:
+            assert n == 4 and bucket["stop_reason"] == "max_rounds"
         for rnd in bucket["rounds"]:
+            sent += len(rnd["samples"])
             assert len(rnd["samples"]) == 4 * bucket["concurrency"]
             for sample in rnd["samples"]:
                 assert sample["output_tokens"] == 8  # ignore_eos: the full decode ran
                 assert sample["e2e_s"] > 0
                 if sample["kind"].endswith("stream"):
                     assert sample["ttft_s"] > 0 and sample["tpot_s"] > 0
+    assert report["requests"] == sent
     # the warm-up table was logged
-    assert "llmwarm warm-up: 24 requests" in served.log_text()
+    assert f"llmwarm warm-up: {sent} requests" in served.log_text()
+
+
+def test_metrics_show_the_warmup_beside_vllms(served: Served) -> None:
+    text = httpx.get(f"{served.url}/metrics").text
+    assert 'llmwarm_phase{llmwarm_phase="ready"} 1.0' in text
+    assert 'llmwarm_bucket_rounds{bucket="p16-c1-o8"}' in text
+    assert 'llmwarm_bucket_warm_tpot_seconds{bucket="p64-c2-o8"}' in text
+    assert "vllm:num_requests_running" in text  # vLLM's own series, same endpoint
 
 
 def test_openai_client_completions_chat_and_stream(served: Served) -> None:
@@ -169,16 +190,41 @@ def test_sigterm_shuts_down_and_leaves_no_engine(served: Served) -> None:
     assert "Traceback" not in served.log_text()
 
 
-def test_warm_writes_the_report_and_exits(tiny_model: Path, tmp_path: Path) -> None:
-    report = tmp_path / "warm.json"
+def test_warm_writes_the_report_and_plot_and_exits(tiny_model: Path, tmp_path: Path) -> None:
+    report, plot = tmp_path / "warm.json", tmp_path / "warm.png"
     proc = subprocess.run(
         [*LLMWARM, "warm", str(tiny_model), *ENGINE_FLAGS, "--profile", str(MINIMAL),
-         "--report", str(report)],
+         "--report", str(report), "--plot", str(plot)],
         capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, env=engine_env(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(report.read_text())
-    assert data["requests"] == 24 and len(data["buckets"]) == 2
+    assert data["requests"] >= 2 * 4 * (1 + 2) and len(data["buckets"]) == 2
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "Traceback" not in proc.stderr
+
+
+def test_unconverged_with_fail_policy_exits_6_after_writing_the_report(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    profile = tmp_path / "strict.yaml"
+    # No real series is this flat: the rule cannot hold within two rounds.
+    profile.write_text(
+        "buckets:\n  - {prompt_tokens: 16, concurrency: 1, max_tokens: 8}\n"
+        "convergence: {window: 2, spread: 0.000001, min_rounds: 2, max_rounds: 2}\n"
+    )
+    report = tmp_path / "strict.json"
+    proc = subprocess.run(
+        [*LLMWARM, "warm", str(tiny_model), *ENGINE_FLAGS, "--profile", str(profile),
+         "--report", str(report), "--on-unconverged", "fail"],
+        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, env=engine_env(),
+    )  # fmt: skip
+    assert proc.returncode == 6, proc.stderr[-3000:]
+    assert "not warm: max_rounds was reached" in proc.stderr
+    assert "• bucket p16-c1-o8: did not converge" in proc.stderr
+    data = json.loads(report.read_text())
+    assert data["converged"] is False and data["on_unconverged"] == "fail"
+    assert data["buckets"][0]["stop_reason"] == "max_rounds"
     assert "Traceback" not in proc.stderr
 
 
@@ -199,7 +245,8 @@ def test_sigterm_before_ready_exits_130_and_leaves_no_engine(
     profile = tmp_path / "long.yaml"
     # Enough rounds that the warm-up lasts a while on this machine.
     profile.write_text(
-        "rounds: 200\nbuckets:\n  - {prompt_tokens: 64, concurrency: 2, max_tokens: 32}\n"
+        "buckets:\n  - {prompt_tokens: 64, concurrency: 2, max_tokens: 32}\n"
+        "convergence: {spread: 0.000001, max_rounds: 200}\n"
     )
     with log.open("wb") as out:
         proc = subprocess.Popen(

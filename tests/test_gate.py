@@ -32,8 +32,8 @@ async def test_loading_answers_503_with_retry_after(path: str) -> None:
 
 async def test_warming_lets_only_the_warmup_token_through() -> None:
     gate = Gate()
-    gate.warming(INNER, total=8)
-    gate.progress(3)
+    gate.warming(INNER)
+    gate.progress({"bucket": 1, "buckets": 2, "round": 3})
     async with client(gate) as c:
         outside = await c.post("/v1/completions", json={})
         forged = await c.post("/v1/completions", headers={WARMUP_HEADER: "guess"})
@@ -44,7 +44,7 @@ async def test_warming_lets_only_the_warmup_token_through() -> None:
     assert outside.headers["retry-after"] == "5"
     assert outside.json() == {
         "status": "warming",
-        "progress": {"done": 3, "total": 8},
+        "progress": {"bucket": 1, "buckets": 2, "round": 3},
         "message": "llmwarm: the model server is not warm yet; retry later",
     }
     assert warm.status_code == 200 and warm.json() == {"served": "/v1/completions"}
@@ -53,7 +53,7 @@ async def test_warming_lets_only_the_warmup_token_through() -> None:
 
 async def test_the_token_is_refused_from_another_host() -> None:
     gate = Gate()
-    gate.warming(INNER, total=1)
+    gate.warming(INNER)
     async with client(gate, peer="203.0.113.9") as c:
         r = await c.post("/v1/completions", headers=gate.headers)
     assert r.status_code == 503
@@ -66,7 +66,7 @@ def test_each_gate_has_its_own_long_token() -> None:
 
 async def test_ready_passes_everything_and_reports() -> None:
     gate = Gate()
-    gate.warming(INNER, total=1)
+    gate.warming(INNER)
     gate.open({"model": "tiny", "warmup_s": 1.5})
     async with client(gate, peer="203.0.113.9") as c:
         ready = await c.get("/ready")
@@ -80,7 +80,7 @@ async def test_ready_passes_everything_and_reports() -> None:
 
 async def test_stopping_fails_ready_but_serves_in_flight_paths() -> None:
     gate = Gate()
-    gate.warming(INNER, total=1)
+    gate.warming(INNER)
     gate.open({})
     gate.stopping()
     assert gate.phase is Phase.STOPPING

@@ -19,7 +19,8 @@ def test_shipped_profiles_are_valid(path: Path) -> None:
 
 def test_defaults_and_derived_names() -> None:
     profile = parse_profile({"buckets": [{"prompt_tokens": 8, "concurrency": 2, "max_tokens": 4}]})
-    assert profile.rounds == 3
+    assert profile.convergence.metric == "tpot" and profile.convergence.max_rounds == 12
+    assert profile.budget.max_seconds is None
     assert profile.endpoints == ["completions", "chat"]
     assert profile.stream == [True, False]
     assert profile.buckets[0].name == "p8-c2-o4"
@@ -49,7 +50,26 @@ BUCKET = {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}
         ({"buckets": [{**BUCKET, "concurrency": -3}]}, "buckets.0.concurrency", "-3"),
         ({"buckets": [{**BUCKET, "max_tokens": "many"}]}, "buckets.0.max_tokens", "'many'"),
         ({"buckets": [{**BUCKET, "colour": "red"}]}, "buckets.0.colour", "Extra inputs"),
-        ({"buckets": [BUCKET], "rounds": 0}, "rounds", "greater than or equal to 1"),
+        ({"buckets": [BUCKET], "rounds": 3}, "rounds", "Extra inputs"),
+        (
+            {"buckets": [BUCKET], "convergence": {"min_rounds": 0}},
+            "convergence.min_rounds",
+            "greater than or equal to 1",
+        ),
+        (
+            {"buckets": [BUCKET], "convergence": {"max_rounds": 2, "min_rounds": 4}},
+            "convergence",
+            "max_rounds (2) is less than min_rounds (4)",
+        ),
+        ({"buckets": [BUCKET], "convergence": {"metric": "p99"}}, "convergence.metric", "'p99'"),
+        ({"buckets": [BUCKET], "convergence": {"spread": -1}}, "convergence.spread", "(got -1)"),
+        ({"buckets": [BUCKET], "budget": {"max_seconds": 0}}, "budget.max_seconds", "than 0"),
+        ({"buckets": [BUCKET], "budget": {"seconds": 5}}, "budget.seconds", "Extra inputs"),
+        (
+            {"buckets": [BUCKET], "stream": [False]},
+            "convergence",
+            "metric 'tpot' is measured on streamed requests",
+        ),
         ({"buckets": [BUCKET], "endpoints": ["embeddings"]}, "endpoints.0", "'embeddings'"),
         ({"buckets": [BUCKET], "stream": []}, "stream", "at least 1"),
         ({"buckets": [BUCKET], "roundz": 3}, "roundz", "Extra inputs"),

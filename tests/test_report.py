@@ -6,14 +6,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from llmwarm.report import BucketResult, Report, RoundResult, Sample, table, write_json
+from llmwarm.convergence import Rule
+from llmwarm.report import BucketResult, Report, RoundResult, Sample, plot, table, write_json
 
 
 def _sample(kind: str, e2e: float, ttft: float | None = None, tpot: float | None = None) -> Sample:
     return Sample(kind=kind, ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, prompt_tokens=4, output_tokens=8)
 
 
-def _bucket() -> BucketResult:
+def _bucket(converged_at: int | None = 3) -> BucketResult:
     return BucketResult(
         name="p4-c1-o8",
         prompt_tokens=4,
@@ -24,10 +25,12 @@ def _bucket() -> BucketResult:
             RoundResult(round=2, samples=[_sample("c-stream", 0.2, 0.1, 0.02), _sample("c", 0.3)]),
             RoundResult(round=3, samples=[_sample("c-stream", 0.1, 0.1, 0.01), _sample("c", 0.1)]),
         ],
+        converged_at=converged_at,
+        stop_reason="converged" if converged_at else "max_rounds",
     )
 
 
-def _report() -> Report:
+def _report(*buckets: BucketResult) -> Report:
     return Report(
         llmwarm_version="0.1.0",
         vllm_version="0.32.0",
@@ -38,7 +41,10 @@ def _report() -> Report:
         warmup_s=2.5,
         requests=6,
         prefix_cache_reset=True,
-        buckets=[_bucket()],
+        convergence=Rule(window=2),
+        on_unconverged="serve",
+        budget_exhausted=False,
+        buckets=list(buckets) or [_bucket()],
     )
 
 
@@ -48,31 +54,53 @@ def test_round_medians_ignore_missing_values() -> None:
     assert rnd.e2e_median_s == 0.8
 
 
-def test_first_is_round_one_and_steady_the_median_of_the_rest() -> None:
+def test_cold_is_round_one_and_warm_the_median_of_the_last_window() -> None:
     b = _bucket()
-    assert b.first("e2e_median_s") == 0.8
-    assert b.steady("e2e_median_s") == (0.25 + 0.1) / 2
-    assert b.steady("tpot_median_s") == (0.02 + 0.01) / 2
+    assert b.first("e2e") == 0.8
+    assert b.warm("e2e", window=2) == (0.25 + 0.1) / 2
+    assert b.warm("e2e", window=1) == 0.1
+    assert b.warm("tpot", window=5) == (0.02 + 0.01) / 2  # round 1 never counts as warm
+    assert b.series("tpot") == [0.05, 0.02, 0.01]
     single = b.model_copy(update={"rounds": b.rounds[:1]})
-    assert single.steady("e2e_median_s") is None
+    assert single.warm("e2e", window=2) is None
 
 
 def test_json_round_trip_with_computed_medians(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     write_json(_report(), path)
     data = json.loads(path.read_text())
-    assert data["version"] == 1
+    assert data["version"] == 1 and data["converged"] is True
+    assert data["convergence"]["window"] == 2 and data["on_unconverged"] == "serve"
+    assert data["buckets"][0]["converged_at"] == 3
     assert data["buckets"][0]["rounds"][0]["ttft_median_s"] == 0.5
     assert Report.model_validate(data).buckets[0].rounds[2].samples[0].tpot_s == 0.01
 
 
-def test_table_shows_first_and_steady_in_ms() -> None:
+def test_table_shows_cold_and_warm_in_ms() -> None:
     console = Console(width=200, record=True)
     console.print(table(_report()))
     text = console.export_text()
-    assert "p4-c1-o8" in text
-    assert "800.0" in text and "175.0" in text  # e2e first / steady
+    assert "p4-c1-o8" in text and "round 3" in text and "; converged" in text
+    assert "800.0" in text and "175.0" in text  # e2e cold / warm
     assert "4.57x" in text
+
+
+def test_table_and_summary_name_unconverged_buckets() -> None:
+    late = _bucket(converged_at=None).model_copy(update={"name": "late"})
+    report = _report(_bucket(), late)
+    assert not report.converged and report.unconverged == ["late"]
+    console = Console(width=200, record=True)
+    console.print(table(report))
+    text = console.export_text()
+    assert "NOT converged: late" in text and "no (max_rounds)" in text
+    assert report.summary()["unconverged"] == ["late"]
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    path = tmp_path / "r.png"
+    late = _bucket(converged_at=None).model_copy(update={"name": "late"})
+    plot(_report(_bucket(), late), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_summary_is_short() -> None:
@@ -82,4 +110,6 @@ def test_summary_is_short() -> None:
         "warmup_s": 2.5,
         "requests": 6,
         "buckets": 1,
+        "converged": True,
+        "unconverged": [],
     }

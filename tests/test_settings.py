@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from llmwarm.errors import ModelNotFound, UsageError
-from llmwarm.settings import check_model, check_report_path, default_profile
+from llmwarm.settings import check_model, check_output_path, default_profile
 
 
 def test_default_profile_ships_with_the_package() -> None:
@@ -35,11 +35,11 @@ def test_directory_without_config(tmp_path: Path) -> None:
     assert "has no config.json" in info.value.problems[0][1]
 
 
-def test_report_path(tmp_path: Path) -> None:
-    check_report_path(None)
-    check_report_path(tmp_path / "r.json")
+def test_output_path(tmp_path: Path) -> None:
+    check_output_path(None, "--report")
+    check_output_path(tmp_path / "r.json", "--report")
     with pytest.raises(UsageError, match="is a directory"):
-        check_report_path(tmp_path)
+        check_output_path(tmp_path, "--report")
     with pytest.raises(UsageError) as info:
-        check_report_path(tmp_path / "missing" / "r.json")
+        check_output_path(tmp_path / "missing" / "r.json", "--report")
     assert info.value.problems[0][0] == "--report"

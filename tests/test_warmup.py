@@ -4,24 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llmwarm import corpus, warmup
+from llmwarm import warmup
 from llmwarm.errors import WarmupError
-from llmwarm.profile import parse_profile
+from llmwarm.profile import Profile, parse_profile
 from tests.test_corpus import WordTokenizer
 
-TOKEN_GAP = 0.01
+
+class Pace:
+    """Seconds between streamed tokens, as a function of how many requests came before."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.gap = lambda calls: 0.01
+
+    def next(self) -> float:
+        self.calls += 1
+        return float(self.gap(self.calls - 1))
+
+
+PACE = Pace()
 
 
 async def _completions(request: Request) -> Response:
     body = await request.json()
+    gap = PACE.next()
     n = body["max_tokens"]
     usage = {"prompt_tokens": 7, "completion_tokens": n}
     if body.get("model") == "broken":
@@ -34,7 +51,7 @@ async def _completions(request: Request) -> Response:
         if chat:  # a role-only first chunk carries no token
             yield f"data: {json.dumps({'choices': [{'delta': {'role': 'assistant'}}]})}\n\n"
         for _ in range(n):
-            await asyncio.sleep(TOKEN_GAP)
+            await asyncio.sleep(gap)
             choice = {"delta": {"content": "x"}} if chat else {"text": "x"}
             yield f"data: {json.dumps({'choices': [choice]})}\n\n"
         yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
@@ -51,32 +68,57 @@ FAKE = Starlette(
 )
 
 
-def _client() -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=FAKE), base_url="http://fake")
+@pytest.fixture
+async def fake_url() -> AsyncIterator[str]:
+    """The fake server on a real loopback socket: httpx's ASGI transport would buffer streams."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(FAKE, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    await task
 
 
-PROFILE = parse_profile(
-    {"rounds": 2, "buckets": [{"prompt_tokens": 4, "concurrency": 2, "max_tokens": 5}]}
-)
+@pytest.fixture(autouse=True)
+def steady_pace() -> None:
+    PACE.calls = 0
+    PACE.gap = lambda calls: 0.01
 
 
-async def test_run_measures_every_request_per_bucket_and_round() -> None:
-    progress: list[int] = []
-    async with _client() as client:
-        results = await warmup.run(
-            client, corpus.plan(PROFILE, WordTokenizer(), "tiny"), on_progress=progress.append
-        )
-    assert [b.name for b in results] == ["p4-c2-o5"]
-    bucket = results[0]
-    assert [r.round for r in bucket.rounds] == [1, 2]
-    assert progress == [2, 4, 6, 8, 10, 12, 14, 16]
+def _profile(**fields: object) -> Profile:
+    data: dict[str, object] = {
+        "buckets": [{"prompt_tokens": 4, "concurrency": 2, "max_tokens": 5}],
+        "convergence": {"window": 2, "spread": 0.5, "min_rounds": 2, "max_rounds": 4},
+    }
+    return parse_profile({**data, **fields})
+
+
+async def _run(url: str, profile: Profile, on_round=lambda p: None) -> warmup.Outcome:  # type: ignore[no-untyped-def]
+    async with httpx.AsyncClient(base_url=url) as client:
+        return await warmup.run(client, profile, WordTokenizer(), "tiny", on_round=on_round)
+
+
+async def test_run_measures_every_request_until_converged(fake_url: str) -> None:
+    seen: list[warmup.Progress] = []
+    outcome = await _run(fake_url, _profile(), on_round=seen.append)
+    [bucket] = outcome.buckets
+    # a steady server converges (timing on a shared machine decides in which round)
+    assert bucket.stop_reason == "converged" and bucket.converged_at is not None
+    n = bucket.converged_at
+    assert 2 <= n <= 4 and [r.round for r in bucket.rounds] == list(range(1, n + 1))
+    assert outcome.requests == n * 2 * 4 and not outcome.budget_exhausted
+    assert [(p.bucket_index, p.round, p.requests, p.bucket_done) for p in seen] == [
+        (1, r, r * 8, r == n) for r in range(1, n + 1)
+    ]
     for rnd in bucket.rounds:
         assert len(rnd.samples) == 2 * 4
         for s in rnd.samples:
             assert s.output_tokens == 5 and s.prompt_tokens == 7
             if s.kind.endswith("-stream"):
                 assert s.ttft_s is not None and s.tpot_s is not None
-                # four gaps of TOKEN_GAP between the five tokens; never negative
                 assert s.tpot_s > 0 and s.ttft_s > 0
                 assert s.e2e_s >= s.ttft_s + 4 * s.tpot_s
             else:
@@ -86,12 +128,32 @@ async def test_run_measures_every_request_per_bucket_and_round() -> None:
     assert kinds == ["chat", "chat-stream", "completions", "completions-stream"]
 
 
+async def test_a_server_that_keeps_slowing_down_stops_at_max_rounds(fake_url: str) -> None:
+    PACE.gap = lambda calls: 0.002 * 2 ** (calls // 8)  # doubles every round (8 requests)
+    outcome = await _run(fake_url, _profile())
+    [bucket] = outcome.buckets
+    assert bucket.converged_at is None and bucket.stop_reason == "max_rounds"
+    assert len(bucket.rounds) == 4
+
+
+async def test_budget_cuts_the_warmup_and_says_so(fake_url: str) -> None:
+    two = [
+        {"prompt_tokens": 4, "concurrency": 1, "max_tokens": 5},
+        {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 5},
+    ]
+    outcome = await _run(fake_url, _profile(buckets=two, budget={"max_seconds": 0.01}))
+    first, second = outcome.buckets
+    assert outcome.budget_exhausted
+    assert len(first.rounds) == 1 and first.stop_reason == "budget"
+    assert second.rounds == [] and second.stop_reason == "budget"
+
+
 @pytest.mark.parametrize("stream", [True, False])
-async def test_http_error_is_a_warmup_error_naming_the_request(stream: bool) -> None:
-    profile = PROFILE.model_copy(update={"stream": [stream]})
-    async with _client() as client:
+async def test_http_error_is_a_warmup_error_naming_the_request(fake_url: str, stream: bool) -> None:
+    profile = _profile(stream=[stream], convergence={"metric": "e2e"})
+    async with httpx.AsyncClient(base_url=fake_url) as client:
         with pytest.raises(WarmupError) as info:
-            await warmup.run(client, corpus.plan(profile, WordTokenizer(), "broken"))
+            await warmup.run(client, profile, WordTokenizer(), "broken")
     assert "bucket p4-c2-o5, round 1" in info.value.message
     assert "HTTP 404" in info.value.problems[0][1]
     assert "no such model" in info.value.problems[0][1]
@@ -100,5 +162,5 @@ async def test_http_error_is_a_warmup_error_naming_the_request(stream: bool) -> 
 async def test_connection_failure_is_a_warmup_error() -> None:
     async with httpx.AsyncClient(base_url="http://127.0.0.1:9") as client:
         with pytest.raises(WarmupError) as info:
-            await warmup.run(client, corpus.plan(PROFILE, WordTokenizer(), "tiny"))
+            await warmup.run(client, _profile(), WordTokenizer(), "tiny")
     assert "ConnectError" in info.value.problems[0][1]

@@ -1,0 +1,102 @@
+"""llmwarm's Prometheus series, on the same `/metrics` as vLLM's (the default registry).
+
+A collector reads the live state when scraped, so nothing is counted twice:
+
+    llmwarm_phase{llmwarm_phase="loading|warming|ready|stopping"}   1 for the current phase
+    llmwarm_engine_start_seconds                                    engine start to engine ready
+    llmwarm_warmup_seconds                                          warm-up so far / in all
+    llmwarm_warmup_requests                                         warm-up requests sent
+    llmwarm_bucket_rounds{bucket}                                   rounds run
+    llmwarm_bucket_converged{bucket}                                1 once converged
+    llmwarm_bucket_warm_ttft_seconds{bucket}                        warm median TTFT
+    llmwarm_bucket_warm_tpot_seconds{bucket}                        warm median TPOT
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
+from prometheus_client.registry import Collector
+
+from llmwarm.gate import Gate, Phase
+from llmwarm.report import BucketResult
+
+
+@dataclass
+class Live:
+    """What the lifecycle knows so far; written by it, read at scrape time."""
+
+    window: int
+    engine_start_s: float | None = None
+    warmup_started: float | None = None  # time.perf_counter()
+    warmup_s: float | None = None  # set when the warm-up ends
+    requests: int = 0
+    buckets: dict[str, BucketResult] = field(default_factory=dict)
+
+
+class WarmupCollector(Collector):
+    def __init__(self, gate: Gate, live: Live) -> None:
+        self.gate = gate
+        self.live = live
+
+    def collect(self) -> Iterable[Metric]:
+        live = self.live
+        yield StateSetMetricFamily(
+            "llmwarm_phase",
+            "The llmwarm phase this server is in.",
+            value={phase.value: phase is self.gate.phase for phase in Phase},
+        )
+        if live.engine_start_s is not None:
+            yield GaugeMetricFamily(
+                "llmwarm_engine_start_seconds",
+                "Seconds from engine start to engine ready.",
+                value=live.engine_start_s,
+            )
+        if live.warmup_started is not None:
+            elapsed = live.warmup_s
+            if elapsed is None:
+                elapsed = time.perf_counter() - live.warmup_started
+            yield GaugeMetricFamily(
+                "llmwarm_warmup_seconds", "Seconds of warm-up, so far or in all.", value=elapsed
+            )
+            yield GaugeMetricFamily(
+                "llmwarm_warmup_requests", "Warm-up requests sent.", value=live.requests
+            )
+        rounds = GaugeMetricFamily(
+            "llmwarm_bucket_rounds", "Warm-up rounds run per bucket.", labels=["bucket"]
+        )
+        converged = GaugeMetricFamily(
+            "llmwarm_bucket_converged", "1 once a bucket's latency converged.", labels=["bucket"]
+        )
+        ttft = GaugeMetricFamily(
+            "llmwarm_bucket_warm_ttft_seconds",
+            "Warm median time to first token per bucket.",
+            labels=["bucket"],
+        )
+        tpot = GaugeMetricFamily(
+            "llmwarm_bucket_warm_tpot_seconds",
+            "Warm median time per output token per bucket.",
+            labels=["bucket"],
+        )
+        for name, bucket in live.buckets.items():
+            rounds.add_metric([name], len(bucket.rounds))
+            converged.add_metric([name], 1.0 if bucket.converged else 0.0)
+            for family, metric in ((ttft, "ttft"), (tpot, "tpot")):
+                value = bucket.warm(metric, live.window)
+                if value is not None:
+                    family.add_metric([name], value)
+        yield from (rounds, converged, ttft, tpot)
+
+
+@contextlib.contextmanager
+def registered(collector: Collector) -> Iterator[None]:
+    REGISTRY.register(collector)
+    try:
+        yield
+    finally:
+        REGISTRY.unregister(collector)

@@ -1,0 +1,76 @@
+"""What the operator watches during the warm-up: a progress bar on a TTY, log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from llmwarm.warmup import Progress as RoundDone
+
+logger = logging.getLogger(__name__)
+
+
+class ProgressView:
+    """Call `update` after every round; a context manager around the whole warm-up."""
+
+    def __init__(self, buckets: int, metric: str, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.buckets = buckets
+        self.metric = metric
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> ProgressView:
+        if self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn("[bold]warming[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("", total=self.buckets)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, p: RoundDone) -> None:
+        b = p.bucket
+        series = b.series(self.metric)
+        latest = f"{series[-1] * 1000:.2f} ms" if series else "-"
+        state = f"converged at round {b.converged_at}" if b.converged else ""
+        if self.bar is not None and self.task is not None:
+            self.bar.update(
+                self.task,
+                completed=p.bucket_index - (0 if p.bucket_done else 1),
+                description=f"bucket {p.bucket_index}/{p.buckets} {b.name} round "
+                f"{p.round} ({self.metric} {latest}) {state}",
+            )
+        else:
+            logger.info(
+                "warm-up bucket %d/%d %s round %d: %s median %s %s",
+                p.bucket_index, p.buckets, b.name, p.round, self.metric, latest, state,
+            )  # fmt: skip
