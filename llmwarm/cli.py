@@ -170,20 +170,14 @@ def _command(serve: bool) -> Callable[..., None]:
     return command
 
 
-app.command(
-    "serve",
-    help=SERVE_HELP,
-    context_settings=PASSTHROUGH,
-    epilog=EXIT_CODES_HELP,
-    options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
-)(_command(serve=True))
-app.command(
-    "warm",
-    help=WARM_HELP,
-    context_settings=PASSTHROUGH,
-    epilog=EXIT_CODES_HELP,
-    options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
-)(_command(serve=False))
+for _name, _help, _serve in (("serve", SERVE_HELP, True), ("warm", WARM_HELP, False)):
+    app.command(
+        _name,
+        help=_help,
+        context_settings=PASSTHROUGH,
+        epilog=EXIT_CODES_HELP,
+        options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
+    )(_command(serve=_serve))
 
 
 def main() -> None:

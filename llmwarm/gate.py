@@ -2,7 +2,8 @@
 
 An ASGI app that wraps vLLM's. It owns `/ready`. While loading it answers every request itself;
 while warming it lets through only llmwarm's own warm-up requests, recognised by a per-process
-random token in a header *and* a loopback (or unix-socket) peer, so no outside client can
+random token in a header *and* a local peer (loopback, unix socket, or the server's own
+address), so no outside client can
 forge its way past; once ready it hands every request to vLLM's app. `/metrics` is never
 gated: it is read-only, and it shows the warm-up's progress.
 """
@@ -36,9 +37,14 @@ class Phase(str, enum.Enum):
 RETRY_AFTER = {Phase.LOADING: 10, Phase.WARMING: 5, Phase.STOPPING: 5}
 
 
-def _is_loopback(scope: Scope) -> bool:
+def _is_local(scope: Scope) -> bool:
+    """The peer is this machine: loopback, a unix socket, or the server's own address (when
+    bound to one interface, the warm-up dials that address; no other host can send from it)."""
     client = scope.get("client")
     if client is None:  # a unix socket: only local processes can connect
+        return True
+    server = scope.get("server")
+    if server is not None and client[0] == server[0]:
         return True
     try:
         return ipaddress.ip_address(client[0]).is_loopback
@@ -83,7 +89,7 @@ class Gate:
         expected = self.token.encode()
         for name, value in scope.get("headers", []):
             if name == WARMUP_HEADER.encode():
-                return hmac.compare_digest(value, expected) and _is_loopback(scope)
+                return hmac.compare_digest(value, expected) and _is_local(scope)
         return False
 
     def _state(self) -> dict[str, Any]:

@@ -16,9 +16,9 @@ async def _inner(request):  # type: ignore[no-untyped-def]
 INNER = Starlette(routes=[Route("/{path:path}", _inner, methods=["GET", "POST"])])
 
 
-def client(gate: Gate, peer: str = "127.0.0.1") -> httpx.AsyncClient:
+def client(gate: Gate, peer: str = "127.0.0.1", server: str = "llmwarm") -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=gate, client=(peer, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://llmwarm")
+    return httpx.AsyncClient(transport=transport, base_url=f"http://{server}")
 
 
 @pytest.mark.parametrize("path", ["/health", "/ready", "/v1/completions", "/v1/models", "/x"])
@@ -57,6 +57,17 @@ async def test_the_token_is_refused_from_another_host() -> None:
     async with client(gate, peer="203.0.113.9") as c:
         r = await c.post("/v1/completions", headers=gate.headers)
     assert r.status_code == 503
+
+
+async def test_the_token_passes_from_the_servers_own_address() -> None:
+    # bound to one interface (--host 10.1.2.3), the warm-up dials and comes from that address
+    gate = Gate()
+    gate.warming(INNER)
+    async with client(gate, peer="10.1.2.3", server="10.1.2.3") as c:
+        own = await c.post("/v1/completions", headers=gate.headers)
+    async with client(gate, peer="10.1.2.4", server="10.1.2.3") as c:
+        neighbour = await c.post("/v1/completions", headers=gate.headers)
+    assert own.status_code == 200 and neighbour.status_code == 503
 
 
 def test_each_gate_has_its_own_long_token() -> None:
