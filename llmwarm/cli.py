@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 
 from llmwarm import __version__
-from llmwarm.errors import EXIT_INTERRUPTED, LlmwarmError
+from llmwarm.errors import EXIT_INTERRUPTED, LlmwarmError, UsageError
 
 err = Console(stderr=True)
 
@@ -134,6 +134,16 @@ OnUnconvergedOption = Annotated[
     ),
 ]
 
+CaptureSizesOption = Annotated[
+    bool,
+    typer.Option(
+        "--capture-sizes-from-profile",
+        help="GPU: give vLLM the profile's concurrency classes as --cudagraph-capture-sizes, "
+        "so it captures only the batch sizes the traffic uses (faster start; larger batches "
+        "than the largest class decode without graphs).",
+    ),
+]
+
 SERVE_HELP = """Start vLLM, warm it up, then serve: `llmwarm serve MODEL [vllm serve flags]`.
 
 The port answers 503 with Retry-After (`/health`, `/ready`, `/v1/*`) until the warm-up is done;
@@ -155,6 +165,7 @@ def _command(serve: bool) -> Callable[..., None]:
         report: ReportOption = Path("llmwarm-report.json"),
         plot: PlotOption = None,
         on_unconverged: OnUnconvergedOption = "serve",
+        capture_sizes_from_profile: CaptureSizesOption = False,
         vllm_help: VllmHelpOption = False,
     ) -> None:
         _run(
@@ -165,6 +176,7 @@ def _command(serve: bool) -> Callable[..., None]:
             report_path=report,
             plot_path=plot,
             on_unconverged=on_unconverged,
+            capture_sizes_from_profile=capture_sizes_from_profile,
         )
 
     return command
@@ -178,6 +190,81 @@ for _name, _help, _serve in (("serve", SERVE_HELP, True), ("warm", WARM_HELP, Fa
         epilog=EXIT_CODES_HELP,
         options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
     )(_command(serve=_serve))
+
+
+profile_app = typer.Typer(
+    help="Check, show and describe warm-up profiles.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(profile_app, name="profile")
+
+
+@profile_app.command("check")
+def profile_check(
+    files: Annotated[list[Path], typer.Argument(help="Profiles to check.", show_default=False)],
+) -> None:
+    """Validate profiles: exit 0, or exit 2 with one line per problem naming the field."""
+    from llmwarm.profile import load_profile
+
+    failed: list[LlmwarmError] = []
+    for file in files:
+        try:
+            profile = load_profile(file)
+        except LlmwarmError as exc:
+            failed.append(exc)
+            err.print(f"[red]✗[/] {file}: {exc.message}", highlight=False)
+            for where, message in exc.problems:
+                err.print(f"  • {where}: {message}", highlight=False, markup=False)
+            continue
+        n = len(profile.buckets)
+        auto = " + auto" if profile.auto else ""
+        typer.echo(f"✓ {file}: {n} bucket{'' if n == 1 else 's'}{auto}")
+    if failed:
+        raise typer.Exit(code=max(exc.exit_code for exc in failed))
+
+
+@profile_app.command("show", context_settings=PASSTHROUGH)
+def profile_show(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="The profile.", exists=True, dir_okay=False)],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Resolve `auto` and check limits against this model's engine config "
+            "(with any vLLM flags after it); no engine is started."
+        ),
+    ] = None,
+) -> None:
+    """Show the expanded plan: buckets in run order, request kinds, request counts."""
+    from llmwarm.profile import for_engine, load_profile
+    from llmwarm.report import plan_table
+
+    try:
+        profile = load_profile(file)
+        if model is not None:
+            from llmwarm import engine, settings
+
+            args = engine.parse_args([model, *ctx.args], "llmwarm profile show")
+            settings.check_model(args.model)
+            profile = for_engine(profile, engine.shape_from_args(args))
+        elif ctx.args:
+            raise UsageError(
+                "vLLM flags need --model", problems=[("--model", f"given {' '.join(ctx.args)}")]
+            )
+    except LlmwarmError as exc:
+        _fail(exc)
+    Console(width=200).print(plan_table(profile, str(file)))
+
+
+@profile_app.command("schema")
+def profile_schema() -> None:
+    """Print the JSON Schema of the profile format (for editors)."""
+    import json
+
+    from llmwarm.profile import Profile
+
+    typer.echo(json.dumps(Profile.model_json_schema(), indent=2))
 
 
 def main() -> None:

@@ -11,16 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from llmwarm.errors import ProfileError
+from llmwarm import features
 from llmwarm.profile import Bucket, Profile
-
-# Tokens a chat template may add around one user message; kept free so chat prompts fit too.
-CHAT_TEMPLATE_ALLOWANCE = 64
 
 _SYLLABLES = (
     "ka lo mi ne ru sa te vi bo da fe gu hi jo ku la me no pa qui re si to un va we xa yo zu "
     "ar be ce di ek fo ga ho il ja ki lu ma ni om pe ri su ti ul ve wo xi ya ze"
 ).split()
+
+_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 class Tokenizer(Protocol):
@@ -30,12 +29,26 @@ class Tokenizer(Protocol):
 
 
 @dataclass(frozen=True)
+class Kind:
+    """One kind of request: endpoint x streaming x feature."""
+
+    endpoint: str
+    stream: bool
+    feature: str = "greedy"
+
+    @property
+    def name(self) -> str:
+        base = f"{self.endpoint}-stream" if self.stream else self.endpoint
+        return base if self.feature == "greedy" else f"{base}+{self.feature}"
+
+
+@dataclass(frozen=True)
 class WarmRequest:
     """One HTTP request of the warm-up, and where it belongs."""
 
     bucket: str
     round: int
-    kind: str  # e.g. "chat-stream"
+    kind: str
     path: str
     stream: bool
     body: dict[str, Any] = field(hash=False)
@@ -56,17 +69,33 @@ def _rng(*parts: object) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def make_prompt(tokenizer: Tokenizer, n_tokens: int, rng: random.Random) -> str:
-    """A text of (as near as the tokenizer allows) exactly `n_tokens` tokens.
+def _seed_text(n_tokens: int, rng: random.Random, pool: Sequence[str]) -> str:
+    if not pool:
+        # Pseudo-words from the first token on: no two prompts share a prefix, so the
+        # prefix cache cannot make a later round trivially fast.
+        return " ".join(
+            "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))
+            for _ in range(n_tokens + 8)
+        )
+    # The user's prompts, from a random one on, joined until surely long enough (a token
+    # is at least one character).
+    start = rng.randrange(len(pool))
+    parts: list[str] = []
+    length = 0
+    i = start
+    while length < n_tokens * 2 and (i - start) < len(pool) * 50:
+        text = pool[i % len(pool)]
+        parts.append(text)
+        length += len(text)
+        i += 1
+    return " ".join(parts)
 
-    Random pseudo-words from the first token on, so no two prompts share a prefix and the
-    prefix cache cannot make a later round trivially fast.
-    """
-    words = [
-        "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))
-        for _ in range(n_tokens + 8)
-    ]
-    text = " ".join(words)
+
+def make_prompt(
+    tokenizer: Tokenizer, n_tokens: int, rng: random.Random, pool: Sequence[str] = ()
+) -> str:
+    """A text of (as near as the tokenizer allows) exactly `n_tokens` tokens."""
+    text = _seed_text(n_tokens, rng, pool)
     for _ in range(4):
         ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) == n_tokens:
@@ -78,58 +107,32 @@ def make_prompt(tokenizer: Tokenizer, n_tokens: int, rng: random.Random) -> str:
     return text
 
 
-def kinds(profile: Profile) -> list[tuple[str, bool]]:
-    """The (endpoint, stream) pairs each round sends, in order."""
-    return [(endpoint, stream) for endpoint in profile.endpoints for stream in profile.stream]
+def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
+    """The request kinds each round of this bucket sends, in order."""
+    names = profile.features.kinds() if bucket.name in profile.feature_buckets() else ["greedy"]
+    return [
+        Kind(endpoint, stream, feature)
+        for feature in names
+        for endpoint in profile.endpoints
+        for stream in profile.stream
+        if not (stream and feature in features.NOT_STREAMED)
+    ]
 
 
-def kind_name(endpoint: str, stream: bool) -> str:
-    return f"{endpoint}-stream" if stream else endpoint
-
-
-def check_fits(profile: Profile, max_model_len: int) -> None:
-    """Every bucket's prompt and output must fit the engine's context window."""
-    problems = []
-    for i, bucket in enumerate(profile.buckets):
-        need = bucket.prompt_tokens + bucket.max_tokens
-        if "chat" in profile.endpoints:
-            need += CHAT_TEMPLATE_ALLOWANCE
-        if need > max_model_len:
-            problems.append(
-                (
-                    f"buckets.{i}",
-                    f"prompt_tokens + max_tokens = {bucket.prompt_tokens + bucket.max_tokens}"
-                    + (
-                        f" (+{CHAT_TEMPLATE_ALLOWANCE} for the chat template)"
-                        if "chat" in profile.endpoints
-                        else ""
-                    )
-                    + f" exceeds the engine's max_model_len {max_model_len}",
-                )
-            )
-    if problems:
-        raise ProfileError("profile does not fit the engine", problems=problems)
-
-
-def _body(endpoint: str, stream: bool, prompt: str, bucket: Bucket, model: str) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": model,
-        "max_tokens": bucket.max_tokens,
+def _body(kind: Kind, prompt: str, bucket: Bucket, profile: Profile, model: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": bucket.max_tokens, "temperature": 0.0}
+    if kind.feature not in features.STRUCTURED:
         # A warm-up must run its full decode length; a random model may emit EOS at once.
-        "ignore_eos": True,
-        "temperature": 0.0,
-    }
-    if endpoint == "chat":
+        body["ignore_eos"] = True
+    if kind.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
-    if stream:
+    if kind.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    body.update(features.body(kind.feature, kind.endpoint, profile.features))
     return body
-
-
-_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 def round_batches(
@@ -137,21 +140,24 @@ def round_batches(
 ) -> list[Batch]:
     """One round of one bucket: a batch per request kind, `concurrency` requests each."""
     batches = []
-    for endpoint, stream in kinds(profile):
-        kind = kind_name(endpoint, stream)
+    for kind in kinds(profile, bucket):
         requests = []
         for i in range(bucket.concurrency):
-            rng = _rng(profile.seed, bucket.name, round_, kind, i)
-            prompt = make_prompt(tokenizer, bucket.prompt_tokens, rng)
+            rng = _rng(profile.seed, bucket.name, round_, kind.name, i)
+            prompt = make_prompt(tokenizer, bucket.prompt_tokens, rng, profile.prompts.texts)
             requests.append(
                 WarmRequest(
                     bucket=bucket.name,
                     round=round_,
-                    kind=kind,
-                    path=_PATHS[endpoint],
-                    stream=stream,
-                    body=_body(endpoint, stream, prompt, bucket, model),
+                    kind=kind.name,
+                    path=_PATHS[kind.endpoint],
+                    stream=kind.stream,
+                    body=_body(kind, prompt, bucket, profile, model),
                 )
             )
-        batches.append(Batch(bucket=bucket, round=round_, kind=kind, requests=tuple(requests)))
+        batches.append(Batch(bucket=bucket, round=round_, kind=kind.name, requests=tuple(requests)))
     return batches
+
+
+def requests_per_round(profile: Profile, bucket: Bucket) -> int:
+    return len(kinds(profile, bucket)) * bucket.concurrency

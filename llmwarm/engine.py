@@ -23,6 +23,7 @@ import psutil
 import uvicorn
 
 from llmwarm.errors import EngineDied, PortInUse, StartupError, VllmArgsError
+from llmwarm.profile import EngineShape
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -211,8 +212,37 @@ async def start_engine(args: Namespace) -> AsyncIterator[AsyncLLM]:
         engine.shutdown(timeout=engine.vllm_config.shutdown_timeout)
 
 
-def max_model_len(engine: AsyncLLM) -> int:
-    return int(engine.model_config.max_model_len)
+def _shape(config: Any, args: Namespace) -> EngineShape:
+    compilation = config.compilation_config
+    return EngineShape(
+        max_model_len=int(config.model_config.max_model_len),
+        max_num_seqs=int(config.scheduler_config.max_num_seqs),
+        max_num_batched_tokens=int(config.scheduler_config.max_num_batched_tokens),
+        cudagraph_capture_sizes=sorted(compilation.cudagraph_capture_sizes or []),
+        lora=[module.name for module in args.lora_modules or []],
+        lora_enabled=config.lora_config is not None,
+    )
+
+
+def shape(engine: AsyncLLM, args: Namespace) -> EngineShape:
+    """The running engine's limits that a profile depends on."""
+    return _shape(engine.vllm_config, args)
+
+
+def shape_from_args(args: Namespace) -> EngineShape:
+    """The same limits from the configuration alone, without starting an engine."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    try:
+        config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
+            usage_context=UsageContext.OPENAI_API_SERVER
+        )
+    except Exception as exc:  # vLLM raises many types for a bad value of a flag
+        raise VllmArgsError(
+            "vLLM rejected the configuration", problems=_config_problems(exc)
+        ) from exc
+    return _shape(config, args)
 
 
 def tokenizer(engine: AsyncLLM) -> Any:

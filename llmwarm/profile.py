@@ -1,10 +1,15 @@
-"""The warm-up profile: which request shapes to make warm, and for how many rounds.
+"""The warm-up profile: which request shapes and features to make warm, and when it is warm.
 
 A profile is YAML, validated once here into pydantic models; nothing downstream re-checks it.
+What only the started engine knows (`auto` buckets, its context length, its LoRA adapters) is
+applied by `for_engine`, which raises the same errors, naming the same fields.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -21,8 +27,12 @@ from pydantic import (
 
 from llmwarm.convergence import Rule
 from llmwarm.errors import ProfileError
+from llmwarm.features import Features
 
 Endpoint = Literal["completions", "chat"]
+
+# Tokens a chat template may add around one user message; kept free so chat prompts fit too.
+CHAT_TEMPLATE_ALLOWANCE = 64
 
 
 class Bucket(BaseModel):
@@ -39,6 +49,10 @@ class Bucket(BaseModel):
     max_tokens: int = Field(
         gt=0, le=1_000_000, description="Output length in tokens (EOS is ignored, so exact)."
     )
+    priority: int = Field(
+        default=0,
+        description="Higher runs earlier, so it is warm first when the budget is tight.",
+    )
     name: str = Field(
         default="",
         description="Stable name used in the report; derived from the sizes when left out.",
@@ -51,6 +65,41 @@ class Bucket(BaseModel):
         return self
 
 
+class Grid(BaseModel):
+    """Buckets as the cartesian product of three lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: list[int] = Field(min_length=1, description="Prompt lengths (tokens).")
+    concurrency: list[int] = Field(min_length=1, description="Requests in flight.")
+    max_tokens: list[int] = Field(min_length=1, description="Output lengths (tokens).")
+
+    def buckets(self) -> list[dict[str, int]]:
+        return [
+            {"prompt_tokens": p, "concurrency": c, "max_tokens": o}
+            for p, c, o in itertools.product(self.prompt_tokens, self.concurrency, self.max_tokens)
+        ]
+
+
+class Auto(BaseModel):
+    """Buckets derived from the started engine's own limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=32, gt=0, description="Output length of auto buckets.")
+    min_prompt_tokens: int = Field(default=16, gt=0, description="Shortest auto prompt.")
+    max_prompt_tokens: int = Field(
+        default=8192, gt=0, description="Longest auto prompt (besides the chunked-prefill one)."
+    )
+    max_concurrency: int | None = Field(
+        default=None, gt=0, description="Highest concurrency class (default: max_num_seqs)."
+    )
+    chunked_prefill: bool = Field(
+        default=True,
+        description="Add a prompt longer than max_num_batched_tokens, so chunked prefill runs.",
+    )
+
+
 class Budget(BaseModel):
     """Limits on the whole warm-up; buckets not yet converged when it runs out are reported."""
 
@@ -61,6 +110,29 @@ class Budget(BaseModel):
         gt=0,
         description="Start no new round after this many seconds of warm-up (none: no limit).",
     )
+    max_requests: int | None = Field(
+        default=None,
+        gt=0,
+        description="Start no new round after this many warm-up requests (none: no limit).",
+    )
+
+
+class Prompts(BaseModel):
+    """Where prompt text comes from; lengths always follow the buckets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: Path | None = Field(
+        default=None,
+        description='Text file (one prompt a line) or JSONL (`{"prompt": ...}` or '
+        '`{"messages": [...]}` a line), relative to the profile. Prompts are cut or '
+        "joined to each bucket's length. Default: synthetic pseudo-words.",
+    )
+    _texts: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def texts(self) -> list[str]:
+        return self._texts
 
 
 class Profile(BaseModel):
@@ -68,8 +140,12 @@ class Profile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    grid: Grid | None = Field(default=None, description="Buckets as a cartesian grid.")
     buckets: list[Bucket] = Field(
-        min_length=1, description="The request shapes to warm, run in this order."
+        default=[], description="Buckets as explicit rows (after the grid's)."
+    )
+    auto: Auto | None = Field(
+        default=None, description="Buckets derived from the engine's limits at start."
     )
     endpoints: list[Endpoint] = Field(
         default=["completions", "chat"],
@@ -81,7 +157,11 @@ class Profile(BaseModel):
         min_length=1,
         description="Streaming modes each round uses; streamed requests give TTFT and TPOT.",
     )
-    seed: int = Field(default=0, description="Seed for the synthetic prompts.")
+    features: Features = Field(
+        default_factory=Features, description="Request features, crossed with some buckets."
+    )
+    prompts: Prompts = Field(default_factory=Prompts, description="Where prompt text comes from.")
+    seed: int = Field(default=0, description="Seed for the prompts.")
     convergence: Rule = Field(
         default_factory=Rule,
         validate_default=True,  # the default metric needs streaming too
@@ -90,17 +170,19 @@ class Profile(BaseModel):
     )
     budget: Budget = Field(default_factory=Budget, description="Limits on the whole warm-up.")
 
-    @field_validator("convergence")
+    @model_validator(mode="before")
     @classmethod
-    def _metric_needs_streaming(cls, rule: Rule, info: ValidationInfo) -> Rule:
-        # `stream` is declared earlier, so it is validated (if valid) by now.
-        stream = info.data.get("stream", [True])
-        if rule.metric in ("tpot", "ttft") and True not in stream:
-            raise ValueError(
-                f"metric {rule.metric!r} is measured on streamed requests, but `stream` has "
-                "no `true`; add it or use metric `e2e`"
-            )
-        return rule
+    def _expand_grid(cls, data: Any) -> Any:
+        # The grid becomes ordinary bucket rows, ahead of the explicit ones.
+        if isinstance(data, dict) and isinstance(data.get("grid"), dict):
+            try:
+                grid = Grid.model_validate(data["grid"])
+            except ValidationError:
+                return data  # reported under `grid` by the field's own validation
+            rows = data.get("buckets", [])
+            if isinstance(rows, list):
+                data = {**data, "buckets": grid.buckets() + rows}
+        return data
 
     @field_validator("buckets")
     @classmethod
@@ -109,7 +191,8 @@ class Profile(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"bucket names must be unique; repeated: {', '.join(dupes)}")
-        return buckets
+        # Highest priority first; rows of equal priority keep their order.
+        return sorted(buckets, key=lambda b: -b.priority)
 
     @field_validator("endpoints", "stream")
     @classmethod
@@ -118,12 +201,138 @@ class Profile(BaseModel):
             raise ValueError(f"a value is listed twice: {values!r}")
         return values
 
+    @field_validator("features")
+    @classmethod
+    def _feature_buckets_exist(cls, features: Features, info: ValidationInfo) -> Features:
+        known = {b.name for b in info.data.get("buckets", [])}
+        unknown = [name for name in features.buckets or [] if name not in known]
+        if unknown and "buckets" in info.data:
+            raise ValueError(f"features.buckets names no such bucket: {', '.join(unknown)}")
+        if "lora" in features.use and not features.lora:
+            raise ValueError("`lora` is used but features.lora names no adapter")
+        return features
+
+    @field_validator("convergence")
+    @classmethod
+    def _metric_needs_streaming(cls, rule: Rule, info: ValidationInfo) -> Rule:
+        stream = info.data.get("stream", [True])
+        if rule.metric in ("tpot", "ttft") and True not in stream:
+            raise ValueError(
+                f"metric {rule.metric!r} is measured on streamed requests, but `stream` has "
+                "no `true`; add it or use metric `e2e`"
+            )
+        return rule
+
+    @model_validator(mode="after")
+    def _has_buckets(self) -> Profile:
+        if not self.buckets and self.auto is None:
+            raise ValueError("no buckets: give `buckets`, a `grid`, or `auto`")
+        return self
+
+    def feature_buckets(self) -> set[str]:
+        """Names of the buckets that every feature is crossed with."""
+        if self.features.buckets is not None:
+            return set(self.features.buckets)
+        return {self.buckets[0].name} if self.buckets else set()
+
+
+# --- what only the engine knows ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """The limits of a started (or configured) engine that a profile depends on."""
+
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    cudagraph_capture_sizes: list[int] = field(default_factory=list)  # empty: no CUDA graphs
+    lora: list[str] = field(default_factory=list)  # adapter names known to the server
+    lora_enabled: bool = False
+
+
+def _doubling(low: int, high: int) -> list[int]:
+    values, v = [], low
+    while v <= high:
+        values.append(v)
+        v *= 2
+    return values
+
+
+def concurrency_classes(shape: EngineShape, limit: int) -> list[int]:
+    """Batch sizes worth warming: on GPU, each CUDA-graph size a batch is padded to (for
+    powers of two up to `limit`); without graphs, the powers of two themselves."""
+    wanted = _doubling(1, min(limit, shape.max_num_seqs))
+    sizes = sorted(s for s in shape.cudagraph_capture_sizes if s <= shape.max_num_seqs)
+    if not sizes:
+        return wanted
+    padded = {next((s for s in sizes if s >= c), c) for c in wanted}
+    return sorted(padded)
+
+
+def auto_buckets(auto: Auto, shape: EngineShape, chat: bool) -> list[Bucket]:
+    """A prompt-length sweep at concurrency 1, a concurrency sweep at the shortest prompt, and
+    one prompt past max_num_batched_tokens (chunked prefill), all within max_model_len."""
+    room = shape.max_model_len - auto.max_tokens - (CHAT_TEMPLATE_ALLOWANCE if chat else 0)
+    prompts = _doubling(auto.min_prompt_tokens, min(auto.max_prompt_tokens, room))
+    limit = auto.max_concurrency or shape.max_num_seqs
+    rows = [(p, 1) for p in prompts]
+    rows += [(auto.min_prompt_tokens, c) for c in concurrency_classes(shape, limit) if c > 1]
+    chunked = shape.max_num_batched_tokens + 16
+    if auto.chunked_prefill and chunked <= room and chunked not in prompts:
+        rows.append((chunked, 1))
+    return [
+        Bucket(name=f"auto-p{p}-c{c}-o{auto.max_tokens}", prompt_tokens=p, concurrency=c,
+               max_tokens=auto.max_tokens)
+        for p, c in rows
+        if p <= room
+    ]  # fmt: skip
+
+
+def for_engine(profile: Profile, shape: EngineShape) -> Profile:
+    """The profile with `auto` resolved and checked against the engine's limits."""
+    chat = "chat" in profile.endpoints
+    buckets = list(profile.buckets)
+    if profile.auto is not None:
+        known = {b.name for b in buckets}
+        buckets += [b for b in auto_buckets(profile.auto, shape, chat) if b.name not in known]
+    problems = []
+    for i, bucket in enumerate(buckets):
+        need = bucket.prompt_tokens + bucket.max_tokens
+        extra = CHAT_TEMPLATE_ALLOWANCE if chat else 0
+        if need + extra > shape.max_model_len:
+            where = f"buckets.{i}" if i < len(profile.buckets) else "auto"
+            problems.append(
+                (
+                    where,
+                    f"{bucket.name}: prompt_tokens + max_tokens = {need}"
+                    + (f" (+{extra} for the chat template)" if extra else "")
+                    + f" exceeds the engine's max_model_len {shape.max_model_len}",
+                )
+            )
+    if "lora" in profile.features.use:
+        if not shape.lora_enabled:
+            problems.append(("features.use", "`lora` needs an engine started with --enable-lora"))
+        missing = [a for a in profile.features.lora if a not in shape.lora]
+        if shape.lora_enabled and missing:
+            problems.append(
+                ("features.lora", f"no such adapter (--lora-modules): {', '.join(missing)}")
+            )
+    if problems:
+        raise ProfileError("the profile does not fit this engine", problems=problems)
+    resolved = profile.model_copy(update={"buckets": sorted(buckets, key=lambda b: -b.priority)})
+    resolved.prompts._texts = profile.prompts.texts
+    return resolved
+
+
+# --- loading --------------------------------------------------------------------------------
+
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     problems = []
     for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "(profile)"
-        message = err["msg"]
+        where = ".".join(str(part) for part in err["loc"]) or "profile"
+        message = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
         # Echo the bad value where it is short enough to read; never a whole mapping.
         if err["type"] != "missing" and not isinstance(value, (dict, list)):
@@ -133,7 +342,7 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
 
 
 def parse_profile(data: Any, *, source: str = "profile") -> Profile:
-    """Validate already-loaded YAML data."""
+    """Validate already-loaded YAML data (with `extends` already merged)."""
     if not isinstance(data, dict):
         raise ProfileError(
             f"{source}: the top level must be a mapping of fields",
@@ -145,18 +354,87 @@ def parse_profile(data: Any, *, source: str = "profile") -> Profile:
         raise ProfileError(f"{source}: invalid profile", problems=_problems(exc)) from None
 
 
-def load_profile(path: Path) -> Profile:
-    """Read and validate a YAML profile file."""
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The file's mapping with its `extends` chain merged underneath it."""
+    real = path.resolve()
+    if real in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, real))
+        raise ProfileError("cyclic extends", problems=[("extends", cycle)])
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(
-            f"cannot read profile {path}", problems=[(str(path), str(exc))]
-        ) from None
+        where = f"{chain[-1]}: extends" if chain else str(path)
+        raise ProfileError(f"cannot read profile {path}", problems=[(where, str(exc))]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ProfileError(
             f"profile {path} is not valid YAML", problems=[(str(path), str(exc))]
         ) from None
-    return parse_profile(data, source=str(path))
+    if not isinstance(data, dict):
+        raise ProfileError(
+            f"{path}: the top level must be a mapping of fields",
+            problems=[(str(path), f"expected a mapping, got {type(data).__name__}")],
+        )
+    # Relative paths inside a profile are relative to its own file.
+    prompts = data.get("prompts")
+    if isinstance(prompts, dict) and isinstance(prompts.get("file"), str):
+        data["prompts"] = {**prompts, "file": str(path.parent / prompts["file"])}
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ProfileError(
+            f"{path}: bad extends", problems=[("extends", f"expected a path, got {parent!r}")]
+        )
+    return _merge(_read(path.parent / parent, (*chain, real)), data)
+
+
+def _load_texts(file: Path) -> list[str]:
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(
+            "cannot read the prompts file", problems=[("prompts.file", str(exc))]
+        ) from None
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if file.suffix != ".jsonl":
+            texts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+            if "prompt" in row:
+                texts.append(str(row["prompt"]))
+            else:
+                texts.append(" ".join(str(m["content"]) for m in row["messages"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProfileError(
+                "bad prompts file",
+                problems=[(f"prompts.file line {n}", f"expected {{prompt}} or {{messages}}: "
+                           f"{type(exc).__name__}: {exc}")],
+            ) from None  # fmt: skip
+    if not texts:
+        raise ProfileError("empty prompts file", problems=[("prompts.file", f"{file}: no text")])
+    return texts
+
+
+def load_profile(path: Path) -> Profile:
+    """Read, merge (`extends`) and validate a YAML profile file."""
+    profile = parse_profile(_read(path, ()), source=str(path))
+    if profile.prompts.file is not None:
+        profile.prompts._texts = _load_texts(profile.prompts.file)
+    return profile

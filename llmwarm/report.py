@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, computed_field
 from rich.table import Table
 
 from llmwarm.convergence import Rule
+from llmwarm.profile import Profile
 
 REPORT_VERSION = 1
 
@@ -70,7 +71,7 @@ class BucketResult(BaseModel):
     stop_reason: StopReason = Field(
         default="running",
         description="Why its rounds ended: `converged`, `max_rounds` or `budget` (the "
-        "warm-up's time budget ran out first).",
+        "warm-up's budget, of time or requests, ran out first).",
     )
 
     @property
@@ -92,6 +93,12 @@ class BucketResult(BaseModel):
         return _median([getattr(r, METRIC_FIELDS[metric]) for r in later])
 
 
+class KindSummary(BaseModel):
+    kind: str
+    cold_e2e_s: float = Field(description="Median end-to-end latency in round 1.")
+    warm_e2e_s: float | None = Field(description="Median end-to-end latency when warm.")
+
+
 class Report(BaseModel):
     """What a warm-up did and measured."""
 
@@ -111,7 +118,7 @@ class Report(BaseModel):
     on_unconverged: Literal["serve", "fail"] = Field(
         description="The policy for buckets that did not converge."
     )
-    budget_exhausted: bool = Field(description="Whether the time budget cut the warm-up short.")
+    budget_exhausted: bool = Field(description="Whether the budget cut the warm-up short.")
     buckets: list[BucketResult]
 
     @computed_field  # type: ignore[prop-decorator]
@@ -119,6 +126,29 @@ class Report(BaseModel):
     def converged(self) -> bool:
         """Every bucket converged."""
         return all(b.converged for b in self.buckets)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def kinds(self) -> list[KindSummary]:
+        """Per request kind (endpoint x streaming x feature): round 1 against the warm rounds."""
+        cold: dict[str, list[float]] = {}
+        warm: dict[str, list[float]] = {}
+        window = self.convergence.window
+        for b in self.buckets:
+            for r in b.rounds[:1]:
+                for sample in r.samples:
+                    cold.setdefault(sample.kind, []).append(sample.e2e_s)
+            for r in b.rounds[1:][-window:]:
+                for sample in r.samples:
+                    warm.setdefault(sample.kind, []).append(sample.e2e_s)
+        return [
+            KindSummary(
+                kind=kind,
+                cold_e2e_s=statistics.median(values),
+                warm_e2e_s=statistics.median(warm[kind]) if kind in warm else None,
+            )
+            for kind, values in cold.items()
+        ]
 
     @property
     def unconverged(self) -> list[str]:
@@ -174,6 +204,49 @@ def table(report: Report) -> Table:
             cells += [_ms(b.first(metric)), _ms(b.warm(metric, window))]
         cells.append(_ratio(b.first("e2e"), b.warm("e2e", window)))
         t.add_row(*cells)
+    return t
+
+
+def plan_table(profile: Profile, source: str) -> Table:
+    """What a profile will send: buckets in run order, request kinds, requests per round."""
+    from llmwarm.corpus import kinds, requests_per_round
+
+    rule = profile.convergence
+    t = Table(title=f"warm-up plan of {source}", title_justify="left")
+    for column in ("bucket", "prompt", "concurrency", "max_tokens", "priority", "kinds",
+                   "requests/round", "tokens/round"):  # fmt: skip
+        t.add_column(column, justify="left" if column in ("bucket", "kinds") else "right")
+    low = high = 0
+    for b in profile.buckets:
+        per_round = requests_per_round(profile, b)
+        low += per_round * max(rule.min_rounds, rule.window)
+        high += per_round * rule.max_rounds
+        names = [k.name for k in kinds(profile, b)]
+        shown = ", ".join(names) if len(names) <= 4 else f"{len(names)}: {', '.join(names[:3])} …"
+        t.add_row(
+            b.name, str(b.prompt_tokens), str(b.concurrency), str(b.max_tokens), str(b.priority),
+            shown, str(per_round), str(per_round * (b.prompt_tokens + b.max_tokens)),
+        )  # fmt: skip
+    if profile.auto is not None:
+        t.add_row("auto", "…", "…", str(profile.auto.max_tokens), "", "resolved against an "
+                  "engine: pass --model", "", "")  # fmt: skip
+    t.caption = (
+        f"{low}–{high} requests ({max(rule.min_rounds, rule.window)}–{rule.max_rounds} rounds a "
+        f"bucket, until {rule.metric} converges); features: {', '.join(profile.features.kinds())}"
+        f" on {', '.join(sorted(profile.feature_buckets())) or '-'}"
+    )
+    return t
+
+
+def kinds_table(report: Report) -> Table:
+    """Cold (round 1) against warm end-to-end latency per request kind, in milliseconds."""
+    t = Table(title="per request kind (all buckets): end-to-end latency", title_justify="left")
+    t.add_column("kind")
+    t.add_column("e2e cold", justify="right")
+    t.add_column("e2e warm", justify="right")
+    t.add_column("cold/warm", justify="right")
+    for k in report.kinds:
+        t.add_row(k.kind, _ms(k.cold_e2e_s), _ms(k.warm_e2e_s), _ratio(k.cold_e2e_s, k.warm_e2e_s))
     return t
 
 

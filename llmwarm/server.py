@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING
 import httpx
 from rich.console import Console
 
-from llmwarm import __version__, corpus, engine, metrics, warmup
+from llmwarm import __version__, engine, metrics, warmup
 from llmwarm.errors import EXIT_INTERRUPTED, Interrupted, Unconverged
 from llmwarm.gate import Gate, Phase
 from llmwarm.metrics import Live, WarmupCollector
+from llmwarm.profile import Profile, for_engine
 from llmwarm.progress import ProgressView
-from llmwarm.report import Report, plot, table, write_json
+from llmwarm.report import Report, kinds_table, plot, table, write_json
 from llmwarm.settings import Settings
 
 if TYPE_CHECKING:
@@ -131,12 +132,12 @@ async def _serve_until_stopped(
 
 async def _warm(
     settings: Settings,
+    profile: Profile,
     gate: Gate,
     live: Live,
     eng: engine.AsyncLLM,
     sock: socket.socket,
 ) -> warmup.Outcome:
-    profile = settings.profile
     view = ProgressView(len(profile.buckets), profile.convergence.metric)
 
     def on_round(p: warmup.Progress) -> None:
@@ -171,11 +172,13 @@ def _publish(report: Report, settings: Settings) -> None:
     if settings.plot_path is not None:
         plot(report, settings.plot_path)
         logger.info("warm-up plot written to %s", settings.plot_path)
-    Console(stderr=True, width=180).print(table(report))
+    console = Console(stderr=True, width=180)
+    console.print(table(report))
+    console.print(kinds_table(report))
     if report.converged:
         return
     unconverged = ", ".join(report.unconverged)
-    why = "the time budget ran out" if report.budget_exhausted else "max_rounds was reached"
+    why = "the warm-up budget ran out" if report.budget_exhausted else "max_rounds was reached"
     if settings.on_unconverged == "fail":
         raise Unconverged(
             f"not warm: {why} before every bucket converged (--on-unconverged fail)",
@@ -220,9 +223,9 @@ async def _warm_and_serve(
     args = settings.vllm_args
     logger.info("engine started in %.1f s; warming up", live.engine_start_s)
     app = await engine.build_app(eng, args, http)
-    corpus.check_fits(settings.profile, engine.max_model_len(eng))
+    profile = for_engine(settings.profile, engine.shape(eng, args))
     gate.warming(app)
-    outcome = await _warm(settings, gate, live, eng, sock)
+    outcome = await _warm(settings, profile, gate, live, eng, sock)
     # Warm-up prompts must leave no state behind that a user could hit.
     reset = await engine.reset_prefix_cache(eng)
     report = Report(
@@ -235,7 +238,7 @@ async def _warm_and_serve(
         warmup_s=live.warmup_s or 0.0,
         requests=outcome.requests,
         prefix_cache_reset=reset,
-        convergence=settings.profile.convergence,
+        convergence=profile.convergence,
         on_unconverged=settings.on_unconverged,
         budget_exhausted=outcome.budget_exhausted,
         buckets=outcome.buckets,

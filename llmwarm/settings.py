@@ -78,6 +78,30 @@ def check_output_path(path: Path | None, option: str) -> None:
         )
 
 
+def apply_capture_sizes(args: Namespace, profile: Profile) -> None:
+    """Hand the profile's concurrency classes to vLLM as its CUDA-graph capture sizes.
+
+    A GPU replica then captures a graph for just the batch sizes its traffic uses: a faster
+    start and less memory, at the price of eager decode (slower) for any batch size larger
+    than the largest class. vLLM pads a batch up to the next captured size, so a size between
+    two classes still runs on a graph.
+    """
+    if args.cudagraph_capture_sizes is not None:
+        raise UsageError(
+            "two sources of CUDA-graph capture sizes",
+            problems=[
+                ("--capture-sizes-from-profile", "conflicts with --cudagraph-capture-sizes"),
+            ],
+        )
+    sizes = {b.concurrency for b in profile.buckets}
+    if profile.auto is not None:
+        from llmwarm.profile import concurrency_classes
+
+        shape = engine.shape_from_args(args)
+        sizes |= set(concurrency_classes(shape, profile.auto.max_concurrency or shape.max_num_seqs))
+    args.cudagraph_capture_sizes = sorted(sizes)
+
+
 def resolve(
     vllm_argv: list[str],
     *,
@@ -85,6 +109,7 @@ def resolve(
     report_path: Path | None,
     plot_path: Path | None,
     on_unconverged: OnUnconverged,
+    capture_sizes_from_profile: bool = False,
     serve: bool,
     prog: str,
 ) -> Settings:
@@ -100,6 +125,8 @@ def resolve(
         )
     args = engine.parse_args(vllm_argv, prog)
     check_model(args.model)
+    if capture_sizes_from_profile:
+        apply_capture_sizes(args, profile)
     if not serve:
         # `warm` serves nobody: its warm-up talks to a private loopback port.
         args.host, args.port, args.uds = "127.0.0.1", 0, None

@@ -131,6 +131,7 @@ async def run(
     """Warm bucket by bucket, round by round, until each converges (or the limits hit)."""
     rule = profile.convergence
     deadline = profile.budget.max_seconds
+    max_requests = profile.budget.max_requests
     start = time.perf_counter()
     results = [
         BucketResult(
@@ -145,7 +146,9 @@ async def run(
     budget_exhausted = False
     for index, (bucket, result) in enumerate(zip(profile.buckets, results, strict=True), 1):
         for round_ in range(1, rule.max_rounds + 1):
-            if deadline is not None and time.perf_counter() - start >= deadline:
+            out_of_time = deadline is not None and time.perf_counter() - start >= deadline
+            out_of_requests = max_requests is not None and sent >= max_requests
+            if out_of_time or out_of_requests:
                 budget_exhausted = True
                 break
             samples: list[Sample] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from pathlib import Path
@@ -99,3 +100,136 @@ def test_port_in_use_fails_before_the_engine_loads(tiny_model: Path) -> None:
     assert f"127.0.0.1:{port} is already in use" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "EngineCore" not in proc.stderr  # refused before any engine started
+
+
+# --- llmwarm profile ... ------------------------------------------------------------------
+
+B = "buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 4}]\n"
+
+MALFORMED = [
+    ("wrong type", "buckets: [{prompt_tokens: many, concurrency: 1, max_tokens: 4}]",
+     "buckets.0.prompt_tokens"),
+    ("zero size", "buckets: [{prompt_tokens: 0, concurrency: 1, max_tokens: 4}]",
+     "buckets.0.prompt_tokens"),
+    ("negative concurrency", "buckets: [{prompt_tokens: 8, concurrency: -1, max_tokens: 4}]",
+     "buckets.0.concurrency"),
+    ("zero output", "buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 0}]",
+     "buckets.0.max_tokens"),
+    ("missing size", "buckets: [{prompt_tokens: 8, concurrency: 1}]", "buckets.0.max_tokens"),
+    ("unknown bucket key", "buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 4, x: 1}]",
+     "buckets.0.x"),
+    ("unknown top key", B + "warmup: fast", "warmup"),
+    ("not a mapping", "- a\n- b", "expected a mapping"),
+    ("empty file", "", "expected a mapping, got NoneType"),
+    ("bad yaml", "buckets: [", "not valid YAML"),
+    ("empty grid list", "grid: {prompt_tokens: [], concurrency: [1], max_tokens: [4]}",
+     "grid.prompt_tokens"),
+    ("no buckets at all", "endpoints: [chat]", "no buckets"),
+    ("duplicate names", "buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 4}, "
+     "{prompt_tokens: 8, concurrency: 1, max_tokens: 4}]", "buckets: bucket names must be unique"),
+    ("unknown endpoint", B + "endpoints: [embeddings]", "endpoints.0"),
+    ("stream not bool", B + "stream: [sometimes]", "stream.0"),
+    ("unknown feature", B + "features: {use: [greedy, telepathy]}", "features.use.1"),
+    ("invalid json schema", B + "features: {use: [json_schema], json_schema: {type: 3}}",
+     "features.json_schema"),
+    ("invalid regex", B + "features: {use: [regex], regex: '(a'}", "features.regex"),
+    ("feature bucket unknown", B + "features: {buckets: [nope]}", "features: features.buckets"),
+    ("lora without adapters", B + "features: {use: [lora]}", "features: `lora` is used"),
+    ("n of one", B + "features: {use: [n], n: 1}", "features.n"),
+    ("window of one", B + "convergence: {window: 1}", "convergence.window"),
+    ("max below min", B + "convergence: {min_rounds: 5, max_rounds: 3}", "convergence: max_rounds"),
+    ("unknown metric", B + "convergence: {metric: p99}", "convergence.metric"),
+    ("tpot without streaming", B + "stream: [false]", "convergence: metric 'tpot'"),
+    ("negative budget", B + "budget: {max_seconds: -5}", "budget.max_seconds"),
+    ("zero request budget", B + "budget: {max_requests: 0}", "budget.max_requests"),
+    ("auto bad", "auto: {max_tokens: 0}", "auto.max_tokens"),
+    ("missing prompts file", B + "prompts: {file: nope.txt}", "prompts.file"),
+    ("seed not int", B + "seed: abc", "seed"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "where"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
+def test_profile_check_rejects_malformed(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, out = invoke("profile", "check", str(path))
+    assert code == 2, out
+    assert where in out
+    assert "Traceback" not in out
+
+
+def test_profile_check_cyclic_extends_and_unreadable(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    code, out = invoke("profile", "check", str(tmp_path / "a.yaml"), str(tmp_path / "none.yaml"))
+    assert code == 2
+    assert "cyclic extends" in out and "none.yaml: cannot read profile" in out
+
+
+def test_profile_check_accepts_the_shipped_profiles() -> None:
+    shipped = sorted((Path(__file__).parent.parent / "llmwarm" / "configs").glob("*.yaml"))
+    code, out = invoke("profile", "check", *map(str, shipped))
+    assert code == 0, out
+    assert out.count("✓") == len(shipped) == 5
+
+
+def test_profile_show_plan() -> None:
+    code, out = invoke("profile", "show", "configs/default.yaml")
+    assert code == 0, out
+    assert "p16-c1-o32" in out and "requests/round" in out
+    assert "features: greedy, sampling" in out
+
+
+def test_profile_show_resolves_auto_against_the_model(tiny_model: Path) -> None:
+    code, out = invoke(
+        "profile", "show", "configs/long-context.yaml", "--model", str(tiny_model),
+        "--max-model-len", "2048", "--gpu-memory-utilization", "0.5",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "auto-p256-c1-o16" in out and "auto-p1024-c1-o16" in out
+
+
+def test_profile_show_names_a_bucket_too_long_for_the_model(tiny_model: Path) -> None:
+    code, out = invoke(
+        "profile", "show", "configs/long-context.yaml", "--model", str(tiny_model),
+        "--max-model-len", "512", "--gpu-memory-utilization", "0.5",
+    )  # fmt: skip
+    assert code == 2
+    assert "• buckets.0: p1024-c2-o16: prompt_tokens + max_tokens = 1040" in out
+
+
+def test_profile_schema_is_json_schema() -> None:
+    code, out = invoke("profile", "schema")
+    schema = json.loads(out)
+    assert code == 0 and schema["title"] == "Profile"
+    assert "convergence" in schema["properties"] and "Features" in schema["$defs"]
+    assert schema["properties"]["seed"]["description"]
+
+
+def test_capture_sizes_from_profile_reach_vllms_engine_args(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from llmwarm.settings import resolve
+
+    settings = resolve(
+        [str(tiny_model)], profile_path=Path("configs/default.yaml"), report_path=None,
+        plot_path=None, on_unconverged="serve", capture_sizes_from_profile=True,
+        serve=True, prog="llmwarm serve",
+    )  # fmt: skip
+    # default.yaml's concurrency classes: 1, 4, 2
+    assert settings.vllm_args.cudagraph_capture_sizes == [1, 2, 4]
+    engine_args = AsyncEngineArgs.from_cli_args(settings.vllm_args)
+    assert engine_args.cudagraph_capture_sizes == [1, 2, 4]
+
+
+def test_capture_sizes_from_profile_conflicts_with_the_vllm_flag(tiny_model: Path) -> None:
+    code, out = invoke(
+        "serve", str(tiny_model), "--capture-sizes-from-profile",
+        "--cudagraph-capture-sizes", "1", "2",
+    )  # fmt: skip
+    assert code == 2
+    assert "--capture-sizes-from-profile: conflicts with --cudagraph-capture-sizes" in out

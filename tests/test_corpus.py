@@ -5,7 +5,6 @@ from collections.abc import Sequence
 import pytest
 
 from llmwarm import corpus
-from llmwarm.errors import ProfileError
 from llmwarm.profile import Profile, parse_profile
 
 
@@ -99,21 +98,54 @@ def test_seed_changes_prompts() -> None:
     assert first != second
 
 
-def test_check_fits_names_the_bucket() -> None:
-    corpus.check_fits(PROFILE, 40 + 7 + corpus.CHAT_TEMPLATE_ALLOWANCE)
-    with pytest.raises(ProfileError) as info:
-        corpus.check_fits(PROFILE, 100)
-    assert info.value.problems == [
-        (
-            "buckets.1",
-            "prompt_tokens + max_tokens = 47 (+64 for the chat template) exceeds the "
-            "engine's max_model_len 100",
-        )
-    ]
+def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
+    profile = parse_profile(
+        {
+            "buckets": [
+                {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4},
+                {"prompt_tokens": 16, "concurrency": 2, "max_tokens": 4},
+            ],
+            "features": {"use": ["greedy", "logprobs", "prompt_logprobs", "choice"]},
+        }
+    )
+    first, second = profile.buckets
+    assert [k.name for k in corpus.kinds(profile, second)] == [
+        "completions-stream", "completions", "chat-stream", "chat",
+    ]  # fmt: skip
+    names = [k.name for k in corpus.kinds(profile, first)]
+    assert names[:4] == ["completions-stream", "completions", "chat-stream", "chat"]
+    assert "completions+logprobs" in names and "chat-stream+logprobs" in names
+    # vLLM refuses prompt_logprobs on a stream
+    assert "completions+prompt_logprobs" in names
+    assert "completions-stream+prompt_logprobs" not in names
+    assert len(names) == 4 + 4 + 2 + 4
+    assert corpus.requests_per_round(profile, first) == 14
+    assert corpus.requests_per_round(profile, second) == 8
 
 
-def test_check_fits_without_chat_needs_no_allowance() -> None:
-    completions_only = PROFILE.model_copy(update={"endpoints": ["completions"]})
-    corpus.check_fits(completions_only, 47)
-    with pytest.raises(ProfileError):
-        corpus.check_fits(completions_only, 46)
+def test_feature_bodies_reach_the_requests() -> None:
+    profile = parse_profile(
+        {
+            "buckets": [{"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}],
+            "features": {"use": ["logprobs", "choice"]},
+        }
+    )
+    batches = corpus.round_batches(profile, profile.buckets[0], 1, WordTokenizer(), "m")
+    bodies = {b.kind: b.requests[0].body for b in batches}
+    assert bodies["completions+logprobs"]["logprobs"] == 5
+    assert bodies["chat+logprobs"]["top_logprobs"] == 5
+    assert bodies["chat+logprobs"]["ignore_eos"] is True
+    choice = bodies["chat-stream+choice"]
+    assert choice["structured_outputs"] == {"choice": ["yes", "no", "maybe"]}
+    # a constrained output ends when the constraint is met: EOS must not be ignored
+    assert "ignore_eos" not in choice
+
+
+def test_prompts_from_a_pool_have_exact_token_counts() -> None:
+    pool = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota"]
+    rng = corpus._rng(1)
+    tokenizer = WordTokenizer()
+    for n in (1, 5, 40):
+        text = corpus.make_prompt(tokenizer, n, rng, pool)
+        assert len(tokenizer.encode(text)) == n
+        assert text.split()[0] in " ".join(pool)

@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 from llmwarm.errors import ProfileError
-from llmwarm.profile import load_profile, parse_profile
+from llmwarm.profile import (
+    EngineShape,
+    concurrency_classes,
+    for_engine,
+    load_profile,
+    parse_profile,
+)
 
 CONFIGS = Path(__file__).parent.parent / "llmwarm" / "configs"
 
@@ -40,8 +46,8 @@ BUCKET = {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}
     ("data", "where", "says"),
     [
         ([1, 2], "profile", "expected a mapping"),
-        ({}, "buckets", "Field required"),
-        ({"buckets": []}, "buckets", "at least 1"),
+        ({}, "profile", "no buckets: give `buckets`, a `grid`, or `auto`"),
+        ({"buckets": []}, "profile", "no buckets"),
         (
             {"buckets": [{**BUCKET, "prompt_tokens": 0}]},
             "buckets.0.prompt_tokens",
@@ -104,3 +110,136 @@ def test_empty_file(tmp_path: Path) -> None:
     with pytest.raises(ProfileError) as info:
         load_profile(path)
     assert "expected a mapping, got NoneType" in info.value.problems[0][1]
+
+
+# --- grid, priority, extends, prompts -------------------------------------------------------
+
+
+def test_grid_is_cartesian_and_comes_before_rows_then_priority_orders() -> None:
+    profile = parse_profile(
+        {
+            "grid": {"prompt_tokens": [8, 16], "concurrency": [1, 2], "max_tokens": [4]},
+            "buckets": [{**BUCKET, "name": "vip", "priority": 5}],
+        }
+    )
+    assert [b.name for b in profile.buckets] == [
+        "vip", "p8-c1-o4", "p8-c2-o4", "p16-c1-o4", "p16-c2-o4",
+    ]  # fmt: skip
+    assert profile.feature_buckets() == {"vip"}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_extends_merges_mappings_and_replaces_the_rest(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "base.yaml",
+        "buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 4}]\n"
+        "convergence: {window: 4, max_rounds: 20}\nendpoints: [completions, chat]\n",
+    )
+    (tmp_path / "sub").mkdir()
+    child = _write(
+        tmp_path / "sub" / "child.yaml",
+        "extends: ../base.yaml\nconvergence: {window: 2}\nendpoints: [chat]\n",
+    )
+    profile = load_profile(child)
+    assert profile.convergence.window == 2 and profile.convergence.max_rounds == 20
+    assert profile.endpoints == ["chat"]
+    assert profile.buckets[0].name == "p8-c1-o4"
+
+
+def test_cyclic_extends(tmp_path: Path) -> None:
+    _write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    _write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(ProfileError) as info:
+        load_profile(tmp_path / "a.yaml")
+    assert info.value.message == "cyclic extends"
+    assert "a.yaml -> " in info.value.problems[0][1]
+
+
+def test_missing_parent(tmp_path: Path) -> None:
+    child = _write(tmp_path / "c.yaml", "extends: nowhere.yaml\n")
+    with pytest.raises(ProfileError) as info:
+        load_profile(child)
+    assert info.value.problems[0][0].endswith("c.yaml: extends")
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("p.txt", "the first prompt\n\nthe second one\n"),
+        ("p.jsonl", '{"prompt": "the first prompt"}\n{"messages": [{"role": "user", '
+                    '"content": "the second one"}]}\n'),
+    ],
+)  # fmt: skip
+def test_prompts_file(tmp_path: Path, name: str, text: str) -> None:
+    _write(tmp_path / name, text)
+    profile = _write(
+        tmp_path / "p.yaml",
+        "buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 4}]\n"
+        f"prompts: {{file: {name}}}\n",
+    )
+    assert load_profile(profile).prompts.texts == ["the first prompt", "the second one"]
+
+
+# --- against an engine ------------------------------------------------------------------------
+
+SHAPE = EngineShape(max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=512)
+
+
+def test_for_engine_names_buckets_that_do_not_fit() -> None:
+    profile = parse_profile({"buckets": [BUCKET, {**BUCKET, "prompt_tokens": 1000}]})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, SHAPE)
+    assert info.value.problems == [
+        (
+            "buckets.1",
+            "p1000-c1-o4: prompt_tokens + max_tokens = 1004 (+64 for the chat template) "
+            "exceeds the engine's max_model_len 1024",
+        )
+    ]
+
+
+def test_lora_needs_lora_enabled_and_known_adapters() -> None:
+    profile = parse_profile(
+        {"buckets": [BUCKET], "features": {"use": ["lora"], "lora": ["sql", "chat"]}}
+    )
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, SHAPE)
+    assert info.value.problems == [
+        ("features.use", "`lora` needs an engine started with --enable-lora")
+    ]
+    shape = EngineShape(**{**SHAPE.__dict__, "lora_enabled": True, "lora": ["sql"]})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, shape)
+    assert info.value.problems == [("features.lora", "no such adapter (--lora-modules): chat")]
+    shape = EngineShape(**{**SHAPE.__dict__, "lora_enabled": True, "lora": ["sql", "chat"]})
+    assert for_engine(profile, shape).features.kinds() == ["lora:sql", "lora:chat"]
+
+
+def test_auto_buckets_without_cuda_graphs() -> None:
+    profile = parse_profile({"auto": {"max_tokens": 16, "max_prompt_tokens": 4096}})
+    resolved = for_engine(profile, SHAPE)
+    names = [b.name for b in resolved.buckets]
+    # prompts doubling up to max_model_len - output - chat allowance (1024 - 16 - 64 = 944)
+    assert names[:6] == [f"auto-p{p}-c1-o16" for p in (16, 32, 64, 128, 256, 512)]
+    # concurrency classes: powers of two up to max_num_seqs
+    assert [b.concurrency for b in resolved.buckets if b.prompt_tokens == 16] == [
+        1, 2, 4, 8, 16, 32, 64,
+    ]  # fmt: skip
+    # a prompt past max_num_batched_tokens: chunked prefill
+    assert "auto-p528-c1-o16" in names
+    assert all(b.prompt_tokens + b.max_tokens + 64 <= 1024 for b in resolved.buckets)
+
+
+def test_concurrency_classes_follow_cuda_graph_padding() -> None:
+    shape = EngineShape(
+        max_model_len=4096, max_num_seqs=48, max_num_batched_tokens=2048,
+        cudagraph_capture_sizes=[1, 2, 4, 8, 16, 24, 32, 40, 48, 56],
+    )  # fmt: skip
+    # 1..32 doubling, each mapped to the graph a batch of that size is padded to
+    assert concurrency_classes(shape, 48) == [1, 2, 4, 8, 16, 32]
+    odd = EngineShape(**{**shape.__dict__, "cudagraph_capture_sizes": [1, 3, 6, 12, 48]})
+    assert concurrency_classes(odd, 48) == [1, 3, 6, 12, 48]

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from llmwarm.features import DEFAULT_SCHEMA, Features, body
+
+
+@pytest.mark.parametrize(
+    ("feature", "endpoint", "expected"),
+    [
+        ("greedy", "chat", {}),
+        ("sampling", "completions",
+         {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "min_p": 0.05, "seed": 1234}),
+        ("penalties", "chat",
+         {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1}),
+        ("logprobs", "completions", {"logprobs": 5}),
+        ("logprobs", "chat", {"logprobs": True, "top_logprobs": 5}),
+        ("prompt_logprobs", "chat", {"prompt_logprobs": 1}),
+        ("n", "completions", {"n": 2, "temperature": 0.8, "seed": 1234}),
+        ("stop", "chat", {"stop": ["\n\n", "."]}),
+        ("json_object", "completions", {"response_format": {"type": "json_object"}}),
+        ("json_schema", "chat", {"response_format": {
+            "type": "json_schema", "json_schema": {"name": "llmwarm", "schema": DEFAULT_SCHEMA}}}),
+        ("choice", "chat", {"structured_outputs": {"choice": ["yes", "no", "maybe"]}}),
+        ("lora:sql", "chat", {"model": "sql"}),
+    ],
+)  # fmt: skip
+def test_bodies(feature: str, endpoint: str, expected: dict[str, object]) -> None:
+    assert body(feature, endpoint, Features()) == expected
+
+
+def test_regex_and_grammar_use_the_configured_text() -> None:
+    features = Features(regex="[0-9]+", grammar='root ::= "a"')
+    assert body("regex", "chat", features) == {"structured_outputs": {"regex": "[0-9]+"}}
+    assert body("grammar", "chat", features) == {"structured_outputs": {"grammar": 'root ::= "a"'}}
+
+
+def test_lora_expands_to_one_kind_per_adapter() -> None:
+    features = Features(use=["greedy", "lora", "logprobs"], lora=["a", "b"])
+    assert features.kinds() == ["greedy", "lora:a", "lora:b", "logprobs"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"json_schema": {"type": "objekt"}}, "not a valid JSON Schema"),
+        ({"regex": "(unclosed"}, "not a valid regular expression"),
+        ({"use": ["beam_search"]}, "'beam_search'"),
+        ({"n": 1}, "greater than or equal to 2"),
+        ({"choice": ["only"]}, "at least 2"),
+    ],
+)
+def test_bad_features(fields: dict[str, object], says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        Features.model_validate(fields)
+
+
+def test_unknown_feature_body() -> None:
+    with pytest.raises(ValueError, match="unknown feature"):
+        body("telepathy", "chat", Features())
