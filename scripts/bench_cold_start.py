@@ -11,6 +11,7 @@ the moment it is ready, send each probe request kind once (first) and again `--r
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -26,10 +27,12 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from llmwarm import features
+from llmwarm.features import Features
+
 ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
 
-# name -> (path, body); every probe asks for a fixed output length.
-PROBES: dict[str, tuple[str, dict[str, Any]]] = {
+BASE: dict[str, tuple[str, dict[str, Any]]] = {
     "completion": ("/v1/completions", {"prompt": "the model serves", "max_tokens": 16}),
     "completion-stream": (
         "/v1/completions",
@@ -40,8 +43,22 @@ PROBES: dict[str, tuple[str, dict[str, Any]]] = {
     "chat-stream": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                              "max_tokens": 16, "stream": True}),
     "long-prompt": ("/v1/completions", {"prompt": "alpha beta gamma " * 150, "max_tokens": 16}),
-    "logprobs": ("/v1/completions", {"prompt": "the model", "max_tokens": 16, "logprobs": 3}),
 }  # fmt: skip
+# Request features, with the very bodies llmwarm's warm-up sends for them.
+FEATURES = ["sampling", "penalties", "logprobs", "prompt_logprobs", "n", "stop",
+            "json_schema", "json_object", "regex", "choice"]  # fmt: skip
+PROBES = {
+    **BASE,
+    **{
+        f"chat+{name}": (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+             **features.body(name, "chat", Features())},
+        )
+        for name in FEATURES
+    },
+}  # fmt: skip
+NONCE = itertools.count()
 
 
 def free_port() -> int:
@@ -60,8 +77,18 @@ def command(server: str, model: str, port: int, extra: list[str]) -> tuple[list[
 
 
 def probe(client: httpx.Client, path: str, body: dict[str, Any]) -> float:
+    payload: dict[str, Any] = {"model": "m", "temperature": 0.0, **body}
+    if "structured_outputs" not in body and "response_format" not in body:
+        payload["ignore_eos"] = True
+    # A fresh first word each time, so no request is served from the prefix cache.
+    nonce = f"n{next(NONCE)} "
+    if "prompt" in payload:
+        payload["prompt"] = nonce + payload["prompt"]
+    else:
+        payload["messages"] = [
+            {"role": "user", "content": nonce + payload["messages"][0]["content"]}
+        ]
     start = time.perf_counter()
-    payload = {"model": "m", "ignore_eos": True, "temperature": 0.0, **body}
     with client.stream("POST", path, json=payload) as resp:
         resp.read()
         resp.raise_for_status()
@@ -102,27 +129,36 @@ def one(server: str, model: str, repeats: int, extra: list[str], log: Path) -> d
 
 
 def summarise(results: list[dict[str, Any]]) -> Table:
-    table = Table(title="time to ready, and first vs steady latency the moment it was ready")
-    table.add_column("server")
-    table.add_column("ready s", justify="right")
+    """Medians over the runs: time to ready, and first/steady latency per request kind."""
+    servers = ("vllm", "llmwarm")
+    runs = {server: [r for r in results if r["server"] == server] for server in servers}
+    table = Table(title="first request vs steady (median of repeats), the moment it was ready")
+    table.add_column("request kind")
+    for server in servers:
+        table.add_column(f"{server}\nfirst ms", justify="right")
+        table.add_column(f"{server}\nfirst/steady", justify="right")
+    ratios: dict[str, list[float]] = {server: [] for server in servers}
     for name in PROBES:
-        table.add_column(f"{name}\nfirst/steady", justify="right")
-    table.add_column("worst", justify="right")
-    table.add_column("geomean", justify="right")
-    for server in ("vllm", "llmwarm"):
-        runs = [r for r in results if r["server"] == server]
-        ratios = {
-            name: statistics.median(r["kinds"][name]["first_s"] / r["kinds"][name]["steady_s"]
-                                    for r in runs)
-            for name in PROBES
-        }  # fmt: skip
-        table.add_row(
-            server,
-            f"{statistics.median(r['ready_s'] for r in runs):.1f}",
-            *(f"{ratios[n]:.2f}x" for n in PROBES),
-            f"{max(ratios.values()):.2f}x",
-            f"{statistics.geometric_mean(ratios.values()):.2f}x",
-        )
+        cells = [name]
+        for server in servers:
+            first = statistics.median(r["kinds"][name]["first_s"] for r in runs[server])
+            ratio = statistics.median(
+                r["kinds"][name]["first_s"] / r["kinds"][name]["steady_s"] for r in runs[server]
+            )
+            ratios[server].append(ratio)
+            cells += [f"{first * 1000:.0f}", f"{ratio:.2f}x"]
+        table.add_row(*cells)
+    table.add_section()
+    for label, fn in (("worst", max), ("geomean", statistics.geometric_mean)):
+        cells = [label]
+        for server in servers:
+            cells += ["", f"{fn(ratios[server]):.2f}x"]
+        table.add_row(*cells)
+    table.add_row(
+        "time to ready s",
+        *(c for server in servers
+          for c in (f"{statistics.median(r['ready_s'] for r in runs[server]):.1f}", "")),
+    )  # fmt: skip
     return table
 
 
