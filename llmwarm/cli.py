@@ -257,6 +257,45 @@ def profile_show(
     Console(width=200).print(plan_table(profile, str(file)))
 
 
+@profile_app.command("from-log")
+def profile_from_log(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="OpenAI request bodies (JSONL) and/or vLLM request log lines "
+            "(--enable-log-requests; --log-level DEBUG adds prompt lengths).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    coverage: Annotated[
+        float,
+        typer.Option(min=0.01, max=1.0, help="Share of the requests the buckets must cover."),
+    ] = 0.99,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the profile here instead of stdout.", dir_okay=False)
+    ] = None,
+) -> None:
+    """Build a profile from real traffic: buckets and features that cover its requests."""
+    import yaml
+
+    from llmwarm.fromlog import build
+    from llmwarm.profile import parse_profile
+
+    try:
+        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+        data, comment = build(lines, coverage, str(file))
+        parse_profile(data, source="the built profile")  # what we print must load
+    except LlmwarmError as exc:
+        _fail(exc)
+    text = comment + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        err.print(comment, highlight=False, markup=False)
+
+
 @profile_app.command("schema")
 def profile_schema() -> None:
     """Print the JSON Schema of the profile format (for editors)."""

@@ -64,7 +64,7 @@ class Batch:
     requests: tuple[WarmRequest, ...]
 
 
-def _rng(*parts: object) -> random.Random:
+def seeded_rng(*parts: object) -> random.Random:
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
@@ -116,6 +116,7 @@ def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
         for endpoint in profile.endpoints
         for stream in profile.stream
         if not (stream and feature in features.NOT_STREAMED)
+        and not (endpoint != "chat" and feature in features.CHAT_ONLY)
     ]
 
 
@@ -143,7 +144,7 @@ def round_batches(
     for kind in kinds(profile, bucket):
         requests = []
         for i in range(bucket.concurrency):
-            rng = _rng(profile.seed, bucket.name, round_, kind.name, i)
+            rng = seeded_rng(profile.seed, bucket.name, round_, kind.name, i)
             prompt = make_prompt(tokenizer, bucket.prompt_tokens, rng, profile.prompts.texts)
             requests.append(
                 WarmRequest(

@@ -221,12 +221,21 @@ def _shape(config: Any, args: Namespace) -> EngineShape:
         cudagraph_capture_sizes=sorted(compilation.cudagraph_capture_sizes or []),
         lora=[module.name for module in args.lora_modules or []],
         lora_enabled=config.lora_config is not None,
+        kv_blocks=config.cache_config.num_gpu_blocks,
+        block_size=config.cache_config.block_size,
     )
 
 
 def shape(engine: AsyncLLM, args: Namespace) -> EngineShape:
     """The running engine's limits that a profile depends on."""
-    return _shape(engine.vllm_config, args)
+    from dataclasses import replace
+
+    from vllm.renderers.chat_utils import load_chat_template
+
+    template = load_chat_template(args.chat_template) if args.chat_template else None
+    template = template or getattr(engine.tokenizer, "chat_template", None)
+    takes_tools = isinstance(template, str) and "tools" in template
+    return replace(_shape(engine.vllm_config, args), chat_template_tools=takes_tools)
 
 
 def shape_from_args(args: Namespace) -> EngineShape:

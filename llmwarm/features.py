@@ -26,12 +26,29 @@ FeatureName = Literal[
     "grammar",
     "n",
     "stop",
+    "tools",
     "lora",
 ]
 
 # Features whose output is constrained: the request ends when the constraint is met, so
 # `ignore_eos` must not force it on.
-STRUCTURED = {"json_schema", "json_object", "regex", "choice", "grammar"}
+STRUCTURED = {"json_schema", "json_object", "regex", "choice", "grammar", "tools"}
+
+# Features only the chat endpoint has.
+CHAT_ONLY = {"tools"}
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
 
 # vLLM refuses these with stream=True.
 NOT_STREAMED = {"prompt_logprobs"}
@@ -59,8 +76,9 @@ class Features(BaseModel):
         description="Features to send, each as its own request kind: greedy (temperature 0), "
         "sampling (temperature/top_p/top_k/min_p/seed), penalties (presence/frequency/"
         "repetition), logprobs, prompt_logprobs, json_schema, json_object, regex, choice, "
-        "grammar (structured output), n (several choices), stop (stop strings), lora (each "
-        "adapter in `lora`).",
+        "grammar (structured output), n (several choices), stop (stop strings), tools (a "
+        "named tool call, chat only; the chat template must take tools), lora (each adapter "
+        "in `lora`).",
     )
     buckets: list[str] | None = Field(
         default=None,
@@ -157,6 +175,13 @@ def body(feature: str, endpoint: str, features: Features) -> dict[str, Any]:
             }
         case "json_object":
             return {"response_format": {"type": "json_object"}}
+        case "tools":
+            # A named tool choice: vLLM constrains the arguments to the tool's schema, with
+            # no tool-call parser needed.
+            return {
+                "tools": [TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            }
         case "regex":
             structured = {"regex": features.regex}
         case "choice":

@@ -117,6 +117,25 @@ class Budget(BaseModel):
     )
 
 
+class KvFill(BaseModel):
+    """Drive a share of the engine's KV-cache blocks through prefill once, before the buckets,
+    so no block is touched for the first time by a user (page faults on CPU; allocator and
+    eviction paths everywhere)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    share: float = Field(
+        gt=0, le=1, description="Share of the engine's KV-cache blocks to prefill once."
+    )
+    prompt_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Prompt length of the fill requests (default: max_model_len - 8, at most "
+        "4096).",
+    )
+    concurrency: int = Field(default=8, gt=0, le=1024, description="Fill requests at once.")
+
+
 class Prompts(BaseModel):
     """Where prompt text comes from; lengths always follow the buckets."""
 
@@ -169,6 +188,9 @@ class Profile(BaseModel):
         "(or max_rounds). Round 1 is the cold one.",
     )
     budget: Budget = Field(default_factory=Budget, description="Limits on the whole warm-up.")
+    kv_fill: KvFill | None = Field(
+        default=None, description="Prefill a share of the KV cache once (default: off)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -249,6 +271,9 @@ class EngineShape:
     cudagraph_capture_sizes: list[int] = field(default_factory=list)  # empty: no CUDA graphs
     lora: list[str] = field(default_factory=list)  # adapter names known to the server
     lora_enabled: bool = False
+    chat_template_tools: bool = True  # False when the chat template is known to ignore tools
+    kv_blocks: int | None = None  # known once the engine has profiled its memory
+    block_size: int | None = None
 
 
 def _doubling(low: int, high: int) -> list[int]:
@@ -309,6 +334,13 @@ def for_engine(profile: Profile, shape: EngineShape) -> Profile:
                     + (f" (+{extra} for the chat template)" if extra else "")
                     + f" exceeds the engine's max_model_len {shape.max_model_len}",
                 )
+            )
+    if "tools" in profile.features.use:
+        if "chat" not in profile.endpoints:
+            problems.append(("features.use", "`tools` needs the chat endpoint in `endpoints`"))
+        if not shape.chat_template_tools:
+            problems.append(
+                ("features.use", "`tools`: this model's chat template does not take tools")
             )
     if "lora" in profile.features.use:
         if not shape.lora_enabled:

@@ -93,6 +93,21 @@ class BucketResult(BaseModel):
         return _median([getattr(r, METRIC_FIELDS[metric]) for r in later])
 
 
+class KvFillResult(BaseModel):
+    """What the KV-cache fill phase reached."""
+
+    blocks: int = Field(description="KV-cache blocks the engine has.")
+    block_size: int = Field(description="Tokens per block.")
+    target_blocks: int = Field(description="Blocks the profile asked to prefill once.")
+    blocks_reached: int = Field(
+        description="Blocks prefilled, counted from the prompt tokens the server reported "
+        "(distinct prompts; full blocks only)."
+    )
+    tokens_prefilled: int
+    requests: int
+    seconds: float
+
+
 class KindSummary(BaseModel):
     kind: str
     cold_e2e_s: float = Field(description="Median end-to-end latency in round 1.")
@@ -119,6 +134,9 @@ class Report(BaseModel):
         description="The policy for buckets that did not converge."
     )
     budget_exhausted: bool = Field(description="Whether the budget cut the warm-up short.")
+    kv_fill: KvFillResult | None = Field(
+        default=None, description="The KV-cache fill phase, when the profile asks for one."
+    )
     buckets: list[BucketResult]
 
     @computed_field  # type: ignore[prop-decorator]

@@ -32,9 +32,9 @@ from llmwarm import __version__, engine, metrics, warmup
 from llmwarm.errors import EXIT_INTERRUPTED, Interrupted, Unconverged
 from llmwarm.gate import Gate, Phase
 from llmwarm.metrics import Live, WarmupCollector
-from llmwarm.profile import Profile, for_engine
+from llmwarm.profile import EngineShape, Profile, for_engine
 from llmwarm.progress import ProgressView
-from llmwarm.report import Report, kinds_table, plot, table, write_json
+from llmwarm.report import KvFillResult, Report, kinds_table, plot, table, write_json
 from llmwarm.settings import Settings
 
 if TYPE_CHECKING:
@@ -133,11 +133,12 @@ async def _serve_until_stopped(
 async def _warm(
     settings: Settings,
     profile: Profile,
+    shape: EngineShape,
     gate: Gate,
     live: Live,
     eng: engine.AsyncLLM,
     sock: socket.socket,
-) -> warmup.Outcome:
+) -> tuple[warmup.Outcome, KvFillResult | None]:
     view = ProgressView(len(profile.buckets), profile.convergence.metric)
 
     def on_round(p: warmup.Progress) -> None:
@@ -154,14 +155,26 @@ async def _warm(
         )
         view.update(p)
 
+    def on_fill(blocks: int, target: int) -> None:
+        gate.progress({"kv_fill": {"blocks": blocks, "target": target}})
+
     live.warmup_started = time.perf_counter()
-    with view:
-        async with _warmup_client(sock, settings.vllm_args, gate) as client:
+    tokenizer = engine.tokenizer(eng)
+    async with _warmup_client(sock, settings.vllm_args, gate) as client:
+        kv = await warmup.fill_kv(
+            client, profile, shape, tokenizer, settings.model, on_batch=on_fill
+        )
+        if kv is not None:
+            logger.info(
+                "KV-cache fill: %d of %d blocks prefilled once (%d requests, %.1f s)",
+                kv.blocks_reached, kv.blocks, kv.requests, kv.seconds,
+            )  # fmt: skip
+        with view:
             outcome = await warmup.run(
-                client, profile, engine.tokenizer(eng), settings.model, on_round=on_round
+                client, profile, tokenizer, settings.model, on_round=on_round
             )
     live.warmup_s = time.perf_counter() - live.warmup_started
-    return outcome
+    return outcome, kv
 
 
 def _publish(report: Report, settings: Settings) -> None:
@@ -223,9 +236,10 @@ async def _warm_and_serve(
     args = settings.vllm_args
     logger.info("engine started in %.1f s; warming up", live.engine_start_s)
     app = await engine.build_app(eng, args, http)
-    profile = for_engine(settings.profile, engine.shape(eng, args))
+    shape = engine.shape(eng, args)
+    profile = for_engine(settings.profile, shape)
     gate.warming(app)
-    outcome = await _warm(settings, profile, gate, live, eng, sock)
+    outcome, kv = await _warm(settings, profile, shape, gate, live, eng, sock)
     # Warm-up prompts must leave no state behind that a user could hit.
     reset = await engine.reset_prefix_cache(eng)
     report = Report(
@@ -241,6 +255,7 @@ async def _warm_and_serve(
         convergence=profile.convergence,
         on_unconverged=settings.on_unconverged,
         budget_exhausted=outcome.budget_exhausted,
+        kv_fill=kv,
         buckets=outcome.buckets,
     )
     _publish(report, settings)

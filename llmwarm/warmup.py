@@ -15,8 +15,8 @@ import httpx
 from llmwarm import convergence, corpus
 from llmwarm.corpus import WarmRequest
 from llmwarm.errors import WarmupError
-from llmwarm.profile import Profile
-from llmwarm.report import BucketResult, RoundResult, Sample
+from llmwarm.profile import Bucket, EngineShape, Profile
+from llmwarm.report import BucketResult, KvFillResult, RoundResult, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +169,53 @@ async def run(
             "converged" if result.converged else "budget" if budget_exhausted else "max_rounds"
         )
     return Outcome(buckets=results, requests=sent, budget_exhausted=budget_exhausted)
+
+
+async def fill_kv(
+    client: httpx.AsyncClient,
+    profile: Profile,
+    shape: EngineShape,
+    tokenizer: corpus.Tokenizer,
+    model: str,
+    *,
+    on_batch: Callable[[int, int], None] = lambda done, target: None,
+) -> KvFillResult | None:
+    """Prefill `kv_fill.share` of the KV-cache blocks once, with distinct long prompts.
+
+    Distinct prompts share no prefix, and the prefix cache keeps finished requests' blocks
+    until the cache is reset, so every new request lands on blocks not used before.
+    """
+    fill = profile.kv_fill
+    if fill is None or not shape.kv_blocks or not shape.block_size:
+        return None
+    length = fill.prompt_tokens or min(shape.max_model_len - 8, 4096)
+    target = int(fill.share * shape.kv_blocks)
+    need_tokens = target * shape.block_size
+    width = min(fill.concurrency, shape.max_num_seqs)
+    bucket = Bucket(prompt_tokens=length, concurrency=width, max_tokens=1, name="kv-fill")
+    start = time.perf_counter()
+    prefilled = sent = 0
+    while prefilled < need_tokens:
+        requests = [
+            corpus.WarmRequest(
+                bucket=bucket.name, round=1, kind="completions", path="/v1/completions",
+                stream=False,
+                body={"model": model, "max_tokens": 1, "temperature": 0.0,
+                      "prompt": corpus.make_prompt(
+                          tokenizer, length, corpus.seeded_rng(profile.seed, "kv", sent + i))},
+            )
+            for i in range(width)
+        ]  # fmt: skip
+        samples = await asyncio.gather(*(measure(client, r) for r in requests))
+        sent += len(samples)
+        prefilled += sum(s.prompt_tokens or length for s in samples)
+        on_batch(min(target, prefilled // shape.block_size), target)
+    return KvFillResult(
+        blocks=shape.kv_blocks,
+        block_size=shape.block_size,
+        target_blocks=target,
+        blocks_reached=min(shape.kv_blocks, prefilled // shape.block_size),
+        tokens_prefilled=prefilled,
+        requests=sent,
+        seconds=time.perf_counter() - start,
+    )

@@ -143,9 +143,21 @@ def test_feature_bodies_reach_the_requests() -> None:
 
 def test_prompts_from_a_pool_have_exact_token_counts() -> None:
     pool = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota"]
-    rng = corpus._rng(1)
+    rng = corpus.seeded_rng(1)
     tokenizer = WordTokenizer()
     for n in (1, 5, 40):
         text = corpus.make_prompt(tokenizer, n, rng, pool)
         assert len(tokenizer.encode(text)) == n
         assert text.split()[0] in " ".join(pool)
+
+
+def test_tools_go_to_chat_only_and_end_with_their_call() -> None:
+    profile = parse_profile(
+        {
+            "buckets": [{"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}],
+            "features": {"use": ["tools"]},
+        }
+    )
+    batches = corpus.round_batches(profile, profile.buckets[0], 1, WordTokenizer(), "m")
+    assert [b.kind for b in batches] == ["chat-stream+tools", "chat+tools"]
+    assert "ignore_eos" not in batches[0].requests[0].body

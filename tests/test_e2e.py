@@ -111,9 +111,12 @@ def test_503_with_retry_after_until_warm(served: Served) -> None:
     assert {"/ready", "/health", "/v1/models", "/v1/completions"} <= paths
     warming = [body for *_, body in seen if body["status"] == "warming"]
     for body in warming:
-        if "progress" in body:  # from the end of the first round on
-            assert 1 <= body["progress"]["bucket"] <= body["progress"]["buckets"] == 2
-            assert body["progress"]["round"] >= 1
+        progress = body.get("progress", {})  # from the end of the first batch on
+        if "kv_fill" in progress:
+            assert 0 <= progress["kv_fill"]["blocks"] <= progress["kv_fill"]["target"]
+        elif progress:
+            assert 1 <= progress["bucket"] <= progress["buckets"] == 2
+            assert progress["round"] >= 1
 
 
 def test_ready_reports_the_warmup(served: Served) -> None:
@@ -129,6 +132,10 @@ def test_report_file(served: Served) -> None:
     report = json.loads(served.report.read_text())
     assert report["version"] == 1 and report["model"] == "tiny"
     assert report["prefix_cache_reset"] is True
+    # minimal.yaml prefills 1 % of the engine's KV-cache blocks once, before the buckets
+    kv = report["kv_fill"]
+    assert kv["blocks"] > 0 and kv["target_blocks"] == int(0.01 * kv["blocks"])
+    assert kv["blocks_reached"] >= kv["target_blocks"]
     assert [b["name"] for b in report["buckets"]] == ["p16-c1-o8", "p64-c2-o8"]
     sent = 0
     for bucket in report["buckets"]:

@@ -59,3 +59,9 @@ def test_bad_features(fields: dict[str, object], says: str) -> None:
 def test_unknown_feature_body() -> None:
     with pytest.raises(ValueError, match="unknown feature"):
         body("telepathy", "chat", Features())
+
+
+def test_tools_is_a_named_tool_call() -> None:
+    fields = body("tools", "chat", Features())
+    assert fields["tools"][0]["function"]["name"] == "get_weather"
+    assert fields["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}

@@ -243,3 +243,17 @@ def test_concurrency_classes_follow_cuda_graph_padding() -> None:
     assert concurrency_classes(shape, 48) == [1, 2, 4, 8, 16, 32]
     odd = EngineShape(**{**shape.__dict__, "cudagraph_capture_sizes": [1, 3, 6, 12, 48]})
     assert concurrency_classes(odd, 48) == [1, 3, 6, 12, 48]
+
+
+def test_tools_need_chat_and_a_template_that_takes_them() -> None:
+    profile = parse_profile({"buckets": [BUCKET], "features": {"use": ["tools"]}})
+    for_engine(profile, SHAPE)
+    no_tools = EngineShape(**{**SHAPE.__dict__, "chat_template_tools": False})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, no_tools)
+    assert info.value.problems == [
+        ("features.use", "`tools`: this model's chat template does not take tools")
+    ]
+    completions = profile.model_copy(update={"endpoints": ["completions"]})
+    with pytest.raises(ProfileError, match="does not fit"):
+        for_engine(completions, SHAPE)

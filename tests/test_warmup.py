@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from llmwarm import warmup
 from llmwarm.errors import WarmupError
-from llmwarm.profile import Profile, parse_profile
+from llmwarm.profile import EngineShape, Profile, parse_profile
 from tests.test_corpus import WordTokenizer
 
 
@@ -170,3 +170,31 @@ async def test_connection_failure_is_a_warmup_error() -> None:
         with pytest.raises(WarmupError) as info:
             await warmup.run(client, _profile(), WordTokenizer(), "tiny")
     assert "ConnectError" in info.value.problems[0][1]
+
+
+async def test_kv_fill_prefills_the_asked_share_of_blocks(fake_url: str) -> None:
+    profile = _profile(kv_fill={"share": 0.5, "prompt_tokens": 7, "concurrency": 3})
+    # the fake reports 7 prompt tokens a request; 20 blocks of 4 tokens: 10 blocks = 40 tokens
+    shape = EngineShape(
+        max_model_len=64, max_num_seqs=2, max_num_batched_tokens=64, kv_blocks=20, block_size=4
+    )
+    seen: list[tuple[int, int]] = []
+    async with httpx.AsyncClient(base_url=fake_url) as client:
+        result = await warmup.fill_kv(
+            client, profile, shape, WordTokenizer(), "tiny",
+            on_batch=lambda done, target: seen.append((done, target)),
+        )  # fmt: skip
+    assert result is not None
+    assert result.target_blocks == 10 and result.blocks == 20
+    # batches of min(concurrency, max_num_seqs) = 2 requests, 14 tokens each, until >= 40
+    assert result.requests == 6 and result.tokens_prefilled == 42
+    assert result.blocks_reached == 10
+    assert seen == [(3, 10), (7, 10), (10, 10)]
+
+
+async def test_no_kv_fill_without_the_section_or_block_count(fake_url: str) -> None:
+    shape = EngineShape(max_model_len=64, max_num_seqs=2, max_num_batched_tokens=64)
+    async with httpx.AsyncClient(base_url=fake_url) as client:
+        assert await warmup.fill_kv(client, _profile(), shape, WordTokenizer(), "m") is None
+        with_fill = _profile(kv_fill={"share": 0.5})
+        assert await warmup.fill_kv(client, with_fill, shape, WordTokenizer(), "m") is None

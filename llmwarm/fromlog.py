@@ -1,0 +1,240 @@
+"""Build a profile from real traffic: OpenAI request bodies (JSONL) and vLLM request logs.
+
+Accepted, line by line, in one file or mixed:
+  * a JSON object: an OpenAI completions or chat request body, optionally with `timestamp`
+    (seconds) for concurrency;
+  * vLLM's `--enable-log-requests` lines: `Received request ID: params: SamplingParams(...)`
+    (INFO) and, at `--log-level DEBUG`, `Request ID details: ... prompt_token_ids: [...]` and
+    `Request ID JSON body: {...}`.
+Prompt lengths come from token ids where the log has them, else from text at ~4 characters a
+token. Lengths and concurrency are rounded up to powers of two; the most frequent buckets are
+kept until they cover the asked share of requests. Pure: no vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from llmwarm.errors import ProfileError
+
+CHARS_PER_TOKEN = 4
+DEFAULT_PROMPT_TOKENS = 128  # when a log line tells no prompt length
+
+_RECEIVED = re.compile(
+    r"Received request (\S+): params: SamplingParams\((.*)\), lora_request: (.*)\."
+)
+_DETAILS = re.compile(r"Request (\S+) details: .*prompt_token_ids: \[([^\]]*)\]")
+_BODY = re.compile(r"Request (\S+) JSON body: (\{.*\})\s*$")
+_VLLM_TIME = re.compile(r"(\d\d-\d\d \d\d:\d\d:\d\d)")
+_PARAM = re.compile(r"(\w+)=((?:\[[^\]]*\])|(?:[^,()]+(?:\([^)]*\))?))")
+
+
+@dataclass
+class Observed:
+    endpoint: str | None = None
+    stream: bool | None = None
+    prompt_tokens: int | None = None
+    max_tokens: int | None = None
+    features: set[str] = field(default_factory=set)
+    timestamp: float | None = None
+
+
+def _features_of_body(body: dict[str, Any]) -> set[str]:
+    found = set()
+    if (body.get("temperature") or 0) > 0 or any(k in body for k in ("top_p", "top_k", "min_p")):
+        found.add("sampling")
+    if any(body.get(k) for k in ("presence_penalty", "frequency_penalty", "repetition_penalty")):
+        found.add("penalties")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        found.add("logprobs")
+    if body.get("prompt_logprobs"):
+        found.add("prompt_logprobs")
+    if (body.get("n") or 1) > 1:
+        found.add("n")
+    if body.get("stop"):
+        found.add("stop")
+    kind = (body.get("response_format") or {}).get("type")
+    if kind in ("json_schema", "json_object"):
+        found.add(kind)
+    structured = body.get("structured_outputs") or {}
+    for key, feature in (("json", "json_schema"), ("regex", "regex"), ("choice", "choice"),
+                         ("grammar", "grammar")):  # fmt: skip
+        if structured.get(key) is not None or body.get(f"guided_{key}") is not None:
+            found.add(feature)
+    if body.get("tools"):
+        found.add("tools")
+    return found
+
+
+def _from_body(body: dict[str, Any]) -> Observed:
+    if "messages" in body:
+        text = " ".join(str(m.get("content") or "") for m in body["messages"])
+        endpoint = "chat"
+    else:
+        prompt = body.get("prompt", "")
+        endpoint = "completions"
+        text = prompt if isinstance(prompt, str) else ""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return Observed(endpoint, bool(body.get("stream")), len(prompt),
+                            body.get("max_tokens"), _features_of_body(body),
+                            body.get("timestamp"))  # fmt: skip
+    tokens = max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+    return Observed(endpoint, bool(body.get("stream")), tokens, max_tokens,
+                    _features_of_body(body), body.get("timestamp"))  # fmt: skip
+
+
+def _from_params(params: str, lora: str) -> Observed:
+    values = {k: v.strip() for k, v in _PARAM.findall(params)}
+
+    def number(key: str) -> float:
+        try:
+            return float(values.get(key, "0"))
+        except ValueError:
+            return 0.0
+
+    found = set()
+    if number("temperature") > 0:
+        found.add("sampling")
+    if (
+        number("presence_penalty")
+        or number("frequency_penalty")
+        or number("repetition_penalty") not in (0.0, 1.0)
+    ):
+        found.add("penalties")
+    if values.get("logprobs", "None") != "None":
+        found.add("logprobs")
+    if values.get("prompt_logprobs", "None") != "None":
+        found.add("prompt_logprobs")
+    if number("n") > 1:
+        found.add("n")
+    if values.get("stop", "[]") not in ("[]", "None"):
+        found.add("stop")
+    if "structured_outputs=StructuredOutputsParams" in params:
+        for key, feature in (("json=", "json_schema"), ("regex=", "regex"),
+                             ("choice=", "choice"), ("grammar=", "grammar")):  # fmt: skip
+            if re.search(rf"\b{key}(?!None)", params.split("structured_outputs=", 1)[1]):
+                found.add(feature)
+    if lora.strip() != "None":
+        found.add("lora")
+    max_tokens = int(number("max_tokens")) or None
+    return Observed(max_tokens=max_tokens, features=found)
+
+
+def _vllm_time(line: str) -> float | None:
+    match = _VLLM_TIME.search(line)
+    if match is None:
+        return None
+    # vLLM logs no year; any fixed one keeps the differences right.
+    return datetime.strptime("2000-" + match.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+
+
+def parse(lines: list[str]) -> tuple[list[Observed], int]:
+    """The requests the lines describe, and how many lines were not understood."""
+    by_id: dict[str, Observed] = {}
+    plain: list[Observed] = []
+    skipped = 0
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                plain.append(_from_body(json.loads(line)))
+            except (ValueError, AttributeError, TypeError):
+                skipped += 1
+            continue
+        if m := _BODY.search(line):
+            try:
+                seen = _from_body(json.loads(m.group(2)))
+            except (ValueError, AttributeError, TypeError):
+                skipped += 1
+                continue
+            old = by_id.get(m.group(1))
+            seen.timestamp = _vllm_time(line) if old is None else old.timestamp
+            if old is not None:
+                seen.features |= old.features
+                seen.prompt_tokens = old.prompt_tokens or seen.prompt_tokens
+            by_id[m.group(1)] = seen
+        elif m := _DETAILS.search(line):
+            obs = by_id.setdefault(m.group(1), Observed(timestamp=_vllm_time(line)))
+            obs.prompt_tokens = len([t for t in m.group(2).split(",") if t.strip()])
+        elif m := _RECEIVED.search(line):
+            seen = _from_params(m.group(2), m.group(3))
+            obs = by_id.setdefault(m.group(1), Observed(timestamp=_vllm_time(line)))
+            obs.features |= seen.features
+            obs.max_tokens = obs.max_tokens or seen.max_tokens
+        else:
+            skipped += 1
+    return plain + list(by_id.values()), skipped
+
+
+def _class(value: int, low: int = 16) -> int:
+    return max(low, 1 << max(0, math.ceil(math.log2(max(1, value)))))
+
+
+def _concurrency(requests: list[Observed]) -> list[int]:
+    """Per request: a power-of-two class of the requests that arrived in the same second."""
+    seconds = Counter(int(r.timestamp) for r in requests if r.timestamp is not None)
+    return [
+        _class(seconds[int(r.timestamp)], low=1) if r.timestamp is not None else 1 for r in requests
+    ]
+
+
+def build(lines: list[str], coverage: float, source: str) -> tuple[dict[str, Any], str]:
+    """A profile (as YAML-ready data) and a comment saying what it covers."""
+    requests, skipped = parse(lines)
+    if not requests:
+        raise ProfileError(
+            f"{source}: no requests found",
+            problems=[(source, f"{skipped} lines, none an OpenAI request body or a vLLM "
+                       "request log line")],
+        )  # fmt: skip
+    classes = Counter(
+        (_class(r.prompt_tokens or DEFAULT_PROMPT_TOKENS), c, _class(r.max_tokens or 16))
+        for r, c in zip(requests, _concurrency(requests), strict=True)
+    )
+    kept, covered = [], 0
+    for (p, c, o), count in classes.most_common():
+        kept.append({"prompt_tokens": p, "concurrency": c, "max_tokens": o})
+        covered += count
+        if covered >= coverage * len(requests):
+            break
+    features = Counter(f for r in requests for f in r.features)
+    order = ["sampling", "penalties", "logprobs", "prompt_logprobs", "n", "stop", "json_schema",
+             "json_object", "regex", "choice", "grammar", "tools"]  # fmt: skip
+    use = ["greedy", *(f for f in order if features[f])]
+    endpoints = sorted({r.endpoint for r in requests if r.endpoint}, reverse=True)
+    streams = sorted({r.stream for r in requests if r.stream is not None}, reverse=True)
+    data: dict[str, Any] = {
+        "endpoints": endpoints or ["completions", "chat"],
+        "stream": streams or [True, False],
+        "buckets": kept,
+        "features": {"use": use},
+    }
+    if True not in data["stream"]:
+        data["convergence"] = {"metric": "e2e"}
+    unknown = sum(1 for r in requests if r.prompt_tokens is None)
+    lines_out = [
+        f"built by `llmwarm profile from-log` from {source}: {len(requests)} requests"
+        + (f", {skipped} lines skipped" if skipped else ""),
+        f"buckets cover {covered / len(requests):.1%} of requests (asked {coverage:.0%})",
+        "features seen: "
+        + (", ".join(f"{f} {features[f] / len(requests):.0%}" for f in use[1:]) or "none"),
+    ]
+    if features["lora"]:
+        lines_out.append(
+            f"LoRA requests seen ({features['lora']}): list adapters under features.lora"
+        )
+    if unknown:
+        lines_out.append(
+            f"{unknown} requests had no prompt length (vLLM INFO lines): assumed "
+            f"{DEFAULT_PROMPT_TOKENS} tokens; --log-level DEBUG logs the token ids"
+        )
+    return data, "\n".join(f"# {line}" for line in lines_out)
