@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -190,6 +191,62 @@ for _name, _help, _serve in (("serve", SERVE_HELP, True), ("warm", WARM_HELP, Fa
         epilog=EXIT_CODES_HELP,
         options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
     )(_command(serve=_serve))
+
+
+@app.command("bench", epilog=EXIT_CODES_HELP)
+def bench_command(
+    url: Annotated[str, typer.Argument(help="Base URL of an OpenAI-compatible server.")],
+    model: Annotated[
+        str | None, typer.Option(help="Model name to request (default: the first listed).")
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            "--profile",
+            help="Probe profile (default: the shipped configs/probe.yaml).",
+            exists=True,
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Steady requests per kind.")] = 5,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write every number here.", dir_okay=False)
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="OPENAI_API_KEY", help="Bearer token, if any.")
+    ] = None,
+) -> None:
+    """Measure a server's cold-start penalty: each request kind's first request against its
+    steady latency. Run it the moment the server is ready. Works against any OpenAI-compatible
+    server; kinds it refuses are reported, not fatal."""
+    import asyncio
+
+    import httpx
+
+    from llmwarm import bench, warmup
+    from llmwarm.profile import load_profile
+    from llmwarm.settings import check_output_path
+
+    async def go() -> bench.BenchReport:
+        probe = load_profile(
+            profile or Path(str(resources.files("llmwarm") / "configs" / "probe.yaml"))
+        )
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        async with httpx.AsyncClient(
+            base_url=url.rstrip("/"), headers=headers, timeout=warmup.TIMEOUT
+        ) as client:
+            name = model or await bench.served_model(client)
+            return await bench.run(client, probe, name, repeats, url)
+
+    try:
+        check_output_path(json_out, "--json")
+        report = asyncio.run(go())
+    except LlmwarmError as exc:
+        _fail(exc)
+    Console(width=160).print(bench.table(report))
+    if json_out is not None:
+        json_out.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
 
 profile_app = typer.Typer(

@@ -136,28 +136,55 @@ def _body(kind: Kind, prompt: str, bucket: Bucket, profile: Profile, model: str)
     return body
 
 
+def batch(
+    profile: Profile, bucket: Bucket, kind: Kind, round_: int, tokenizer: Tokenizer, model: str
+) -> Batch:
+    """`concurrency` requests of one kind for one round of one bucket."""
+    requests = []
+    for i in range(bucket.concurrency):
+        rng = seeded_rng(profile.seed, bucket.name, round_, kind.name, i)
+        prompt = make_prompt(tokenizer, bucket.prompt_tokens, rng, profile.prompts.texts)
+        requests.append(
+            WarmRequest(
+                bucket=bucket.name,
+                round=round_,
+                kind=kind.name,
+                path=_PATHS[kind.endpoint],
+                stream=kind.stream,
+                body=_body(kind, prompt, bucket, profile, model),
+            )
+        )
+    return Batch(bucket=bucket, round=round_, kind=kind.name, requests=tuple(requests))
+
+
 def round_batches(
     profile: Profile, bucket: Bucket, round_: int, tokenizer: Tokenizer, model: str
 ) -> list[Batch]:
-    """One round of one bucket: a batch per request kind, `concurrency` requests each."""
-    batches = []
-    for kind in kinds(profile, bucket):
-        requests = []
-        for i in range(bucket.concurrency):
-            rng = seeded_rng(profile.seed, bucket.name, round_, kind.name, i)
-            prompt = make_prompt(tokenizer, bucket.prompt_tokens, rng, profile.prompts.texts)
-            requests.append(
-                WarmRequest(
-                    bucket=bucket.name,
-                    round=round_,
-                    kind=kind.name,
-                    path=_PATHS[kind.endpoint],
-                    stream=kind.stream,
-                    body=_body(kind, prompt, bucket, profile, model),
-                )
-            )
-        batches.append(Batch(bucket=bucket, round=round_, kind=kind.name, requests=tuple(requests)))
-    return batches
+    """One round of one bucket: a batch per request kind."""
+    return [
+        batch(profile, bucket, kind, round_, tokenizer, model) for kind in kinds(profile, bucket)
+    ]
+
+
+class WordTokenizer:
+    """A stand-in when the server's tokenizer is not at hand: one token a whitespace-separated
+    word, so prompt lengths are approximate (a pseudo-word is one to three real tokens)."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+        self.words: list[str] = []
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = []
+        for word in text.split():
+            if word not in self.vocab:
+                self.vocab[word] = len(self.words)
+                self.words.append(word)
+            ids.append(self.vocab[word])
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.words[i] for i in ids)
 
 
 def requests_per_round(profile: Profile, bucket: Bucket) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -462,6 +463,11 @@ def _load_texts(file: Path) -> list[str]:
     if not texts:
         raise ProfileError("empty prompts file", problems=[("prompts.file", f"{file}: no text")])
     return texts
+
+
+def shipped(name: str) -> Path:
+    """A profile shipped with llmwarm, e.g. `default` for `configs/default.yaml`."""
+    return Path(str(resources.files("llmwarm") / "configs" / f"{name}.yaml"))
 
 
 def load_profile(path: Path) -> Profile:

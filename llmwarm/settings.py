@@ -9,20 +9,14 @@ from __future__ import annotations
 import os
 from argparse import Namespace
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from llmwarm import engine
 from llmwarm.errors import ModelNotFound, UsageError
-from llmwarm.profile import Profile, load_profile
+from llmwarm.profile import Profile, load_profile, shipped
 
 OnUnconverged = Literal["serve", "fail"]
-
-
-def default_profile() -> Path:
-    """The profile shipped with llmwarm (`configs/default.yaml`)."""
-    return Path(str(resources.files("llmwarm") / "configs" / "default.yaml"))
 
 
 @dataclass(frozen=True)
@@ -114,7 +108,7 @@ def resolve(
     prog: str,
 ) -> Settings:
     """Check every input; raise a `UsageError` naming the first bad one."""
-    profile_path = profile_path or default_profile()
+    profile_path = profile_path or shipped("default")
     profile = load_profile(profile_path)
     check_output_path(report_path, "--report")
     check_output_path(plot_path, "--plot")

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,11 @@ async def measure(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
         raise _fail(req, f"{type(exc).__name__}: {exc}") from None
 
 
+async def measure_all(client: httpx.AsyncClient, requests: Sequence[WarmRequest]) -> list[Sample]:
+    """Send requests at once; all their samples, or the first failure."""
+    return list(await asyncio.gather(*(measure(client, r) for r in requests)))
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where the warm-up is, after each round."""
@@ -153,7 +158,7 @@ async def run(
                 break
             samples: list[Sample] = []
             for batch in corpus.round_batches(profile, bucket, round_, tokenizer, model):
-                samples += await asyncio.gather(*(measure(client, r) for r in batch.requests))
+                samples += await measure_all(client, batch.requests)
             sent += len(samples)
             result.rounds.append(RoundResult(round=round_, samples=samples))
             verdict = convergence.check(result.series(rule.metric), rule)
@@ -206,7 +211,7 @@ async def fill_kv(
             )
             for i in range(width)
         ]  # fmt: skip
-        samples = await asyncio.gather(*(measure(client, r) for r in requests))
+        samples = await measure_all(client, requests)
         sent += len(samples)
         prefilled += sum(s.prompt_tokens or length for s in samples)
         on_batch(min(target, prefilled // shape.block_size), target)

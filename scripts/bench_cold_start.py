@@ -1,9 +1,10 @@
 """Side by side, in one run: plain vLLM's OpenAI server against `llmwarm serve`.
 
-For each run, start each server in turn (alternating which goes first) on the same model and
-flags, time it from launch to ready (`/health` 200 for vLLM, `/ready` 200 for llmwarm), then,
-the moment it is ready, send each probe request kind once (first) and again `--repeats` times
-(steady). Prints medians over the runs; `--json` keeps every number.
+Each run starts each server in turn (alternating which goes first), on the same model and
+flags, once with fresh compile caches (an empty VLLM_CACHE_ROOT) and once with warm ones; it
+times launch to ready (`/health` 200 for vLLM, `/ready` 200 for llmwarm) and, the moment the
+server is ready, runs `llmwarm bench` against it. Writes docs/benchmarks.md and a chart from
+the medians over the runs; `--json` keeps every number.
 
     python scripts/bench_cold_start.py --model .cache/tiny-llama --runs 3
 """
@@ -11,54 +12,29 @@ the moment it is ready, send each probe request kind once (first) and again `--r
 from __future__ import annotations
 
 import argparse
-import itertools
+import asyncio
 import json
 import os
+import platform
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
-from rich.table import Table
 
-from llmwarm import features
-from llmwarm.features import Features
+from llmwarm import bench, warmup
+from llmwarm.profile import load_profile, shipped
 
 ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
-
-BASE: dict[str, tuple[str, dict[str, Any]]] = {
-    "completion": ("/v1/completions", {"prompt": "the model serves", "max_tokens": 16}),
-    "completion-stream": (
-        "/v1/completions",
-        {"prompt": "the model serves", "max_tokens": 16, "stream": True},
-    ),
-    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                      "max_tokens": 16}),
-    "chat-stream": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                             "max_tokens": 16, "stream": True}),
-    "long-prompt": ("/v1/completions", {"prompt": "alpha beta gamma " * 150, "max_tokens": 16}),
-}  # fmt: skip
-# Request features, with the very bodies llmwarm's warm-up sends for them.
-FEATURES = ["sampling", "penalties", "logprobs", "prompt_logprobs", "n", "stop",
-            "json_schema", "json_object", "regex", "choice"]  # fmt: skip
-PROBES = {
-    **BASE,
-    **{
-        f"chat+{name}": (
-            "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
-             **features.body(name, "chat", Features())},
-        )
-        for name in FEATURES
-    },
-}  # fmt: skip
-NONCE = itertools.count()
+SERVERS = ("vllm", "llmwarm")
+CACHES = ("fresh", "warm")
 
 
 def free_port() -> int:
@@ -73,114 +49,180 @@ def command(server: str, model: str, port: int, extra: list[str]) -> tuple[list[
     if server == "vllm":
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
         return cmd + common, "/health"
-    return [sys.executable, "-m", "llmwarm", "serve", model, *common], "/ready"
+    return [sys.executable, "-m", "llmwarm", "serve", model, *common, "--report", os.devnull], (
+        "/ready"
+    )
 
 
-def probe(client: httpx.Client, path: str, body: dict[str, Any]) -> float:
-    payload: dict[str, Any] = {"model": "m", "temperature": 0.0, **body}
-    if "structured_outputs" not in body and "response_format" not in body:
-        payload["ignore_eos"] = True
-    # A fresh first word each time, so no request is served from the prefix cache.
-    nonce = f"n{next(NONCE)} "
-    if "prompt" in payload:
-        payload["prompt"] = nonce + payload["prompt"]
-    else:
-        payload["messages"] = [
-            {"role": "user", "content": nonce + payload["messages"][0]["content"]}
-        ]
-    start = time.perf_counter()
-    with client.stream("POST", path, json=payload) as resp:
-        resp.read()
-        resp.raise_for_status()
-    return time.perf_counter() - start
-
-
-def one(server: str, model: str, repeats: int, extra: list[str], log: Path) -> dict[str, Any]:
+def one(server: str, cache_root: str, args: argparse.Namespace, extra: list[str]) -> dict:
     port = free_port()
-    cmd, ready_path = command(server, model, port, extra)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    cmd, ready_path = command(server, args.model, port, extra)
+    env = {**os.environ, "VLLM_CACHE_ROOT": cache_root}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
-    with log.open("ab") as out:
+    with args.log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             while True:
                 if proc.poll() is not None:
-                    raise SystemExit(f"{server} exited with {proc.returncode}; see {log}")
+                    raise SystemExit(f"{server} exited with {proc.returncode}; see {args.log}")
                 try:
                     if client.get(ready_path).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
-            ready_s = time.perf_counter() - start
-            kinds = {}
-            for name, (path, body) in PROBES.items():
-                first = probe(client, path, body)
-                steady = statistics.median(probe(client, path, body) for _ in range(repeats))
-                kinds[name] = {"first_s": first, "steady_s": steady}
+        ready_s = time.perf_counter() - start
+        report = asyncio.run(probe(url, args))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return {"server": server, "ready_s": ready_s, "kinds": kinds}
+    return {"server": server, "ready_s": ready_s, "bench": json.loads(report.model_dump_json())}
 
 
-def summarise(results: list[dict[str, Any]]) -> Table:
-    """Medians over the runs: time to ready, and first/steady latency per request kind."""
-    servers = ("vllm", "llmwarm")
-    runs = {server: [r for r in results if r["server"] == server] for server in servers}
-    table = Table(title="first request vs steady (median of repeats), the moment it was ready")
-    table.add_column("request kind")
-    for server in servers:
-        table.add_column(f"{server}\nfirst ms", justify="right")
-        table.add_column(f"{server}\nfirst/steady", justify="right")
-    ratios: dict[str, list[float]] = {server: [] for server in servers}
-    for name in PROBES:
-        cells = [name]
-        for server in servers:
-            first = statistics.median(r["kinds"][name]["first_s"] for r in runs[server])
-            ratio = statistics.median(
-                r["kinds"][name]["first_s"] / r["kinds"][name]["steady_s"] for r in runs[server]
-            )
-            ratios[server].append(ratio)
-            cells += [f"{first * 1000:.0f}", f"{ratio:.2f}x"]
-        table.add_row(*cells)
-    table.add_section()
-    for label, fn in (("worst", max), ("geomean", statistics.geometric_mean)):
-        cells = [label]
-        for server in servers:
-            cells += ["", f"{fn(ratios[server]):.2f}x"]
-        table.add_row(*cells)
-    table.add_row(
-        "time to ready s",
-        *(c for server in servers
-          for c in (f"{statistics.median(r['ready_s'] for r in runs[server]):.1f}", "")),
-    )  # fmt: skip
-    return table
+async def probe(url: str, args: argparse.Namespace) -> bench.BenchReport:
+    async with httpx.AsyncClient(base_url=url, timeout=warmup.TIMEOUT) as client:
+        return await bench.run(client, load_profile(shipped("probe")), "m", args.repeats, url)
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def summary(results: list[dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cache in CACHES:
+        for server in SERVERS:
+            runs = [r for r in results if r["server"] == server and r["cache"] == cache]
+            kinds: dict[str, list[float]] = {}
+            for r in runs:
+                for k in r["bench"]["kinds"]:
+                    if k["ratio"] is not None:
+                        kinds.setdefault(f"{k['bucket']} {k['kind']}", []).append(k["ratio"])
+            out[f"{server}/{cache}"] = {
+                "ready_s": med([r["ready_s"] for r in runs]),
+                "worst": med([r["bench"]["worst_ratio"] for r in runs]),
+                "geomean": med([r["bench"]["geomean_ratio"] for r in runs]),
+                "kinds": {name: med(v) for name, v in kinds.items()},
+                "runs": len(runs),
+            }
+    return out
+
+
+def chart(s: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True,
+                                      gridspec_kw={"width_ratios": [1, 3]})  # fmt: skip
+    labels = [f"{srv}\n{cache} cache" for cache in CACHES for srv in SERVERS]
+    left.bar(labels, [s[f"{srv}/{cache}"]["ready_s"] for cache in CACHES for srv in SERVERS],
+             color=["#999", "#2a7", "#bbb", "#6c9"])  # fmt: skip
+    left.set_ylabel("seconds from launch to ready (median)")
+    left.set_title("time to ready")
+    kinds = sorted(s["vllm/warm"]["kinds"], key=lambda k: -s["vllm/warm"]["kinds"][k])[:20]
+    x = range(len(kinds))
+    for offset, srv, color in ((-0.2, "vllm", "#999"), (0.2, "llmwarm", "#2a7")):
+        right.bar([i + offset for i in x], [s[f"{srv}/warm"]["kinds"].get(k, 0) for k in kinds],
+                  width=0.4, label=srv, color=color)  # fmt: skip
+    right.axhline(1.0, color="black", linewidth=0.8)
+    right.set_xticks(list(x), kinds, rotation=60, ha="right", fontsize=7)
+    right.set_ylabel("first / steady latency (median)")
+    right.set_title("cold penalty per request kind, warm compile caches (20 worst for vLLM)")
+    right.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(s: dict[str, Any], args: argparse.Namespace, png: str) -> str:
+    rows = [
+        f"| {srv} | {cache} | {s[f'{srv}/{cache}']['ready_s']:.1f} | "
+        f"{s[f'{srv}/{cache}']['worst']:.2f}× | {s[f'{srv}/{cache}']['geomean']:.2f}× |"
+        for cache in CACHES for srv in SERVERS
+    ]  # fmt: skip
+    kinds = sorted(s["vllm/warm"]["kinds"], key=lambda k: -s["vllm/warm"]["kinds"][k])
+    kind_rows = [
+        f"| {k} | {s['vllm/warm']['kinds'][k]:.2f}× | {s['llmwarm/warm']['kinds'].get(k, 0):.2f}× |"
+        for k in kinds
+    ]
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            f"Measured {when} on this project's machine ({platform.machine()}, {os.cpu_count()} "
+            f"cores, no GPU) with vLLM's CPU build and the tiny random Llama of "
+            "`scripts/make_tiny_model.py`, by",
+            "",
+            "```bash",
+            f"python scripts/bench_cold_start.py --model MODEL --runs {args.runs} "
+            f"--repeats {args.repeats}",
+            "```",
+            "",
+            "Each run starts plain vLLM (`python -m vllm.entrypoints.openai.api_server`) and "
+            "`llmwarm serve` (default profile) on the same model and flags, alternately, with an "
+            "empty compile cache and with a warm one; time to ready is launch to `/health` 200 "
+            "(vLLM) or `/ready` 200 (llmwarm). The moment each is ready, `llmwarm bench` (the "
+            "shipped `configs/probe.yaml`) sends every request kind once, then "
+            f"{args.repeats} more times: the ratio is the first request's latency over the "
+            f"median of the repeats. Medians over {args.runs} runs.",
+            "",
+            "| server | compile cache | time to ready, s | worst first/steady "
+            "| geomean first/steady |",
+            "|---|---|---:|---:|---:|",
+            *rows,
+            "",
+            f"![time to ready and cold penalty per kind]({png})",
+            "",
+            "First/steady per request kind (warm compile caches), worst for plain vLLM first:",
+            "",
+            "| bucket and kind | vLLM | llmwarm |",
+            "|---|---:|---:|",
+            *kind_rows,
+            "",
+        ]
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5, help="steady requests per kind")
+    parser.add_argument("--repeats", type=int, default=3, help="steady requests per kind")
     parser.add_argument("--json", type=Path, help="write every measurement here")
+    parser.add_argument("--docs", type=Path, default=Path("docs"))
     parser.add_argument("--log", type=Path, default=Path(".cache/bench.log"))
     args, extra = parser.parse_known_args()
     args.log.parent.mkdir(parents=True, exist_ok=True)
+    warm_root = tempfile.mkdtemp(prefix="llmwarm-bench-warm-")
+    print("priming the warm compile cache ...", flush=True)
+    one("vllm", warm_root, args, extra)
     results = []
     for run in range(args.runs):
-        order = ["vllm", "llmwarm"] if run % 2 == 0 else ["llmwarm", "vllm"]
-        for server in order:
-            result = one(server, args.model, args.repeats, extra, args.log)
-            print(f"run {run + 1} {server}: ready in {result['ready_s']:.1f} s", flush=True)
-            results.append(result)
-    Console(width=200).print(summarise(results))
+        for cache in CACHES:
+            order = SERVERS if run % 2 == 0 else SERVERS[::-1]
+            for server in order:
+                root = warm_root if cache == "warm" else tempfile.mkdtemp(prefix="llmwarm-fresh-")
+                result = {**one(server, root, args, extra), "cache": cache, "run": run + 1}
+                b = result["bench"]
+                print(f"run {run + 1} {cache:5} {server:7}: ready {result['ready_s']:5.1f} s, "
+                      f"worst {b['worst_ratio']:.2f}x, geomean {b['geomean_ratio']:.2f}x",
+                      flush=True)  # fmt: skip
+                results.append(result)
+    s = summary(results)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    chart(s, args.docs / "benchmarks.png")
+    (args.docs / "benchmarks.md").write_text(markdown(s, args, "benchmarks.png"))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"summary": s, "results": results}, indent=2))
+    print((args.docs / "benchmarks.md").read_text())
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def test_profile_check_accepts_the_shipped_profiles() -> None:
     shipped = sorted((Path(__file__).parent.parent / "llmwarm" / "configs").glob("*.yaml"))
     code, out = invoke("profile", "check", *map(str, shipped))
     assert code == 0, out
-    assert out.count("✓") == len(shipped) == 5
+    assert out.count("✓") == len(shipped) == 6
 
 
 def test_profile_show_plan() -> None:

@@ -5,21 +5,8 @@ from collections.abc import Sequence
 import pytest
 
 from llmwarm import corpus
+from llmwarm.corpus import WordTokenizer
 from llmwarm.profile import Profile, parse_profile
-
-
-class WordTokenizer:
-    """One token per whitespace-separated word."""
-
-    def __init__(self) -> None:
-        self.vocab: dict[str, int] = {}
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        words = {i: w for w, i in self.vocab.items()}
-        return " ".join(words[i] for i in ids)
 
 
 class CharTokenizer:

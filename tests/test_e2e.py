@@ -194,6 +194,24 @@ def test_openai_client_completions_chat_and_stream(served: Served) -> None:
     assert text
 
 
+def test_bench_against_the_warm_server(served: Served, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [*LLMWARM, "bench", served.url, "--repeats", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny"
+    kinds = {k["kind"]: k for k in report["kinds"]}
+    # vLLM serves every probed feature; each kind was timed first and steady
+    assert not [k for k in report["kinds"] if k["error"]]
+    assert {"completions", "chat-stream+logprobs", "chat+json_schema"} <= set(kinds)
+    assert all(k["first_s"] > 0 and k["steady_s"] > 0 for k in report["kinds"])
+    assert report["worst_ratio"] >= report["geomean_ratio"] > 0
+    assert "first/steady" in proc.stdout
+
+
 def test_sigterm_shuts_down_and_leaves_no_engine(served: Served) -> None:
     children = psutil.Process(served.proc.pid).children(recursive=True)
     assert children, "expected an EngineCore process"

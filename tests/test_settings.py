@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 
 from llmwarm.errors import ModelNotFound, UsageError
-from llmwarm.settings import check_model, check_output_path, default_profile
+from llmwarm.profile import shipped
+from llmwarm.settings import check_model, check_output_path
 
 
 def test_default_profile_ships_with_the_package() -> None:
-    assert default_profile().is_file()
+    assert shipped("default").is_file() and shipped("probe").is_file()
 
 
 def test_hub_ids_are_left_to_vllm() -> None:

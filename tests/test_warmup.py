@@ -16,9 +16,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llmwarm import warmup
+from llmwarm.corpus import WordTokenizer
 from llmwarm.errors import WarmupError
 from llmwarm.profile import EngineShape, Profile, parse_profile
-from tests.test_corpus import WordTokenizer
 
 
 class Pace:
@@ -43,6 +43,8 @@ async def _completions(request: Request) -> Response:
     usage = {"prompt_tokens": 7, "completion_tokens": n}
     if body.get("model") == "broken":
         return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
+    if "grammar" in (body.get("structured_outputs") or {}):
+        return JSONResponse({"error": {"message": "grammars are not supported"}}, status_code=400)
     if not body.get("stream"):
         await asyncio.sleep(gap * n)
         return JSONResponse({"choices": [{"text": "x" * n}], "usage": usage})

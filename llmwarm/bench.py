@@ -1,0 +1,121 @@
+"""`llmwarm bench`: the cold-start penalty of any OpenAI-compatible server, as a client sees it.
+
+For each request kind of a probe profile (bucket x endpoint x streaming x feature): send it
+once (its first time), then `repeats` more times; first against the median of the repeats.
+A kind the server refuses is reported, not fatal. No vLLM import: it speaks HTTP only.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import httpx
+from pydantic import BaseModel, Field, computed_field
+from rich.table import Table
+
+from llmwarm import corpus, warmup
+from llmwarm.errors import LlmwarmError, WarmupError
+from llmwarm.profile import Profile
+
+
+class KindResult(BaseModel):
+    bucket: str
+    kind: str
+    first_s: float | None = Field(description="Median end-to-end latency of the first batch.")
+    steady_s: float | None = Field(description="Median over the repeated batches.")
+    error: str | None = Field(default=None, description="Why the server refused this kind.")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ratio(self) -> float | None:
+        if self.first_s is None or not self.steady_s:
+            return None
+        return self.first_s / self.steady_s
+
+
+class BenchReport(BaseModel):
+    url: str
+    model: str
+    repeats: int
+    kinds: list[KindResult]
+
+    def _ratios(self) -> list[float]:
+        return [k.ratio for k in self.kinds if k.ratio is not None]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def worst_ratio(self) -> float | None:
+        ratios = self._ratios()
+        return max(ratios) if ratios else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def geomean_ratio(self) -> float | None:
+        ratios = self._ratios()
+        return statistics.geometric_mean(ratios) if ratios else None
+
+
+async def served_model(client: httpx.AsyncClient) -> str:
+    """The first model the server lists."""
+    try:
+        resp = await client.get("/v1/models")
+        resp.raise_for_status()
+        return str(resp.json()["data"][0]["id"])
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise LlmwarmError(
+            "cannot tell the model name", problems=[("--model", f"GET /v1/models: {exc}")]
+        ) from None
+
+
+async def run(
+    client: httpx.AsyncClient, profile: Profile, model: str, repeats: int, url: str
+) -> BenchReport:
+    tokenizer = corpus.WordTokenizer()
+    results = []
+    for bucket in profile.buckets:
+        for kind in corpus.kinds(profile, bucket):
+            medians: list[float] = []
+            error = None
+            for round_ in range(1, repeats + 2):
+                batch = corpus.batch(profile, bucket, kind, round_, tokenizer, model)
+                try:
+                    samples = await warmup.measure_all(client, batch.requests)
+                except WarmupError as exc:
+                    error = exc.problems[0][1] if exc.problems else exc.message
+                    break
+                medians.append(statistics.median(s.e2e_s for s in samples))
+            results.append(
+                KindResult(
+                    bucket=bucket.name,
+                    kind=kind.name,
+                    first_s=medians[0] if medians and error is None else None,
+                    steady_s=statistics.median(medians[1:])
+                    if error is None and medians[1:]
+                    else None,
+                    error=error,
+                )
+            )
+    return BenchReport(url=url, model=model, repeats=repeats, kinds=results)
+
+
+def table(report: BenchReport) -> Table:
+    t = Table(
+        title=f"llmwarm bench {report.url} ({report.model}): first request vs the median of "
+        f"{report.repeats} repeats, end to end",
+        title_justify="left",
+    )
+    for column in ("bucket", "kind", "first ms", "steady ms", "first/steady"):
+        t.add_column(column, justify="left" if column in ("bucket", "kind") else "right")
+    for k in report.kinds:
+        if k.error is not None:
+            t.add_row(k.bucket, k.kind, "refused", "", k.error[:60])
+            continue
+        t.add_row(
+            k.bucket, k.kind, f"{(k.first_s or 0) * 1000:.1f}", f"{(k.steady_s or 0) * 1000:.1f}",
+            f"{k.ratio:.2f}x" if k.ratio is not None else "-",
+        )  # fmt: skip
+    t.caption = (
+        f"worst {report.worst_ratio or 0:.2f}x, geometric mean {report.geomean_ratio or 0:.2f}x "
+        f"over {len(report._ratios())} kinds"
+    )
+    return t

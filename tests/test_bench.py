@@ -1,0 +1,63 @@
+"""`llmwarm bench` against the fake OpenAI server of test_warmup (a real loopback socket)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmwarm import bench
+from llmwarm.errors import LlmwarmError
+from llmwarm.profile import parse_profile
+from tests.test_cli import invoke
+from tests.test_warmup import PACE, fake_url, steady_pace  # noqa: F401 (fixtures)
+
+PROBE = parse_profile(
+    {
+        "buckets": [{"prompt_tokens": 8, "concurrency": 2, "max_tokens": 3}],
+        "stream": [True],
+        "endpoints": ["chat"],
+        "features": {"use": ["greedy", "logprobs", "grammar"]},
+    }
+)
+
+
+async def test_first_against_steady_per_kind_and_refusals_reported(fake_url: str) -> None:  # noqa: F811
+    # the first request of each kind is slow, later ones fast
+    PACE.gap = lambda calls: 0.03 if calls < 2 or 6 <= calls < 8 else 0.005
+    async with httpx.AsyncClient(base_url=fake_url) as client:
+        report = await bench.run(client, PROBE, "tiny", repeats=2, url=fake_url)
+    greedy, logprobs, grammar = report.kinds
+    assert (greedy.kind, logprobs.kind, grammar.kind) == (
+        "chat-stream", "chat-stream+logprobs", "chat-stream+grammar",
+    )  # fmt: skip
+    assert greedy.ratio is not None and greedy.ratio > 2
+    assert logprobs.ratio is not None and logprobs.ratio > 2
+    assert grammar.ratio is None and grammar.error is not None
+    assert "HTTP 400" in grammar.error and "grammars are not supported" in grammar.error
+    assert report.worst_ratio == max(greedy.ratio, logprobs.ratio)
+    data = json.loads(report.model_dump_json())
+    assert data["geomean_ratio"] == pytest.approx((greedy.ratio * logprobs.ratio) ** 0.5)
+
+
+async def test_model_name_from_the_server() -> None:
+    def models(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": [{"id": "served-name"}]})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(models), base_url="http://x") as c:
+        assert await bench.served_model(c) == "served-name"
+
+    def down(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"status": "loading"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(down), base_url="http://x") as c:
+        with pytest.raises(LlmwarmError) as info:
+            await bench.served_model(c)
+    assert info.value.problems[0][0] == "--model"
+
+
+def test_cli_against_a_server_that_is_not_there(tmp_path: Path) -> None:
+    code, out = invoke("bench", "http://127.0.0.1:9", "--json", str(tmp_path / "b.json"))
+    assert code == 1 and "cannot tell the model name" in out and "Traceback" not in out
