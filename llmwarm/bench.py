@@ -8,6 +8,7 @@ A kind the server refuses is reported, not fatal. No vLLM import: it speaks HTTP
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 
 import httpx
 from pydantic import BaseModel, Field, computed_field
@@ -37,6 +38,9 @@ class BenchReport(BaseModel):
     url: str
     model: str
     repeats: int
+    exact_lengths: bool = Field(
+        description="Prompt lengths from the server's tokenizer (else approximate: words)."
+    )
     kinds: list[KindResult]
 
     def _ratios(self) -> list[float]:
@@ -55,6 +59,37 @@ class BenchReport(BaseModel):
         return statistics.geometric_mean(ratios) if ratios else None
 
 
+class ServerTokenizer:
+    """The server's own tokenizer, over vLLM's `/tokenize` and `/detokenize`: exact prompt
+    lengths. Tokenizing runs in the server's frontend, never in its engine."""
+
+    def __init__(self, url: str, model: str, headers: dict[str, str]) -> None:
+        self.model = model
+        self.client = httpx.Client(base_url=url, headers=headers, timeout=60)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        body = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
+        resp = self.client.post("/tokenize", json=body)
+        resp.raise_for_status()
+        return list(resp.json()["tokens"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        resp = self.client.post("/detokenize", json={"model": self.model, "tokens": list(ids)})
+        resp.raise_for_status()
+        return str(resp.json()["prompt"])
+
+
+def tokenizer_for(url: str, model: str, headers: dict[str, str]) -> corpus.Tokenizer:
+    """The server's tokenizer where it offers one; else a word count (approximate lengths)."""
+    remote = ServerTokenizer(url, model, headers)
+    try:
+        remote.encode("llmwarm")
+    except (httpx.HTTPError, KeyError, ValueError):
+        remote.client.close()
+        return corpus.WordTokenizer()
+    return remote
+
+
 async def served_model(client: httpx.AsyncClient) -> str:
     """The first model the server lists."""
     try:
@@ -68,9 +103,14 @@ async def served_model(client: httpx.AsyncClient) -> str:
 
 
 async def run(
-    client: httpx.AsyncClient, profile: Profile, model: str, repeats: int, url: str
+    client: httpx.AsyncClient,
+    profile: Profile,
+    model: str,
+    repeats: int,
+    url: str,
+    tokenizer: corpus.Tokenizer | None = None,
 ) -> BenchReport:
-    tokenizer = corpus.WordTokenizer()
+    tokenizer = tokenizer or corpus.WordTokenizer()
     results = []
     for bucket in profile.buckets:
         for kind in corpus.kinds(profile, bucket):
@@ -95,7 +135,8 @@ async def run(
                     error=error,
                 )
             )
-    return BenchReport(url=url, model=model, repeats=repeats, kinds=results)
+    exact = not isinstance(tokenizer, corpus.WordTokenizer)
+    return BenchReport(url=url, model=model, repeats=repeats, exact_lengths=exact, kinds=results)
 
 
 def table(report: BenchReport) -> Table:

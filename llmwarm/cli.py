@@ -237,7 +237,8 @@ def bench_command(
             base_url=url.rstrip("/"), headers=headers, timeout=warmup.TIMEOUT
         ) as client:
             name = model or await bench.served_model(client)
-            return await bench.run(client, probe, name, repeats, url)
+            tokenizer = bench.tokenizer_for(url.rstrip("/"), name, headers)
+            return await bench.run(client, probe, name, repeats, url, tokenizer)
 
     try:
         check_output_path(json_out, "--json")

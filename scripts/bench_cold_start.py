@@ -87,7 +87,10 @@ def one(server: str, cache_root: str, args: argparse.Namespace, extra: list[str]
 
 async def probe(url: str, args: argparse.Namespace) -> bench.BenchReport:
     async with httpx.AsyncClient(base_url=url, timeout=warmup.TIMEOUT) as client:
-        return await bench.run(client, load_profile(shipped("probe")), "m", args.repeats, url)
+        tokenizer = bench.tokenizer_for(url, "m", {})
+        return await bench.run(
+            client, load_profile(shipped("probe")), "m", args.repeats, url, tokenizer
+        )
 
 
 def med(values: list[float]) -> float:

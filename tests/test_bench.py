@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmwarm import bench
+from llmwarm import bench, corpus
 from llmwarm.errors import LlmwarmError
 from llmwarm.profile import parse_profile
 from tests.test_cli import invoke
@@ -61,3 +61,8 @@ async def test_model_name_from_the_server() -> None:
 def test_cli_against_a_server_that_is_not_there(tmp_path: Path) -> None:
     code, out = invoke("bench", "http://127.0.0.1:9", "--json", str(tmp_path / "b.json"))
     assert code == 1 and "cannot tell the model name" in out and "Traceback" not in out
+
+
+def test_without_tokenize_endpoint_lengths_are_approximate(fake_url: str) -> None:  # noqa: F811
+    tokenizer = bench.tokenizer_for(fake_url, "tiny", {})
+    assert isinstance(tokenizer, corpus.WordTokenizer)

@@ -202,7 +202,7 @@ def test_bench_against_the_warm_server(served: Served, tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["model"] == "tiny"
+    assert report["model"] == "tiny" and report["exact_lengths"] is True  # vLLM's /tokenize
     kinds = {k["kind"]: k for k in report["kinds"]}
     # vLLM serves every probed feature; each kind was timed first and steady
     assert not [k for k in report["kinds"] if k["error"]]
