@@ -274,7 +274,7 @@ def plot(report: Report, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for ax, (metric, label) in zip(
@@ -290,8 +290,6 @@ def plot(report: Report, path: Path) -> None:
         ax.set_title(label)
         ax.set_xlabel("round (1 = cold)")
         ax.set_ylabel("median, ms")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3, which="both")
     axes[0].legend(fontsize="small")
