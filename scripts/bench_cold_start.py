@@ -1,7 +1,8 @@
 """Side by side, in one run: plain vLLM's OpenAI server against `llmwarm serve`.
 
 Each run starts each server in turn (alternating which goes first), on the same model and
-flags, once with fresh compile caches (an empty VLLM_CACHE_ROOT) and once with warm ones; it
+flags, once with fresh compile caches (empty VLLM_CACHE_ROOT and TORCHINDUCTOR_CACHE_DIR) and once
+with warm ones; it
 times launch to ready (`/health` 200 for vLLM, `/ready` 200 for llmwarm) and, the moment the
 server is ready, runs `llmwarm bench` against it. Writes docs/benchmarks.md and a chart from
 the medians over the runs; `--json` keeps every number.
@@ -57,7 +58,12 @@ def command(server: str, model: str, port: int, extra: list[str]) -> tuple[list[
 def one(server: str, cache_root: str, args: argparse.Namespace, extra: list[str]) -> dict:
     port = free_port()
     cmd, ready_path = command(server, args.model, port, extra)
-    env = {**os.environ, "VLLM_CACHE_ROOT": cache_root}
+    # vLLM's caches and torch inductor's own (which lives outside VLLM_CACHE_ROOT)
+    env = {
+        **os.environ,
+        "VLLM_CACHE_ROOT": cache_root,
+        "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_root, "inductor"),
+    }
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
