@@ -131,7 +131,7 @@ def chart(s: dict[str, Any], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True,
                                       gridspec_kw={"width_ratios": [1, 3]})  # fmt: skip
-    labels = [f"{srv}\n{cache} cache" for cache in CACHES for srv in SERVERS]
+    labels = [f"{srv}\n{cache}" for cache in CACHES for srv in SERVERS]
     left.bar(labels, [s[f"{srv}/{cache}"]["ready_s"] for cache in CACHES for srv in SERVERS],
              color=["#999", "#2a7", "#bbb", "#6c9"])  # fmt: skip
     left.set_ylabel("seconds from launch to ready (median)")
@@ -176,8 +176,9 @@ def markdown(s: dict[str, Any], args: argparse.Namespace, png: str) -> str:
             "```",
             "",
             "Each run starts plain vLLM (`python -m vllm.entrypoints.openai.api_server`) and "
-            "`llmwarm serve` (default profile) on the same model and flags, alternately, with an "
-            "empty compile cache and with a warm one; time to ready is launch to `/health` 200 "
+            "`llmwarm serve` (default profile) on the same model and flags, alternately, with "
+            "empty compile caches (vLLM's and torch inductor's) and with warm ones; time to "
+            "ready is launch to `/health` 200 "
             "(vLLM) or `/ready` 200 (llmwarm). The moment each is ready, `llmwarm bench` (the "
             "shipped `configs/probe.yaml`) sends every request kind once, then "
             f"{args.repeats} more times: the ratio is the first request's latency over the "
