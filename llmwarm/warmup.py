@@ -114,7 +114,6 @@ class Progress:
     bucket: BucketResult  # live: it grows as later rounds run
     round: int  # the round just done
     requests: int  # sent so far
-    elapsed_s: float
     bucket_done: bool  # converged, or its last allowed round
 
 
@@ -166,8 +165,7 @@ async def run(
             if verdict.converged:
                 result.converged_at = round_
             done = verdict.converged or round_ == rule.max_rounds
-            elapsed = time.perf_counter() - start
-            on_round(Progress(index, len(results), result, round_, sent, elapsed, done))
+            on_round(Progress(index, len(results), result, round_, sent, done))
             if verdict.converged:
                 break
         result.stop_reason = (

@@ -13,7 +13,7 @@ from tests.test_report import _bucket
 
 def _progress(round_: int, done: bool) -> Progress:
     return Progress(
-        bucket_index=1, buckets=2, bucket=_bucket(), round=round_, requests=4, elapsed_s=1.0,
+        bucket_index=1, buckets=2, bucket=_bucket(), round=round_, requests=4,
         bucket_done=done,
     )  # fmt: skip
 
