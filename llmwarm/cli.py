@@ -1,13 +1,6 @@
 """The `llmwarm` command line: maps options onto settings and renders every error.
 
-Exit codes:
-  0    success (warm-up done; or served, then shut down on request)
-  2    bad input: a profile, a vLLM flag, MODEL, the port, the report path
-  3    the vLLM engine could not start
-  4    the warm-up failed (a request failed, or the engine died while warming)
-  5    the engine died while serving
-  6    a bucket did not converge and --on-unconverged is `fail`
-  130  interrupted (SIGINT/SIGTERM) before the server was ready
+Exit codes are the constants of `llmwarm.errors`; `EXIT_CODES_HELP` shows them in `--help`.
 """
 
 from __future__ import annotations

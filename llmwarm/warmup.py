@@ -196,20 +196,13 @@ async def fill_kv(
     need_tokens = target * shape.block_size
     width = min(fill.concurrency, shape.max_num_seqs)
     bucket = Bucket(prompt_tokens=length, concurrency=width, max_tokens=1, name="kv-fill")
+    kind = corpus.Kind("completions", stream=False)
     start = time.perf_counter()
-    prefilled = sent = 0
+    prefilled = sent = batches = 0
     while prefilled < need_tokens:
-        requests = [
-            corpus.WarmRequest(
-                bucket=bucket.name, round=1, kind="completions", path="/v1/completions",
-                stream=False,
-                body={"model": model, "max_tokens": 1, "temperature": 0.0,
-                      "prompt": corpus.make_prompt(
-                          tokenizer, length, corpus.seeded_rng(profile.seed, "kv", sent + i))},
-            )
-            for i in range(width)
-        ]  # fmt: skip
-        samples = await measure_all(client, requests)
+        batches += 1  # each batch its own "round": fresh prompts, no shared prefixes
+        batch = corpus.batch(profile, bucket, kind, batches, tokenizer, model)
+        samples = await measure_all(client, batch.requests)
         sent += len(samples)
         prefilled += sum(s.prompt_tokens or length for s in samples)
         on_batch(min(target, prefilled // shape.block_size), target)
