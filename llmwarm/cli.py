@@ -9,13 +9,16 @@ import logging
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
 
 from llmwarm import __version__
 from llmwarm.errors import EXIT_INTERRUPTED, LlmwarmError, UsageError
+
+if TYPE_CHECKING:
+    from llmwarm.settings import Mode
 
 err = Console(stderr=True)
 
@@ -44,6 +47,7 @@ ProfileOption = Annotated[
     Path | None,
     typer.Option(
         "--profile",
+        envvar="LLMWARM_PROFILE",
         help="Warm-up profile (YAML). Default: the shipped configs/default.yaml.",
         exists=True,
         dir_okay=False,
@@ -88,17 +92,18 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
-def _run(ctx: typer.Context, *, serve: bool, vllm_help: bool, **options: Any) -> None:
+def _run(ctx: typer.Context, *, mode: Mode, vllm_help: bool, **options: Any) -> None:
     # Imported here so `--help`, `--version` and profile errors never wait on vLLM.
     from llmwarm import engine, server, settings
 
     prog = f"llmwarm {ctx.info_name}"
     _configure_logging()
+    server.interrupt_on_sigterm()  # until the event loop's handlers take over
     try:
         if vllm_help:
             typer.echo(engine.vllm_help(prog))
             return
-        resolved = settings.resolve(ctx.args, serve=serve, prog=prog, **options)
+        resolved = settings.resolve(ctx.args, mode=mode, prog=prog, **options)
         server.run_sync(resolved)
     except LlmwarmError as exc:
         _fail(exc)
@@ -109,20 +114,38 @@ def _run(ctx: typer.Context, *, serve: bool, vllm_help: bool, **options: Any) ->
 
 ReportOption = Annotated[
     Path | None,
-    typer.Option("--report", help="Write the warm-up report (JSON) here.", dir_okay=False),
+    typer.Option(
+        "--report",
+        envvar="LLMWARM_REPORT",
+        help="Write the warm-up report (JSON) here.",
+        dir_okay=False,
+    ),
 ]
 PlotOption = Annotated[
     Path | None,
     typer.Option(
         "--plot",
+        envvar="LLMWARM_PLOT",
         help="Also draw latency per round per bucket, converged rounds marked (PNG).",
         dir_okay=False,
+    ),
+]
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        envvar="LLMWARM_CACHE_DIR",
+        help="Keep vLLM's compile caches (torch.compile/AOT, inductor, Triton, FlashInfer, "
+        "CUDA JIT) here: `bake` fills it, `serve` and `warm` start from it. Created if missing.",
+        file_okay=False,
+        show_default=False,
     ),
 ]
 OnUnconvergedOption = Annotated[
     Literal["serve", "fail"],
     typer.Option(
         "--on-unconverged",
+        envvar="LLMWARM_ON_UNCONVERGED",
         help="If a bucket has not converged by max_rounds or the budget: `serve` anyway (a "
         "warning, and the report says so) or `fail` (exit 6, after writing the report).",
     ),
@@ -132,6 +155,7 @@ CaptureSizesOption = Annotated[
     bool,
     typer.Option(
         "--capture-sizes-from-profile",
+        envvar="LLMWARM_CAPTURE_SIZES_FROM_PROFILE",
         help="GPU: give vLLM the profile's concurrency classes as --cudagraph-capture-sizes, "
         "so it captures only the batch sizes the traffic uses (faster start; larger batches "
         "than the largest class decode without graphs).",
@@ -150,9 +174,23 @@ WARM_HELP = """Start vLLM, warm it up, write the report and exit: `llmwarm warm 
 For CI, image builds and benchmarks: the warm-up talks to a private loopback port.
 """
 
+BAKE_HELP = """Warm up into a compile-cache directory and exit: `llmwarm bake MODEL [vllm
+flags] --cache-dir DIR`.
 
-def _command(serve: bool) -> Callable[..., None]:
-    # One parameter list for both commands; they differ only in whether they go on serving.
+vLLM's compile caches for this model and these flags land in DIR (with `llmwarm-bake.json`,
+what was baked); `llmwarm serve MODEL [the same flags] --cache-dir DIR` then starts from them,
+e.g. from an image layer or a volume.
+"""
+
+ENV_HELP = (
+    "Environment: LLMWARM_PROFILE, LLMWARM_REPORT, LLMWARM_PLOT, LLMWARM_ON_UNCONVERGED, "
+    "LLMWARM_CACHE_DIR, LLMWARM_CAPTURE_SIZES_FROM_PROFILE set the options of the same name; "
+    "a flag wins over its variable."
+)
+
+
+def _command(mode: Mode) -> Callable[..., None]:
+    # One parameter list for every command that runs an engine; they differ only in the mode.
     def command(
         ctx: typer.Context,
         profile: ProfileOption = None,
@@ -160,30 +198,37 @@ def _command(serve: bool) -> Callable[..., None]:
         plot: PlotOption = None,
         on_unconverged: OnUnconvergedOption = "serve",
         capture_sizes_from_profile: CaptureSizesOption = False,
+        cache_dir: CacheDirOption = None,
         vllm_help: VllmHelpOption = False,
     ) -> None:
         _run(
             ctx,
-            serve=serve,
+            mode=mode,
             vllm_help=vllm_help,
             profile_path=profile,
             report_path=report,
             plot_path=plot,
             on_unconverged=on_unconverged,
             capture_sizes_from_profile=capture_sizes_from_profile,
+            cache_dir=cache_dir,
         )
 
     return command
 
 
-for _name, _help, _serve in (("serve", SERVE_HELP, True), ("warm", WARM_HELP, False)):
+MODES: tuple[tuple[Mode, str], ...] = (
+    ("serve", SERVE_HELP),
+    ("warm", WARM_HELP),
+    ("bake", BAKE_HELP),
+)
+for _mode, _help in MODES:
     app.command(
-        _name,
+        _mode,
         help=_help,
         context_settings=PASSTHROUGH,
-        epilog=EXIT_CODES_HELP,
+        epilog=f"{ENV_HELP}\n\n{EXIT_CODES_HELP}",
         options_metavar="MODEL [OPTIONS] [VLLM FLAGS]",
-    )(_command(serve=_serve))
+    )(_command(_mode))
 
 
 @app.command("bench", epilog=EXIT_CODES_HELP)

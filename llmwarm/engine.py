@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 from argparse import Namespace
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -27,6 +27,7 @@ from llmwarm.profile import EngineShape
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from starlette.requests import Request
     from starlette.types import ASGIApp
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -68,6 +69,11 @@ def parse_args(argv: list[str], prog: str) -> Namespace:
     args = _parser(prog).parse_args(argv)
     if args.model_tag is not None:
         args.model = args.model_tag
+    elif not any(a == "--model" or a.startswith("--model=") for a in argv):
+        # vLLM would quietly fetch its default model; llmwarm serves what it is told to
+        raise VllmArgsError(
+            "no model given", problems=[("MODEL", "missing: llmwarm serve MODEL [vllm flags]")]
+        )
     try:
         validate_parsed_serve_args(args)
     except (ValueError, TypeError, KeyError) as exc:
@@ -85,6 +91,27 @@ def parse_args(argv: list[str], prog: str) -> Namespace:
                 problems=[(flag, "llmwarm runs one in-process API server in front of the engine")],
             )
     return args
+
+
+def api_keys(args: Namespace) -> list[str]:
+    """The API keys vLLM's server accepts: --api-key, else VLLM_API_KEY (as vLLM decides)."""
+    from vllm import envs
+
+    return [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
+
+
+def authorizer(args: Namespace) -> Callable[[Request], bool]:
+    """Whether a request carries one of the API keys, checked exactly as vLLM checks `/v1/*`.
+
+    Always true when the server has no key.
+    """
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    keys = api_keys(args)
+    if not keys:
+        return lambda request: True
+    check = AuthenticationMiddleware(app=None, tokens=keys)  # type: ignore[arg-type]
+    return lambda request: bool(check.verify_token(request.headers))
 
 
 def model_name(args: Namespace) -> str:
@@ -286,11 +313,18 @@ async def reset_prefix_cache(engine: AsyncLLM) -> bool:
     return bool(await engine.reset_prefix_cache())
 
 
-async def wait_dead(engine: AsyncLLM, interval: float = 1.0) -> None:
-    """Return when the engine has died (like vLLM's own API-server watchdog)."""
-    while not (engine.errored and not engine.is_running):
+def is_dead(engine: AsyncLLM) -> bool:
+    return bool(engine.errored and not engine.is_running)
+
+
+async def wait_dead(engine: AsyncLLM, interval: float = 0.5) -> None:
+    """Raise `EngineDied` when the engine has died (like vLLM's own API-server watchdog)."""
+    while not is_dead(engine):
         await asyncio.sleep(interval)
-    raise EngineDied(f"the vLLM engine died: {engine.dead_error}")
+    raise EngineDied(
+        f"the vLLM engine died: {engine.dead_error}",
+        problems=[("engine", "the EngineCore process ended; see the log above")],
+    )
 
 
 def http_server(app: ASGIApp, args: Namespace) -> uvicorn.Server:
@@ -329,6 +363,11 @@ def http_server(app: ASGIApp, args: Namespace) -> uvicorn.Server:
     )
     config.load()
     return NoSignalServer(config)
+
+
+def config_hash(engine: AsyncLLM) -> str:
+    """vLLM's hash of the configuration that shapes the compiled graph (it keys its caches)."""
+    return str(engine.vllm_config.compute_hash())
 
 
 def vllm_version() -> str:

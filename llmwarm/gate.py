@@ -1,11 +1,17 @@
 """The readiness gate: 503 + Retry-After until the engine is warm, then vLLM's own app.
 
-An ASGI app that wraps vLLM's. It owns `/ready`. While loading it answers every request itself;
+An ASGI app that wraps vLLM's. It owns `/ready` (200 only when warm: for readiness probes)
+and `/live` (200 in every phase while the process runs: for liveness probes, so a replica is
+never restarted for warming). While loading it answers every request itself;
 while warming it lets through only llmwarm's own warm-up requests, recognised by a per-process
 random token in a header *and* a local peer (loopback, unix socket, or the server's own
 address), so no outside client can
 forge its way past; once ready it hands every request to vLLM's app. `/metrics` is never
-gated: it is read-only, and it shows the warm-up's progress.
+gated: it is read-only, and it shows the warm-up's progress. `/warmup/*` goes to llmwarm's own
+endpoints (`llmwarm.control`) in every phase.
+
+With an API key (vLLM's `--api-key`), the probe answers (`/ready`, 503 bodies) say only the
+phase to a caller without the key; the warm-up's progress and summary need the key.
 """
 
 from __future__ import annotations
@@ -15,9 +21,13 @@ import hmac
 import ipaddress
 import json
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import make_asgi_app
+from starlette.requests import Request
+
+from llmwarm.control import PREFIX as CONTROL_PREFIX
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -55,8 +65,14 @@ def _is_local(scope: Scope) -> bool:
 class Gate:
     """Readiness state and the ASGI app that enforces it."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        control: ASGIApp | None = None,
+        authorized: Callable[[Request], bool] = lambda request: True,
+    ) -> None:
         self.phase = Phase.LOADING
+        self.control = control
+        self.authorized = authorized
         self.token = secrets.token_urlsafe(32)
         self.app: ASGIApp | None = None
         self.where: dict[str, Any] = {}
@@ -92,19 +108,27 @@ class Gate:
                 return hmac.compare_digest(value, expected) and _is_local(scope)
         return False
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, scope: Scope) -> dict[str, Any]:
         state: dict[str, Any] = {"status": self.phase.value}
+        if not self.authorized(Request(scope)):
+            return state
         if self.phase is Phase.WARMING and self.where:
             state["progress"] = self.where
+        if self.phase is Phase.READY:
+            state.update(self.summary)
         return state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return
+        if scope["type"] == "http" and scope["path"] == "/live":
+            return await _json(send, 200, {"status": self.phase.value})
         if scope["type"] == "http" and scope["path"] == "/ready":
             if self.phase is Phase.READY:
-                return await _json(send, 200, {**self._state(), **self.summary})
+                return await _json(send, 200, self._state(scope))
             return await self._unavailable(scope, send)
+        if scope["type"] == "http" and scope["path"].startswith(CONTROL_PREFIX) and self.control:
+            return await self.control(scope, receive, send)
         if scope["type"] == "http" and scope["path"].startswith("/metrics"):
             # Read-only; lets a scraper watch the warm-up (llmwarm_phase and friends).
             return await (self.app or self.metrics_app)(scope, receive, send)
@@ -121,7 +145,7 @@ class Gate:
             await send({"type": "websocket.close", "code": 1013})
             return
         body = {
-            **self._state(),
+            **self._state(scope),
             "message": "llmwarm: the model server is not warm yet; retry later",
         }
         retry = RETRY_AFTER.get(self.phase, 5)

@@ -38,6 +38,13 @@ class Live:
     requests: int = 0
     buckets: dict[str, BucketResult] = field(default_factory=dict)
 
+    def reset(self, window: int) -> None:
+        """A new warm-up begins (a re-warm): forget the last one's progress."""
+        self.window = window
+        self.warmup_started = self.warmup_s = None
+        self.requests = 0
+        self.buckets = {}
+
 
 class WarmupCollector(Collector):
     def __init__(self, gate: Gate, live: Live) -> None:

@@ -431,7 +431,10 @@ def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise ProfileError(
             f"{path}: bad extends", problems=[("extends", f"expected a path, got {parent!r}")]
         )
-    return _merge(_read(path.parent / parent, (*chain, real)), data)
+    base = path.parent / parent
+    if not base.exists() and parent.isidentifier() and shipped(parent).is_file():
+        base = shipped(parent)  # `extends: chat`: a shipped profile
+    return _merge(_read(base, (*chain, real)), data)
 
 
 def _load_texts(file: Path) -> list[str]:

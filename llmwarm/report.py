@@ -56,7 +56,7 @@ class RoundResult(BaseModel):
 
 METRIC_FIELDS = {"tpot": "tpot_median_s", "ttft": "ttft_median_s", "e2e": "e2e_median_s"}
 
-StopReason = Literal["converged", "max_rounds", "budget", "running"]
+StopReason = Literal["converged", "max_rounds", "budget", "running", "failed"]
 
 
 class BucketResult(BaseModel):
@@ -70,8 +70,9 @@ class BucketResult(BaseModel):
     )
     stop_reason: StopReason = Field(
         default="running",
-        description="Why its rounds ended: `converged`, `max_rounds` or `budget` (the "
-        "warm-up's budget, of time or requests, ran out first).",
+        description="Why its rounds ended: `converged`, `max_rounds`, `budget` (the "
+        "warm-up's budget, of time or requests, ran out first) or `failed` (the warm-up "
+        "failed during this bucket; see the report's `error`).",
     )
 
     @property
@@ -108,6 +109,18 @@ class KvFillResult(BaseModel):
     seconds: float
 
 
+class Problem(BaseModel):
+    where: str = Field(description="The bucket, flag or part the problem is in.")
+    message: str
+
+
+class WarmupFailure(BaseModel):
+    """Why a warm-up did not finish."""
+
+    message: str
+    problems: list[Problem] = Field(default_factory=list)
+
+
 class KindSummary(BaseModel):
     kind: str
     cold_e2e_s: float = Field(description="Median end-to-end latency in round 1.")
@@ -137,13 +150,22 @@ class Report(BaseModel):
     kv_fill: KvFillResult | None = Field(
         default=None, description="The KV-cache fill phase, when the profile asks for one."
     )
+    trigger: Literal["startup", "api"] = Field(
+        default="startup",
+        description="`startup`, or `api` for a re-warm asked for by `POST /warmup/run`.",
+    )
+    error: WarmupFailure | None = Field(
+        default=None,
+        description="Set when the warm-up failed (a request failed, the engine died); "
+        "the buckets then hold what was measured until then.",
+    )
     buckets: list[BucketResult]
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def converged(self) -> bool:
-        """Every bucket converged."""
-        return all(b.converged for b in self.buckets)
+        """The warm-up finished and every bucket converged."""
+        return self.error is None and all(b.converged for b in self.buckets)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

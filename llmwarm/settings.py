@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from llmwarm import engine
+from llmwarm import caches, engine
 from llmwarm.errors import ModelNotFound, UsageError
 from llmwarm.profile import Profile, load_profile, shipped
 
 OnUnconverged = Literal["serve", "fail"]
+# serve: warm, then serve; warm: warm and exit; bake: warm into --cache-dir and exit.
+Mode = Literal["serve", "warm", "bake"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,12 @@ class Settings:
     report_path: Path | None
     plot_path: Path | None
     on_unconverged: OnUnconverged
-    serve: bool
+    mode: Mode
+    cache_dir: Path | None = None
+
+    @property
+    def serve(self) -> bool:
+        return self.mode == "serve"
 
     @property
     def model(self) -> str:
@@ -104,10 +111,16 @@ def resolve(
     plot_path: Path | None,
     on_unconverged: OnUnconverged,
     capture_sizes_from_profile: bool = False,
-    serve: bool,
+    cache_dir: Path | None = None,
+    mode: Mode,
     prog: str,
 ) -> Settings:
     """Check every input; raise a `UsageError` naming the first bad one."""
+    if mode == "bake" and cache_dir is None:
+        raise UsageError(
+            "bake needs a cache directory",
+            problems=[("--cache-dir", "missing (or set LLMWARM_CACHE_DIR)")],
+        )
     profile_path = profile_path or shipped("default")
     profile = load_profile(profile_path)
     check_output_path(report_path, "--report")
@@ -117,11 +130,14 @@ def resolve(
             f"--plot {plot_path}: the plot is a PNG",
             problems=[("--plot", f"{plot_path.name!r} does not end in .png")],
         )
+    if cache_dir is not None:
+        cache_dir = caches.prepare(cache_dir)
+        caches.use(cache_dir)  # before vLLM is imported: its processes inherit it
     args = engine.parse_args(vllm_argv, prog)
     check_model(args.model)
     if capture_sizes_from_profile:
         apply_capture_sizes(args, profile)
-    if not serve:
+    if mode != "serve":
         # `warm` serves nobody: its warm-up talks to a private loopback port.
         args.host, args.port, args.uds = "127.0.0.1", 0, None
     return Settings(
@@ -131,5 +147,6 @@ def resolve(
         report_path=report_path,
         plot_path=plot_path,
         on_unconverged=on_unconverged,
-        serve=serve,
+        mode=mode,
+        cache_dir=cache_dir,
     )

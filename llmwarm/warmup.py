@@ -105,6 +105,20 @@ async def measure_all(client: httpx.AsyncClient, requests: Sequence[WarmRequest]
     return list(await asyncio.gather(*(measure(client, r) for r in requests)))
 
 
+async def served_adapters(client: httpx.AsyncClient, model: str) -> list[str]:
+    """The LoRA adapters the server lists now (`/v1/models` entries whose parent is `model`),
+    including those loaded at run time with `/v1/load_lora_adapter`."""
+    try:
+        resp = await client.get("/v1/models")
+        resp.raise_for_status()
+        listed = resp.json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        raise WarmupError(
+            "cannot list the served LoRA adapters", problems=[("GET /v1/models", str(exc))]
+        ) from None
+    return [m["id"] for m in listed if m.get("parent") and m["id"] != model]
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where the warm-up is, after each round."""

@@ -55,20 +55,60 @@ def test_report_into_missing_directory(tmp_path: Path) -> None:
     assert code == 2 and "--report" in out
 
 
+# Bad command lines (on top of the profile suite): each names the flag (or variable) at fault,
+# exits 2, and prints no traceback. {model} is the tiny model, {tmp} a scratch directory.
+BAD_COMMAND_LINES = [
+    ("no model", ["serve"], {}, "• MODEL: missing"),
+    ("unknown vLLM flag", ["serve", "{model}", "--bogus-flag", "1"],
+     {}, "unrecognized arguments: --bogus-flag"),
+    ("typo of an llmwarm flag", ["serve", "{model}", "--profle", "x.yaml"],
+     {}, "unrecognized arguments: --profle"),
+    ("bad vLLM value", ["serve", "{model}", "--max-model-len", "lots"], {}, "• --max-model-len"),
+    ("bad vLLM choice", ["serve", "{model}", "--dtype", "float7"], {}, "• --dtype"),
+    ("bad port", ["serve", "{model}", "--port", "http"], {}, "• --port"),
+    ("headless", ["serve", "{model}", "--headless"], {}, "--headless is not supported"),
+    ("several API servers", ["serve", "{model}", "--api-server-count", "2"],
+     {}, "--api-server-count is not supported"),
+    ("unknown policy", ["serve", "{model}", "--on-unconverged", "maybe"],
+     {}, "Invalid value for '--on-unconverged'"),
+    ("unknown policy from the environment", ["serve", "{model}"],
+     {"LLMWARM_ON_UNCONVERGED": "maybe"}, "(env var: 'LLMWARM_ON_UNCONVERGED')"),
+    ("missing profile from the environment", ["warm", "{model}"],
+     {"LLMWARM_PROFILE": "{tmp}/nope.yaml"}, "(env var: 'LLMWARM_PROFILE')"),
+    ("plot not a PNG", ["warm", "{model}", "--plot", "{tmp}/plot.txt"], {}, "• --plot"),
+    ("plot is a directory", ["warm", "{model}", "--plot", "{tmp}"], {}, "'--plot'"),
+    ("report into a missing directory", ["warm", "{model}", "--report", "{tmp}/no/r.json"],
+     {}, "• --report"),
+    ("bake without a cache directory", ["bake", "{model}"], {}, "• --cache-dir: missing"),
+    ("cache directory is a file", ["serve", "{model}", "--cache-dir", "{tmp}/file"],
+     {}, "'--cache-dir'"),
+    ("cache directory from the environment is a file", ["bake", "{model}"],
+     {"LLMWARM_CACHE_DIR": "{tmp}/file"}, "(env var: 'LLMWARM_CACHE_DIR')"),
+    ("two sources of capture sizes",
+     ["serve", "{model}", "--capture-sizes-from-profile", "--cudagraph-capture-sizes", "1", "2"],
+     {}, "• --capture-sizes-from-profile: conflicts with --cudagraph-capture-sizes"),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("args", "says"),
-    [
-        (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag"),
-        (["--max-model-len", "lots"], "--max-model-len"),
-        (["--dtype", "float7"], "--dtype"),
-        (["--headless"], "--headless is not supported"),
-        (["--api-server-count", "2"], "--api-server-count is not supported"),
-    ],
+    ("argv", "env", "says"),
+    [line[1:] for line in BAD_COMMAND_LINES],
+    ids=[line[0] for line in BAD_COMMAND_LINES],
 )
-def test_bad_vllm_flags(tiny_model: Path, args: list[str], says: str) -> None:
-    code, out = invoke("serve", str(tiny_model), *args)
-    assert code == 2, out
-    assert says in out
+def test_bad_command_lines(
+    tiny_model: Path, tmp_path: Path, argv: list[str], env: dict[str, str], says: str
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+
+    def fill(text: str) -> str:
+        return text.format(model=tiny_model, tmp=tmp_path)
+
+    result = CliRunner(
+        env={"COLUMNS": "300", "NO_COLOR": "1"} | {k: fill(v) for k, v in env.items()}
+    ).invoke(app, [fill(a) for a in argv])
+    assert isinstance(result.exception, SystemExit | None), result.exception  # no traceback
+    assert result.exit_code == 2, result.output
+    assert says in result.output, result.output
 
 
 @pytest.mark.parametrize("model", ["/no/such/model", "./not-here"])
@@ -218,7 +258,7 @@ def test_capture_sizes_from_profile_reach_vllms_engine_args(
     settings = resolve(
         [str(tiny_model)], profile_path=Path("configs/default.yaml"), report_path=None,
         plot_path=None, on_unconverged="serve", capture_sizes_from_profile=True,
-        serve=True, prog="llmwarm serve",
+        mode="serve", prog="llmwarm serve",
     )  # fmt: skip
     # default.yaml's concurrency classes: 1, 4, 2
     assert settings.vllm_args.cudagraph_capture_sizes == [1, 2, 4]

@@ -1,13 +1,18 @@
 """End to end: the real `llmwarm` process, the real CPU vLLM engine, the tiny model, real sockets.
 
-One `llmwarm serve` is shared by this module; its shutdown test runs last.
+One `llmwarm serve` (with an API key, as in production) is shared by this module; user-like
+load hits it from the moment the process starts until well after it is ready; its shutdown
+test runs last.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +30,19 @@ pytestmark = pytest.mark.e2e
 
 MINIMAL = ROOT / "llmwarm" / "configs" / "minimal.yaml"
 STARTUP_TIMEOUT_S = 400
+API_KEY = "e2e-key-7c1d"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+# In every body the load sends: no answer of llmwarm's, nor its report, may echo it.
+SECRET = "user-secret-5be0"
+
+
+@dataclass
+class Answer:
+    request_id: str
+    sent: float  # time.monotonic()
+    status: int | None  # None: no answer (a transport error)
+    retry_after: str | None
+    text: str
 
 
 @dataclass
@@ -35,18 +53,57 @@ class Served:
     log: Path
     # (path, status, retry-after, JSON body) of every answer seen before /ready was 200
     before_ready: list[tuple[str, int, str | None, dict]] = field(default_factory=list)
+    ready_at: float | None = None  # time.monotonic() when /ready was first seen 200
+    load: list[Answer] = field(default_factory=list)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
 
+def _user_load(served: Served, done: threading.Event, workers: int = 4) -> None:
+    """Users who do not wait for /ready: mixed requests, back to back, each with its own
+    X-Request-Id (`ext-...`), from process start until `done`."""
+    bodies = [
+        ("/v1/completions", {"prompt": f"{SECRET} once upon", "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": SECRET}],
+                                  "max_tokens": 4, "logprobs": True, "top_logprobs": 2}),
+        ("/v1/completions", {"prompt": SECRET, "max_tokens": 4, "stream": True}),
+    ]  # fmt: skip
+
+    async def worker(w: int, client: httpx.AsyncClient) -> None:
+        i = 0
+        while not done.is_set():
+            path, body = bodies[i % len(bodies)]
+            rid = f"ext-{w}-{i}"
+            i += 1
+            sent = time.monotonic()
+            try:
+                r = await client.post(
+                    path, json={"model": "tiny", **body}, headers={**AUTH, "x-request-id": rid}
+                )
+                served.load.append(
+                    Answer(rid, sent, r.status_code, r.headers.get("retry-after"), r.text)
+                )
+            except httpx.ConnectError:
+                await asyncio.sleep(0.2)  # not bound yet (the CLI is still importing vLLM)
+            except httpx.HTTPError as exc:
+                served.load.append(Answer(rid, sent, None, None, repr(exc)))
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+            await asyncio.gather(*(worker(w, client) for w in range(workers)))
+
+    asyncio.run(main())
+
+
 def _poll_until_ready(served: Served) -> None:
     """Probe like a load balancer (and a forger) until /ready is 200."""
     probes = [
-        ("GET", "/ready", {}),
-        ("GET", "/health", {}),
-        ("GET", "/v1/models", {}),
-        ("POST", "/v1/completions", {WARMUP_HEADER: "forged-token"}),
+        ("GET", "/ready", AUTH),
+        ("GET", "/health", AUTH),
+        ("GET", "/v1/models", AUTH),
+        ("POST", "/v1/completions", {**AUTH, WARMUP_HEADER: "forged-token"}),
     ]
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     i = 0
@@ -65,6 +122,7 @@ def _poll_until_ready(served: Served) -> None:
             if r.status_code == 200:
                 # The gate opened between probes: /ready must agree (it never closes again).
                 assert client.get("/ready").status_code == 200, (path, r.text)
+                served.ready_at = time.monotonic()
                 return
             served.before_ready.append(
                 (path, r.status_code, r.headers.get("retry-after"), r.json())
@@ -82,14 +140,25 @@ def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         *LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS,
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
         "--profile", str(MINIMAL), "--report", str(tmp / "report.json"),
+        "--api-key", API_KEY,
+        "--enable-log-requests",  # the engine logs each request id it runs
+        "--shutdown-timeout", "20",  # in-flight requests drain at SIGTERM
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env())
     s = Served(proc=proc, url=f"http://127.0.0.1:{port}", report=tmp / "report.json", log=log)
+    done = threading.Event()
+    load = threading.Thread(target=_user_load, args=(s, done), daemon=True)
+    load.start()
     try:
         _poll_until_ready(s)
+        time.sleep(5)  # the load goes on well after ready
+        done.set()
+        load.join(90)
+        assert not load.is_alive(), "a user request hung"
         yield s
     finally:
+        done.set()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -119,8 +188,113 @@ def test_503_with_retry_after_until_warm(served: Served) -> None:
             assert progress["round"] >= 1
 
 
+def test_gate_under_load_answers_every_user_and_runs_none_cold(served: Served) -> None:
+    assert served.ready_at is not None
+    answers = served.load
+    assert not [a for a in answers if a.status is None], "a user request got no answer"
+    refused = [a for a in answers if a.status == 503]
+    served_ok = [a for a in answers if a.status == 200]
+    assert len(refused) + len(served_ok) == len(answers), {a.status for a in answers}
+    assert refused and len(served_ok) >= 20, (len(refused), len(served_ok))
+    for a in refused:
+        assert a.retry_after is not None and int(a.retry_after) > 0
+        assert json.loads(a.text)["status"] in ("loading", "warming")
+        assert a.sent < served.ready_at  # nobody is refused once ready
+    assert not [a for a in answers if SECRET in a.text], "an answer echoed a user's body"
+
+    # The engine's own request log (--enable-log-requests) in order: every request it ran
+    # before the gate opened was a warm-up request; every user request came after.
+    lines = served.log_text().splitlines()
+    opened = next(i for i, line in enumerate(lines) if "[llmwarm] warm: serving on" in line)
+    added = [
+        (i, m.group(1))
+        for i, line in enumerate(lines)
+        if (m := re.search(r"Added request (\S+)\.", line))
+    ]
+    before = [rid for i, rid in added if i < opened]
+    assert not [rid for rid in before if "ext-" in rid], "a user request ran before ready"
+    report = json.loads(served.report.read_text())
+    assert len(before) == report["requests"] + report["kv_fill"]["requests"]
+    users_run = {rid for i, rid in added if i > opened and "ext-" in rid}
+    for a in served_ok:  # each answered user request ran on the engine after the gate opened
+        assert any(f"-{a.request_id}-" in f"-{rid}-" for rid in users_run), a.request_id
+    assert SECRET not in served.report.read_text()
+
+
+def test_after_ready_200_mixed_requests_at_16_way_concurrency(served: Served) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=API_KEY, max_retries=0)
+    chat = [{"role": "user", "content": "tell me"}]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    kinds = [
+        lambda: client.completions.create(model="tiny", prompt="a b c", max_tokens=8),
+        lambda: client.chat.completions.create(model="tiny", messages=chat, max_tokens=8),
+        lambda: client.completions.create(
+            model="tiny", prompt="x", max_tokens=8, logprobs=3, temperature=0.8, seed=1
+        ),
+        lambda: client.chat.completions.create(
+            model="tiny", messages=chat, max_tokens=8, logprobs=True, top_logprobs=2
+        ),
+        lambda: client.chat.completions.create(
+            model="tiny",
+            messages=chat,
+            max_tokens=16,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        ),  # fmt: skip
+        lambda: client.completions.create(
+            model="tiny",
+            prompt="y",
+            max_tokens=8,
+            n=2,
+            temperature=1.0,
+            presence_penalty=0.5,
+            frequency_penalty=0.5,
+            stop=["\n", "zz"],
+        ),  # fmt: skip
+        lambda: _drain(
+            client.chat.completions.create(model="tiny", messages=chat, max_tokens=8, stream=True)
+        ),  # fmt: skip
+        lambda: client.completions.create(
+            model="tiny", prompt="z", max_tokens=8, extra_body={"top_k": 5, "min_p": 0.1}
+        ),
+    ]
+    errors: list[BaseException] = []
+
+    async def main() -> int:
+        limit = asyncio.Semaphore(16)
+
+        async def one(i: int) -> None:
+            async with limit:
+                try:
+                    await kinds[i % len(kinds)]()
+                except openai.OpenAIError as exc:
+                    errors.append(exc)
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+        return 200
+
+    assert asyncio.run(main()) == 200
+    assert errors == []
+
+
+async def _drain(stream: object) -> None:
+    chunks = [chunk async for chunk in await stream]  # type: ignore[misc]
+    assert chunks
+
+
+def test_api_key_guards_vllm_and_llmwarm_endpoints(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=30) as c:
+        assert c.get("/v1/models").status_code == 401  # vLLM's own guard
+        assert c.get("/warmup/report").status_code == 401
+        assert c.post("/warmup/run", json={}).status_code == 401
+        assert c.get("/ready").json() == {"status": "ready"}  # no key: the phase only
+        keyed = c.get("/warmup/report", headers=AUTH)
+        assert c.get("/metrics").status_code == 200  # open to scrapers, as in vLLM
+    assert keyed.status_code == 200
+    assert keyed.json() == json.loads(served.report.read_text())
+
+
 def test_ready_reports_the_warmup(served: Served) -> None:
-    ready = httpx.get(f"{served.url}/ready").json()
+    ready = httpx.get(f"{served.url}/ready", headers=AUTH).json()
     report = json.loads(served.report.read_text())
     assert ready["status"] == "ready" and ready["model"] == "tiny"
     assert ready["requests"] == report["requests"] > 0
@@ -175,7 +349,7 @@ def test_metrics_show_the_warmup_beside_vllms(served: Served) -> None:
 
 
 def test_openai_client_completions_chat_and_stream(served: Served) -> None:
-    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=API_KEY)
     assert [m.id for m in client.models.list()] == ["tiny"]
     done = client.completions.create(model="tiny", prompt="the model", max_tokens=5)
     assert done.usage is not None and done.usage.completion_tokens >= 1
@@ -197,7 +371,8 @@ def test_openai_client_completions_chat_and_stream(served: Served) -> None:
 def test_bench_against_the_warm_server(served: Served, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [*LLMWARM, "bench", served.url, "--repeats", "2", "--json", str(out)],
+        [*LLMWARM, "bench", served.url, "--repeats", "2", "--json", str(out),
+         "--api-key", API_KEY],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -212,11 +387,48 @@ def test_bench_against_the_warm_server(served: Served, tmp_path: Path) -> None:
     assert "first/steady" in proc.stdout
 
 
-def test_sigterm_shuts_down_and_leaves_no_engine(served: Served) -> None:
+def test_rewarm_on_demand_closes_the_gate_when_asked(served: Served) -> None:
+    phases: list[str] = []
+    with httpx.Client(base_url=served.url, timeout=60, headers=AUTH) as c:
+        started = c.post("/warmup/run", json={"close_gate": True, "wait": False})
+        assert started.status_code == 202, started.text
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            r = c.get("/ready")
+            phases.append(r.json()["status"])
+            if r.status_code == 200 and "warming" in phases:
+                break
+            if r.status_code == 503:
+                user = c.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+                assert user.status_code in (503, 200), user.text  # 200: it just reopened
+            time.sleep(0.05)
+        report = c.get("/warmup/report").json()
+        again = c.post("/warmup/run", json={})  # gate open meanwhile; wait for the report
+    assert "warming" in phases and phases[-1] == "ready", phases
+    assert report["trigger"] == "api" and report["error"] is None and report["requests"] > 0
+    assert again.status_code == 200 and again.json()["trigger"] == "api"
+    assert json.loads(served.report.read_text())["started_at"] == again.json()["started_at"]
+
+
+def test_sigterm_drains_in_flight_requests_and_leaves_no_engine(served: Served) -> None:
     children = psutil.Process(served.proc.pid).children(recursive=True)
     assert children, "expected an EngineCore process"
-    served.proc.send_signal(signal.SIGTERM)
+    body = {
+        "model": "tiny", "prompt": "drain", "max_tokens": 300, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    usage = None
+    with httpx.Client(base_url=served.url, timeout=60, headers=AUTH) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            for i, line in enumerate(r.iter_lines()):
+                if i == 2:  # mid-stream
+                    t0 = time.monotonic()
+                    served.proc.send_signal(signal.SIGTERM)
+                if line.startswith("data: {"):
+                    usage = json.loads(line[6:]).get("usage") or usage
+    assert usage is not None and usage["completion_tokens"] == 300  # drained, not cut
     assert served.proc.wait(30) == 0
+    assert time.monotonic() - t0 < 15
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, [p.pid for p in alive]
     assert "Traceback" not in served.log_text()
@@ -268,12 +480,16 @@ def _engine_children(pid: int) -> list[psutil.Process]:
     ]
 
 
-@pytest.mark.parametrize("phase", ["loading", "warming"])
-def test_sigterm_before_ready_exits_130_and_leaves_no_engine(
-    tiny_model: Path, tmp_path: Path, phase: str
+@pytest.mark.parametrize(
+    ("phase", "action"),
+    [("loading", "sigterm"), ("warming", "sigterm"), ("warming", "kill-engine")],
+)
+def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
+    tiny_model: Path, tmp_path: Path, phase: str, action: str
 ) -> None:
     port = free_port()
     log = tmp_path / "log"
+    report = tmp_path / "r.json"
     profile = tmp_path / "long.yaml"
     # Enough rounds that the warm-up lasts a while on this machine.
     profile.write_text(
@@ -283,8 +499,7 @@ def test_sigterm_before_ready_exits_130_and_leaves_no_engine(
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, "--port", str(port),
-             "--host", "127.0.0.1", "--profile", str(profile),
-             "--report", str(tmp_path / "r.json")],
+             "--host", "127.0.0.1", "--profile", str(profile), "--report", str(report)],
             stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
         )  # fmt: skip
     try:
@@ -293,11 +508,16 @@ def test_sigterm_before_ready_exits_130_and_leaves_no_engine(
             while time.monotonic() < deadline:
                 assert proc.poll() is None, log.read_text()[-3000:]
                 try:
-                    status = client.get("/ready").json()["status"]
+                    ready = client.get("/ready").json()
                 except httpx.TransportError:
-                    status = None
-                # "loading" counts once the engine process exists, so its shutdown is tested
-                if status == phase and (phase != "loading" or _engine_children(proc.pid)):
+                    ready = {}
+                # "loading" counts once the engine process exists, so its shutdown is tested;
+                # "warming" once a round has been measured, so the report has something.
+                status = ready.get("status")
+                if status == phase and (
+                    (phase == "loading" and _engine_children(proc.pid))
+                    or (phase == "warming" and ready.get("progress", {}).get("round"))
+                ):
                     break
                 time.sleep(0.2)
             else:
@@ -305,13 +525,27 @@ def test_sigterm_before_ready_exits_130_and_leaves_no_engine(
         children = _engine_children(proc.pid)
         assert children
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 130
+        if action == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 130
+        else:
+            (core,) = [p for p in children if "EngineCore" in p.name() + " ".join(p.cmdline())]
+            core.kill()
+            assert proc.wait(30) == 4, log.read_text()[-3000:]
         assert time.monotonic() - t0 < 15
         _, alive = psutil.wait_procs(children, timeout=10)
         assert not alive
         text = log.read_text()
-        assert f"interrupted while {phase}" in text and "Traceback" not in text
+        if action == "sigterm":
+            assert f"interrupted while {phase}" in text and "Traceback" not in text
+        else:
+            assert "Error: the vLLM engine died during the warm-up" in text
+            assert "never retrieved" not in text  # (vLLM logs the engine's own traceback)
+            data = json.loads(report.read_text())  # the report records the failure
+            assert data["error"]["message"] == "the vLLM engine died during the warm-up"
+            assert data["converged"] is False
+            bucket = data["buckets"][0]
+            assert bucket["rounds"] and bucket["stop_reason"] == "failed"
     finally:
         if proc.poll() is None:
             proc.kill()

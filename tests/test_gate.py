@@ -100,3 +100,19 @@ async def test_stopping_fails_ready_but_serves_in_flight_paths() -> None:
         v1 = await c.get("/v1/models")
     assert ready.status_code == 503 and ready.json()["status"] == "stopping"
     assert v1.status_code == 200
+
+
+async def test_live_is_200_in_every_phase() -> None:
+    gate = Gate()
+    seen = []
+    async with client(gate, peer="203.0.113.9") as c:
+        for change in ("loading", "warming", "ready", "stopping"):
+            if change == "warming":
+                gate.warming(INNER)
+            elif change == "ready":
+                gate.open({})
+            elif change == "stopping":
+                gate.stopping()
+            r = await c.get("/live")
+            seen.append((r.status_code, r.json()["status"]))
+    assert seen == [(200, "loading"), (200, "warming"), (200, "ready"), (200, "stopping")]

@@ -11,6 +11,7 @@ from llmwarm.profile import (
     for_engine,
     load_profile,
     parse_profile,
+    shipped,
 )
 
 CONFIGS = Path(__file__).parent.parent / "llmwarm" / "configs"
@@ -148,6 +149,14 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path: Path) -> None:
     assert profile.convergence.window == 2 and profile.convergence.max_rounds == 20
     assert profile.endpoints == ["chat"]
     assert profile.buckets[0].name == "p8-c1-o4"
+
+
+def test_extends_a_shipped_profile_by_name(tmp_path: Path) -> None:
+    # e.g. a profile in a Kubernetes ConfigMap, far from llmwarm's configs/
+    child = _write(tmp_path / "p.yaml", "extends: chat\nbudget: {max_seconds: 300}\n")
+    profile = load_profile(child)
+    assert profile.budget.max_seconds == 300
+    assert profile.buckets == load_profile(shipped("chat")).buckets
 
 
 def test_cyclic_extends(tmp_path: Path) -> None:

@@ -1,0 +1,110 @@
+"""Compile caches in one directory: `llmwarm bake` fills it, `llmwarm serve --cache-dir` uses it.
+
+vLLM, torch and the GPU libraries each keep a compile cache under their own environment
+variable; `use(DIR)` points every one of them into DIR before vLLM is imported (the engine's
+processes inherit the environment), so an image layer or a volume carries them all:
+
+    DIR/vllm            VLLM_CACHE_ROOT           torch.compile / AOT artifacts (CPU and GPU)
+    DIR/inductor        TORCHINDUCTOR_CACHE_DIR   inductor's FX graph and kernel caches
+    DIR/triton          TRITON_CACHE_DIR          Triton kernels (GPU)
+    DIR/flashinfer      FLASHINFER_WORKSPACE_BASE FlashInfer's JIT kernels (GPU)
+    DIR/tvm-ffi         TVM_FFI_CACHE_DIR         FlashInfer's tvm-ffi modules (GPU)
+    DIR/torch-ext       TORCH_EXTENSIONS_DIR      torch C++/CUDA extensions built at run time
+    DIR/cuda            CUDA_CACHE_PATH           the CUDA driver's PTX JIT cache (GPU)
+    DIR/llmwarm-bake.json                         what was baked, for which engine
+
+CUDA graphs themselves live in GPU memory and are captured at every start; what makes that
+capture fast (compiled kernels) is cached here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from llmwarm.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+ENV = {
+    "VLLM_CACHE_ROOT": "vllm",
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",
+    "TRITON_CACHE_DIR": "triton",
+    "FLASHINFER_WORKSPACE_BASE": "flashinfer",
+    "TVM_FFI_CACHE_DIR": "tvm-ffi",
+    "TORCH_EXTENSIONS_DIR": "torch-ext",
+    "CUDA_CACHE_PATH": "cuda",
+}
+MANIFEST = "llmwarm-bake.json"
+
+
+class Manifest(BaseModel):
+    """What `llmwarm bake` left in a cache directory."""
+
+    llmwarm_version: str
+    vllm_version: str
+    model: str
+    config_hash: str = Field(description="vLLM's hash of the engine configuration.")
+    baked_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    engine_start_s: float = Field(description="The baking start's engine start (cold).")
+
+
+def prepare(directory: Path, option: str = "--cache-dir") -> Path:
+    """Create the directory if needed; it must be writable (a cache miss writes into it)."""
+    directory = directory.expanduser().resolve()
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(
+            f"{option} {directory} is not a directory",
+            problems=[(option, f"{directory} is a file")],
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"{option} {directory}: cannot create it",
+            problems=[(option, exc.strerror or str(exc))],
+        ) from None
+    if not os.access(directory, os.W_OK):
+        raise UsageError(
+            f"{option} {directory} is not writable",
+            problems=[(option, "vLLM writes compile caches into it on a cache miss")],
+        )
+    return directory
+
+
+def use(directory: Path) -> None:
+    """Point every compile cache into `directory` (before vLLM is imported)."""
+    for var, sub in ENV.items():
+        path = str(directory / sub)
+        if os.environ.get(var) not in (None, path):
+            logger.info("--cache-dir: %s=%s replaces %s", var, path, os.environ[var])
+        os.environ[var] = path
+
+
+def read_manifest(directory: Path) -> Manifest | None:
+    try:
+        return Manifest.model_validate_json((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValidationError, ValueError):
+        return None
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    (directory / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def mismatch(baked: Manifest | None, running: Manifest) -> str | None:
+    """Why caches baked for `baked` cannot serve the `running` engine, or None."""
+    if baked is None:
+        return "nothing was baked into it (no llmwarm-bake.json)"
+    if baked.vllm_version != running.vllm_version:
+        return f"baked with vLLM {baked.vllm_version}, running {running.vllm_version}"
+    if baked.config_hash != running.config_hash:
+        return (
+            f"baked for another engine configuration ({baked.model}, hash "
+            f"{baked.config_hash[:10]}; now {running.model}, hash {running.config_hash[:10]})"
+        )
+    return None

@@ -1,0 +1,125 @@
+"""The compile-cache directory (bake / --cache-dir) and the environment that configures llmwarm."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from llmwarm import caches, settings
+from llmwarm.cli import app
+from llmwarm.errors import UsageError
+
+
+def test_use_points_every_cache_into_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in caches.ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")
+    caches.use(tmp_path)
+    assert {var: os.environ[var] for var in caches.ENV} == {
+        "VLLM_CACHE_ROOT": f"{tmp_path}/vllm",
+        "TORCHINDUCTOR_CACHE_DIR": f"{tmp_path}/inductor",
+        "TRITON_CACHE_DIR": f"{tmp_path}/triton",
+        "FLASHINFER_WORKSPACE_BASE": f"{tmp_path}/flashinfer",
+        "TVM_FFI_CACHE_DIR": f"{tmp_path}/tvm-ffi",
+        "TORCH_EXTENSIONS_DIR": f"{tmp_path}/torch-ext",
+        "CUDA_CACHE_PATH": f"{tmp_path}/cuda",
+    }
+    assert "HF_HOME" not in caches.ENV and "XDG_CACHE_HOME" not in caches.ENV  # models stay
+
+
+def test_prepare_creates_the_directory_and_refuses_a_file(tmp_path: Path) -> None:
+    made = caches.prepare(tmp_path / "a" / "b")
+    assert made.is_dir() and made.is_absolute()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UsageError) as info:
+        caches.prepare(tmp_path / "f")
+    assert info.value.problems[0][0] == "--cache-dir"
+
+
+def _manifest(**change: Any) -> caches.Manifest:
+    base = {
+        "llmwarm_version": "0.1.0",
+        "vllm_version": "0.32.0",
+        "model": "tiny",
+        "config_hash": "abc123def456",
+        "engine_start_s": 40.0,
+    }
+    return caches.Manifest(**(base | change))
+
+
+def test_manifest_round_trip_and_mismatch(tmp_path: Path) -> None:
+    assert caches.read_manifest(tmp_path) is None
+    assert "nothing was baked" in str(caches.mismatch(None, _manifest()))
+    caches.write_manifest(tmp_path, _manifest())
+    baked = caches.read_manifest(tmp_path)
+    assert baked == _manifest().model_copy(update={"baked_at": baked.baked_at})  # type: ignore[union-attr]
+    assert caches.mismatch(baked, _manifest()) is None
+    assert "vLLM 0.32.0, running 0.33.0" in str(
+        caches.mismatch(baked, _manifest(vllm_version="0.33.0"))
+    )
+    assert "another engine configuration" in str(
+        caches.mismatch(baked, _manifest(config_hash="fff"))
+    )
+    (tmp_path / caches.MANIFEST).write_text("{not json")
+    assert caches.read_manifest(tmp_path) is None
+
+
+@pytest.fixture
+def resolved(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What the CLI hands to settings.resolve (which then stops the run)."""
+    seen: dict[str, Any] = {}
+
+    def fake(argv: list[str], **options: Any) -> settings.Settings:
+        seen.update(options, argv=argv)
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(settings, "resolve", fake)
+    return seen
+
+
+ENV = {
+    "LLMWARM_PROFILE": "llmwarm/configs/minimal.yaml",
+    "LLMWARM_REPORT": "env-report.json",
+    "LLMWARM_PLOT": "env-plot.png",
+    "LLMWARM_ON_UNCONVERGED": "fail",
+    "LLMWARM_CACHE_DIR": "/tmp/env-cache",
+    "LLMWARM_CAPTURE_SIZES_FROM_PROFILE": "true",
+}
+
+
+def test_the_environment_configures_every_option(resolved: dict[str, Any]) -> None:
+    result = CliRunner(env=ENV).invoke(app, ["bake", "some/model", "--max-model-len", "64"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert resolved == {
+        "argv": ["some/model", "--max-model-len", "64"],
+        "mode": "bake",
+        "prog": "llmwarm bake",
+        "profile_path": Path("llmwarm/configs/minimal.yaml"),
+        "report_path": Path("env-report.json"),
+        "plot_path": Path("env-plot.png"),
+        "on_unconverged": "fail",
+        "cache_dir": Path("/tmp/env-cache"),
+        "capture_sizes_from_profile": True,
+    }
+
+
+def test_flags_win_over_the_environment(resolved: dict[str, Any], tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text("buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 4}]\n")
+    result = CliRunner(env=ENV).invoke(
+        app,
+        ["serve", "m", "--profile", str(profile), "--report", "flag.json", "--plot", "f.png",
+         "--on-unconverged", "serve", "--cache-dir", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert resolved["profile_path"] == profile
+    assert resolved["report_path"] == Path("flag.json")
+    assert resolved["plot_path"] == Path("f.png")
+    assert resolved["on_unconverged"] == "serve"
+    assert resolved["cache_dir"] == tmp_path
