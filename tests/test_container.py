@@ -1,0 +1,170 @@
+"""The container entrypoint, run the way the image runs it, without Docker: the image's
+ENTRYPOINT and ENV, configuration by environment as in deploy/, llmwarm as PID 1 of its own
+PID namespace (`unshare`), signals from outside as `docker stop` / the kubelet send them.
+
+`llmwarm bake` fills a cache directory first; the entrypoint then starts from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import ENGINE_FLAGS, LLMWARM, engine_env, free_port
+from tests.test_deploy import _dockerfile
+from tests.test_e2e import MINIMAL, STARTUP_TIMEOUT_S
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent  # where the image's PATH finds `llmwarm`
+
+
+def _container_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """Dockerfile.cpu's ENV, with its paths mapped under `tmp` (the container's volumes)."""
+    _, image_env, _ = _dockerfile("Dockerfile.cpu")
+    env = engine_env()
+    for key, value in image_env.items():
+        if key == "PATH":
+            env[key] = f"{BIN}:{os.environ['PATH']}"
+        elif value.startswith("/var/"):
+            env[key] = str(tmp / value.lstrip("/"))
+            Path(env[key]).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            env[key] = value
+    return env | extra
+
+
+def _pid1(proc: subprocess.Popen[bytes]) -> psutil.Process:
+    """llmwarm: the child of `unshare`, PID 1 in its namespace."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        children = psutil.Process(proc.pid).children()
+        if children:
+            return children[0]
+        time.sleep(0.05)
+    pytest.fail("unshare started no process")
+
+
+def _status(process: psutil.Process, field: str) -> str:
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return line.split(":", 1)[1].strip()
+    raise KeyError(field)
+
+
+def _namespace_pid(process: psutil.Process) -> int:
+    """Its PID inside its own (innermost) PID namespace."""
+    return int(_status(process, "NSpid").split()[-1])
+
+
+def _catches_sigterm(process: psutil.Process) -> bool:
+    return bool(int(_status(process, "SigCgt"), 16) & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.fixture(scope="module")
+def baked(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    cache = tmp_path_factory.mktemp("cache")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*LLMWARM, "bake", str(tiny_model), *ENGINE_FLAGS, "--served-model-name", "tiny",
+         "--report", str(cache.parent / "bake-report.json")],
+        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S,
+        env=engine_env() | {"LLMWARM_CACHE_DIR": str(cache), "LLMWARM_PROFILE": str(MINIMAL)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"bake (cold start, empty caches): {time.monotonic() - t0:.1f} s")
+    yield cache
+
+
+def test_bake_leaves_the_compile_caches_and_a_manifest(baked: Path) -> None:
+    manifest = json.loads((baked / "llmwarm-bake.json").read_text())
+    assert manifest["model"] == "tiny" and manifest["vllm_version"] == "0.32.0"
+    assert len(manifest["config_hash"]) >= 10 and manifest["engine_start_s"] > 0
+    # vLLM's torch.compile / AOT artifacts (on CPU the inductor and GPU caches stay empty)
+    compiled = list((baked / "vllm" / "torch_compile_cache").rglob("*"))
+    assert [f for f in compiled if f.is_file()], "no compile artifacts were baked"
+
+
+def test_entrypoint_serves_warm_from_the_baked_cache_and_stops_on_sigterm(
+    tiny_model: Path, baked: Path, tmp_path: Path
+) -> None:
+    assert shutil.which("unshare"), "util-linux unshare is needed to run as PID 1"
+    entrypoint, _, _ = _dockerfile("Dockerfile.cpu")
+    port = free_port()
+    env = _container_env(tmp_path, LLMWARM_PROFILE=str(MINIMAL), LLMWARM_CACHE_DIR=str(baked))
+    log = tmp_path / "log"
+    # `docker run IMAGE MODEL [vllm flags]`: the arguments follow the ENTRYPOINT
+    cmd = [
+        "unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--",
+        *entrypoint, str(tiny_model), *ENGINE_FLAGS, "--served-model-name", "tiny",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        llmwarm = _pid1(proc)
+        assert Path(llmwarm.cmdline()[1]).name == "llmwarm" and llmwarm.cmdline()[2] == "serve"
+        assert _namespace_pid(llmwarm) == 1  # no shell in between: it gets the signals
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            while time.monotonic() - t0 < STARTUP_TIMEOUT_S:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    if client.get("/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            else:
+                pytest.fail(log.read_text()[-3000:])
+        print(f"entrypoint, baked cache: ready in {time.monotonic() - t0:.1f} s")
+        text = log.read_text()
+        assert "match this engine" in text, text[-3000:]  # it started from the baked caches
+        report = Path(env["LLMWARM_REPORT"])  # the image's report path, in its volume
+        assert json.loads(report.read_text())["converged"] in (True, False)
+        children = llmwarm.children(recursive=True)
+        llmwarm.send_signal(signal.SIGTERM)  # from outside the namespace, like `docker stop`
+        assert proc.wait(30) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive and not llmwarm.is_running()
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_pid1_stops_on_sigterm_even_before_its_event_loop_runs(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # The first seconds go to importing vLLM; PID 1 ignores signals it has no handler for.
+    entrypoint, _, _ = _dockerfile("Dockerfile.cpu")
+    cmd = ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--",
+           *entrypoint, str(tiny_model), *ENGINE_FLAGS, "--port", str(free_port())]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_container_env(tmp_path)
+    )
+    try:
+        llmwarm = _pid1(proc)
+        assert _namespace_pid(llmwarm) == 1
+        deadline = time.monotonic() + 30
+        while not _catches_sigterm(llmwarm):  # the CLI is up; vLLM is being imported
+            assert time.monotonic() < deadline, "llmwarm never handled SIGTERM"
+            time.sleep(0.02)
+        llmwarm.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 130
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        assert "Traceback" not in out, out[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,141 @@
+"""The container images and Kubernetes manifests, checked without Docker or a cluster."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import typer
+import yaml
+
+from llmwarm.cli import app
+from llmwarm.profile import load_profile
+from tests.conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
+KUBERNETES = "1.30.0"  # the oldest version the manifests must work on (preStop `sleep`)
+
+
+def _docs() -> list[dict[str, Any]]:
+    return [d for f in MANIFESTS for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def _kind(kind: str, name: str | None = None) -> dict[str, Any]:
+    (found,) = [d for d in _docs() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    return found
+
+
+def _container(kind: str = "Deployment") -> dict[str, Any]:
+    spec = _kind(kind)["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    return dict(container)
+
+
+def _flag(args: list[str], name: str) -> str:
+    (value,) = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
+    return value
+
+
+def llmwarm_env_vars() -> set[str]:
+    """Every environment variable the `llmwarm` commands read."""
+    found = set()
+    for sub in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
+        for param in sub.params:
+            if getattr(param, "envvar", None):
+                found.add(str(param.envvar))
+    return found
+
+
+@pytest.mark.parametrize("version", [KUBERNETES, kubernetes_validate.latest_version()])
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=[m.name for m in MANIFESTS])
+def test_manifests_match_the_kubernetes_schema(manifest: Path, version: str) -> None:
+    for doc in yaml.safe_load_all(manifest.read_text()):
+        kubernetes_validate.validate(doc, version, strict=True)  # raises with the field
+
+
+def test_probes_never_kill_a_warming_replica() -> None:
+    c = _container()
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
+    assert _flag(c["args"], "--port") == str(port)
+    for probe in ("startupProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/ready", "port": "http"}
+    # liveness on /live: 200 in every phase, so warming (or a re-warm) never restarts it
+    assert c["livenessProbe"]["httpGet"]["path"] == "/live"
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # load + warm-up
+
+
+def test_termination_grace_covers_prestop_and_draining() -> None:
+    spec = _kind("Deployment")["spec"]["template"]["spec"]
+    c = _container()
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = int(_flag(c["args"], "--shutdown-timeout"))
+    assert pre_stop >= 5 and drain > 0
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 10  # + engine stop
+
+
+def test_the_service_reaches_the_pods() -> None:
+    service, deployment = _kind("Service"), _kind("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_the_environment_and_mounts_are_ones_llmwarm_reads(tmp_path: Path) -> None:
+    known = llmwarm_env_vars()
+    assert {"LLMWARM_PROFILE", "LLMWARM_REPORT", "LLMWARM_CACHE_DIR"} <= known
+    for kind in ("Deployment", "Job"):
+        c = _container(kind)
+        named = {e["name"] for e in c.get("env", []) if e["name"].startswith("LLMWARM_")}
+        assert named <= known, named - known
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert str(Path(env["LLMWARM_PROFILE"]).parent) in mounts
+    # the Job bakes into the volume the Deployment starts from, for the same model and flags
+    serve, bake = _container(), _container("Job")
+    assert bake["command"] == ["llmwarm", "bake"]
+    assert (
+        _flag(bake["args"], "--cache-dir")
+        == {e["name"]: e.get("value") for e in serve["env"]}["LLMWARM_CACHE_DIR"]
+    )
+    same = [a for a in serve["args"] if not a.startswith(("--port", "--shutdown-timeout"))]
+    assert same == [a for a in bake["args"] if not a.startswith("--cache-dir")]
+    # the ConfigMap's profile is valid where it is mounted
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(_kind("ConfigMap")["data"]["profile.yaml"])
+    assert load_profile(profile).budget.max_seconds == 300
+
+
+def _dockerfile(name: str) -> tuple[list[str], dict[str, str], str]:
+    """ENTRYPOINT, ENV and FROM of a Dockerfile."""
+    text = (ROOT / name).read_text().replace("\\\n", " ")
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.M)[1])  # type: ignore[index]
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV (.+)$", text, re.M):
+        env.update(re.findall(r"(\w+)=(\S+)", line))
+    base = re.search(r"^FROM (\S+)", text, re.M)[1]  # type: ignore[index]
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    for key, value in args.items():
+        base = base.replace(f"${{{key}}}", value)
+    return entrypoint, env, base
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_images_run_llmwarm_serve_like_the_vllm_image(name: str) -> None:
+    entrypoint, env, base = _dockerfile(name)
+    assert entrypoint == ["llmwarm", "serve"]  # exec form: llmwarm is PID 1, gets SIGTERM
+    named = {
+        k for k in env if k.startswith("LLMWARM_") and k not in ("LLMWARM_VENV", "LLMWARM_EXTRAS")
+    }
+    assert named <= llmwarm_env_vars()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    if name == "Dockerfile":  # the vLLM image of the release the `gpu` extra pins
+        pin = re.search(r'^gpu = \["vllm==([^"]+)"\]$', pyproject, re.M)[1]  # type: ignore[index]
+        assert base == f"vllm/vllm-openai:v{pin}"
+    else:  # the project's own set-up with the `cpu` extra
+        assert env["LLMWARM_EXTRAS"] == "cpu" and re.search(r"^cpu = ", pyproject, re.M)
