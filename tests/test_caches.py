@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,21 @@ from llmwarm.cli import app
 from llmwarm.errors import UsageError
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """caches.use writes os.environ (for vLLM's processes): put it back after each test, so
+    later tests' engines do not inherit a scratch cache directory."""
+    saved = dict(os.environ)
+    for var in (*caches.ENV, "VLLM_USE_AOT_COMPILE"):
+        os.environ.pop(var, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def test_use_points_every_cache_into_the_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for var in caches.ENV:
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")
     caches.use(tmp_path)
     assert {var: os.environ[var] for var in caches.ENV} == {
@@ -31,6 +42,14 @@ def test_use_points_every_cache_into_the_directory(
         "CUDA_CACHE_PATH": f"{tmp_path}/cuda",
     }
     assert "HF_HOME" not in caches.ENV and "XDG_CACHE_HOME" not in caches.ENV  # models stay
+    # this machine runs vLLM's CPU build, whose AOT artifacts do not load back
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+
+
+def test_a_users_aot_setting_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    caches.use(tmp_path)
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
 
 
 def test_prepare_creates_the_directory_and_refuses_a_file(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from llmwarm import __version__
 from llmwarm.cli import app
-from tests.conftest import LLMWARM, engine_env
+from tests.conftest import ENGINE_FLAGS, LLMWARM, engine_env, free_port
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
 
@@ -140,6 +141,23 @@ def test_port_in_use_fails_before_the_engine_loads(tiny_model: Path) -> None:
     assert f"127.0.0.1:{port} is already in use" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "EngineCore" not in proc.stderr  # refused before any engine started
+
+
+def test_an_unloadable_model_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
+    # config.json and tokenizer of a real model, weights that are not a checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    port = free_port()
+    proc = subprocess.run(
+        [*LLMWARM, "serve", str(broken), *ENGINE_FLAGS, "--host", "127.0.0.1",
+         "--port", str(port)],
+        capture_output=True, text=True, timeout=300, env=engine_env(),
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Error: the vLLM engine failed to start" in proc.stderr
+    assert "\n  • engine: " in proc.stderr
 
 
 # --- llmwarm profile ... ------------------------------------------------------------------

@@ -131,6 +131,7 @@ def test_entrypoint_serves_warm_from_the_baked_cache_and_stops_on_sigterm(
         print(f"entrypoint, baked cache: ready in {time.monotonic() - t0:.1f} s")
         text = log.read_text()
         assert "match this engine" in text, text[-3000:]  # it started from the baked caches
+        assert "Compiling model again due to a load failure" not in text  # and they loaded
         report = Path(env["LLMWARM_REPORT"])  # the image's report path, in its volume
         assert json.loads(report.read_text())["converged"] in (True, False)
         children = llmwarm.children(recursive=True)

@@ -482,7 +482,12 @@ def _engine_children(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.parametrize(
     ("phase", "action"),
-    [("loading", "sigterm"), ("warming", "sigterm"), ("warming", "kill-engine")],
+    [
+        ("loading", "sigterm"),
+        ("warming", "sigterm"),
+        ("warming", "sigint-twice"),  # Ctrl-C, Ctrl-C: forced at once
+        ("warming", "kill-engine"),
+    ],
 )
 def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
     tiny_model: Path, tmp_path: Path, phase: str, action: str
@@ -528,6 +533,12 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
         if action == "sigterm":
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 130
+        elif action == "sigint-twice":
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 130
+            assert time.monotonic() - t0 < 5
         else:
             (core,) = [p for p in children if "EngineCore" in p.name() + " ".join(p.cmdline())]
             core.kill()
@@ -538,6 +549,8 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
         text = log.read_text()
         if action == "sigterm":
             assert f"interrupted while {phase}" in text and "Traceback" not in text
+        elif action == "sigint-twice":
+            assert "SIGINT again: forcing exit" in text
         else:
             assert "Error: the vLLM engine died during the warm-up" in text
             assert "never retrieved" not in text  # (vLLM logs the engine's own traceback)

@@ -22,6 +22,16 @@ class FakeEngine:
         self.errored, self.is_running = True, False
 
 
+async def _endless(cancelled: asyncio.Event) -> int:
+    """Work that never ends by itself; records that it was cancelled."""
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+    return 0
+
+
 async def test_the_work_result_when_the_engine_lives() -> None:
     async def work() -> int:
         await asyncio.sleep(0.01)
@@ -34,17 +44,9 @@ async def test_an_engine_death_cancels_the_work_and_says_so() -> None:
     eng = FakeEngine()
     cancelled = asyncio.Event()
 
-    async def work() -> int:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return 0
-
     asyncio.get_running_loop().call_later(0.1, eng.die)
     with pytest.raises(WarmupError, match="the vLLM engine died during the warm-up") as info:
-        await asyncio.wait_for(_unless_engine_dies(eng, work()), 5)  # type: ignore[arg-type]
+        await asyncio.wait_for(_unless_engine_dies(eng, _endless(cancelled)), 5)  # type: ignore[arg-type]
     assert cancelled.is_set()
     assert info.value.problems == [("engine", "EngineCore died")]
 
@@ -71,15 +73,7 @@ async def test_a_request_failing_on_a_live_engine_is_that_failure() -> None:
 async def test_cancelling_the_guard_cancels_the_work() -> None:
     cancelled = asyncio.Event()
 
-    async def work() -> int:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return 0
-
-    guard = asyncio.create_task(_unless_engine_dies(FakeEngine(), work()))  # type: ignore[arg-type]
+    guard = asyncio.create_task(_unless_engine_dies(FakeEngine(), _endless(cancelled)))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
     guard.cancel()
     with pytest.raises(asyncio.CancelledError):

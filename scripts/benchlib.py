@@ -1,0 +1,62 @@
+"""What the benchmark scripts share: launching a server until ready, and the docs page."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def ready_server(
+    cmd: list[str], url: str, ready_path: str, env: dict[str, str], log: Path
+) -> Iterator[float]:
+    """Launch `cmd`, wait until `ready_path` answers 200; the seconds that took. SIGTERM on exit."""
+    start = time.perf_counter()
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"{cmd[:4]} exited with {proc.returncode}; see {log}")
+                try:
+                    if client.get(ready_path).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        yield time.perf_counter() - start
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def write_section(page: Path, name: str, body: str) -> None:
+    """Put `body` between `<!-- NAME:start -->` and `<!-- NAME:end -->`, appending the
+    markers at the end of the page the first time; the rest of the page is kept."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = page.read_text(encoding="utf-8") if page.exists() else ""
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
+        text = before + block + after
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    page.write_text(text, encoding="utf-8")
