@@ -29,6 +29,7 @@ from argparse import Namespace
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 import httpx
@@ -237,7 +238,8 @@ class _Lifecycle:
         logger.info("engine started in %.1f s; warming up", self.live.engine_start_s)
         app = await engine.build_app(eng, args, self.http)
         self.gate.warming(app)
-        report = await self._warmup(eng, self.settings.profile, trigger="startup")
+        settings = self.settings
+        report = await self._warmup(eng, settings.profile, settings.profile_path, "startup")
         _publish(report, self.settings)
         if self.settings.mode == "bake":
             self._bake(eng)
@@ -290,32 +292,36 @@ class _Lifecycle:
         logger.info("baked: compile caches in %s (%.1f MB)", directory, size / 1e6)
 
     async def _warmup(
-        self, eng: engine.AsyncLLM, profile: Profile, trigger: Literal["startup", "api"]
+        self,
+        eng: engine.AsyncLLM,
+        profile: Profile,
+        source: Path,
+        trigger: Literal["startup", "api"],
     ) -> Report:
         """Warm up through the app; the report, also when the warm-up failed (then raise)."""
         args = self.settings.vllm_args
         shape = engine.shape(eng, args)
-        client = _warmup_client(self.sock, args, self.gate)
-        if trigger == "api":  # adapters loaded since start-up (/v1/load_lora_adapter)
-            shape = replace(shape, lora=await warmup.served_adapters(client, self.settings.model))
-        profile = for_engine(profile, shape)
-        self.live.reset(profile.convergence.window)
-        try:
-            outcome, kv = await _unless_engine_dies(eng, self._warm(eng, profile, shape, client))
-        except WarmupError as exc:
-            failure = WarmupFailure(
-                message=exc.message,
-                problems=[Problem(where=w, message=m) for w, m in exc.problems],
-            )
-            report = self._report(profile, None, None, False, trigger, failure)
-            self.control.report = report
-            _write(report, self.settings)
-            raise
-        finally:
-            await client.aclose()
+        async with _warmup_client(self.sock, args, self.gate) as client:
+            if trigger == "api":  # adapters loaded since start-up (/v1/load_lora_adapter)
+                adapters = await warmup.served_adapters(client, self.settings.model)
+                shape = replace(shape, lora=adapters)
+            profile = for_engine(profile, shape)
+            self.live.reset(profile.convergence.window)
+            try:
+                warm = self._warm(eng, profile, shape, client)
+                outcome, kv = await _unless_engine_dies(eng, warm)
+            except WarmupError as exc:
+                failure = WarmupFailure(
+                    message=exc.message,
+                    problems=[Problem(where=w, message=m) for w, m in exc.problems],
+                )
+                report = self._report(profile, source, None, None, False, trigger, failure)
+                self.control.report = report
+                _write(report, self.settings)
+                raise
         # Warm-up prompts must leave no state behind that a user could hit.
         reset = await engine.reset_prefix_cache(eng)
-        report = self._report(profile, outcome, kv, reset, trigger, None)
+        report = self._report(profile, source, outcome, kv, reset, trigger, None)
         self.control.report = report
         return report
 
@@ -363,6 +369,7 @@ class _Lifecycle:
     def _report(
         self,
         profile: Profile,
+        source: Path,
         outcome: warmup.Outcome | None,
         kv: KvFillResult | None,
         reset: bool,
@@ -385,7 +392,7 @@ class _Lifecycle:
             llmwarm_version=__version__,
             vllm_version=engine.vllm_version(),
             model=self.settings.model,
-            profile=str(self.settings.profile_path),
+            profile=str(source),
             started_at=self.started_at,
             engine_start_s=live.engine_start_s or 0.0,
             warmup_s=warmup_s or 0.0,
@@ -402,13 +409,14 @@ class _Lifecycle:
 
     async def _rewarm(self, eng: engine.AsyncLLM, app: ASGIApp, request: RewarmRequest) -> Report:
         """`POST /warmup/run`: warm the serving engine again, closing the gate if asked."""
-        profile = self.settings.profile
+        profile, source = self.settings.profile, self.settings.profile_path
         if request.profile is not None:
-            profile = load_profile(shipped(request.profile))
+            source = shipped(request.profile)
+            profile = load_profile(source)
         if request.close_gate:
             self.gate.warming(app)
         try:
-            report = await self._warmup(eng, profile, trigger="api")
+            report = await self._warmup(eng, profile, source, "api")
         finally:
             if self.gate.phase is Phase.WARMING:
                 self.gate.open(self.gate.summary)
