@@ -2,7 +2,8 @@
 
     GET  /warmup/report   the last warm-up report (JSON), 404 before the first one ends
     POST /warmup/run      re-run a warm-up on the serving engine, e.g. after a LoRA adapter
-                          was loaded or after sleep/wake. JSON body, every field optional:
+                          was loaded (every adapter listed is warmed too) or after sleep/wake.
+                          JSON body, every field optional:
                             {"profile": "chat",     a shipped profile (default: the served one)
                              "close_gate": false,   503 to users (and /ready) while it runs
                              "wait": true}          answer with the report when it is done

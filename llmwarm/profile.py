@@ -315,6 +315,19 @@ def auto_buckets(auto: Auto, shape: EngineShape, chat: bool) -> list[Bucket]:
     ]  # fmt: skip
 
 
+def with_adapters(profile: Profile, adapters: list[str]) -> Profile:
+    """The profile, warming these LoRA adapters too (the `lora` feature), e.g. adapters loaded
+    at run time before a re-warm."""
+    if not adapters:
+        return profile
+    features = profile.features
+    use = features.use if "lora" in features.use else [*features.use, "lora"]
+    lora = list(dict.fromkeys([*features.lora, *adapters]))
+    return profile.model_copy(
+        update={"features": features.model_copy(update={"use": use, "lora": lora})}
+    )
+
+
 def for_engine(profile: Profile, shape: EngineShape) -> Profile:
     """The profile with `auto` resolved and checked against the engine's limits."""
     chat = "chat" in profile.endpoints

@@ -40,7 +40,14 @@ from llmwarm.control import Control, RewarmRequest
 from llmwarm.errors import EXIT_INTERRUPTED, Interrupted, Unconverged, WarmupError
 from llmwarm.gate import Gate, Phase
 from llmwarm.metrics import Live, WarmupCollector
-from llmwarm.profile import EngineShape, Profile, for_engine, load_profile, shipped
+from llmwarm.profile import (
+    EngineShape,
+    Profile,
+    for_engine,
+    load_profile,
+    shipped,
+    with_adapters,
+)
 from llmwarm.progress import ProgressView
 from llmwarm.report import (
     KvFillResult,
@@ -302,9 +309,10 @@ class _Lifecycle:
         args = self.settings.vllm_args
         shape = engine.shape(eng, args)
         async with _warmup_client(self.sock, args, self.gate) as client:
-            if trigger == "api":  # adapters loaded since start-up (/v1/load_lora_adapter)
+            if trigger == "api":  # also every adapter loaded since (/v1/load_lora_adapter)
                 adapters = await warmup.served_adapters(client, self.settings.model)
                 shape = replace(shape, lora=adapters)
+                profile = with_adapters(profile, adapters)
             profile = for_engine(profile, shape)
             self.live.reset(profile.convergence.window)
             try:

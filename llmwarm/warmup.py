@@ -106,8 +106,8 @@ async def measure_all(client: httpx.AsyncClient, requests: Sequence[WarmRequest]
 
 
 async def served_adapters(client: httpx.AsyncClient, model: str) -> list[str]:
-    """The LoRA adapters the server lists now (`/v1/models` entries whose parent is `model`),
-    including those loaded at run time with `/v1/load_lora_adapter`."""
+    """The LoRA adapters the server lists now (`/v1/models` entries with a parent: the base
+    model), including those loaded at run time with `/v1/load_lora_adapter`."""
     try:
         resp = await client.get("/v1/models")
         resp.raise_for_status()

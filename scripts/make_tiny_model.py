@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 # Bump when anything below changes, so stale models are rebuilt.
-STAMP = "llmwarm-tiny-llama-v1"
+STAMP = "llmwarm-tiny-llama-v2"  # v2: with a LoRA adapter in lora/
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -79,7 +79,41 @@ def build(out: Path) -> None:
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
+    _lora(out / "lora", config, str(out))
     (out / "llmwarm-stamp.json").write_text(json.dumps({"stamp": STAMP}))
+
+
+def _lora(out: Path, config: object, base: str, rank: int = 8) -> None:
+    """A PEFT-format LoRA adapter on q_proj and v_proj (random, seeded): what
+    `--lora-modules` or `/v1/load_lora_adapter` load."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    hidden = config.hidden_size  # type: ignore[attr-defined]
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)  # type: ignore[attr-defined]
+    generator = torch.Generator().manual_seed(1)
+
+    def small(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.01
+
+    tensors = {}
+    for layer in range(config.num_hidden_layers):  # type: ignore[attr-defined]
+        for module, width in (("q_proj", hidden), ("v_proj", kv)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (
+                torch.randn(rank, hidden, generator=generator) * 0.01
+            )
+            tensors[f"{prefix}.lora_B.weight"] = (
+                torch.randn(width, rank, generator=generator) * 0.01
+            )
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": ["q_proj", "v_proj"], "fan_in_fan_out": False,
+    }  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
 
 def main(argv: list[str]) -> int:

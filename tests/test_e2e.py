@@ -565,3 +565,47 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_rewarm_after_a_lora_adapter_is_loaded_warms_it(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "log"
+    env = engine_env() | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, "--port", str(port),
+             "--host", "127.0.0.1", "--served-model-name", "tiny", "--profile", str(MINIMAL),
+             "--report", str(tmp_path / "r.json"),
+             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    if c.get("/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            loaded = c.post(
+                "/v1/load_lora_adapter",
+                json={"lora_name": "sql", "lora_path": str(tiny_model / "lora")},
+            )
+            assert loaded.status_code == 200, loaded.text
+            report = c.post("/warmup/run", json={})
+            assert report.status_code == 200, report.text
+            answer = c.post(
+                "/v1/completions", json={"model": "sql", "prompt": "a", "max_tokens": 4}
+            )
+        kinds = {k["kind"] for k in report.json()["kinds"]}
+        assert {"completions+lora:sql", "chat-stream+lora:sql"} <= kinds, kinds
+        assert report.json()["error"] is None
+        assert answer.status_code == 200 and answer.json()["model"] == "sql"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

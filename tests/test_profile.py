@@ -12,6 +12,7 @@ from llmwarm.profile import (
     load_profile,
     parse_profile,
     shipped,
+    with_adapters,
 )
 
 CONFIGS = Path(__file__).parent.parent / "llmwarm" / "configs"
@@ -226,6 +227,16 @@ def test_lora_needs_lora_enabled_and_known_adapters() -> None:
     assert info.value.problems == [("features.lora", "no such adapter (--lora-modules): chat")]
     shape = EngineShape(**{**SHAPE.__dict__, "lora_enabled": True, "lora": ["sql", "chat"]})
     assert for_engine(profile, shape).features.kinds() == ["lora:sql", "lora:chat"]
+
+
+def test_with_adapters_warms_every_listed_adapter_once() -> None:
+    plain = parse_profile({"buckets": [BUCKET], "features": {"use": ["greedy"]}})
+    assert with_adapters(plain, []) is plain
+    both = with_adapters(plain, ["sql", "chat"])
+    assert both.features.use == ["greedy", "lora"]
+    assert both.features.kinds() == ["greedy", "lora:sql", "lora:chat"]
+    named = parse_profile({"buckets": [BUCKET], "features": {"use": ["lora"], "lora": ["sql"]}})
+    assert with_adapters(named, ["chat", "sql"]).features.lora == ["sql", "chat"]
 
 
 def test_auto_buckets_without_cuda_graphs() -> None:
