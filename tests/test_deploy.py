@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import kubernetes_validate
 import pytest
 import typer
 import yaml
+from dockerfile_parse import DockerfileParser
 
 from llmwarm.cli import app
 from llmwarm.profile import load_profile
@@ -112,17 +115,21 @@ def test_the_environment_and_mounts_are_ones_llmwarm_reads(tmp_path: Path) -> No
 
 
 def _dockerfile(name: str) -> tuple[list[str], dict[str, str], str]:
-    """ENTRYPOINT, ENV and FROM of a Dockerfile."""
-    text = (ROOT / name).read_text().replace("\\\n", " ")
-    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.M)[1])  # type: ignore[index]
-    env: dict[str, str] = {}
-    for line in re.findall(r"^ENV (.+)$", text, re.M):
-        env.update(re.findall(r"(\w+)=(\S+)", line))
-    base = re.search(r"^FROM (\S+)", text, re.M)[1]  # type: ignore[index]
-    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
-    for key, value in args.items():
-        base = base.replace(f"${{{key}}}", value)
-    return entrypoint, env, base
+    """ENTRYPOINT, ENV and FROM (ARGs substituted) of a Dockerfile."""
+    with (ROOT / name).open("rb") as f:
+        parsed = DockerfileParser(fileobj=f)
+        (entrypoint,) = [i["value"] for i in parsed.structure if i["instruction"] == "ENTRYPOINT"]
+        return json.loads(entrypoint), dict(parsed.envs), str(parsed.baseimage)
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_dockerfiles_pass_hadolint(name: str) -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    proc = subprocess.run(
+        [str(hadolint), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(ROOT / name)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
