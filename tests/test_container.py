@@ -21,9 +21,16 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ENGINE_FLAGS, LLMWARM, engine_env, free_port
+from tests.conftest import (
+    ENGINE_FLAGS,
+    LLMWARM,
+    STARTUP_TIMEOUT_S,
+    engine_env,
+    free_port,
+    wait_ready,
+)
 from tests.test_deploy import _dockerfile
-from tests.test_e2e import MINIMAL, STARTUP_TIMEOUT_S
+from tests.test_e2e import MINIMAL
 
 pytestmark = pytest.mark.e2e
 
@@ -119,16 +126,7 @@ def test_entrypoint_serves_warm_from_the_baked_cache_and_stops_on_sigterm(
         assert Path(llmwarm.cmdline()[1]).name == "llmwarm" and llmwarm.cmdline()[2] == "serve"
         assert _namespace_pid(llmwarm) == 1  # no shell in between: it gets the signals
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            while time.monotonic() - t0 < STARTUP_TIMEOUT_S:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-            else:
-                pytest.fail(log.read_text()[-3000:])
+            wait_ready(proc, client, log)
         print(f"entrypoint, baked cache: ready in {time.monotonic() - t0:.1f} s")
         text = log.read_text()
         assert "match this engine" in text, text[-3000:]  # it started from the baked caches

@@ -24,12 +24,19 @@ import psutil
 import pytest
 
 from llmwarm.gate import WARMUP_HEADER
-from tests.conftest import ENGINE_FLAGS, LLMWARM, ROOT, engine_env, free_port
+from tests.conftest import (
+    ENGINE_FLAGS,
+    LLMWARM,
+    ROOT,
+    STARTUP_TIMEOUT_S,
+    engine_env,
+    free_port,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.e2e
 
 MINIMAL = ROOT / "llmwarm" / "configs" / "minimal.yaml"
-STARTUP_TIMEOUT_S = 400
 API_KEY = "e2e-key-7c1d"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 # In every body the load sends: no answer of llmwarm's, nor its report, may echo it.
@@ -581,15 +588,7 @@ def test_rewarm_after_a_lora_adapter_is_loaded_warms_it(tiny_model: Path, tmp_pa
         )  # fmt: skip
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    if c.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+            wait_ready(proc, c, log)
             loaded = c.post(
                 "/v1/load_lora_adapter",
                 json={"lora_name": "sql", "lora_path": str(tiny_model / "lora")},
