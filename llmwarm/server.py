@@ -236,21 +236,20 @@ class _Lifecycle:
             try:
                 return await self._warm_and_serve(eng)
             finally:
-                await self.control.close()
                 # Interrupted, failed or done: no request may reach the engine after this.
                 await _stop_http(self.http, self.http_task, grace=0)
 
     async def _warm_and_serve(self, eng: engine.AsyncLLM) -> Report:
-        args = self.settings.vllm_args
+        settings = self.settings
+        args = settings.vllm_args
         logger.info("engine started in %.1f s; warming up", self.live.engine_start_s)
         app = await engine.build_app(eng, args, self.http)
         self.gate.warming(app)
-        settings = self.settings
         report = await self._warmup(eng, settings.profile, settings.profile_path, "startup")
-        _publish(report, self.settings)
-        if self.settings.mode == "bake":
+        _publish(report, settings)
+        if settings.mode == "bake":
             self._bake(eng)
-        if not self.settings.serve:
+        if not settings.serve:
             return report
         async with engine.app_lifespan(app):
             self.gate.open(report.summary())
@@ -259,6 +258,8 @@ class _Lifecycle:
             try:
                 await _serve_until_stopped(self.stop, self.http_task, eng)
             finally:
+                # No re-warm may start or go on (one only runs while serving, so this is the
+                # only place to end it), then in-flight user requests drain.
                 self.control.rewarm = None
                 self.gate.stopping()
                 await self.control.close()
