@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from llmwarm.errors import ProfileError
+from llmwarm.errors import Problem, ProfileError
 from llmwarm.profile import (
     EngineShape,
     concurrency_classes,
@@ -34,7 +34,7 @@ def test_defaults_and_derived_names() -> None:
     assert profile.buckets[0].name == "p8-c2-o4"
 
 
-def _problems(data: object) -> list[tuple[str, str]]:
+def _problems(data: object) -> list[Problem]:
     with pytest.raises(ProfileError) as info:
         parse_profile(data)
     assert info.value.problems
