@@ -115,14 +115,13 @@ def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
         for feature in names
         for endpoint in profile.endpoints
         for stream in profile.stream
-        if not (stream and feature in features.NOT_STREAMED)
-        and not (endpoint != "chat" and feature in features.CHAT_ONLY)
+        if features.spec(feature).takes(endpoint, stream)
     ]
 
 
 def _body(kind: Kind, prompt: str, bucket: Bucket, profile: Profile, model: str) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": bucket.max_tokens, "temperature": 0.0}
-    if kind.feature not in features.STRUCTURED:
+    if not features.spec(kind.feature).constrained:
         # A warm-up must run its full decode length; a random model may emit EOS at once.
         body["ignore_eos"] = True
     if kind.endpoint == "chat":

@@ -14,16 +14,28 @@ import logging
 import os
 import socket
 import threading
+import time
 from argparse import Namespace
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 import psutil
 import uvicorn
 
-from llmwarm.errors import EngineDied, PortInUse, StartupError, VllmArgsError
+from llmwarm.errors import (
+    EngineDied,
+    PortInUse,
+    Problem,
+    StartupError,
+    VllmArgsError,
+    from_validation,
+)
 from llmwarm.profile import EngineShape
+
+if TYPE_CHECKING:
+    from llmwarm.corpus import Tokenizer
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -42,7 +54,7 @@ def _parser(prog: str) -> Any:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    class Parser(FlexibleArgumentParser):
+    class Parser(FlexibleArgumentParser):  # type: ignore[misc]
         # argparse would print and sys.exit(2); llmwarm renders errors in its CLI instead.
         def error(self, message: str) -> NoReturn:
             flag, _, detail = message.partition(": ")
@@ -66,7 +78,7 @@ def parse_args(argv: list[str], prog: str) -> Namespace:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
     cli_env_setup()
-    args = _parser(prog).parse_args(argv)
+    args: Namespace = _parser(prog).parse_args(argv)
     if args.model_tag is not None:
         args.model = args.model_tag
     elif not any(a == "--model" or a.startswith("--model=") for a in argv):
@@ -110,7 +122,7 @@ def authorizer(args: Namespace) -> Callable[[Request], bool]:
     keys = api_keys(args)
     if not keys:
         return lambda request: True
-    check = AuthenticationMiddleware(app=None, tokens=keys)  # type: ignore[arg-type]
+    check = AuthenticationMiddleware(app=None, tokens=keys)
     return lambda request: bool(check.verify_token(request.headers))
 
 
@@ -124,7 +136,8 @@ def bind(args: Namespace) -> tuple[str, socket.socket]:
     from vllm.entrypoints.launchers.launcher import setup_server
 
     try:
-        return setup_server(args, reuse_port=False)
+        listen: tuple[str, socket.socket] = setup_server(args, reuse_port=False)
+        return listen
     except OSError as exc:
         where = args.uds or f"{args.host or '0.0.0.0'}:{args.port}"
         if exc.errno == errno.EADDRINUSE:
@@ -140,17 +153,16 @@ def bind(args: Namespace) -> tuple[str, socket.socket]:
         raise VllmArgsError("bad vLLM arguments", problems=[("vllm flags", str(exc))]) from None
 
 
-def _config_problems(exc: Exception) -> list[tuple[str, str]]:
+def _flag(loc: tuple[int | str, ...]) -> str:
+    return "--" + "-".join(str(part) for part in loc).replace("_", "-")
+
+
+def _config_problems(exc: Exception) -> list[Problem]:
     from pydantic import ValidationError
 
     if not isinstance(exc, ValidationError):
-        return [("vllm flags", str(exc) or repr(exc))]
-    problems = []
-    for err in exc.errors():
-        field = "-".join(str(part) for part in err["loc"]).replace("_", "-")
-        message = str(err["msg"]).removeprefix("Value error, ")
-        problems.append((f"--{field}" if field else f"vllm {exc.title}", message))
-    return problems
+        return [Problem("vllm flags", str(exc) or repr(exc))]
+    return from_validation(exc, root=f"vllm {exc.title}", echo=False, where=_flag)
 
 
 def _end_children() -> None:
@@ -173,8 +185,98 @@ def force_exit(code: int) -> None:
     os._exit(code)
 
 
+class EngineClient(Protocol):
+    """What llmwarm needs of a started engine (in the spirit of vLLM's `EngineClient`).
+
+    `Engine` is vLLM's; the lifecycle tests run a fake one.
+    """
+
+    start_s: float  # seconds from engine start to engine ready
+    vllm_version: str
+
+    def shape(self) -> EngineShape: ...
+    def tokenizer(self) -> Tokenizer: ...
+    def is_dead(self) -> bool: ...
+    def dead_reason(self) -> str: ...
+    async def reset_prefix_cache(self) -> bool: ...
+    async def build_app(self, server: uvicorn.Server) -> ASGIApp: ...
+    def app_lifespan(self, app: ASGIApp) -> AbstractAsyncContextManager[None]: ...
+    def config_hash(self) -> str: ...
+
+
+async def wait_dead(engine: EngineClient, interval: float = 0.5) -> NoReturn:
+    """Raise `EngineDied` when the engine has died (like vLLM's own API-server watchdog)."""
+    while not engine.is_dead():
+        await asyncio.sleep(interval)
+    raise EngineDied(
+        f"the vLLM engine died: {engine.dead_reason()}",
+        problems=[("engine", "the EngineCore process ended; see the log above")],
+    )
+
+
+class Engine:
+    """A started vLLM V1 `AsyncLLM`, seen through `EngineClient`."""
+
+    def __init__(self, llm: AsyncLLM, args: Namespace, start_s: float) -> None:
+        self.llm = llm
+        self.args = args
+        self.start_s = start_s
+        self.vllm_version = vllm_version()
+
+    def shape(self) -> EngineShape:
+        """The running engine's limits that a profile depends on."""
+        from vllm.renderers.chat_utils import load_chat_template
+
+        args = self.args
+        template = load_chat_template(args.chat_template) if args.chat_template else None
+        template = template or getattr(self.llm.tokenizer, "chat_template", None)
+        takes_tools = isinstance(template, str) and "tools" in template
+        return replace(_shape(self.llm.vllm_config, args), chat_template_tools=takes_tools)
+
+    def tokenizer(self) -> Tokenizer:
+        tok = self.llm.tokenizer
+        if tok is None:
+            raise StartupError(
+                "the engine has no tokenizer (--skip-tokenizer-init?); llmwarm needs one for "
+                "prompts"
+            )
+        return cast("Tokenizer", tok)
+
+    def is_dead(self) -> bool:
+        return bool(self.llm.errored and not self.llm.is_running)
+
+    def dead_reason(self) -> str:
+        return str(self.llm.dead_error) or "the EngineCore process ended"
+
+    async def reset_prefix_cache(self) -> bool:
+        return bool(await self.llm.reset_prefix_cache())
+
+    async def build_app(self, server: uvicorn.Server) -> ASGIApp:
+        """vLLM's OpenAI-compatible app with its state, exactly as `vllm serve` builds it."""
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app as vllm_build_app
+
+        supported_tasks = await self.llm.get_supported_tasks()
+        app = vllm_build_app(self.args, supported_tasks, self.llm.model_config)
+        await init_app_state(self.llm, app.state, self.args, supported_tasks)
+        app.state.server = server  # vLLM's error handlers read it
+        return cast("ASGIApp", app)
+
+    @asynccontextmanager
+    async def app_lifespan(self, app: ASGIApp) -> AsyncIterator[None]:
+        """vLLM's app lifespan (stats logging, GC freeze, clean-up), run when the app goes
+        live."""
+        fastapi_app = cast("FastAPI", app)
+        async with fastapi_app.router.lifespan_context(fastapi_app):
+            yield
+
+    def config_hash(self) -> str:
+        """vLLM's hash of the configuration that shapes the compiled graph (keys its caches)."""
+        return str(self.llm.vllm_config.compute_hash())
+
+
 @asynccontextmanager
-async def start_engine(args: Namespace) -> AsyncIterator[AsyncLLM]:
+async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
     """A V1 `AsyncLLM` for these arguments, shut down on exit whatever happened.
 
     vLLM builds the engine synchronously (config, process spawn, a handshake wait of a minute
@@ -215,6 +317,7 @@ async def start_engine(args: Namespace) -> AsyncIterator[AsyncLLM]:
                 problems=[("engine", str(exc) or repr(exc))],
             ) from exc
 
+    started = time.perf_counter()
     future = asyncio.get_running_loop().run_in_executor(None, build)
     try:
         engine = await asyncio.shield(future)
@@ -232,7 +335,7 @@ async def start_engine(args: Namespace) -> AsyncIterator[AsyncLLM]:
         # warm-up is noticed at once.
         engine._run_output_handler()
         await engine.reset_mm_cache()
-        yield engine
+        yield Engine(engine, args, time.perf_counter() - started)
     finally:
         # Synchronous, as in vLLM's own engine context: in a thread, the still-running output
         # handler would see the engine die first and log a spurious EngineDeadError.
@@ -253,18 +356,6 @@ def _shape(config: Any, args: Namespace) -> EngineShape:
     )
 
 
-def shape(engine: AsyncLLM, args: Namespace) -> EngineShape:
-    """The running engine's limits that a profile depends on."""
-    from dataclasses import replace
-
-    from vllm.renderers.chat_utils import load_chat_template
-
-    template = load_chat_template(args.chat_template) if args.chat_template else None
-    template = template or getattr(engine.tokenizer, "chat_template", None)
-    takes_tools = isinstance(template, str) and "tools" in template
-    return replace(_shape(engine.vllm_config, args), chat_template_tools=takes_tools)
-
-
 def shape_from_args(args: Namespace) -> EngineShape:
     """The same limits from the configuration alone, without starting an engine."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -279,52 +370,6 @@ def shape_from_args(args: Namespace) -> EngineShape:
             "vLLM rejected the configuration", problems=_config_problems(exc)
         ) from exc
     return _shape(config, args)
-
-
-def tokenizer(engine: AsyncLLM) -> Any:
-    tok = engine.tokenizer
-    if tok is None:
-        raise StartupError(
-            "the engine has no tokenizer (--skip-tokenizer-init?); llmwarm needs one for prompts"
-        )
-    return tok
-
-
-async def build_app(engine: AsyncLLM, args: Namespace, server: uvicorn.Server) -> FastAPI:
-    """vLLM's OpenAI-compatible FastAPI app with its state, exactly as `vllm serve` builds it."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app as vllm_build_app
-
-    supported_tasks = await engine.get_supported_tasks()
-    app = vllm_build_app(args, supported_tasks, engine.model_config)
-    await init_app_state(engine, app.state, args, supported_tasks)
-    app.state.server = server  # vLLM's error handlers read it
-    return app
-
-
-@asynccontextmanager
-async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """vLLM's app lifespan (stats logging, GC freeze, clean-up), run when the app goes live."""
-    async with app.router.lifespan_context(app):
-        yield
-
-
-async def reset_prefix_cache(engine: AsyncLLM) -> bool:
-    return bool(await engine.reset_prefix_cache())
-
-
-def is_dead(engine: AsyncLLM) -> bool:
-    return bool(engine.errored and not engine.is_running)
-
-
-async def wait_dead(engine: AsyncLLM, interval: float = 0.5) -> None:
-    """Raise `EngineDied` when the engine has died (like vLLM's own API-server watchdog)."""
-    while not is_dead(engine):
-        await asyncio.sleep(interval)
-    raise EngineDied(
-        f"the vLLM engine died: {engine.dead_error}",
-        problems=[("engine", "the EngineCore process ended; see the log above")],
-    )
 
 
 def http_server(app: ASGIApp, args: Namespace) -> uvicorn.Server:
@@ -362,12 +407,8 @@ def http_server(app: ASGIApp, args: Namespace) -> uvicorn.Server:
         args.h11_max_header_count or H11_MAX_HEADER_COUNT_DEFAULT
     )
     config.load()
-    return NoSignalServer(config)
-
-
-def config_hash(engine: AsyncLLM) -> str:
-    """vLLM's hash of the configuration that shapes the compiled graph (it keys its caches)."""
-    return str(engine.vllm_config.compute_hash())
+    server: uvicorn.Server = NoSignalServer(config)
+    return server
 
 
 def vllm_version() -> str:

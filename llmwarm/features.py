@@ -2,40 +2,23 @@
 cold engine down a path no plain request touched (a logprobs kernel, a grammar compiler, a
 sampler with penalties, n > 1 bookkeeping ...).
 
-`Features` is the profile section; `body(...)` turns one feature into request-body fields for
-one endpoint. Pure: no vLLM.
+Each feature is described once, in `SPECS`: the body fields it adds per endpoint, the
+endpoints that take it, whether it can be streamed, whether its output is constrained, and
+how `profile from-log` recognises it in an OpenAI request body and in vLLM's request log.
+Everything else (the profile's list of names, the corpus's kinds, the log reader's order) is
+derived from that table: a new feature is one new `Spec`. Pure: no vLLM.
+
+`Features` is the profile section.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-FeatureName = Literal[
-    "greedy",
-    "sampling",
-    "penalties",
-    "logprobs",
-    "prompt_logprobs",
-    "json_schema",
-    "json_object",
-    "regex",
-    "choice",
-    "grammar",
-    "n",
-    "stop",
-    "tools",
-    "lora",
-]
-
-# Features whose output is constrained: the request ends when the constraint is met, so
-# `ignore_eos` must not force it on.
-STRUCTURED = {"json_schema", "json_object", "regex", "choice", "grammar", "tools"}
-
-# Features only the chat endpoint has.
-CHAT_ONLY = {"tools"}
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 TOOL = {
     "type": "function",
@@ -50,9 +33,6 @@ TOOL = {
     },
 }
 
-# vLLM refuses these with stream=True.
-NOT_STREAMED = {"prompt_logprobs"}
-
 DEFAULT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -64,6 +44,211 @@ DEFAULT_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+Body = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One request as vLLM's `--enable-log-requests` line shows it: the `SamplingParams(...)`
+    text, its `name=value` pairs, and the `lora_request` part."""
+
+    params: str
+    values: Mapping[str, str]
+    lora: str
+
+    def number(self, key: str) -> float:
+        try:
+            return float(self.values.get(key, "0"))
+        except ValueError:
+            return 0.0
+
+    def set(self, key: str) -> bool:
+        return self.values.get(key, "None") not in ("None", "[]")
+
+    def structured(self, key: str) -> bool:
+        if "structured_outputs=StructuredOutputsParams" not in self.params:
+            return False
+        inner = self.params.split("structured_outputs=", 1)[1]
+        return re.search(rf"\b{key}=(?!None)", inner) is not None
+
+
+def _never(_: Any) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One request feature, described once."""
+
+    name: str
+    help: str
+    build: Callable[[Features, str], Body]  # (the profile's settings, endpoint) -> body fields
+    in_body: Callable[[Mapping[str, Any]], bool] = _never  # seen in an OpenAI request body
+    in_log: Callable[[Logged], bool] = _never  # seen in a vLLM request log line
+    endpoints: frozenset[str] | None = None  # None: every endpoint
+    streamable: bool = True  # False: vLLM refuses it with stream=True
+    constrained: bool = False  # the output ends when the constraint is met (no ignore_eos)
+
+    def takes(self, endpoint: str, stream: bool) -> bool:
+        """Whether a request of this endpoint and streaming mode can carry the feature."""
+        endpoint_ok = self.endpoints is None or endpoint in self.endpoints
+        return endpoint_ok and (self.streamable or not stream)
+
+
+def _structured(key: str, feature: str) -> Spec:
+    """regex / choice / grammar: vLLM's `structured_outputs` field."""
+    return Spec(
+        feature,
+        f"{feature} (structured output)",
+        build=lambda f, e: {"structured_outputs": {key: getattr(f, feature)}},
+        in_body=lambda b: (
+            (b.get("structured_outputs") or {}).get(key) is not None
+            or b.get(f"guided_{key}") is not None
+        ),
+        in_log=lambda log: log.structured(key),
+        constrained=True,
+    )
+
+
+def _response_format(kind: str, build: Callable[[Features, str], Body]) -> Spec:
+    """json_schema / json_object: the OpenAI `response_format` field."""
+    return Spec(
+        kind,
+        f"{kind} (structured output)",
+        build=build,
+        in_body=lambda b: (
+            (b.get("response_format") or {}).get("type") == kind
+            or (
+                kind == "json_schema"
+                and (b.get("structured_outputs") or {}).get("json") is not None
+            )
+        ),
+        in_log=lambda log: kind == "json_schema" and log.structured("json"),
+        constrained=True,
+    )
+
+
+SPECS: dict[str, Spec] = {
+    spec.name: spec
+    for spec in (
+        Spec("greedy", "greedy (temperature 0)", build=lambda f, e: {}),
+        Spec(
+            "sampling",
+            "sampling (temperature/top_p/top_k/min_p/seed)",
+            build=lambda f, e: {
+                "temperature": 0.8,
+                "top_p": 0.95,
+                "top_k": 50,
+                "min_p": 0.05,
+                "seed": 1234,
+            },  # fmt: skip
+            in_body=lambda b: (
+                (b.get("temperature") or 0) > 0 or any(k in b for k in ("top_p", "top_k", "min_p"))
+            ),
+            in_log=lambda log: log.number("temperature") > 0,
+        ),
+        Spec(
+            "penalties",
+            "penalties (presence/frequency/repetition)",
+            build=lambda f, e: {
+                "presence_penalty": 0.5,
+                "frequency_penalty": 0.5,
+                "repetition_penalty": 1.1,
+            },  # fmt: skip
+            in_body=lambda b: any(
+                b.get(k) for k in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+            ),
+            in_log=lambda log: (
+                bool(log.number("presence_penalty"))
+                or bool(log.number("frequency_penalty"))
+                or log.number("repetition_penalty") not in (0.0, 1.0)
+            ),
+        ),
+        Spec(
+            "logprobs",
+            "logprobs",
+            build=lambda f, e: (
+                {"logprobs": True, "top_logprobs": f.logprobs}
+                if e == "chat"
+                else {"logprobs": f.logprobs}
+            ),
+            in_body=lambda b: bool(b.get("logprobs") or b.get("top_logprobs")),
+            in_log=lambda log: log.set("logprobs"),
+        ),
+        Spec(
+            "prompt_logprobs",
+            "prompt_logprobs",
+            build=lambda f, e: {"prompt_logprobs": f.prompt_logprobs},
+            in_body=lambda b: bool(b.get("prompt_logprobs")),
+            in_log=lambda log: log.set("prompt_logprobs"),
+            streamable=False,
+        ),
+        Spec(
+            "n",
+            "n (several choices)",
+            build=lambda f, e: {"n": f.n, "temperature": 0.8, "seed": 1234},
+            in_body=lambda b: (b.get("n") or 1) > 1,
+            in_log=lambda log: log.number("n") > 1,
+        ),
+        Spec(
+            "stop",
+            "stop (stop strings)",
+            build=lambda f, e: {"stop": f.stop},
+            in_body=lambda b: bool(b.get("stop")),
+            in_log=lambda log: log.set("stop"),
+        ),
+        _response_format(
+            "json_schema",
+            lambda f, e: {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "llmwarm", "schema": f.json_schema},
+                }
+            },
+        ),
+        _response_format("json_object", lambda f, e: {"response_format": {"type": "json_object"}}),
+        _structured("regex", "regex"),
+        _structured("choice", "choice"),
+        _structured("grammar", "grammar"),
+        Spec(
+            "tools",
+            "tools (a named tool call, chat only; the chat template must take tools)",
+            # A named tool choice: vLLM constrains the arguments to the tool's schema, with
+            # no tool-call parser needed.
+            build=lambda f, e: {
+                "tools": [TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            },
+            in_body=lambda b: bool(b.get("tools")),
+            endpoints=frozenset({"chat"}),
+            constrained=True,
+        ),
+        Spec(
+            "lora",
+            "lora (each adapter in `lora`)",
+            build=lambda f, e: {},  # per adapter: `lora:NAME` kinds, see `spec()`
+            in_log=lambda log: log.lora.strip() != "None",
+        ),
+    )
+}
+
+
+def spec(kind: str) -> Spec:
+    """The spec of a feature kind (`lora:NAME` is the `lora` feature)."""
+    name = "lora" if kind.startswith("lora:") else kind
+    if name not in SPECS:
+        raise ValueError(f"unknown feature {kind!r}")
+    return SPECS[name]
+
+
+def _known(name: str) -> str:
+    if name not in SPECS:
+        raise ValueError(f"unknown feature {name!r} (known: {', '.join(SPECS)})")
+    return name
+
+
+FeatureName = Annotated[str, AfterValidator(_known), Field(json_schema_extra={"enum": list(SPECS)})]
+
 
 class Features(BaseModel):
     """Request features to warm, crossed with some buckets."""
@@ -73,12 +258,9 @@ class Features(BaseModel):
     use: list[FeatureName] = Field(
         default=["greedy"],
         min_length=1,
-        description="Features to send, each as its own request kind: greedy (temperature 0), "
-        "sampling (temperature/top_p/top_k/min_p/seed), penalties (presence/frequency/"
-        "repetition), logprobs, prompt_logprobs, json_schema, json_object, regex, choice, "
-        "grammar (structured output), n (several choices), stop (stop strings), tools (a "
-        "named tool call, chat only; the chat template must take tools), lora (each adapter "
-        "in `lora`).",
+        description="Features to send, each as its own request kind: "
+        + ", ".join(s.help for s in SPECS.values())
+        + ".",
     )
     buckets: list[str] | None = Field(
         default=None,
@@ -143,51 +325,18 @@ class Features(BaseModel):
         return names
 
 
-def body(feature: str, endpoint: str, features: Features) -> dict[str, Any]:
+def body(kind: str, endpoint: str, features: Features) -> Body:
     """Request-body fields for one feature kind on one endpoint."""
-    if feature.startswith("lora:"):
-        return {"model": feature.removeprefix("lora:")}
-    chat = endpoint == "chat"
-    structured: dict[str, Any]
-    match feature:
-        case "greedy":
-            return {}
-        case "sampling":
-            return {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "min_p": 0.05, "seed": 1234}
-        case "penalties":
-            return {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1}
-        case "logprobs":
-            if chat:
-                return {"logprobs": True, "top_logprobs": features.logprobs}
-            return {"logprobs": features.logprobs}
-        case "prompt_logprobs":
-            return {"prompt_logprobs": features.prompt_logprobs}
-        case "n":
-            return {"n": features.n, "temperature": 0.8, "seed": 1234}
-        case "stop":
-            return {"stop": features.stop}
-        case "json_schema":
-            return {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "llmwarm", "schema": features.json_schema},
-                }
-            }
-        case "json_object":
-            return {"response_format": {"type": "json_object"}}
-        case "tools":
-            # A named tool choice: vLLM constrains the arguments to the tool's schema, with
-            # no tool-call parser needed.
-            return {
-                "tools": [TOOL],
-                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-            }
-        case "regex":
-            structured = {"regex": features.regex}
-        case "choice":
-            structured = {"choice": features.choice}
-        case "grammar":
-            structured = {"grammar": features.grammar}
-        case _:
-            raise ValueError(f"unknown feature {feature!r}")
-    return {"structured_outputs": structured}
+    if kind.startswith("lora:"):
+        return {"model": kind.removeprefix("lora:")}
+    return spec(kind).build(features, endpoint)
+
+
+def in_body(body: Mapping[str, Any]) -> set[str]:
+    """The features an OpenAI request body uses."""
+    return {name for name, s in SPECS.items() if s.in_body(body)}
+
+
+def in_log(logged: Logged) -> set[str]:
+    """The features a vLLM request log line shows."""
+    return {name for name, s in SPECS.items() if s.in_log(logged)}

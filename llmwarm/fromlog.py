@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from llmwarm import features
 from llmwarm.errors import ProfileError
 
 CHARS_PER_TOKEN = 4
@@ -45,33 +46,6 @@ class Observed:
     timestamp: float | None = None
 
 
-def _features_of_body(body: dict[str, Any]) -> set[str]:
-    found = set()
-    if (body.get("temperature") or 0) > 0 or any(k in body for k in ("top_p", "top_k", "min_p")):
-        found.add("sampling")
-    if any(body.get(k) for k in ("presence_penalty", "frequency_penalty", "repetition_penalty")):
-        found.add("penalties")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        found.add("logprobs")
-    if body.get("prompt_logprobs"):
-        found.add("prompt_logprobs")
-    if (body.get("n") or 1) > 1:
-        found.add("n")
-    if body.get("stop"):
-        found.add("stop")
-    kind = (body.get("response_format") or {}).get("type")
-    if kind in ("json_schema", "json_object"):
-        found.add(kind)
-    structured = body.get("structured_outputs") or {}
-    for key, feature in (("json", "json_schema"), ("regex", "regex"), ("choice", "choice"),
-                         ("grammar", "grammar")):  # fmt: skip
-        if structured.get(key) is not None or body.get(f"guided_{key}") is not None:
-            found.add(feature)
-    if body.get("tools"):
-        found.add("tools")
-    return found
-
-
 def _from_body(body: dict[str, Any]) -> Observed:
     if "messages" in body:
         text = " ".join(str(m.get("content") or "") for m in body["messages"])
@@ -82,49 +56,18 @@ def _from_body(body: dict[str, Any]) -> Observed:
         text = prompt if isinstance(prompt, str) else ""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             return Observed(endpoint, bool(body.get("stream")), len(prompt),
-                            body.get("max_tokens"), _features_of_body(body),
+                            body.get("max_tokens"), features.in_body(body),
                             body.get("timestamp"))  # fmt: skip
     tokens = max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
     return Observed(endpoint, bool(body.get("stream")), tokens, max_tokens,
-                    _features_of_body(body), body.get("timestamp"))  # fmt: skip
+                    features.in_body(body), body.get("timestamp"))  # fmt: skip
 
 
 def _from_params(params: str, lora: str) -> Observed:
-    values = {k: v.strip() for k, v in _PARAM.findall(params)}
-
-    def number(key: str) -> float:
-        try:
-            return float(values.get(key, "0"))
-        except ValueError:
-            return 0.0
-
-    found = set()
-    if number("temperature") > 0:
-        found.add("sampling")
-    if (
-        number("presence_penalty")
-        or number("frequency_penalty")
-        or number("repetition_penalty") not in (0.0, 1.0)
-    ):
-        found.add("penalties")
-    if values.get("logprobs", "None") != "None":
-        found.add("logprobs")
-    if values.get("prompt_logprobs", "None") != "None":
-        found.add("prompt_logprobs")
-    if number("n") > 1:
-        found.add("n")
-    if values.get("stop", "[]") not in ("[]", "None"):
-        found.add("stop")
-    if "structured_outputs=StructuredOutputsParams" in params:
-        for key, feature in (("json=", "json_schema"), ("regex=", "regex"),
-                             ("choice=", "choice"), ("grammar=", "grammar")):  # fmt: skip
-            if re.search(rf"\b{key}(?!None)", params.split("structured_outputs=", 1)[1]):
-                found.add(feature)
-    if lora.strip() != "None":
-        found.add("lora")
-    max_tokens = int(number("max_tokens")) or None
-    return Observed(max_tokens=max_tokens, features=found)
+    logged = features.Logged(params, {k: v.strip() for k, v in _PARAM.findall(params)}, lora)
+    max_tokens = int(logged.number("max_tokens")) or None
+    return Observed(max_tokens=max_tokens, features=features.in_log(logged))
 
 
 def _vllm_time(line: str) -> float | None:
@@ -206,10 +149,9 @@ def build(lines: list[str], coverage: float, source: str) -> tuple[dict[str, Any
         covered += count
         if covered >= coverage * len(requests):
             break
-    features = Counter(f for r in requests for f in r.features)
-    order = ["sampling", "penalties", "logprobs", "prompt_logprobs", "n", "stop", "json_schema",
-             "json_object", "regex", "choice", "grammar", "tools"]  # fmt: skip
-    use = ["greedy", *(f for f in order if features[f])]
+    seen = Counter(f for r in requests for f in r.features)
+    # lora needs adapter names, which no log line gives: said in the comment instead
+    use = ["greedy", *(f for f in features.SPECS if f not in ("greedy", "lora") and seen[f])]
     endpoints = sorted({r.endpoint for r in requests if r.endpoint}, reverse=True)
     streams = sorted({r.stream for r in requests if r.stream is not None}, reverse=True)
     data: dict[str, Any] = {
@@ -226,12 +168,10 @@ def build(lines: list[str], coverage: float, source: str) -> tuple[dict[str, Any
         + (f", {skipped} lines skipped" if skipped else ""),
         f"buckets cover {covered / len(requests):.1%} of requests (asked {coverage:.0%})",
         "features seen: "
-        + (", ".join(f"{f} {features[f] / len(requests):.0%}" for f in use[1:]) or "none"),
+        + (", ".join(f"{f} {seen[f] / len(requests):.0%}" for f in use[1:]) or "none"),
     ]
-    if features["lora"]:
-        lines_out.append(
-            f"LoRA requests seen ({features['lora']}): list adapters under features.lora"
-        )
+    if seen["lora"]:
+        lines_out.append(f"LoRA requests seen ({seen['lora']}): list adapters under features.lora")
     if unknown:
         lines_out.append(
             f"{unknown} requests had no prompt length (vLLM INFO lines): assumed "

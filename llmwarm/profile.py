@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,7 +28,7 @@ from pydantic import (
 )
 
 from llmwarm.convergence import Rule
-from llmwarm.errors import ProfileError
+from llmwarm.errors import ProfileError, dotted, from_validation
 from llmwarm.features import Features
 
 Endpoint = Literal["completions", "chat"]
@@ -59,11 +60,19 @@ class Bucket(BaseModel):
         description="Stable name used in the report; derived from the sizes when left out.",
     )
 
+    # Where the user wrote it (`buckets.N` or `grid`), for errors found against an engine.
+    _row: str = PrivateAttr(default="")
+
     @model_validator(mode="after")
     def _default_name(self) -> Bucket:
         if not self.name:
             self.name = f"p{self.prompt_tokens}-c{self.concurrency}-o{self.max_tokens}"
         return self
+
+    @property
+    def row(self) -> str:
+        """Where the user wrote the bucket; empty for one made from `auto`."""
+        return self._row
 
 
 class Grid(BaseModel):
@@ -214,8 +223,7 @@ class Profile(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"bucket names must be unique; repeated: {', '.join(dupes)}")
-        # Highest priority first; rows of equal priority keep their order.
-        return sorted(buckets, key=lambda b: -b.priority)
+        return buckets
 
     @field_validator("endpoints", "stream")
     @classmethod
@@ -250,6 +258,11 @@ class Profile(BaseModel):
     def _has_buckets(self) -> Profile:
         if not self.buckets and self.auto is None:
             raise ValueError("no buckets: give `buckets`, a `grid`, or `auto`")
+        made = len(self.grid.buckets()) if self.grid is not None else 0
+        for i, bucket in enumerate(self.buckets):
+            bucket._row = "grid" if i < made else f"buckets.{i - made}"
+        # Highest priority first; rows of equal priority keep their order.
+        self.buckets.sort(key=lambda b: -b.priority)
         return self
 
     def feature_buckets(self) -> set[str]:
@@ -336,11 +349,11 @@ def for_engine(profile: Profile, shape: EngineShape) -> Profile:
         known = {b.name for b in buckets}
         buckets += [b for b in auto_buckets(profile.auto, shape, chat) if b.name not in known]
     problems = []
-    for i, bucket in enumerate(buckets):
+    for bucket in buckets:
         need = bucket.prompt_tokens + bucket.max_tokens
         extra = CHAT_TEMPLATE_ALLOWANCE if chat else 0
         if need + extra > shape.max_model_len:
-            where = f"buckets.{i}" if i < len(profile.buckets) else "auto"
+            where = bucket.row or "auto"
             problems.append(
                 (
                     where,
@@ -366,25 +379,30 @@ def for_engine(profile: Profile, shape: EngineShape) -> Profile:
             )
     if problems:
         raise ProfileError("the profile does not fit this engine", problems=problems)
-    resolved = profile.model_copy(update={"buckets": sorted(buckets, key=lambda b: -b.priority)})
-    resolved.prompts._texts = profile.prompts.texts
-    return resolved
+    # A shallow copy on purpose: the prompts (and their texts read from file) are shared.
+    return profile.model_copy(update={"buckets": sorted(buckets, key=lambda b: -b.priority)})
 
 
 # --- loading --------------------------------------------------------------------------------
 
 
-def _problems(exc: ValidationError) -> list[tuple[str, str]]:
-    problems = []
-    for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "profile"
-        message = err["msg"].removeprefix("Value error, ")
-        value = err.get("input")
-        # Echo the bad value where it is short enough to read; never a whole mapping.
-        if err["type"] != "missing" and not isinstance(value, (dict, list)):
-            message += f" (got {value!r})"
-        problems.append((where, message))
-    return problems
+def _user_rows(data: dict[str, Any]) -> Callable[[tuple[int | str, ...]], str]:
+    """Error paths in the user's own rows: the grid's buckets stand ahead of the explicit
+    ones in `buckets`, so `buckets.N` is shifted back (or named `grid`)."""
+    grid = data.get("grid")
+    try:
+        made = len(Grid.model_validate(grid).buckets()) if isinstance(grid, dict) else 0
+    except ValidationError:
+        made = 0
+
+    def where(loc: tuple[int | str, ...]) -> str:
+        if made and len(loc) >= 2 and loc[0] == "buckets" and isinstance(loc[1], int):
+            if loc[1] < made:
+                return dotted(("grid", *loc[2:]))
+            loc = ("buckets", loc[1] - made, *loc[2:])
+        return dotted(loc)
+
+    return where
 
 
 def parse_profile(data: Any, *, source: str = "profile") -> Profile:
@@ -397,7 +415,8 @@ def parse_profile(data: Any, *, source: str = "profile") -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"{source}: invalid profile", problems=_problems(exc)) from None
+        problems = from_validation(exc, root="profile", echo=True, where=_user_rows(data))
+        raise ProfileError(f"{source}: invalid profile", problems=problems) from None
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
