@@ -14,7 +14,7 @@ import httpx
 from pydantic import BaseModel, Field, computed_field
 from rich.table import Table
 
-from llmwarm import corpus, warmup
+from llmwarm import corpus, measure
 from llmwarm.errors import LlmwarmError, WarmupError
 from llmwarm.profile import Profile
 
@@ -119,7 +119,7 @@ async def run(
             for round_ in range(1, repeats + 2):
                 batch = corpus.batch(profile, bucket, kind, round_, tokenizer, model)
                 try:
-                    samples = await warmup.measure_all(client, batch.requests)
+                    samples = await measure.measure_all(client, batch.requests)
                 except WarmupError as exc:
                     error = exc.problems[0][1] if exc.problems else exc.message
                     break
@@ -137,6 +137,24 @@ async def run(
             )
     exact = not isinstance(tokenizer, corpus.WordTokenizer)
     return BenchReport(url=url, model=model, repeats=repeats, exact_lengths=exact, kinds=results)
+
+
+async def probe(
+    url: str,
+    *,
+    profile: Profile,
+    repeats: int,
+    model: str | None = None,
+    api_key: str | None = None,
+) -> BenchReport:
+    """Bench the server at `url`: its model (default: the first listed), its tokenizer where it
+    offers one, every request kind of the probe profile."""
+    url = url.rstrip("/")
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=measure.TIMEOUT) as client:
+        name = model or await served_model(client)
+        tokenizer = tokenizer_for(url, name, headers)
+        return await run(client, profile, name, repeats, url, tokenizer)
 
 
 def table(report: BenchReport) -> Table:

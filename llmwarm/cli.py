@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from llmwarm import __version__
-from llmwarm.errors import EXIT_INTERRUPTED, LlmwarmError, UsageError
+from llmwarm.errors import EXIT_INTERRUPTED, LlmwarmError, UsageError, render
 
 if TYPE_CHECKING:
     from llmwarm.settings import Mode
@@ -59,10 +59,16 @@ VllmHelpOption = Annotated[
 ]
 
 
-def _fail(exc: LlmwarmError) -> NoReturn:
-    err.print(f"[bold red]Error:[/] {exc.message}", highlight=False, soft_wrap=True)
-    for where, message in exc.problems:
-        err.print(f"  • {where}: {message}", highlight=False, soft_wrap=True, markup=False)
+def _print_error(exc: LlmwarmError, prefix: str = "[bold red]Error:[/] ") -> None:
+    """One error as the CLI shows it: its message, then a `• where: message` line each."""
+    first, *lines = render(exc.message, exc.problems)
+    err.print(f"{prefix}{escape(first)}", highlight=False, soft_wrap=True)
+    for line in lines:
+        err.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+def _exit_with(exc: LlmwarmError) -> NoReturn:
+    _print_error(exc)
     raise typer.Exit(code=exc.exit_code) from None
 
 
@@ -106,7 +112,7 @@ def _run(ctx: typer.Context, *, mode: Mode, vllm_help: bool, **options: Any) -> 
         resolved = settings.resolve(ctx.args, mode=mode, prog=prog, **options)
         server.run_sync(resolved)
     except LlmwarmError as exc:
-        _fail(exc)
+        _exit_with(exc)
     except KeyboardInterrupt:  # before the event loop (and its signal handlers) ran
         err.print("Interrupted.")
         raise typer.Exit(code=EXIT_INTERRUPTED) from None
@@ -260,29 +266,18 @@ def bench_command(
     server; kinds it refuses are reported, not fatal."""
     import asyncio
 
-    import httpx
-
-    from llmwarm import bench, warmup
-    from llmwarm.profile import load_profile
+    from llmwarm import bench
+    from llmwarm.profile import load_profile, shipped
     from llmwarm.settings import check_output_path
-
-    async def go() -> bench.BenchReport:
-        probe = load_profile(
-            profile or Path(str(resources.files("llmwarm") / "configs" / "probe.yaml"))
-        )
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        async with httpx.AsyncClient(
-            base_url=url.rstrip("/"), headers=headers, timeout=warmup.TIMEOUT
-        ) as client:
-            name = model or await bench.served_model(client)
-            tokenizer = bench.tokenizer_for(url.rstrip("/"), name, headers)
-            return await bench.run(client, probe, name, repeats, url, tokenizer)
 
     try:
         check_output_path(json_out, "--json")
-        report = asyncio.run(go())
+        probe = load_profile(profile or shipped("probe"))
+        report = asyncio.run(
+            bench.probe(url, profile=probe, repeats=repeats, model=model, api_key=api_key)
+        )
     except LlmwarmError as exc:
-        _fail(exc)
+        _exit_with(exc)
     Console(width=160).print(bench.table(report))
     if json_out is not None:
         json_out.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
@@ -309,9 +304,7 @@ def profile_check(
             profile = load_profile(file)
         except LlmwarmError as exc:
             failed.append(exc)
-            err.print(f"[red]✗[/] {file}: {exc.message}", highlight=False)
-            for where, message in exc.problems:
-                err.print(f"  • {where}: {message}", highlight=False, markup=False)
+            _print_error(exc, prefix=f"[red]✗[/] {escape(str(file))}: ")
             continue
         n = len(profile.buckets)
         auto = " + auto" if profile.auto else ""
@@ -349,7 +342,7 @@ def profile_show(
                 "vLLM flags need --model", problems=[("--model", f"given {' '.join(ctx.args)}")]
             )
     except LlmwarmError as exc:
-        _fail(exc)
+        _exit_with(exc)
     Console(width=200).print(plan_table(profile, str(file)))
 
 
@@ -383,7 +376,7 @@ def profile_from_log(
         data, comment = build(lines, coverage, str(file))
         parse_profile(data, source="the built profile")  # what we print must load
     except LlmwarmError as exc:
-        _fail(exc)
+        _exit_with(exc)
     text = comment + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     if out is None:
         typer.echo(text, nl=False)

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,8 +28,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmwarm.errors import LlmwarmError, UsageError
+from llmwarm.errors import LlmwarmError, Problem, UsageError, from_validation
 from llmwarm.profile import shipped
+from llmwarm.state import RunState, Stage
 
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
@@ -68,38 +69,24 @@ class RewarmRequest(BaseModel):
 Rewarm = Callable[[RewarmRequest], Coroutine[Any, Any, "Report"]]
 
 
-def _problems(exc: ValidationError) -> list[dict[str, str]]:
-    # Field names and messages only: pydantic's `input` (and an unknown key) would echo the
-    # body back.
-    fields = ", ".join(RewarmRequest.model_fields)
-    problems = []
-    for e in exc.errors():
-        if e["type"] == "extra_forbidden":
-            problems.append({"where": "body", "message": f"unknown field (known: {fields})"})
-        else:
-            where = ".".join(str(p) for p in e["loc"]) or "body"
-            problems.append({"where": where, "message": e["msg"]})
-    return problems
-
-
-def _error(status: int, message: str, problems: list[dict[str, str]] | None = None) -> Response:
-    return JSONResponse({"error": message, "problems": problems or []}, status_code=status)
+def _error(status: int, message: str, problems: Iterable[Problem] = ()) -> Response:
+    body = {"error": message, "problems": [p.as_dict() for p in problems]}
+    return JSONResponse(body, status_code=status)
 
 
 def _failed(exc: BaseException) -> Response:
     if isinstance(exc, LlmwarmError):
-        problems = [{"where": w, "message": m} for w, m in exc.problems]
-        return _error(400 if isinstance(exc, UsageError) else 500, exc.message, problems)
+        return _error(400 if isinstance(exc, UsageError) else 500, exc.message, exc.problems)
     return _error(500, f"re-warm failed: {type(exc).__name__}")
 
 
 class Control:
     """The `/warmup/*` endpoints and the one re-warm that may run at a time."""
 
-    def __init__(self, authorized: Authorized) -> None:
+    def __init__(self, state: RunState, authorized: Authorized, rewarm: Rewarm) -> None:
+        self.state = state
         self.authorized = authorized
-        self.report: Report | None = None
-        self.rewarm: Rewarm | None = None  # set by the lifecycle while serving
+        self.rewarm = rewarm
         self.task: asyncio.Task[Report] | None = None
         self.app = Starlette(
             routes=[
@@ -115,12 +102,13 @@ class Control:
         await self.app(scope, receive, send)
 
     async def _get_report(self, request: Request) -> Response:
-        if self.report is None:
+        report = self.state.report
+        if report is None:
             return _error(404, "no warm-up has finished yet")
-        return Response(self.report.model_dump_json(indent=2), media_type="application/json")
+        return Response(report.model_dump_json(indent=2), media_type="application/json")
 
     async def _run(self, request: Request) -> Response:
-        if self.rewarm is None:
+        if self.state.stage is not Stage.SERVING:
             return JSONResponse(
                 {"error": "a re-warm can run once the server is ready"},
                 status_code=503,
@@ -133,17 +121,22 @@ class Control:
             data: Any = json.loads(raw) if raw.strip() else {}
             body = RewarmRequest.model_validate(data)
         except json.JSONDecodeError:
-            return _error(400, "the body is not JSON", [{"where": "body", "message": "not JSON"}])
+            return _error(400, "the body is not JSON", [Problem("body", "not JSON")])
         except ValidationError as exc:
-            return _error(400, "bad re-warm request", _problems(exc))
+            return _error(400, "bad re-warm request", from_validation(exc, root="body", echo=False))
         logger.info("re-warm requested (profile %s, close_gate %s)", body.profile, body.close_gate)
         self.task = asyncio.create_task(self.rewarm(body))
         self.task.add_done_callback(_log_failure)
         if not body.wait:
             return JSONResponse({"status": "started"}, status_code=202)
+        task = self.task
         try:
             # shielded: a client that hangs up does not cancel the re-warm
-            report = await asyncio.shield(self.task)
+            report = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # this request was cancelled, not the re-warm
+            return _error(503, "the server is stopping; the re-warm was cancelled")
         except Exception as exc:
             return _failed(exc)
         return Response(report.model_dump_json(indent=2), media_type="application/json")

@@ -16,7 +16,6 @@ phase to a caller without the key; the warm-up's progress and summary need the k
 
 from __future__ import annotations
 
-import enum
 import hmac
 import ipaddress
 import json
@@ -28,18 +27,12 @@ from prometheus_client import make_asgi_app
 from starlette.requests import Request
 
 from llmwarm.control import PREFIX as CONTROL_PREFIX
+from llmwarm.state import Phase, RunState
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
 WARMUP_HEADER = "x-llmwarm-warmup"
-
-
-class Phase(str, enum.Enum):
-    LOADING = "loading"
-    WARMING = "warming"
-    READY = "ready"
-    STOPPING = "stopping"
 
 
 # Seconds a client should wait before trying again, by phase: loading takes a minute or
@@ -63,37 +56,20 @@ def _is_local(scope: Scope) -> bool:
 
 
 class Gate:
-    """Readiness state and the ASGI app that enforces it."""
+    """The ASGI app that enforces readiness, as the run state says it."""
 
     def __init__(
         self,
+        state: RunState,
         control: ASGIApp | None = None,
         authorized: Callable[[Request], bool] = lambda request: True,
     ) -> None:
-        self.phase = Phase.LOADING
+        self.state = state
         self.control = control
         self.authorized = authorized
         self.token = secrets.token_urlsafe(32)
-        self.app: ASGIApp | None = None
-        self.where: dict[str, Any] = {}
-        self.summary: dict[str, Any] = {}
         # Until vLLM's app (and its /metrics) exists, serve the same registry ourselves.
         self.metrics_app: ASGIApp = make_asgi_app()
-
-    # --- state changes, called by the server's lifecycle -----------------------------
-    def warming(self, app: ASGIApp) -> None:
-        self.app, self.phase = app, Phase.WARMING
-
-    def progress(self, where: dict[str, Any]) -> None:
-        """Where the warm-up is, for the 503 body."""
-        self.where = where
-
-    def open(self, summary: dict[str, Any]) -> None:
-        self.summary = summary
-        self.phase = Phase.READY
-
-    def stopping(self) -> None:
-        self.phase = Phase.STOPPING
 
     @property
     def headers(self) -> dict[str, str]:
@@ -108,47 +84,48 @@ class Gate:
                 return hmac.compare_digest(value, expected) and _is_local(scope)
         return False
 
-    def _state(self, scope: Scope) -> dict[str, Any]:
-        state: dict[str, Any] = {"status": self.phase.value}
+    def _state(self, scope: Scope, phase: Phase) -> dict[str, Any]:
+        state: dict[str, Any] = {"status": phase.value}
         if not self.authorized(Request(scope)):
             return state
-        if self.phase is Phase.WARMING and self.where:
-            state["progress"] = self.where
-        if self.phase is Phase.READY:
-            state.update(self.summary)
+        if phase is Phase.WARMING and self.state.warmup.where:
+            state["progress"] = self.state.warmup.where
+        if phase is Phase.READY:
+            state.update(self.state.summary)
         return state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return
+        phase, app = self.state.phase, self.state.app
         if scope["type"] == "http" and scope["path"] == "/live":
-            return await _json(send, 200, {"status": self.phase.value})
+            return await _json(send, 200, {"status": phase.value})
         if scope["type"] == "http" and scope["path"] == "/ready":
-            if self.phase is Phase.READY:
-                return await _json(send, 200, self._state(scope))
-            return await self._unavailable(scope, send)
+            if phase is Phase.READY:
+                return await _json(send, 200, self._state(scope, phase))
+            return await self._unavailable(scope, send, phase)
         if scope["type"] == "http" and scope["path"].startswith(CONTROL_PREFIX) and self.control:
             return await self.control(scope, receive, send)
         if scope["type"] == "http" and scope["path"].startswith("/metrics"):
             # Read-only; lets a scraper watch the warm-up (llmwarm_phase and friends).
-            return await (self.app or self.metrics_app)(scope, receive, send)
-        passes = self.phase in (Phase.READY, Phase.STOPPING) or (
-            self.phase is Phase.WARMING and self._is_warmup(scope)
+            return await (app or self.metrics_app)(scope, receive, send)
+        passes = phase in (Phase.READY, Phase.STOPPING) or (
+            phase is Phase.WARMING and self._is_warmup(scope)
         )
-        if passes and self.app is not None:
-            return await self.app(scope, receive, send)
-        await self._unavailable(scope, send)
+        if passes and app is not None:
+            return await app(scope, receive, send)
+        await self._unavailable(scope, send, phase)
 
-    async def _unavailable(self, scope: Scope, send: Send) -> None:
+    async def _unavailable(self, scope: Scope, send: Send, phase: Phase) -> None:
         if scope["type"] == "websocket":
             # 1013: try again later.
             await send({"type": "websocket.close", "code": 1013})
             return
         body = {
-            **self._state(scope),
+            **self._state(scope, phase),
             "message": "llmwarm: the model server is not warm yet; retry later",
         }
-        retry = RETRY_AFTER.get(self.phase, 5)
+        retry = RETRY_AFTER.get(phase, 5)
         await _json(send, 503, body, [(b"retry-after", str(retry).encode())])
 
 

@@ -15,59 +15,35 @@ A collector reads the live state when scraped, so nothing is counted twice:
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
 from prometheus_client.registry import Collector
 
-from llmwarm.gate import Gate, Phase
-from llmwarm.report import BucketResult
-
-
-@dataclass
-class Live:
-    """What the lifecycle knows so far; written by it, read at scrape time."""
-
-    window: int
-    engine_start_s: float | None = None
-    warmup_started: float | None = None  # time.perf_counter()
-    warmup_s: float | None = None  # set when the warm-up ends
-    requests: int = 0
-    buckets: dict[str, BucketResult] = field(default_factory=dict)
-
-    def reset(self, window: int) -> None:
-        """A new warm-up begins (a re-warm): forget the last one's progress."""
-        self.window = window
-        self.warmup_started = self.warmup_s = None
-        self.requests = 0
-        self.buckets = {}
+from llmwarm.state import Phase, RunState
 
 
 class WarmupCollector(Collector):
-    def __init__(self, gate: Gate, live: Live) -> None:
-        self.gate = gate
-        self.live = live
+    def __init__(self, state: RunState) -> None:
+        self.state = state
 
     def collect(self) -> Iterable[Metric]:
-        live = self.live
+        state = self.state
+        live = state.warmup
         yield StateSetMetricFamily(
             "llmwarm_phase",
             "The llmwarm phase this server is in.",
-            value={phase.value: phase is self.gate.phase for phase in Phase},
+            value={phase.value: phase is state.phase for phase in Phase},
         )
-        if live.engine_start_s is not None:
+        if state.engine_start_s is not None:
             yield GaugeMetricFamily(
                 "llmwarm_engine_start_seconds",
                 "Seconds from engine start to engine ready.",
-                value=live.engine_start_s,
+                value=state.engine_start_s,
             )
-        if live.warmup_started is not None:
-            elapsed = live.warmup_s
-            if elapsed is None:
-                elapsed = time.perf_counter() - live.warmup_started
+        elapsed = live.elapsed()
+        if elapsed is not None:
             yield GaugeMetricFamily(
                 "llmwarm_warmup_seconds", "Seconds of warm-up, so far or in all.", value=elapsed
             )

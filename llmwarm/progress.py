@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -16,7 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from llmwarm.warmup import Progress as RoundDone
+if TYPE_CHECKING:
+    from llmwarm.warmup import Progress as RoundDone
 
 logger = logging.getLogger(__name__)
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer, computed_field
 from rich.table import Table
 
 from llmwarm.convergence import Rule
+from llmwarm.errors import LlmwarmError, Problem
 from llmwarm.profile import Profile
 
 REPORT_VERSION = 1
@@ -109,16 +112,46 @@ class KvFillResult(BaseModel):
     seconds: float
 
 
-class Problem(BaseModel):
-    where: str = Field(description="The bucket, flag or part the problem is in.")
-    message: str
+def _problem(value: Any) -> Any:
+    return Problem(**value) if isinstance(value, dict) else value
+
+
+# `errors.Problem`, as `{"where": ..., "message": ...}` in JSON.
+ProblemField = Annotated[
+    Problem, BeforeValidator(_problem), PlainSerializer(Problem.as_dict, return_type=dict)
+]
 
 
 class WarmupFailure(BaseModel):
     """Why a warm-up did not finish."""
 
     message: str
-    problems: list[Problem] = Field(default_factory=list)
+    problems: list[ProblemField] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, exc: LlmwarmError) -> WarmupFailure:
+        return cls(message=exc.message, problems=exc.problems)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What every report of one process shares."""
+
+    llmwarm_version: str
+    vllm_version: str
+    model: str
+    started_at: datetime
+    engine_start_s: float
+    on_unconverged: Literal["serve", "fail"]
+
+
+@dataclass
+class Outcome:
+    """What a warm-up's rounds measured."""
+
+    buckets: list[BucketResult]
+    requests: int
+    budget_exhausted: bool = False
 
 
 class KindSummary(BaseModel):
@@ -189,6 +222,57 @@ class Report(BaseModel):
             )
             for kind, values in cold.items()
         ]
+
+    @classmethod
+    def build(
+        cls,
+        origin: Origin,
+        *,
+        profile: Profile,
+        source: str,
+        trigger: Literal["startup", "api"],
+        outcome: Outcome,
+        seconds: float,
+        kv_fill: KvFillResult | None = None,
+        prefix_cache_reset: bool = False,
+        error: WarmupFailure | None = None,
+    ) -> Report:
+        """The report of one warm-up of the process `origin` describes."""
+        return cls(
+            **dataclasses.asdict(origin),
+            profile=source,
+            warmup_s=seconds,
+            requests=outcome.requests,
+            prefix_cache_reset=prefix_cache_reset,
+            convergence=profile.convergence,
+            budget_exhausted=outcome.budget_exhausted,
+            kv_fill=kv_fill,
+            trigger=trigger,
+            error=error,
+            buckets=outcome.buckets,
+        )
+
+    @classmethod
+    def failed(
+        cls,
+        origin: Origin,
+        *,
+        profile: Profile,
+        source: str,
+        trigger: Literal["startup", "api"],
+        buckets: list[BucketResult],
+        requests: int,
+        seconds: float,
+        error: LlmwarmError,
+    ) -> Report:
+        """The report of a warm-up that failed: what was measured until then."""
+        for bucket in buckets:
+            if bucket.stop_reason == "running":
+                bucket.stop_reason = "failed"
+        return cls.build(
+            origin, profile=profile, source=source, trigger=trigger,
+            outcome=Outcome(buckets, requests), seconds=seconds, error=WarmupFailure.of(error),
+        )  # fmt: skip
 
     @property
     def unconverged(self) -> list[str]:

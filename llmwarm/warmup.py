@@ -1,108 +1,41 @@
-"""Run the warm-up corpus over HTTP and measure each request as a client sees it."""
+"""The warm-up: drive a started engine through its own HTTP server until it is warm.
+
+    WarmupRun(...)(profile, source, trigger) -> Report      one warm-up, failed or not
+      served_adapters   the LoRA adapters listed now (re-warms)
+      fill_kv           prefill a share of the KV cache once
+      rounds            bucket by bucket, round by round, until each converges (or limits)
+      unless_dead       all of it, cancelled the moment the engine dies
+
+Progress goes into the run state (`llmwarm.state`) as it happens, for `/ready`, the 503
+bodies and `/metrics`; the report is built by `llmwarm.report`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import httpx
 
-from llmwarm import convergence, corpus
-from llmwarm.corpus import WarmRequest
+from llmwarm import convergence, corpus, engine, measure
 from llmwarm.errors import WarmupError
-from llmwarm.profile import Bucket, EngineShape, Profile
-from llmwarm.report import BucketResult, KvFillResult, RoundResult, Sample
+from llmwarm.profile import Bucket, EngineShape, Profile, for_engine, with_adapters
+from llmwarm.progress import ProgressView
+from llmwarm.report import BucketResult, KvFillResult, Origin, Outcome, Report, RoundResult, Sample
+
+if TYPE_CHECKING:
+    from llmwarm.state import RunState
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
-# A cold engine may compile for a long time before its first token; never give up on that.
-TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=600.0)
-
-
-def _fail(req: WarmRequest, what: str) -> WarmupError:
-    return WarmupError(
-        f"warm-up request failed: {req.kind} {req.path} (bucket {req.bucket}, round {req.round})",
-        problems=[(f"bucket {req.bucket}", what)],
-    )
-
-
-def _has_token(chunk: dict[str, Any]) -> bool:
-    for choice in chunk.get("choices") or []:
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
-            return True
-    return False
-
-
-async def _streamed(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
-    first = last = None
-    usage: dict[str, Any] = {}
-    start = time.perf_counter()
-    async with client.stream("POST", req.path, json=req.body) as resp:
-        if resp.status_code != 200:
-            body = (await resp.aread()).decode(errors="replace")[:300]
-            raise _fail(req, f"HTTP {resp.status_code}: {body}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise _fail(req, f"error in stream: {chunk['error']}")
-            now = time.perf_counter()
-            if _has_token(chunk):
-                first = first if first is not None else now
-                last = now
-            usage = chunk.get("usage") or usage
-    end = time.perf_counter()
-    output_tokens = usage.get("completion_tokens")
-    tpot = None
-    if first is not None and last is not None and output_tokens and output_tokens > 1:
-        tpot = (last - first) / (output_tokens - 1)
-    return Sample(
-        kind=req.kind,
-        ttft_s=None if first is None else first - start,
-        tpot_s=tpot,
-        e2e_s=end - start,
-        prompt_tokens=usage.get("prompt_tokens"),
-        output_tokens=output_tokens,
-    )
-
-
-async def _unary(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
-    start = time.perf_counter()
-    resp = await client.post(req.path, json=req.body)
-    end = time.perf_counter()
-    if resp.status_code != 200:
-        raise _fail(req, f"HTTP {resp.status_code}: {resp.text[:300]}")
-    usage = resp.json().get("usage") or {}
-    return Sample(
-        kind=req.kind,
-        ttft_s=None,
-        tpot_s=None,
-        e2e_s=end - start,
-        prompt_tokens=usage.get("prompt_tokens"),
-        output_tokens=usage.get("completion_tokens"),
-    )
-
-
-async def measure(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
-    """Send one request and time it from the client's side."""
-    try:
-        return await (_streamed(client, req) if req.stream else _unary(client, req))
-    except httpx.HTTPError as exc:
-        raise _fail(req, f"{type(exc).__name__}: {exc}") from None
-
-
-async def measure_all(client: httpx.AsyncClient, requests: Sequence[WarmRequest]) -> list[Sample]:
-    """Send requests at once; all their samples, or the first failure."""
-    return list(await asyncio.gather(*(measure(client, r) for r in requests)))
+Trigger = Literal["startup", "api"]
 
 
 async def served_adapters(client: httpx.AsyncClient, model: str) -> list[str]:
@@ -131,14 +64,7 @@ class Progress:
     bucket_done: bool  # converged, or its last allowed round
 
 
-@dataclass
-class Outcome:
-    buckets: list[BucketResult]
-    requests: int
-    budget_exhausted: bool
-
-
-async def run(
+async def rounds(
     client: httpx.AsyncClient,
     profile: Profile,
     tokenizer: corpus.Tokenizer,
@@ -171,7 +97,7 @@ async def run(
                 break
             samples: list[Sample] = []
             for batch in corpus.round_batches(profile, bucket, round_, tokenizer, model):
-                samples += await measure_all(client, batch.requests)
+                samples += await measure.measure_all(client, batch.requests)
             sent += len(samples)
             result.rounds.append(RoundResult(round=round_, samples=samples))
             verdict = convergence.check(result.series(rule.metric), rule)
@@ -216,7 +142,7 @@ async def fill_kv(
     while prefilled < need_tokens:
         batches += 1  # each batch its own "round": fresh prompts, no shared prefixes
         batch = corpus.batch(profile, bucket, kind, batches, tokenizer, model)
-        samples = await measure_all(client, batch.requests)
+        samples = await measure.measure_all(client, batch.requests)
         sent += len(samples)
         prefilled += sum(s.prompt_tokens or length for s in samples)
         on_batch(min(target, prefilled // shape.block_size), target)
@@ -229,3 +155,93 @@ async def fill_kv(
         requests=sent,
         seconds=time.perf_counter() - start,
     )
+
+
+async def unless_dead(eng: engine.EngineClient, work: Awaitable[_T]) -> _T:
+    """Await `work`; if the engine dies first (or meanwhile), a `WarmupError` saying so."""
+    task = asyncio.ensure_future(work)
+    dead = asyncio.create_task(engine.wait_dead(eng))
+    try:
+        await asyncio.wait({task, dead}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        dead.cancel()
+        if not task.done():  # the engine died, or we are cancelled (a signal)
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if not eng.is_dead():
+        return task.result()  # the result, or the failure of a request on a live engine
+    if not task.cancelled():
+        task.exception()  # retrieved: a request that failed because the engine died
+    raise WarmupError(
+        "the vLLM engine died during the warm-up", problems=[("engine", eng.dead_reason())]
+    )
+
+
+@dataclass
+class WarmupRun:
+    """Warm-ups of one started engine, each through a fresh client of its own server."""
+
+    engine: engine.EngineClient
+    state: RunState
+    origin: Origin
+    client: Callable[[], httpx.AsyncClient]
+
+    async def __call__(self, profile: Profile, source: str, trigger: Trigger) -> Report:
+        """One warm-up; its report, also when it failed (then with `error` set).
+
+        A profile that does not fit the engine raises `ProfileError` before any request.
+        """
+        shape = self.engine.shape()
+        async with self.client() as client:
+            if trigger == "api":  # also every adapter loaded since (/v1/load_lora_adapter)
+                adapters = await served_adapters(client, self.origin.model)
+                shape = replace(shape, lora=adapters)
+                profile = with_adapters(profile, adapters)
+            profile = for_engine(profile, shape)
+            live = self.state.begin_warmup(profile.convergence.window)
+            try:
+                outcome, kv = await unless_dead(self.engine, self._warm(client, profile, shape))
+            except WarmupError as exc:
+                return Report.failed(
+                    self.origin, profile=profile, source=source, trigger=trigger,
+                    buckets=list(live.buckets.values()), requests=live.requests,
+                    seconds=live.elapsed() or 0.0, error=exc,
+                )  # fmt: skip
+        # Warm-up prompts must leave no state behind that a user could hit.
+        reset = await self.engine.reset_prefix_cache()
+        return Report.build(
+            self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
+            seconds=live.seconds or 0.0, kv_fill=kv, prefix_cache_reset=reset,
+        )  # fmt: skip
+
+    async def _warm(
+        self, client: httpx.AsyncClient, profile: Profile, shape: EngineShape
+    ) -> tuple[Outcome, KvFillResult | None]:
+        live = self.state.warmup
+        view = ProgressView(len(profile.buckets), profile.convergence.metric)
+
+        def on_round(p: Progress) -> None:
+            live.buckets[p.bucket.name] = p.bucket
+            live.requests = p.requests
+            live.where = {
+                "bucket": p.bucket_index, "buckets": p.buckets, "name": p.bucket.name,
+                "round": p.round, "requests": p.requests,
+            }  # fmt: skip
+            view.update(p)
+
+        def on_fill(blocks: int, target: int) -> None:
+            live.where = {"kv_fill": {"blocks": blocks, "target": target}}
+
+        tokenizer = self.engine.tokenizer()
+        model = self.origin.model
+        kv = await fill_kv(client, profile, shape, tokenizer, model, on_batch=on_fill)
+        if kv is not None:
+            logger.info(
+                "KV-cache fill: %d of %d blocks prefilled once (%d requests, %.1f s)",
+                kv.blocks_reached, kv.blocks, kv.requests, kv.seconds,
+            )  # fmt: skip
+        with view:
+            outcome = await rounds(client, profile, tokenizer, model, on_round=on_round)
+        live.seconds = live.elapsed()
+        return outcome, kv

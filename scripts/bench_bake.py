@@ -21,6 +21,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from benchlib import free_port, ready_server, write_section
 
@@ -55,9 +56,9 @@ def serve(args: argparse.Namespace, cache: Path, extra: list[str]) -> dict[str, 
             "warmup_s": data["warmup_s"]}  # fmt: skip
 
 
-def markdown(bake_s: float, runs: list[dict], args: argparse.Namespace) -> str:
+def markdown(bake_s: float, runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     def med(cache: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs if r["cache"] == cache)
+        return float(statistics.median(r[key] for r in runs if r["cache"] == cache))
 
     rows = []
     for cache in ("fresh", "baked"):

@@ -24,10 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
 from benchlib import free_port, ready_server, write_section
 
-from llmwarm import bench, warmup
+from llmwarm import bench
 from llmwarm.profile import load_profile, shipped
 
 ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
@@ -46,7 +45,7 @@ def command(server: str, model: str, port: int, extra: list[str]) -> tuple[list[
     )
 
 
-def one(server: str, cache_root: str, args: argparse.Namespace, extra: list[str]) -> dict:
+def one(server: str, cache_root: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     port = free_port()
     cmd, ready_path = command(server, args.model, port, extra)
     # vLLM's caches and torch inductor's own (which lives outside VLLM_CACHE_ROOT)
@@ -63,18 +62,15 @@ def one(server: str, cache_root: str, args: argparse.Namespace, extra: list[str]
 
 
 async def probe(url: str, args: argparse.Namespace) -> bench.BenchReport:
-    async with httpx.AsyncClient(base_url=url, timeout=warmup.TIMEOUT) as client:
-        tokenizer = bench.tokenizer_for(url, "m", {})
-        return await bench.run(
-            client, load_profile(shipped("probe")), "m", args.repeats, url, tokenizer
-        )
+    profile = load_profile(shipped("probe"))
+    return await bench.probe(url, profile=profile, repeats=args.repeats, model="m")
 
 
 def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def summary(results: list[dict]) -> dict[str, Any]:
+def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for cache in CACHES:
         for server in SERVERS:

@@ -1,16 +1,26 @@
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+import typer
+import uvicorn
+from dockerfile_parse import DockerfileParser
+from typer.testing import CliRunner
+
+from tests.fakes import PACE, PACED
 
 ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = ROOT / "llmwarm" / "configs" / "minimal.yaml"
 LLMWARM = [sys.executable, "-m", "llmwarm"]
 # vLLM on this CPU machine: a small KV cache and memory fraction (NUMA node 0 is ~8 GiB).
 ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
@@ -55,3 +65,55 @@ def wait_ready(proc: subprocess.Popen[bytes], client: httpx.Client, log: Path) -
     pytest.fail(
         f"not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-3000:]}"
     )
+
+
+def llmwarm_env_vars() -> set[str]:
+    """Every environment variable the `llmwarm` commands read."""
+    from llmwarm.cli import app
+
+    found = set()
+    for sub in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
+        for param in sub.params:
+            if getattr(param, "envvar", None):
+                found.add(str(param.envvar))
+    return found
+
+
+def dockerfile(name: str) -> tuple[list[str], dict[str, str], str]:
+    """ENTRYPOINT, ENV and FROM (ARGs substituted) of a Dockerfile."""
+    with (ROOT / name).open("rb") as f:
+        parsed = DockerfileParser(fileobj=f)
+        (entrypoint,) = [i["value"] for i in parsed.structure if i["instruction"] == "ENTRYPOINT"]
+        return json.loads(entrypoint), dict(parsed.envs), str(parsed.baseimage)
+
+
+@pytest.fixture
+async def fake_url() -> AsyncIterator[str]:
+    """The paced fake server (tests/fakes.py) on a real loopback socket, at a steady pace: httpx's
+    ASGI transport would buffer streams."""
+    PACE.calls = 0
+    PACE.gap = lambda calls: 0.01
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets, and Nagle's
+    # algorithm would bunch streamed tokens (uvloop, which llmwarm runs on, always sets it).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(PACED, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    await task
+
+
+runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    """Run the `llmwarm` CLI in-process: its exit code and output."""
+    from llmwarm.cli import app
+
+    result = runner.invoke(app, list(args))
+    # An uncaught exception would be a traceback for the user.
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output

@@ -1,4 +1,4 @@
-"""`llmwarm bench` against the fake OpenAI server of test_warmup (a real loopback socket)."""
+"""`llmwarm bench` against the paced fake OpenAI server of tests/fakes.py, on a real socket."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from llmwarm import bench, corpus
 from llmwarm.errors import LlmwarmError
 from llmwarm.profile import parse_profile
-from tests.test_cli import invoke
-from tests.test_warmup import PACE, fake_url, steady_pace  # noqa: F401 (fixtures)
+from tests.conftest import invoke
+from tests.fakes import PACE
 
 PROBE = parse_profile(
     {
@@ -24,7 +24,7 @@ PROBE = parse_profile(
 )
 
 
-async def test_first_against_steady_per_kind_and_refusals_reported(fake_url: str) -> None:  # noqa: F811
+async def test_first_against_steady_per_kind_and_refusals_reported(fake_url: str) -> None:
     # the first request of each kind is slow, later ones fast
     PACE.gap = lambda calls: 0.03 if calls < 2 or 6 <= calls < 8 else 0.005
     async with httpx.AsyncClient(base_url=fake_url) as client:

@@ -63,7 +63,7 @@ def test_prepare_creates_the_directory_and_refuses_a_file(tmp_path: Path) -> Non
 
 
 def _manifest(**change: Any) -> caches.Manifest:
-    base = {
+    base: dict[str, Any] = {
         "llmwarm_version": "0.1.0",
         "vllm_version": "0.32.0",
         "model": "tiny",
@@ -147,8 +147,7 @@ def test_flags_win_over_the_environment(resolved: dict[str, Any], tmp_path: Path
 
 def test_the_help_and_readme_list_every_variable() -> None:
     from llmwarm.cli import ENV_HELP
-    from tests.conftest import ROOT
-    from tests.test_deploy import llmwarm_env_vars
+    from tests.conftest import ROOT, llmwarm_env_vars
 
     known = {v for v in llmwarm_env_vars() if v.startswith("LLMWARM_")}  # bench: OPENAI_API_KEY
     assert set(re.findall(r"LLMWARM_\w+", ENV_HELP)) == known

@@ -13,16 +13,7 @@ from typer.testing import CliRunner
 
 from llmwarm import __version__
 from llmwarm.cli import app
-from tests.conftest import ENGINE_FLAGS, LLMWARM, engine_env, free_port
-
-runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    # An uncaught exception would be a traceback for the user.
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result.exit_code, result.output
+from tests.conftest import ENGINE_FLAGS, LLMWARM, engine_env, free_port, invoke
 
 
 def test_version() -> None:
@@ -143,6 +134,7 @@ def test_port_in_use_fails_before_the_engine_loads(tiny_model: Path) -> None:
     assert "EngineCore" not in proc.stderr  # refused before any engine started
 
 
+@pytest.mark.e2e  # starts the real engine (which fails)
 def test_an_unloadable_model_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
     # config.json and tokenizer of a real model, weights that are not a checkpoint
     broken = tmp_path / "broken"

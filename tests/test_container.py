@@ -24,13 +24,13 @@ import pytest
 from tests.conftest import (
     ENGINE_FLAGS,
     LLMWARM,
+    MINIMAL,
     STARTUP_TIMEOUT_S,
+    dockerfile,
     engine_env,
     free_port,
     wait_ready,
 )
-from tests.test_deploy import _dockerfile
-from tests.test_e2e import MINIMAL
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,7 @@ BIN = Path(sys.executable).parent  # where the image's PATH finds `llmwarm`
 
 def _container_env(tmp: Path, **extra: str) -> dict[str, str]:
     """Dockerfile.cpu's ENV, with its paths mapped under `tmp` (the container's volumes)."""
-    _, image_env, _ = _dockerfile("Dockerfile.cpu")
+    _, image_env, _ = dockerfile("Dockerfile.cpu")
     env = engine_env()
     for key, value in image_env.items():
         if key == "PATH":
@@ -108,7 +108,7 @@ def test_entrypoint_serves_warm_from_the_baked_cache_and_stops_on_sigterm(
     tiny_model: Path, baked: Path, tmp_path: Path
 ) -> None:
     assert shutil.which("unshare"), "util-linux unshare is needed to run as PID 1"
-    entrypoint, _, _ = _dockerfile("Dockerfile.cpu")
+    entrypoint, _, _ = dockerfile("Dockerfile.cpu")
     port = free_port()
     env = _container_env(tmp_path, LLMWARM_PROFILE=str(MINIMAL), LLMWARM_CACHE_DIR=str(baked))
     log = tmp_path / "log"
@@ -148,7 +148,7 @@ def test_pid1_stops_on_sigterm_even_before_its_event_loop_runs(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     # The first seconds go to importing vLLM; PID 1 ignores signals it has no handler for.
-    entrypoint, _, _ = _dockerfile("Dockerfile.cpu")
+    entrypoint, _, _ = dockerfile("Dockerfile.cpu")
     cmd = ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--",
            *entrypoint, str(tiny_model), *ENGINE_FLAGS, "--port", str(free_port())]  # fmt: skip
     proc = subprocess.Popen(

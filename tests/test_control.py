@@ -7,12 +7,13 @@ import asyncio
 import httpx
 from starlette.requests import Request
 
-from llmwarm.control import Control, RewarmRequest
+from llmwarm.control import Control, Rewarm, RewarmRequest
 from llmwarm.errors import ProfileError, WarmupError
 from llmwarm.gate import Gate
 from llmwarm.report import Report, WarmupFailure
-from tests.test_gate import INNER
-from tests.test_report import _report
+from llmwarm.state import RunState
+from tests.fakes import INNER
+from tests.fakes import report as _report
 
 KEY = {"authorization": "Bearer sesame"}
 
@@ -21,12 +22,29 @@ def _authorized(request: Request) -> bool:
     return request.headers.get("authorization") == KEY["authorization"]
 
 
-def _served(rewarm=None) -> tuple[Gate, Control]:  # type: ignore[no-untyped-def]
-    control = Control(_authorized)
-    gate = Gate(control, _authorized)
-    gate.warming(INNER)
-    gate.progress({"bucket": 1, "buckets": 2, "round": 1})
-    return gate, control
+async def _no_rewarm(request: RewarmRequest) -> Report:
+    raise AssertionError("no re-warm expected")
+
+
+class Served:
+    """A gate and its control endpoints on one run state, warming."""
+
+    def __init__(self) -> None:
+        self.state = RunState(window=2)
+        self.rewarm: Rewarm = _no_rewarm
+        self.control = Control(self.state, _authorized, lambda r: self.rewarm(r))
+        self.gate = Gate(self.state, self.control, _authorized)
+        self.state.warming(INNER)
+        self.state.warmup.where = {"bucket": 1, "buckets": 2, "round": 1}
+
+    def open(self, summary_of: Report | None = None) -> None:
+        self.state.report = summary_of or self.state.report
+        self.state.serving()
+
+
+def _served() -> tuple[Gate, Served]:
+    served = Served()
+    return served.gate, served
 
 
 def client(gate: Gate) -> httpx.AsyncClient:
@@ -36,23 +54,24 @@ def client(gate: Gate) -> httpx.AsyncClient:
 
 async def test_every_warmup_endpoint_is_401_without_the_key_in_every_phase() -> None:
     gate, control = _served()
-    control.report = _report()
-    for phase_change in (lambda: None, lambda: gate.open({})):
-        phase_change()
+    control.state.report = _report()
+    for open_it in (False, True):
+        if open_it:
+            control.open()
         async with client(gate) as c:
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sesame"}):
                 got = await c.get("/warmup/report", headers=headers)
                 run = await c.post("/warmup/run", headers=headers, json={})
-                assert got.status_code == run.status_code == 401, gate.phase
+                assert got.status_code == run.status_code == 401, control.state.phase
                 assert got.json()["error"] == "Unauthorized"
 
 
 async def test_probe_answers_say_only_the_phase_without_the_key() -> None:
-    gate, _ = _served()
+    gate, served = _served()
     async with client(gate) as c:
         warming = await c.get("/ready")
         warming_keyed = await c.get("/ready", headers=KEY)
-        gate.open({"model": "tiny", "requests": 12})
+        served.open(_report())
         ready = await c.get("/ready")
         ready_keyed = await c.get("/ready", headers=KEY)
     assert warming.status_code == warming_keyed.status_code == 503
@@ -60,18 +79,18 @@ async def test_probe_answers_say_only_the_phase_without_the_key() -> None:
     assert warming_keyed.json()["progress"] == {"bucket": 1, "buckets": 2, "round": 1}
     assert ready.status_code == ready_keyed.status_code == 200
     assert ready.json() == {"status": "ready"}
-    assert ready_keyed.json() == {"status": "ready", "model": "tiny", "requests": 12}
+    assert ready_keyed.json() == {"status": "ready", **_report().summary()}
 
 
 async def test_report_is_404_until_a_warmup_ends_then_the_report() -> None:
     gate, control = _served()
     async with client(gate) as c:
         missing = await c.get("/warmup/report", headers=KEY)
-        control.report = _report()
+        control.state.report = _report()
         found = await c.get("/warmup/report", headers=KEY)
     assert missing.status_code == 404
     assert found.status_code == 200
-    assert Report.model_validate_json(found.text) == control.report
+    assert Report.model_validate_json(found.text) == control.state.report
 
 
 async def test_run_is_503_until_serving() -> None:
@@ -83,7 +102,7 @@ async def test_run_is_503_until_serving() -> None:
 
 async def test_run_waits_for_the_rewarm_and_returns_its_report() -> None:
     gate, control = _served()
-    gate.open({})
+    control.open()
     asked: list[RewarmRequest] = []
 
     async def rewarm(request: RewarmRequest) -> Report:
@@ -103,7 +122,7 @@ async def test_run_waits_for_the_rewarm_and_returns_its_report() -> None:
 
 async def test_run_without_wait_is_202_and_a_second_run_meanwhile_409() -> None:
     gate, control = _served()
-    gate.open({})
+    control.open()
     release = asyncio.Event()
 
     async def rewarm(request: RewarmRequest) -> Report:
@@ -115,18 +134,18 @@ async def test_run_without_wait_is_202_and_a_second_run_meanwhile_409() -> None:
         started = await c.post("/warmup/run", headers=KEY, json={"wait": False})
         again = await c.post("/warmup/run", headers=KEY, json={"wait": False})
         release.set()
-        assert control.task is not None
-        await control.task
+        assert control.control.task is not None
+        await control.control.task
         after = await c.post("/warmup/run", headers=KEY, json={"wait": False})
     assert started.status_code == 202 and started.json() == {"status": "started"}
     assert again.status_code == 409
     assert after.status_code == 202
-    await control.close()
+    await control.control.close()
 
 
 async def test_bad_bodies_name_the_field_and_never_echo_it() -> None:
     gate, control = _served()
-    gate.open({})
+    control.open()
 
     async def rewarm(request: RewarmRequest) -> Report:
         raise AssertionError("a bad body must not start a re-warm")
@@ -154,7 +173,7 @@ async def test_bad_bodies_name_the_field_and_never_echo_it() -> None:
 
 async def test_a_failed_rewarm_answers_with_its_error() -> None:
     gate, control = _served()
-    gate.open({})
+    control.open()
 
     async def warmup_fails(request: RewarmRequest) -> Report:
         raise WarmupError("warm-up request failed", problems=[("bucket b", "HTTP 500")])

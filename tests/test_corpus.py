@@ -29,7 +29,9 @@ PROFILE = parse_profile(
 )
 
 
-def plan(profile: Profile, tokenizer: corpus.Tokenizer, model: str, rounds: int = 2) -> list:
+def plan(
+    profile: Profile, tokenizer: corpus.Tokenizer, model: str, rounds: int = 2
+) -> list[corpus.Batch]:
     return [
         batch
         for bucket in profile.buckets

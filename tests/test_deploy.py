@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -11,13 +10,10 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import typer
 import yaml
-from dockerfile_parse import DockerfileParser
 
-from llmwarm.cli import app
 from llmwarm.profile import load_profile
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dockerfile, llmwarm_env_vars
 
 DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
@@ -42,16 +38,6 @@ def _container(kind: str = "Deployment") -> dict[str, Any]:
 def _flag(args: list[str], name: str) -> str:
     (value,) = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
     return value
-
-
-def llmwarm_env_vars() -> set[str]:
-    """Every environment variable the `llmwarm` commands read."""
-    found = set()
-    for sub in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
-        for param in sub.params:
-            if getattr(param, "envvar", None):
-                found.add(str(param.envvar))
-    return found
 
 
 @pytest.mark.parametrize("version", [KUBERNETES, kubernetes_validate.latest_version()])
@@ -114,14 +100,6 @@ def test_the_environment_and_mounts_are_ones_llmwarm_reads(tmp_path: Path) -> No
     assert load_profile(profile).budget.max_seconds == 300
 
 
-def _dockerfile(name: str) -> tuple[list[str], dict[str, str], str]:
-    """ENTRYPOINT, ENV and FROM (ARGs substituted) of a Dockerfile."""
-    with (ROOT / name).open("rb") as f:
-        parsed = DockerfileParser(fileobj=f)
-        (entrypoint,) = [i["value"] for i in parsed.structure if i["instruction"] == "ENTRYPOINT"]
-        return json.loads(entrypoint), dict(parsed.envs), str(parsed.baseimage)
-
-
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
 def test_dockerfiles_pass_hadolint(name: str) -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
@@ -134,7 +112,7 @@ def test_dockerfiles_pass_hadolint(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
 def test_images_run_llmwarm_serve_like_the_vllm_image(name: str) -> None:
-    entrypoint, env, base = _dockerfile(name)
+    entrypoint, env, base = dockerfile(name)
     assert entrypoint == ["llmwarm", "serve"]  # exec form: llmwarm is PID 1, gets SIGTERM
     named = {
         k for k in env if k.startswith("LLMWARM_") and k not in ("LLMWARM_VENV", "LLMWARM_EXTRAS")

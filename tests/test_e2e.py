@@ -14,20 +14,23 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import psutil
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.shared_params import ResponseFormatJSONSchema
 
 from llmwarm.gate import WARMUP_HEADER
 from tests.conftest import (
     ENGINE_FLAGS,
     LLMWARM,
-    ROOT,
+    MINIMAL,
     STARTUP_TIMEOUT_S,
     engine_env,
     free_port,
@@ -36,7 +39,6 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.e2e
 
-MINIMAL = ROOT / "llmwarm" / "configs" / "minimal.yaml"
 API_KEY = "e2e-key-7c1d"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 # In every body the load sends: no answer of llmwarm's, nor its report, may echo it.
@@ -59,7 +61,7 @@ class Served:
     report: Path
     log: Path
     # (path, status, retry-after, JSON body) of every answer seen before /ready was 200
-    before_ready: list[tuple[str, int, str | None, dict]] = field(default_factory=list)
+    before_ready: list[tuple[str, int, str | None, dict[str, Any]]] = field(default_factory=list)
     ready_at: float | None = None  # time.monotonic() when /ready was first seen 200
     load: list[Answer] = field(default_factory=list)
 
@@ -230,9 +232,14 @@ def test_gate_under_load_answers_every_user_and_runs_none_cold(served: Served) -
 
 def test_after_ready_200_mixed_requests_at_16_way_concurrency(served: Served) -> None:
     client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=API_KEY, max_retries=0)
-    chat = [{"role": "user", "content": "tell me"}]
-    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    kinds = [
+    chat: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me"}]
+    schema: dict[str, object] = {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]
+    }  # fmt: skip
+    json_schema: ResponseFormatJSONSchema = {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema}
+    }  # fmt: skip
+    kinds: list[Callable[[], Awaitable[object]]] = [
         lambda: client.completions.create(model="tiny", prompt="a b c", max_tokens=8),
         lambda: client.chat.completions.create(model="tiny", messages=chat, max_tokens=8),
         lambda: client.completions.create(
@@ -245,7 +252,7 @@ def test_after_ready_200_mixed_requests_at_16_way_concurrency(served: Served) ->
             model="tiny",
             messages=chat,
             max_tokens=16,
-            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+            response_format=json_schema,
         ),  # fmt: skip
         lambda: client.completions.create(
             model="tiny",

@@ -102,7 +102,7 @@ def test_nothing_usable() -> None:
 
 
 def test_cli_writes_a_profile_that_checks(tmp_path: Path) -> None:
-    from tests.test_cli import invoke
+    from tests.conftest import invoke
 
     log = tmp_path / "t.log"
     log.write_text("\n".join([_received("a", t=0.9), DETAILS.format(rid="a", ids="1, 2")]))

@@ -2,18 +2,14 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from llmwarm.gate import WARMUP_HEADER, Gate, Phase
-
-
-async def _inner(request):  # type: ignore[no-untyped-def]
-    return JSONResponse({"served": request.url.path})
+from llmwarm.gate import WARMUP_HEADER, Gate
+from llmwarm.state import Phase, RunState
+from tests.fakes import INNER, report
 
 
-INNER = Starlette(routes=[Route("/{path:path}", _inner, methods=["GET", "POST"])])
+def gate_on(state: RunState | None = None) -> Gate:
+    return Gate(state or RunState(window=2))
 
 
 def client(gate: Gate, peer: str = "127.0.0.1", server: str = "llmwarm") -> httpx.AsyncClient:
@@ -23,7 +19,7 @@ def client(gate: Gate, peer: str = "127.0.0.1", server: str = "llmwarm") -> http
 
 @pytest.mark.parametrize("path", ["/health", "/ready", "/v1/completions", "/v1/models", "/x"])
 async def test_loading_answers_503_with_retry_after(path: str) -> None:
-    async with client(Gate()) as c:
+    async with client(gate_on()) as c:
         r = await c.get(path)
     assert r.status_code == 503
     assert r.headers["retry-after"] == "10"
@@ -31,9 +27,9 @@ async def test_loading_answers_503_with_retry_after(path: str) -> None:
 
 
 async def test_warming_lets_only_the_warmup_token_through() -> None:
-    gate = Gate()
-    gate.warming(INNER)
-    gate.progress({"bucket": 1, "buckets": 2, "round": 3})
+    gate = gate_on()
+    gate.state.warming(INNER)
+    gate.state.warmup.where = {"bucket": 1, "buckets": 2, "round": 3}
     async with client(gate) as c:
         outside = await c.post("/v1/completions", json={})
         forged = await c.post("/v1/completions", headers={WARMUP_HEADER: "guess"})
@@ -52,8 +48,8 @@ async def test_warming_lets_only_the_warmup_token_through() -> None:
 
 
 async def test_the_token_is_refused_from_another_host() -> None:
-    gate = Gate()
-    gate.warming(INNER)
+    gate = gate_on()
+    gate.state.warming(INNER)
     async with client(gate, peer="203.0.113.9") as c:
         r = await c.post("/v1/completions", headers=gate.headers)
     assert r.status_code == 503
@@ -61,8 +57,8 @@ async def test_the_token_is_refused_from_another_host() -> None:
 
 async def test_the_token_passes_from_the_servers_own_address() -> None:
     # bound to one interface (--host 10.1.2.3), the warm-up dials and comes from that address
-    gate = Gate()
-    gate.warming(INNER)
+    gate = gate_on()
+    gate.state.warming(INNER)
     async with client(gate, peer="10.1.2.3", server="10.1.2.3") as c:
         own = await c.post("/v1/completions", headers=gate.headers)
     async with client(gate, peer="10.1.2.4", server="10.1.2.3") as c:
@@ -71,30 +67,31 @@ async def test_the_token_passes_from_the_servers_own_address() -> None:
 
 
 def test_each_gate_has_its_own_long_token() -> None:
-    a, b = Gate(), Gate()
+    a, b = gate_on(), gate_on()
     assert a.token != b.token and len(a.token) >= 40
 
 
 async def test_ready_passes_everything_and_reports() -> None:
-    gate = Gate()
-    gate.warming(INNER)
-    gate.open({"model": "tiny", "warmup_s": 1.5})
+    gate = gate_on()
+    gate.state.warming(INNER)
+    gate.state.report = report()
+    gate.state.serving()
     async with client(gate, peer="203.0.113.9") as c:
         ready = await c.get("/ready")
         health = await c.get("/health")
         v1 = await c.post("/v1/chat/completions", json={})
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "model": "tiny", "warmup_s": 1.5}
+    assert ready.json() == {"status": "ready", **report().summary()}
     assert health.json() == {"served": "/health"}
     assert v1.json() == {"served": "/v1/chat/completions"}
 
 
 async def test_stopping_fails_ready_but_serves_in_flight_paths() -> None:
-    gate = Gate()
-    gate.warming(INNER)
-    gate.open({})
-    gate.stopping()
-    assert gate.phase is Phase.STOPPING
+    gate = gate_on()
+    gate.state.warming(INNER)
+    gate.state.serving()
+    gate.state.stopping()
+    assert gate.state.phase is Phase.STOPPING
     async with client(gate) as c:
         ready = await c.get("/ready")
         v1 = await c.get("/v1/models")
@@ -103,16 +100,16 @@ async def test_stopping_fails_ready_but_serves_in_flight_paths() -> None:
 
 
 async def test_live_is_200_in_every_phase() -> None:
-    gate = Gate()
+    gate = gate_on()
     seen = []
     async with client(gate, peer="203.0.113.9") as c:
         for change in ("loading", "warming", "ready", "stopping"):
             if change == "warming":
-                gate.warming(INNER)
+                gate.state.warming(INNER)
             elif change == "ready":
-                gate.open({})
+                gate.state.serving()
             elif change == "stopping":
-                gate.stopping()
+                gate.state.stopping()
             r = await c.get("/live")
             seen.append((r.status_code, r.json()["status"]))
     assert seen == [(200, "loading"), (200, "warming"), (200, "ready"), (200, "stopping")]

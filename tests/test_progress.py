@@ -8,7 +8,7 @@ from rich.console import Console
 
 from llmwarm.progress import ProgressView
 from llmwarm.warmup import Progress
-from tests.test_report import _bucket
+from tests.fakes import bucket as _bucket
 
 
 def _progress(round_: int, done: bool) -> Progress:

@@ -1,61 +1,23 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
 
-from llmwarm.convergence import Rule
-from llmwarm.report import BucketResult, Report, RoundResult, Sample, plot, table, write_json
-
-
-def _sample(kind: str, e2e: float, ttft: float | None = None, tpot: float | None = None) -> Sample:
-    return Sample(kind=kind, ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, prompt_tokens=4, output_tokens=8)
-
-
-def _bucket(converged_at: int | None = 3) -> BucketResult:
-    return BucketResult(
-        name="p4-c1-o8",
-        prompt_tokens=4,
-        concurrency=1,
-        max_tokens=8,
-        rounds=[
-            RoundResult(round=1, samples=[_sample("c-stream", 0.9, 0.5, 0.05), _sample("c", 0.7)]),
-            RoundResult(round=2, samples=[_sample("c-stream", 0.2, 0.1, 0.02), _sample("c", 0.3)]),
-            RoundResult(round=3, samples=[_sample("c-stream", 0.1, 0.1, 0.01), _sample("c", 0.1)]),
-        ],
-        converged_at=converged_at,
-        stop_reason="converged" if converged_at else "max_rounds",
-    )
-
-
-def _report(*buckets: BucketResult) -> Report:
-    return Report(
-        llmwarm_version="0.1.0",
-        vllm_version="0.32.0",
-        model="tiny",
-        profile="configs/default.yaml",
-        started_at=datetime(2026, 11, 28, tzinfo=timezone.utc),
-        engine_start_s=30.0,
-        warmup_s=2.5,
-        requests=6,
-        prefix_cache_reset=True,
-        convergence=Rule(window=2),
-        on_unconverged="serve",
-        budget_exhausted=False,
-        buckets=list(buckets) or [_bucket()],
-    )
+from llmwarm.report import Report, plot, table, write_json
+from tests.fakes import bucket
+from tests.fakes import report as make_report
 
 
 def test_round_medians_ignore_missing_values() -> None:
-    rnd = _bucket().rounds[0]
+    rnd = bucket().rounds[0]
     assert rnd.ttft_median_s == 0.5  # only the streamed sample has a TTFT
     assert rnd.e2e_median_s == 0.8
 
 
 def test_cold_is_round_one_and_warm_the_median_of_the_last_window() -> None:
-    b = _bucket()
+    b = bucket()
     assert b.first("e2e") == 0.8
     assert b.warm("e2e", window=2) == (0.25 + 0.1) / 2
     assert b.warm("e2e", window=1) == 0.1
@@ -67,7 +29,7 @@ def test_cold_is_round_one_and_warm_the_median_of_the_last_window() -> None:
 
 def test_json_round_trip_with_computed_medians(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
-    write_json(_report(), path)
+    write_json(make_report(), path)
     data = json.loads(path.read_text())
     assert data["version"] == 1 and data["converged"] is True
     assert data["convergence"]["window"] == 2 and data["on_unconverged"] == "serve"
@@ -78,7 +40,7 @@ def test_json_round_trip_with_computed_medians(tmp_path: Path) -> None:
 
 def test_table_shows_cold_and_warm_in_ms() -> None:
     console = Console(width=200, record=True)
-    console.print(table(_report()))
+    console.print(table(make_report()))
     text = console.export_text()
     assert "p4-c1-o8" in text and "round 3" in text and "; converged" in text
     assert "800.0" in text and "175.0" in text  # e2e cold / warm
@@ -86,8 +48,8 @@ def test_table_shows_cold_and_warm_in_ms() -> None:
 
 
 def test_table_and_summary_name_unconverged_buckets() -> None:
-    late = _bucket(converged_at=None).model_copy(update={"name": "late"})
-    report = _report(_bucket(), late)
+    late = bucket(converged_at=None).model_copy(update={"name": "late"})
+    report = make_report(bucket(), late)
     assert not report.converged and report.unconverged == ["late"]
     console = Console(width=200, record=True)
     console.print(table(report))
@@ -98,13 +60,13 @@ def test_table_and_summary_name_unconverged_buckets() -> None:
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "r.png"
-    late = _bucket(converged_at=None).model_copy(update={"name": "late"})
-    plot(_report(_bucket(), late), path)
+    late = bucket(converged_at=None).model_copy(update={"name": "late"})
+    plot(make_report(bucket(), late), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_summary_is_short() -> None:
-    assert _report().summary() == {
+    assert make_report().summary() == {
         "model": "tiny",
         "engine_start_s": 30.0,
         "warmup_s": 2.5,

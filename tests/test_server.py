@@ -1,25 +1,35 @@
-"""The lifecycle's guard against an engine dying during a warm-up, on a fake engine."""
+"""The lifecycle on a fake engine: every stage x {SIGTERM, engine death}, re-warms, the drain.
+
+The fake engine (tests/fakes.py) stands in for vLLM only; the lifecycle, the gate, the control
+endpoints, the warm-up client and uvicorn on a real loopback socket are llmwarm's own, and the
+SIGTERMs are real signals to this process (handled by the lifecycle's own handlers).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from dataclasses import dataclass
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from llmwarm.errors import WarmupError
-from llmwarm.server import _unless_engine_dies
+from llmwarm import engine
+from llmwarm.errors import EngineDied, Interrupted, StartupError, WarmupError
+from llmwarm.profile import load_profile
+from llmwarm.report import Report
+from llmwarm.server import Lifecycle
+from llmwarm.settings import Settings
+from llmwarm.state import Phase, Stage
+from llmwarm.warmup import unless_dead
+from tests.fakes import MINIMAL_PROFILE, FakeEngine
 
-
-@dataclass
-class FakeEngine:
-    errored: bool = False
-    is_running: bool = True
-    dead_error: BaseException = RuntimeError("EngineCore died")
-
-    def die(self) -> None:
-        self.errored, self.is_running = True, False
+# --- the engine-death guard -----------------------------------------------------------------
 
 
 async def _endless(cancelled: asyncio.Event) -> int:
@@ -37,7 +47,7 @@ async def test_the_work_result_when_the_engine_lives() -> None:
         await asyncio.sleep(0.01)
         return 7
 
-    assert await _unless_engine_dies(FakeEngine(), work()) == 7  # type: ignore[arg-type]
+    assert await unless_dead(FakeEngine(), work()) == 7
 
 
 async def test_an_engine_death_cancels_the_work_and_says_so() -> None:
@@ -46,9 +56,9 @@ async def test_an_engine_death_cancels_the_work_and_says_so() -> None:
 
     asyncio.get_running_loop().call_later(0.1, eng.die)
     with pytest.raises(WarmupError, match="the vLLM engine died during the warm-up") as info:
-        await asyncio.wait_for(_unless_engine_dies(eng, _endless(cancelled)), 5)  # type: ignore[arg-type]
+        await asyncio.wait_for(unless_dead(eng, _endless(cancelled)), 5)
     assert cancelled.is_set()
-    assert info.value.problems == [("engine", "EngineCore died")]
+    assert info.value.problems == [("engine", "the fake EngineCore ended")]
 
 
 async def test_a_request_failing_because_the_engine_died_blames_the_engine() -> None:
@@ -59,7 +69,7 @@ async def test_a_request_failing_because_the_engine_died_blames_the_engine() -> 
         raise WarmupError("warm-up request failed: HTTP 500")
 
     with pytest.raises(WarmupError, match="engine died"):
-        await _unless_engine_dies(eng, work())  # type: ignore[arg-type]
+        await unless_dead(eng, work())
 
 
 async def test_a_request_failing_on_a_live_engine_is_that_failure() -> None:
@@ -67,13 +77,13 @@ async def test_a_request_failing_on_a_live_engine_is_that_failure() -> None:
         raise WarmupError("warm-up request failed: HTTP 400")
 
     with pytest.raises(WarmupError, match="HTTP 400"):
-        await _unless_engine_dies(FakeEngine(), work())  # type: ignore[arg-type]
+        await unless_dead(FakeEngine(), work())
 
 
 async def test_cancelling_the_guard_cancels_the_work() -> None:
     cancelled = asyncio.Event()
 
-    guard = asyncio.create_task(_unless_engine_dies(FakeEngine(), _endless(cancelled)))  # type: ignore[arg-type]
+    guard = asyncio.create_task(unless_dead(FakeEngine(), _endless(cancelled)))
     await asyncio.sleep(0.05)
     guard.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -93,7 +103,264 @@ async def test_a_failure_beside_the_engine_death_is_retrieved(
     gc.collect()  # other tests' garbage reports itself now, not below
     caplog.clear()
     with pytest.raises(WarmupError, match="engine died"):
-        await _unless_engine_dies(eng, work())  # type: ignore[arg-type]
+        await unless_dead(eng, work())
     gc.collect()
     await asyncio.sleep(0)
     assert "HTTP 500 beside the death" not in caplog.text  # no "exception never retrieved"
+
+
+# --- the lifecycle -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_args() -> Callable[..., Any]:
+    """vLLM's own parser (no engine): the lifecycle reads its frontend flags."""
+
+    def parse(*flags: str) -> Any:
+        argv = ["fake/model", "--host", "127.0.0.1", "--port", "0", *flags]
+        return engine.parse_args(argv, "test")
+
+    return parse
+
+
+@pytest.fixture
+def settings(tmp_path: Path, vllm_args: Callable[..., Any]) -> Callable[..., Settings]:
+    def make(*flags: str) -> Settings:
+        return Settings(
+            vllm_args=vllm_args(*flags),
+            profile=load_profile(MINIMAL_PROFILE),
+            profile_path=MINIMAL_PROFILE,
+            report_path=tmp_path / "report.json",
+            plot_path=None,
+            on_unconverged="serve",
+            mode="serve",
+        )
+
+    return make
+
+
+class Run:
+    """A lifecycle running in this process, and a client of its socket."""
+
+    def __init__(self, life: Lifecycle, eng: FakeEngine) -> None:
+        self.life, self.eng = life, eng
+        self.task: asyncio.Task[Report] = asyncio.create_task(life.run())
+        host, port = life.sock.getsockname()[:2]
+        self.client = httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10)
+
+    async def until(self, stage: Stage) -> None:
+        while self.life.state.stage is not stage:
+            assert not self.task.done(), self.task
+            await asyncio.sleep(0.005)
+
+    async def sigterm(self) -> None:
+        # Only ever while the lifecycle runs: its handlers are installed then.
+        assert not self.task.done()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def running(settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Run]]:
+    runs: list[Run] = []
+
+    def start(eng: FakeEngine, *flags: str) -> Run:
+        run = Run(Lifecycle(settings(*flags), start=eng.start), eng)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        await run.client.aclose()
+        if not run.task.done():
+            run.task.cancel()
+        await asyncio.gather(run.task, return_exceptions=True)
+
+
+@pytest.fixture(autouse=True)
+def no_forced_exit(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """A second signal forces an exit (os._exit); here it is recorded instead."""
+    forced: list[int] = []
+    monkeypatch.setattr(engine, "force_exit", forced.append)
+    yield forced
+
+
+async def test_sigterm_while_starting_interrupts_and_shuts_the_engine(
+    running: Callable[..., Run],
+) -> None:
+    run = running(FakeEngine(hold_start=True))
+    await run.eng.started.wait()
+    assert (await run.client.get("/ready")).json()["status"] == "loading"
+    await run.sigterm()
+    with pytest.raises(Interrupted, match="interrupted while loading"):
+        await run.task
+    assert run.eng.shut_down
+
+
+async def test_an_engine_that_fails_to_start_is_a_startup_error(
+    running: Callable[..., Run],
+) -> None:
+    run = running(FakeEngine(start_error=StartupError("the vLLM engine failed to start")))
+    with pytest.raises(StartupError):
+        await run.task
+
+
+async def test_sigterm_while_warming_interrupts(running: Callable[..., Run]) -> None:
+    eng = FakeEngine()
+    eng.holding()
+    run = running(eng)
+    await eng.seen.wait()
+    assert run.life.state.stage is Stage.WARMING
+    await run.sigterm()
+    with pytest.raises(Interrupted, match="interrupted while warming"):
+        await run.task
+    assert eng.shut_down and not eng.lifespan_ran
+
+
+async def test_engine_death_while_warming_fails_with_the_report(
+    running: Callable[..., Run], tmp_path: Path
+) -> None:
+    eng = FakeEngine()
+    run = running(eng)
+    await run.until(Stage.WARMING)
+    while not run.life.state.warmup.buckets:  # a round was measured
+        await asyncio.sleep(0.005)
+    eng.holding()
+    await eng.seen.wait()
+    eng.die()
+    with pytest.raises(WarmupError, match="the vLLM engine died during the warm-up"):
+        await run.task
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["error"]["problems"] == [
+        {"where": "engine", "message": "the fake EngineCore ended"}
+    ]
+    assert data["converged"] is False and data["buckets"][0]["rounds"]
+    assert eng.shut_down
+
+
+async def test_serving_opens_the_gate_then_sigterm_drains_in_flight_requests(
+    running: Callable[..., Run],
+) -> None:
+    eng = FakeEngine()
+    run = running(eng, "--shutdown-timeout", "10")
+    await run.until(Stage.SERVING)
+    ready = await run.client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["requests"] > 0
+    assert eng.lifespan_ran
+    eng.holding()
+    body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
+    in_flight = asyncio.create_task(run.client.post("/v1/completions", json=body))
+    await eng.seen.wait()
+    await run.sigterm()
+    await run.until(Stage.STOPPING)
+    assert (await run.client.get("/ready")).json()["status"] == "stopping"
+    eng.release()
+    answer = await in_flight
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+    report = await run.task  # exit 0
+    assert report.error is None and eng.shut_down
+
+
+async def test_engine_death_while_serving_is_engine_died(running: Callable[..., Run]) -> None:
+    eng = FakeEngine()
+    run = running(eng)
+    await run.until(Stage.SERVING)
+    eng.die()
+    with pytest.raises(EngineDied):
+        await run.task
+    assert eng.shut_down
+
+
+async def test_sigterm_during_a_gate_closing_rewarm_drains_not_interrupts(
+    running: Callable[..., Run],
+) -> None:
+    # The defect: the gate says "warming" during a close_gate re-warm, and a SIGTERM was
+    # taken for one before ready (exit 130, "interrupted while warming").
+    eng = FakeEngine()
+    run = running(eng)
+    await run.until(Stage.SERVING)
+    eng.holding()
+    started = await run.client.post("/warmup/run", json={"close_gate": True, "wait": False})
+    assert started.status_code == 202
+    await eng.seen.wait()
+    assert run.life.state.phase is Phase.WARMING and run.life.state.stage is Stage.SERVING
+    await run.sigterm()
+    report = await run.task  # drained: no Interrupted
+    assert report.trigger == "startup" and eng.shut_down
+
+
+async def test_engine_death_during_a_rewarm_fails_it_then_ends_serving(
+    running: Callable[..., Run],
+) -> None:
+    eng = FakeEngine()
+    run = running(eng)
+    await run.until(Stage.SERVING)
+    eng.holding()
+    rewarm = asyncio.create_task(run.client.post("/warmup/run", json={"close_gate": True}))
+    await eng.seen.wait()
+    eng.die()
+    answer = await rewarm
+    # Two watchdogs see the death, the warm-up's and serving's; whichever is first, the
+    # caller hears why, and serving ends with EngineDied.
+    assert (answer.status_code, answer.json()["error"]) in (
+        (500, "the vLLM engine died during the warm-up"),
+        (503, "the server is stopping; the re-warm was cancelled"),
+    )
+    with pytest.raises(EngineDied):
+        await run.task
+
+
+async def test_a_rewarm_reopens_the_gate_and_ready_shows_its_summary(
+    running: Callable[..., Run],
+) -> None:
+    eng = FakeEngine()
+    run = running(eng)
+    await run.until(Stage.SERVING)
+    before = (await run.client.get("/ready")).json()
+    answer = await run.client.post("/warmup/run", json={"profile": "minimal", "close_gate": True})
+    assert answer.status_code == 200 and answer.json()["trigger"] == "api"
+    after = (await run.client.get("/ready")).json()
+    assert after["status"] == "ready"
+    assert after["warmup_s"] == round(answer.json()["warmup_s"], 3) != before["warmup_s"]
+    await run.sigterm()
+    await run.task
+
+
+async def test_a_second_signal_while_stopping_forces_the_exit(
+    running: Callable[..., Run], no_forced_exit: list[int]
+) -> None:
+    eng = FakeEngine()
+    run = running(eng, "--shutdown-timeout", "10")
+    await run.until(Stage.SERVING)
+    eng.holding()
+    body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
+    in_flight = asyncio.create_task(run.client.post("/v1/completions", json=body))
+    await eng.seen.wait()
+    await run.sigterm()
+    await run.until(Stage.STOPPING)
+    await run.sigterm()
+    while not no_forced_exit:
+        await asyncio.sleep(0.005)
+    assert no_forced_exit == [130]
+    eng.release()
+    await in_flight
+    await run.task
+
+
+async def test_engine_death_while_stopping_still_ends_cleanly(
+    running: Callable[..., Run],
+) -> None:
+    eng = FakeEngine()
+    run = running(eng, "--shutdown-timeout", "10")
+    await run.until(Stage.SERVING)
+    eng.holding()
+    body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
+    in_flight = asyncio.create_task(run.client.post("/v1/completions", json=body))
+    await eng.seen.wait()
+    await run.sigterm()
+    await run.until(Stage.STOPPING)
+    eng.die()
+    eng.release()
+    await in_flight
+    report = await run.task  # asked to stop: the death changes nothing
+    assert report.error is None and eng.shut_down

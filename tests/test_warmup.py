@@ -2,95 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import socket
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from llmwarm import warmup
 from llmwarm.corpus import WordTokenizer
 from llmwarm.errors import WarmupError
 from llmwarm.profile import EngineShape, Profile, parse_profile
-
-
-class Pace:
-    """Seconds between streamed tokens, as a function of how many requests came before."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.gap = lambda calls: 0.01
-
-    def next(self) -> float:
-        self.calls += 1
-        return float(self.gap(self.calls - 1))
-
-
-PACE = Pace()
-
-
-async def _completions(request: Request) -> Response:
-    body = await request.json()
-    gap = PACE.next()
-    n = body["max_tokens"]
-    usage = {"prompt_tokens": 7, "completion_tokens": n}
-    if body.get("model") == "broken":
-        return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
-    if "grammar" in (body.get("structured_outputs") or {}):
-        return JSONResponse({"error": {"message": "grammars are not supported"}}, status_code=400)
-    if not body.get("stream"):
-        await asyncio.sleep(gap * n)
-        return JSONResponse({"choices": [{"text": "x" * n}], "usage": usage})
-
-    async def events():  # type: ignore[no-untyped-def]
-        chat = "messages" in body
-        if chat:  # a role-only first chunk carries no token
-            yield f"data: {json.dumps({'choices': [{'delta': {'role': 'assistant'}}]})}\n\n"
-        for _ in range(n):
-            await asyncio.sleep(gap)
-            choice = {"delta": {"content": "x"}} if chat else {"text": "x"}
-            yield f"data: {json.dumps({'choices': [choice]})}\n\n"
-        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-FAKE = Starlette(
-    routes=[
-        Route("/v1/completions", _completions, methods=["POST"]),
-        Route("/v1/chat/completions", _completions, methods=["POST"]),
-    ]
-)
-
-
-@pytest.fixture
-async def fake_url() -> AsyncIterator[str]:
-    """The fake server on a real loopback socket: httpx's ASGI transport would buffer streams."""
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets, and Nagle's
-    # algorithm would bunch streamed tokens (uvloop, which llmwarm runs on, always sets it).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(FAKE, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    await task
-
-
-@pytest.fixture(autouse=True)
-def steady_pace() -> None:
-    PACE.calls = 0
-    PACE.gap = lambda calls: 0.01
+from llmwarm.report import Outcome
+from tests.fakes import PACE
 
 
 def _profile(**fields: object) -> Profile:
@@ -101,9 +21,9 @@ def _profile(**fields: object) -> Profile:
     return parse_profile({**data, **fields})
 
 
-async def _run(url: str, profile: Profile, on_round=lambda p: None) -> warmup.Outcome:  # type: ignore[no-untyped-def]
+async def _run(url: str, profile: Profile, on_round=lambda p: None) -> Outcome:  # type: ignore[no-untyped-def]
     async with httpx.AsyncClient(base_url=url) as client:
-        return await warmup.run(client, profile, WordTokenizer(), "tiny", on_round=on_round)
+        return await warmup.rounds(client, profile, WordTokenizer(), "tiny", on_round=on_round)
 
 
 async def test_run_measures_every_request_until_converged(fake_url: str) -> None:
@@ -161,7 +81,7 @@ async def test_http_error_is_a_warmup_error_naming_the_request(fake_url: str, st
     profile = _profile(stream=[stream], convergence={"metric": "e2e"})
     async with httpx.AsyncClient(base_url=fake_url) as client:
         with pytest.raises(WarmupError) as info:
-            await warmup.run(client, profile, WordTokenizer(), "broken")
+            await warmup.rounds(client, profile, WordTokenizer(), "broken")
     assert "bucket p4-c2-o5, round 1" in info.value.message
     assert "HTTP 404" in info.value.problems[0][1]
     assert "no such model" in info.value.problems[0][1]
@@ -170,7 +90,7 @@ async def test_http_error_is_a_warmup_error_naming_the_request(fake_url: str, st
 async def test_connection_failure_is_a_warmup_error() -> None:
     async with httpx.AsyncClient(base_url="http://127.0.0.1:9") as client:
         with pytest.raises(WarmupError) as info:
-            await warmup.run(client, _profile(), WordTokenizer(), "tiny")
+            await warmup.rounds(client, _profile(), WordTokenizer(), "tiny")
     assert "ConnectError" in info.value.problems[0][1]
 
 

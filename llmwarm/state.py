@@ -1,0 +1,100 @@
+"""The run state: what one process knows about itself, written by the lifecycle only.
+
+The gate (`/ready`, 503s), the control endpoints (`/warmup/*`) and the metrics collector read
+it; none of them writes it. Two clocks are kept apart on purpose:
+
+    Stage   what the *process* is doing:  starting -> warming -> serving -> stopping
+    Phase   what the *gate* answers:      loading  -> warming -> ready   -> stopping
+
+They differ in one case: a re-warm with `close_gate` runs while the process is serving, and
+the gate answers "warming" meanwhile. A signal then drains (the process serves) rather than
+interrupting; the stage decides that, never the phase.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+    from llmwarm.report import BucketResult, Report
+
+
+class Stage(str, enum.Enum):
+    STARTING = "starting"
+    WARMING = "warming"
+    SERVING = "serving"
+    STOPPING = "stopping"
+
+
+class Phase(str, enum.Enum):
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass
+class WarmupProgress:
+    """The warm-up under way (or the last one): reset when a warm-up begins."""
+
+    window: int
+    started: float | None = None  # time.perf_counter()
+    seconds: float | None = None  # set when it ends
+    requests: int = 0
+    buckets: dict[str, BucketResult] = field(default_factory=dict)
+    where: dict[str, Any] = field(default_factory=dict)  # for the 503 body
+
+    def elapsed(self) -> float | None:
+        if self.seconds is not None or self.started is None:
+            return self.seconds
+        return time.perf_counter() - self.started
+
+
+@dataclass
+class RunState:
+    """Everything the process's readers need, in one place."""
+
+    window: int  # the serving profile's convergence window (for metrics before a warm-up)
+    stage: Stage = Stage.STARTING
+    gate_closed: bool = False  # a re-warm asked for the gate to close while it runs
+    app: ASGIApp | None = None  # vLLM's app, once built
+    engine_start_s: float | None = None
+    report: Report | None = None  # the last warm-up's, failed or not
+    warmup: WarmupProgress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.warmup = WarmupProgress(self.window)
+
+    @property
+    def phase(self) -> Phase:
+        if self.stage is Stage.STARTING:
+            return Phase.LOADING
+        if self.stage is Stage.WARMING or (self.stage is Stage.SERVING and self.gate_closed):
+            return Phase.WARMING
+        if self.stage is Stage.SERVING:
+            return Phase.READY
+        return Phase.STOPPING
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The last warm-up's short form, for `/ready`."""
+        return self.report.summary() if self.report is not None else {}
+
+    # --- transitions, by the lifecycle -------------------------------------------------
+    def warming(self, app: ASGIApp) -> None:
+        self.app, self.stage = app, Stage.WARMING
+
+    def serving(self) -> None:
+        self.stage = Stage.SERVING
+
+    def stopping(self) -> None:
+        self.stage = Stage.STOPPING
+
+    def begin_warmup(self, window: int) -> WarmupProgress:
+        self.warmup = WarmupProgress(window, started=time.perf_counter())
+        return self.warmup
