@@ -112,6 +112,26 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     (directory / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
 
+def check(directory: Path, running: Manifest) -> None:
+    """Log whether the engine could start from the caches baked into `directory`."""
+    baked = read_manifest(directory)
+    why = mismatch(baked, running)
+    if why is None and baked is not None:
+        logger.info(
+            "--cache-dir %s: compile caches baked at %s (cold start %.1f s) match this engine",
+            directory, baked.baked_at.isoformat(timespec="seconds"), baked.engine_start_s,
+        )  # fmt: skip
+    else:
+        logger.warning("--cache-dir %s: %s; vLLM compiles and caches there now", directory, why)
+
+
+def bake(directory: Path, running: Manifest) -> None:
+    """Record what was baked into `directory` (its caches are written by vLLM meanwhile)."""
+    write_manifest(directory, running)
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    logger.info("baked: compile caches in %s (%.1f MB)", directory, size / 1e6)
+
+
 def mismatch(baked: Manifest | None, running: Manifest) -> str | None:
     """Why caches baked for `baked` cannot serve the `running` engine, or None."""
     if baked is None:

@@ -275,6 +275,40 @@ class Engine:
         return str(self.llm.vllm_config.compute_hash())
 
 
+def _build(args: Namespace, cancelled: threading.Event) -> AsyncLLM:
+    """Build the engine (in a thread): config, process spawn, handshake. Gives up at the next
+    step once `cancelled` is set."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import propagate_flash_late_interaction
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    propagate_flash_late_interaction(args, engine_args)
+    try:
+        config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    except Exception as exc:  # vLLM raises many types for a bad value of a flag
+        raise VllmArgsError(
+            "vLLM rejected the configuration", problems=_config_problems(exc)
+        ) from exc
+    if cancelled.is_set():
+        raise _Abandoned
+    try:
+        return AsyncLLM.from_vllm_config(
+            vllm_config=config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            enable_log_requests=engine_args.enable_log_requests,
+            aggregate_engine_logging=engine_args.aggregate_engine_logging,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+    except Exception as exc:
+        if cancelled.is_set():
+            raise _Abandoned from exc
+        raise StartupError(
+            f"the vLLM engine failed to start: {exc}", problems=[("engine", str(exc) or repr(exc))]
+        ) from exc
+
+
 @asynccontextmanager
 async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
     """A V1 `AsyncLLM` for these arguments, shut down on exit whatever happened.
@@ -283,42 +317,9 @@ async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
     or more). That runs in a thread, so the event loop keeps answering 503s meanwhile; a
     cancellation ends the engine's processes, which ends the thread's wait.
     """
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import propagate_flash_late_interaction
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    engine_args = AsyncEngineArgs.from_cli_args(args)
-    propagate_flash_late_interaction(args, engine_args)
     cancelled = threading.Event()
-
-    def build() -> AsyncLLM:
-        try:
-            config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        except Exception as exc:  # vLLM raises many types for a bad value of a flag
-            raise VllmArgsError(
-                "vLLM rejected the configuration", problems=_config_problems(exc)
-            ) from exc
-        if cancelled.is_set():
-            raise _Abandoned
-        try:
-            return AsyncLLM.from_vllm_config(
-                vllm_config=config,
-                usage_context=UsageContext.OPENAI_API_SERVER,
-                enable_log_requests=engine_args.enable_log_requests,
-                aggregate_engine_logging=engine_args.aggregate_engine_logging,
-                disable_log_stats=engine_args.disable_log_stats,
-            )
-        except Exception as exc:
-            if cancelled.is_set():
-                raise _Abandoned from exc
-            raise StartupError(
-                f"the vLLM engine failed to start: {exc}",
-                problems=[("engine", str(exc) or repr(exc))],
-            ) from exc
-
     started = time.perf_counter()
-    future = asyncio.get_running_loop().run_in_executor(None, build)
+    future = asyncio.get_running_loop().run_in_executor(None, _build, args, cancelled)
     try:
         engine = await asyncio.shield(future)
     except asyncio.CancelledError:

@@ -178,7 +178,7 @@ class Lifecycle:
         self.stop = asyncio.Event()
         self.started_at = datetime.now(timezone.utc)
         self._start = start
-        self._warmup: WarmupRun | None = None  # once the engine runs
+        self._warmups: WarmupRun | None = None  # once the engine runs
         _, self.sock = engine.bind(args)
         self.http = engine.http_server(self.gate, args)
 
@@ -209,16 +209,18 @@ class Lifecycle:
         async with self._start(settings.vllm_args) as eng:
             self.state.engine_start_s = eng.start_s
             logger.info("engine started in %.1f s; warming up", eng.start_s)
-            self._check_cache(eng)
+            if settings.cache_dir is not None and settings.mode != "bake":
+                caches.check(settings.cache_dir, self._manifest(eng))
             try:
                 app = await eng.build_app(self.http)
                 self.state.warming(app)
-                self._warmup = WarmupRun(eng, self.state, self._origin(eng), self._client)
+                self._warmups = WarmupRun(eng, self.state, self._origin(eng), self._client)
                 source = str(settings.profile_path)
-                report = await self._warm(settings.profile, source, "startup")
+                report = await self._run_warmup(settings.profile, source, "startup")
                 _show_and_judge(report, settings)
                 if settings.mode == "bake":
-                    self._bake(eng)
+                    assert settings.cache_dir is not None  # settings.resolve requires it
+                    caches.bake(settings.cache_dir, self._manifest(eng))
                 if settings.serve:
                     await self._serve(eng, app)
                 return report
@@ -240,11 +242,11 @@ class Lifecycle:
                 grace = self.settings.vllm_args.shutdown_timeout
                 await _stop_http(self.http, self.http_task, grace=grace)
 
-    async def _warm(self, profile: Profile, source: str, trigger: Trigger) -> Report:
+    async def _run_warmup(self, profile: Profile, source: str, trigger: Trigger) -> Report:
         """One warm-up; its report published in the state and written, also when it failed
         (then raised as the `WarmupError` it is)."""
-        assert self._warmup is not None  # the engine runs
-        report = await self._warmup(profile, source, trigger)
+        assert self._warmups is not None  # the engine runs
+        report = await self._warmups(profile, source, trigger)
         self.state.report = report
         _write(report, self.settings)
         if report.error is not None:
@@ -259,7 +261,7 @@ class Lifecycle:
             profile = load_profile(source)
         self.state.gate_closed = request.close_gate
         try:
-            report = await self._warm(profile, str(source), "api")
+            report = await self._run_warmup(profile, str(source), "api")
         finally:
             self.state.gate_closed = False
         logger.info(
@@ -298,28 +300,6 @@ class Lifecycle:
             config_hash=eng.config_hash(),
             engine_start_s=eng.start_s,
         )
-
-    def _check_cache(self, eng: engine.EngineClient) -> None:
-        """Say whether the engine could start from the caches in --cache-dir."""
-        directory = self.settings.cache_dir
-        if directory is None or self.settings.mode == "bake":
-            return
-        baked = caches.read_manifest(directory)
-        why = caches.mismatch(baked, self._manifest(eng))
-        if why is None and baked is not None:
-            logger.info(
-                "--cache-dir %s: compile caches baked at %s (cold start %.1f s) match this engine",
-                directory, baked.baked_at.isoformat(timespec="seconds"), baked.engine_start_s,
-            )  # fmt: skip
-        else:
-            logger.warning("--cache-dir %s: %s; vLLM compiles and caches there now", directory, why)
-
-    def _bake(self, eng: engine.EngineClient) -> None:
-        directory = self.settings.cache_dir
-        assert directory is not None  # settings.resolve requires it for bake
-        caches.write_manifest(directory, self._manifest(eng))
-        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-        logger.info("baked: compile caches in %s (%.1f MB)", directory, size / 1e6)
 
 
 def run_sync(settings: Settings) -> Report:
