@@ -11,15 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from llmwarm import features
+from llmwarm import endpoints, features
 from llmwarm.profile import Bucket, Profile
 
 _SYLLABLES = (
     "ka lo mi ne ru sa te vi bo da fe gu hi jo ku la me no pa qui re si to un va we xa yo zu "
     "ar be ce di ek fo ga ho il ja ki lu ma ni om pe ri su ti ul ve wo xi ya ze"
 ).split()
-
-_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 class Tokenizer(Protocol):
@@ -49,9 +47,13 @@ class WarmRequest:
     bucket: str
     round: int
     kind: str
-    path: str
+    endpoint: str
     stream: bool
     body: dict[str, Any] = field(hash=False)
+
+    @property
+    def path(self) -> str:
+        return endpoints.SPECS[self.endpoint].path
 
 
 @dataclass(frozen=True)
@@ -108,49 +110,60 @@ def make_prompt(
 
 
 def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
-    """The request kinds each round of this bucket sends, in order."""
+    """The request kinds each round of this bucket sends, in order.
+
+    An endpoint that cannot stream (pooling) sends one unary kind whatever `stream` says.
+    """
     names = profile.features.kinds() if bucket.name in profile.feature_buckets() else ["greedy"]
-    return [
-        Kind(endpoint, stream, feature)
-        for feature in names
-        for endpoint in profile.endpoints
-        for stream in profile.stream
-        if features.spec(feature).takes(endpoint, stream)
-    ]
+    out = []
+    for feature in names:
+        for endpoint in profile.endpoint_names():
+            modes = profile.stream if endpoints.SPECS[endpoint].streamable else [False]
+            out += [
+                Kind(endpoint, stream, feature)
+                for stream in modes
+                if features.spec(feature).takes(endpoint, stream)
+            ]
+    return out
 
 
-def _body(kind: Kind, prompt: str, bucket: Bucket, profile: Profile, model: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "max_tokens": bucket.max_tokens, "temperature": 0.0}
-    if not features.spec(kind.feature).constrained:
+def _body(
+    kind: Kind, prompts: list[str], bucket: Bucket, profile: Profile, model: str
+) -> dict[str, Any]:
+    endpoint = endpoints.SPECS[kind.endpoint]
+    prompt, documents = prompts[0], prompts[1:]
+    body: dict[str, Any] = {
+        "model": model, **endpoint.body(prompt, documents, bucket.max_tokens, kind.stream)
+    }  # fmt: skip
+    if endpoint.generates:
+        body["temperature"] = 0.0
+    if endpoint.ignore_eos and not features.spec(kind.feature).constrained:
         # A warm-up must run its full decode length; a random model may emit EOS at once.
         body["ignore_eos"] = True
-    if kind.endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        body["prompt"] = prompt
-    if kind.stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-    body.update(features.body(kind.feature, kind.endpoint, profile.features))
-    return body
+    return features.apply(kind.feature, kind.endpoint, profile.features, body)
 
 
 def batch(
     profile: Profile, bucket: Bucket, kind: Kind, round_: int, tokenizer: Tokenizer, model: str
 ) -> Batch:
     """`concurrency` requests of one kind for one round of one bucket."""
+    # score and rerank send a query and `documents` documents, each of the bucket's length
+    texts = 1 + (bucket.documents if endpoints.SPECS[kind.endpoint].task == "score" else 0)
     requests = []
     for i in range(bucket.concurrency):
         rng = seeded_rng(profile.seed, bucket.name, round_, kind.name, i)
-        prompt = make_prompt(tokenizer, bucket.prompt_tokens, rng, profile.prompts.texts)
+        prompts = [
+            make_prompt(tokenizer, bucket.prompt_tokens, rng, profile.prompts.texts)
+            for _ in range(texts)
+        ]
         requests.append(
             WarmRequest(
                 bucket=bucket.name,
                 round=round_,
                 kind=kind.name,
-                path=_PATHS[kind.endpoint],
+                endpoint=kind.endpoint,
                 stream=kind.stream,
-                body=_body(kind, prompt, bucket, profile, model),
+                body=_body(kind, prompts, bucket, profile, model),
             )
         )
     return Batch(bucket=bucket, round=round_, kind=kind.name, requests=tuple(requests))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 import psutil
 import uvicorn
 
+from llmwarm.endpoints import SPECS
 from llmwarm.errors import (
     EngineDied,
     PortInUse,
@@ -217,10 +218,13 @@ async def wait_dead(engine: EngineClient, interval: float = 0.5) -> NoReturn:
 class Engine:
     """A started vLLM V1 `AsyncLLM`, seen through `EngineClient`."""
 
-    def __init__(self, llm: AsyncLLM, args: Namespace, start_s: float) -> None:
+    def __init__(
+        self, llm: AsyncLLM, args: Namespace, start_s: float, tasks: tuple[str, ...]
+    ) -> None:
         self.llm = llm
         self.args = args
         self.start_s = start_s
+        self.tasks = tasks  # what the model serves: generate, embed, classify, ...
         self.vllm_version = vllm_version()
 
     def shape(self) -> EngineShape:
@@ -231,7 +235,13 @@ class Engine:
         template = load_chat_template(args.chat_template) if args.chat_template else None
         template = template or getattr(self.llm.tokenizer, "chat_template", None)
         takes_tools = isinstance(template, str) and "tools" in template
-        return replace(_shape(self.llm.vllm_config, args), chat_template_tools=takes_tools)
+        model_config = self.llm.model_config
+        return replace(
+            _shape(self.llm.vllm_config, args),
+            chat_template_tools=takes_tools,
+            endpoints=served_endpoints(self.tasks, model_config),
+            multimodal=bool(model_config.is_multimodal_model),
+        )
 
     def tokenizer(self) -> Tokenizer:
         tok = self.llm.tokenizer
@@ -256,9 +266,9 @@ class Engine:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.app import build_app as vllm_build_app
 
-        supported_tasks = await self.llm.get_supported_tasks()
-        app = vllm_build_app(self.args, supported_tasks, self.llm.model_config)
-        await init_app_state(self.llm, app.state, self.args, supported_tasks)
+        tasks: Any = self.tasks
+        app = vllm_build_app(self.args, tasks, self.llm.model_config)
+        await init_app_state(self.llm, app.state, self.args, tasks)
         app.state.server = server  # vLLM's error handlers read it
         return cast("ASGIApp", app)
 
@@ -336,11 +346,25 @@ async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
         # warm-up is noticed at once.
         engine._run_output_handler()
         await engine.reset_mm_cache()
-        yield Engine(engine, args, time.perf_counter() - started)
+        tasks = tuple(await engine.get_supported_tasks())
+        yield Engine(engine, args, time.perf_counter() - started, tasks)
     finally:
         # Synchronous, as in vLLM's own engine context: in a thread, the still-running output
         # handler would see the engine die first and log a spurious EngineDeadError.
         engine.shutdown(timeout=engine.vllm_config.shutdown_timeout)
+
+
+def served_endpoints(tasks: tuple[str, ...], model_config: Any) -> frozenset[str]:
+    """The endpoints vLLM registers for a model with these tasks, decided as its own router
+    registration decides (`vllm.entrypoints.launchers.api_server.routers`)."""
+    from vllm.entrypoints.pooling.utils import enable_scoring_api
+
+    served = {name for name, spec in SPECS.items() if spec.task in tasks}
+    if model_config.get_pooling_task(tasks) is not None:
+        served.add("pooling")
+    if enable_scoring_api(tasks, model_config):
+        served |= {"score", "rerank"}
+    return frozenset(served)
 
 
 def _shape(config: Any, args: Namespace) -> EngineShape:

@@ -20,6 +20,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from llmwarm import endpoints
+
 TOOL = {
     "type": "function",
     "function": {
@@ -85,7 +87,7 @@ class Spec:
     build: Callable[[Features, str], Body]  # (the profile's settings, endpoint) -> body fields
     in_body: Callable[[Mapping[str, Any]], bool] = _never  # seen in an OpenAI request body
     in_log: Callable[[Logged], bool] = _never  # seen in a vLLM request log line
-    endpoints: frozenset[str] | None = None  # None: every endpoint
+    endpoints: frozenset[str] | None = endpoints.SAMPLING  # None: every endpoint
     streamable: bool = True  # False: vLLM refuses it with stream=True
     constrained: bool = False  # the output ends when the constraint is met (no ignore_eos)
 
@@ -131,7 +133,7 @@ def _response_format(kind: str, build: Callable[[Features, str], Body]) -> Spec:
 SPECS: dict[str, Spec] = {
     spec.name: spec
     for spec in (
-        Spec("greedy", "greedy (temperature 0)", build=lambda f, e: {}),
+        Spec("greedy", "greedy (temperature 0)", build=lambda f, e: {}, endpoints=None),
         Spec(
             "sampling",
             "sampling (temperature/top_p/top_k/min_p/seed)",
@@ -228,6 +230,7 @@ SPECS: dict[str, Spec] = {
             "lora (each adapter in `lora`)",
             build=lambda f, e: {},  # per adapter: `lora:NAME` kinds, see `spec()`
             in_log=lambda log: log.lora.strip() != "None",
+            endpoints=None,
         ),
     )
 }
@@ -330,6 +333,11 @@ def body(kind: str, endpoint: str, features: Features) -> Body:
     if kind.startswith("lora:"):
         return {"model": kind.removeprefix("lora:")}
     return spec(kind).build(features, endpoint)
+
+
+def apply(kind: str, endpoint: str, features: Features, request: Body) -> Body:
+    """A request body with one feature kind applied."""
+    return {**request, **body(kind, endpoint, features)}
 
 
 def in_body(body: Mapping[str, Any]) -> set[str]:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from llmwarm.corpus import WarmRequest
+from llmwarm.endpoints import SPECS, failed
 from llmwarm.errors import WarmupError
 from llmwarm.report import Sample
 
@@ -28,16 +29,22 @@ def _fail(req: WarmRequest, what: str) -> WarmupError:
     )
 
 
-def _has_token(chunk: dict[str, Any]) -> bool:
-    for choice in chunk.get("choices") or []:
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
-            return True
-    return False
+def _json(req: WarmRequest, text: str, what: str) -> dict[str, Any]:
+    """A JSON object from the server, or a `WarmupError` saying what came instead (a proxy's
+    HTML error page, a server that is not vLLM)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise _fail(req, f"{what} is not JSON: {text[:200]!r}") from None
+    if not isinstance(data, dict):
+        raise _fail(req, f"{what} is not a JSON object: {text[:200]!r}")
+    return data
 
 
 async def _streamed(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
+    endpoint = SPECS[req.endpoint]
     first = last = None
-    usage: dict[str, Any] = {}
+    prompt_tokens = output_tokens = None
     start = time.perf_counter()
     async with client.stream("POST", req.path, json=req.body) as resp:
         if resp.status_code != 200:
@@ -45,20 +52,21 @@ async def _streamed(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
             raise _fail(req, f"HTTP {resp.status_code}: {body}")
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
-                continue
+                continue  # blank lines, `event:` names (the event's data says its type too)
             data = line[5:].strip()
             if data == "[DONE]":
                 break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise _fail(req, f"error in stream: {chunk['error']}")
+            event = _json(req, data, "a stream event")
+            if (error := failed(event)) is not None:
+                raise _fail(req, f"error in stream: {error}")
             now = time.perf_counter()
-            if _has_token(chunk):
+            if endpoint.has_token(event):
                 first = first if first is not None else now
                 last = now
-            usage = chunk.get("usage") or usage
+            prompt, output = endpoint.usage(event)
+            prompt_tokens = prompt if prompt is not None else prompt_tokens
+            output_tokens = output if output is not None else output_tokens
     end = time.perf_counter()
-    output_tokens = usage.get("completion_tokens")
     tpot = None
     if first is not None and last is not None and output_tokens and output_tokens > 1:
         tpot = (last - first) / (output_tokens - 1)
@@ -67,7 +75,7 @@ async def _streamed(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
         ttft_s=None if first is None else first - start,
         tpot_s=tpot,
         e2e_s=end - start,
-        prompt_tokens=usage.get("prompt_tokens"),
+        prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
     )
 
@@ -78,14 +86,14 @@ async def _unary(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
     end = time.perf_counter()
     if resp.status_code != 200:
         raise _fail(req, f"HTTP {resp.status_code}: {resp.text[:300]}")
-    usage = resp.json().get("usage") or {}
+    prompt_tokens, output_tokens = SPECS[req.endpoint].usage(_json(req, resp.text, "the answer"))
     return Sample(
         kind=req.kind,
         ttft_s=None,
         tpot_s=None,
         e2e_s=end - start,
-        prompt_tokens=usage.get("prompt_tokens"),
-        output_tokens=usage.get("completion_tokens"),
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
     )
 
 
@@ -98,5 +106,21 @@ async def measure(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
 
 
 async def measure_all(client: httpx.AsyncClient, requests: Sequence[WarmRequest]) -> list[Sample]:
-    """Send requests at once; all their samples, or the first failure."""
-    return list(await asyncio.gather(*(measure(client, r) for r in requests)))
+    """Send requests at once; all their samples, or the first failure (the others cancelled,
+    so none of them runs on into what is measured next)."""
+    tasks = [asyncio.create_task(measure(client, r)) for r in requests]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    for task in tasks:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            for other in tasks:  # retrieved: a sibling's failure beside the first
+                if other is not task and not other.cancelled():
+                    other.exception()
+            raise exc
+    return [task.result() for task in tasks]

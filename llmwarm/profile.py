@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,11 +28,14 @@ from pydantic import (
     model_validator,
 )
 
+from llmwarm import endpoints
 from llmwarm.convergence import Rule
 from llmwarm.errors import ProfileError, dotted, from_validation
 from llmwarm.features import Features
 
-Endpoint = Literal["completions", "chat"]
+EndpointName = Annotated[
+    str, AfterValidator(endpoints.known), Field(json_schema_extra={"enum": list(endpoints.SPECS)})
+]
 
 # Tokens a chat template may add around one user message; kept free so chat prompts fit too.
 CHAT_TEMPLATE_ALLOWANCE = 64
@@ -50,6 +54,12 @@ class Bucket(BaseModel):
     )
     max_tokens: int = Field(
         gt=0, le=1_000_000, description="Output length in tokens (EOS is ignored, so exact)."
+    )
+    documents: int = Field(
+        default=4,
+        gt=0,
+        le=1024,
+        description="Documents per request on `score` and `rerank` (each of prompt_tokens).",
     )
     priority: int = Field(
         default=0,
@@ -176,10 +186,14 @@ class Profile(BaseModel):
     auto: Auto | None = Field(
         default=None, description="Buckets derived from the engine's limits at start."
     )
-    endpoints: list[Endpoint] = Field(
-        default=["completions", "chat"],
+    endpoints: list[EndpointName] | None = Field(
+        default=None,
         min_length=1,
-        description="OpenAI endpoints each round uses: `completions` and/or `chat`.",
+        description="Endpoints each round uses: "
+        + ", ".join(endpoints.SPECS)
+        + ". Default: every one the engine serves for this model (its tasks decide: "
+        "completions, chat, responses, messages for a generate model; embeddings, pooling, "
+        "classify, score, rerank as a pooling model's tasks allow).",
     )
     stream: list[bool] = Field(
         default=[True, False],
@@ -227,8 +241,8 @@ class Profile(BaseModel):
 
     @field_validator("endpoints", "stream")
     @classmethod
-    def _no_repeats(cls, values: list[Any]) -> list[Any]:
-        if len(set(values)) != len(values):
+    def _no_repeats(cls, values: list[Any] | None) -> list[Any] | None:
+        if values is not None and len(set(values)) != len(values):
             raise ValueError(f"a value is listed twice: {values!r}")
         return values
 
@@ -265,6 +279,11 @@ class Profile(BaseModel):
         self.buckets.sort(key=lambda b: -b.priority)
         return self
 
+    def endpoint_names(self) -> list[str]:
+        """The endpoints to warm; before `for_engine` resolves the default, the generate
+        ones."""
+        return list(self.endpoints or endpoints.GENERATE)
+
     def feature_buckets(self) -> set[str]:
         """Names of the buckets that every feature is crossed with."""
         if self.features.buckets is not None:
@@ -288,6 +307,9 @@ class EngineShape:
     chat_template_tools: bool = True  # False when the chat template is known to ignore tools
     kv_blocks: int | None = None  # known once the engine has profiled its memory
     block_size: int | None = None
+    # the endpoints vLLM serves this model on (from its tasks); empty: not known (no engine)
+    endpoints: frozenset[str] = frozenset()
+    multimodal: bool = False  # the model takes images
 
 
 def _doubling(low: int, high: int) -> list[int]:
@@ -341,46 +363,94 @@ def with_adapters(profile: Profile, adapters: list[str]) -> Profile:
     )
 
 
-def for_engine(profile: Profile, shape: EngineShape) -> Profile:
-    """The profile with `auto` resolved and checked against the engine's limits."""
-    chat = "chat" in profile.endpoints
-    buckets = list(profile.buckets)
-    if profile.auto is not None:
-        known = {b.name for b in buckets}
-        buckets += [b for b in auto_buckets(profile.auto, shape, chat) if b.name not in known]
+Problems = list[tuple[str, str]]
+
+
+def _endpoints_for(profile: Profile, shape: EngineShape, problems: Problems) -> list[str]:
+    """The endpoints to warm: the profile's, each one the engine must serve, or by default
+    every one it serves (the generate ones when the engine is not known)."""
+    if not shape.endpoints:
+        return profile.endpoint_names()
+    served = [name for name in endpoints.SPECS if name in shape.endpoints]
+    if profile.endpoints is None:
+        return served
+    for i, name in enumerate(profile.endpoints):
+        if name not in shape.endpoints:
+            problems.append(
+                (f"endpoints.{i}", f"this model does not serve {name!r} (it serves: "
+                 f"{', '.join(served) or 'none'}); leave `endpoints` out to warm what it serves")
+            )  # fmt: skip
+    return list(profile.endpoints)
+
+
+def _too_long(buckets: list[Bucket], chosen: list[str], shape: EngineShape) -> Problems:
+    specs = [endpoints.SPECS[name] for name in chosen]
+    # A chat template wraps messages (and a Responses input); a cross-encoder scores a query
+    # and a document in one sequence; only generate endpoints add output tokens.
+    extra = CHAT_TEMPLATE_ALLOWANCE if any(s.templated for s in specs) else 0
+    texts = 2 if any(s.task == "score" for s in specs) else 1
+    generates = any(s.generates for s in specs)
+    what = "2 x prompt_tokens (query and document)" if texts == 2 else "prompt_tokens"
+    what += " + max_tokens" if generates else ""
     problems = []
     for bucket in buckets:
-        need = bucket.prompt_tokens + bucket.max_tokens
-        extra = CHAT_TEMPLATE_ALLOWANCE if chat else 0
+        need = bucket.prompt_tokens * texts + (bucket.max_tokens if generates else 0)
         if need + extra > shape.max_model_len:
-            where = bucket.row or "auto"
             problems.append(
-                (
-                    where,
-                    f"{bucket.name}: prompt_tokens + max_tokens = {need}"
-                    + (f" (+{extra} for the chat template)" if extra else "")
-                    + f" exceeds the engine's max_model_len {shape.max_model_len}",
-                )
-            )
-    if "tools" in profile.features.use:
-        if "chat" not in profile.endpoints:
+                (bucket.row or "auto", f"{bucket.name}: {what} = {need}"
+                 + (f" (+{extra} for the chat template)" if extra else "")
+                 + f" exceeds the engine's max_model_len {shape.max_model_len}")
+            )  # fmt: skip
+    return problems
+
+
+def _feature_problems(features: Features, chosen: list[str], shape: EngineShape) -> Problems:
+    problems = []
+    if "tools" in features.use:
+        if "chat" not in chosen:
             problems.append(("features.use", "`tools` needs the chat endpoint in `endpoints`"))
         if not shape.chat_template_tools:
             problems.append(
                 ("features.use", "`tools`: this model's chat template does not take tools")
             )
-    if "lora" in profile.features.use:
+    if "lora" in features.use:
         if not shape.lora_enabled:
             problems.append(("features.use", "`lora` needs an engine started with --enable-lora"))
-        missing = [a for a in profile.features.lora if a not in shape.lora]
+        missing = [a for a in features.lora if a not in shape.lora]
         if shape.lora_enabled and missing:
             problems.append(
                 ("features.lora", f"no such adapter (--lora-modules): {', '.join(missing)}")
             )
+    return problems
+
+
+def for_engine(profile: Profile, shape: EngineShape) -> Profile:
+    """The profile resolved against a started (or configured) engine: its endpoints, its
+    `auto` buckets, every bucket and feature checked against the engine's limits."""
+    problems: Problems = []
+    chosen = _endpoints_for(profile, shape, problems)
+    chat = any(endpoints.SPECS[name].templated for name in chosen)
+    buckets = list(profile.buckets)
+    if profile.auto is not None:
+        known = {b.name for b in buckets}
+        buckets += [b for b in auto_buckets(profile.auto, shape, chat) if b.name not in known]
+    problems += _too_long(buckets, chosen, shape)
+    problems += _feature_problems(profile.features, chosen, shape)
     if problems:
         raise ProfileError("the profile does not fit this engine", problems=problems)
+    rule = profile.convergence
+    streams = True in profile.stream and any(endpoints.SPECS[n].streamable for n in chosen)
+    if rule.metric != "e2e" and not streams:
+        # Nothing streams (a pooling model): there is no first token or decode to time.
+        rule = rule.model_copy(update={"metric": "e2e"})
     # A shallow copy on purpose: the prompts (and their texts read from file) are shared.
-    return profile.model_copy(update={"buckets": sorted(buckets, key=lambda b: -b.priority)})
+    return profile.model_copy(
+        update={
+            "endpoints": chosen,
+            "buckets": sorted(buckets, key=lambda b: -b.priority),
+            "convergence": rule,
+        }
+    )
 
 
 # --- loading --------------------------------------------------------------------------------

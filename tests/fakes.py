@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 from argparse import Namespace
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from llmwarm import endpoints
 from llmwarm.convergence import Rule
 from llmwarm.corpus import Tokenizer, WordTokenizer
 from llmwarm.profile import EngineShape
@@ -131,7 +132,12 @@ class FakeEngine:
 
     # --- EngineClient
     def shape(self) -> EngineShape:
-        return EngineShape(max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512)
+        return EngineShape(
+            max_model_len=1024,
+            max_num_seqs=16,
+            max_num_batched_tokens=512,
+            endpoints=frozenset(endpoints.GENERATE),
+        )
 
     def tokenizer(self) -> Tokenizer:
         return WordTokenizer()
@@ -148,8 +154,10 @@ class FakeEngine:
     async def build_app(self, server: uvicorn.Server) -> ASGIApp:
         return Starlette(
             routes=[
-                Route("/v1/completions", self._generate, methods=["POST"]),
-                Route("/v1/chat/completions", self._generate, methods=["POST"]),
+                *(
+                    Route(endpoints.SPECS[name].path, self._generate, methods=["POST"])
+                    for name in endpoints.GENERATE
+                ),
                 Route("/v1/models", self._models, methods=["GET"]),
             ]
         )
@@ -171,28 +179,96 @@ class FakeEngine:
         if not self.hold.is_set():
             self.seen.set()
             await self.hold.wait()
-        tokens = int(body.get("max_tokens") or 4)
-        usage = {"prompt_tokens": 8, "completion_tokens": tokens}
-        chat = "messages" in body
+        return answer(request.url.path, body, gap=0.001, done=self._done)
 
-        def choice(text: str) -> dict[str, Any]:
-            return {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+    def _done(self) -> None:
+        self.finished += 1
 
-        if not body.get("stream"):
-            await asyncio.sleep(0.001 * tokens)
-            self.finished += 1
-            message = {"message": {"content": "x" * tokens}} if chat else {"text": "x" * tokens}
-            return JSONResponse({"choices": [{"index": 0, **message}], "usage": usage})
 
-        async def events() -> AsyncIterator[str]:
-            for _ in range(tokens):
-                await asyncio.sleep(0.001)
-                yield f"data: {json.dumps({'choices': [choice('x')]})}\n\n"
-            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+def _sse(event: dict[str, Any]) -> str:
+    named = f"event: {event['type']}\n" if "type" in event else ""
+    return f"{named}data: {json.dumps(event)}\n\n"
+
+
+def _stream_events(path: str, tokens: int, usage: dict[str, int]) -> list[dict[str, Any]]:
+    """What each API streams: per-token events between its own opening and closing ones."""
+    io = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+    if path == "/v1/responses":
+        token: dict[str, Any] = {"type": "response.output_text.delta", "delta": "x"}
+        return [*[token] * tokens, {"type": "response.completed", "response": {"usage": io}}]
+    if path == "/v1/messages":
+        start = {"type": "message_start", "message": {"usage": {**io, "output_tokens": 0}}}
+        token = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x"}}
+        end = {"type": "message_delta", "usage": {"output_tokens": tokens}}
+        return [start, *[token] * tokens, end, {"type": "message_stop"}]
+    if path == "/v1/chat/completions":  # a role-only first chunk carries no token
+        token = {"choices": [{"index": 0, "delta": {"content": "x"}}]}
+        first = {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+        return [first, *[token] * tokens, {"choices": [], "usage": usage}]
+    token = {"choices": [{"index": 0, "text": "x"}]}
+    return [*[token] * tokens, {"choices": [], "usage": usage}]
+
+
+def _unary(path: str, tokens: int, usage: dict[str, int]) -> dict[str, Any]:
+    io = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+    text = "x" * tokens
+    if path == "/v1/responses":
+        return {"output": [{"type": "message", "content": [{"text": text}]}], "usage": io}
+    if path == "/v1/messages":
+        return {"content": [{"type": "text", "text": text}], "usage": io}
+    if path == "/v1/chat/completions":
+        return {"choices": [{"index": 0, "message": {"content": text}}], "usage": usage}
+    if path == "/v1/completions":
+        return {"choices": [{"index": 0, "text": text}], "usage": usage}
+    # embeddings, pooling, classify, score, rerank: no output tokens
+    return {
+        "data": [{"index": 0, "embedding": [0.5]}],
+        "usage": {"prompt_tokens": usage["prompt_tokens"]},
+    }
+
+
+def answer(
+    path: str,
+    body: dict[str, Any],
+    *,
+    gap: float,
+    prompt_tokens: int = 8,
+    done: Callable[[], None] = lambda: None,
+) -> Response:
+    """A vLLM-like answer to `body` on `path`, in that API's own wire format, a token every
+    `gap` seconds."""
+    tokens = int(body.get("max_tokens") or body.get("max_output_tokens") or 4)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens}
+    if not body.get("stream"):
+
+        async def unary() -> Response:
+            await asyncio.sleep(gap * tokens)
+            done()
+            return JSONResponse(_unary(path, tokens, usage))
+
+        return _Deferred(unary)
+
+    async def events() -> AsyncIterator[str]:
+        for event in _stream_events(path, tokens, usage):
+            if "choices" in event and event["choices"] or event.get("delta"):
+                await asyncio.sleep(gap)
+            yield _sse(event)
+        if path in ("/v1/completions", "/v1/chat/completions"):
             yield "data: [DONE]\n\n"
-            self.finished += 1
+        done()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+class _Deferred(Response):
+    """A response whose content is made (after a pause) when it is sent."""
+
+    def __init__(self, make: Callable[[], Awaitable[Response]]) -> None:
+        super().__init__()
+        self.make = make
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await (await self.make())(scope, receive, send)
 
 
 MINIMAL_PROFILE = Path(__file__).resolve().parent.parent / "llmwarm" / "configs" / "minimal.yaml"
@@ -216,36 +292,16 @@ class Pace:
 PACE = Pace()
 
 
-async def _completions(request: Request) -> Response:
+async def _paced(request: Request) -> Response:
     body = await request.json()
     gap = PACE.next()
-    n = body["max_tokens"]
-    usage = {"prompt_tokens": 7, "completion_tokens": n}
     if body.get("model") == "broken":
         return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
     if "grammar" in (body.get("structured_outputs") or {}):
         return JSONResponse({"error": {"message": "grammars are not supported"}}, status_code=400)
-    if not body.get("stream"):
-        await asyncio.sleep(gap * n)
-        return JSONResponse({"choices": [{"text": "x" * n}], "usage": usage})
-
-    async def events() -> AsyncIterator[str]:
-        chat = "messages" in body
-        if chat:  # a role-only first chunk carries no token
-            yield f"data: {json.dumps({'choices': [{'delta': {'role': 'assistant'}}]})}\n\n"
-        for _ in range(n):
-            await asyncio.sleep(gap)
-            choice = {"delta": {"content": "x"}} if chat else {"text": "x"}
-            yield f"data: {json.dumps({'choices': [choice]})}\n\n"
-        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return answer(request.url.path, body, gap=gap, prompt_tokens=7)
 
 
 PACED = Starlette(
-    routes=[
-        Route("/v1/completions", _completions, methods=["POST"]),
-        Route("/v1/chat/completions", _completions, methods=["POST"]),
-    ]
+    routes=[Route(spec.path, _paced, methods=["POST"]) for spec in endpoints.SPECS.values()]
 )

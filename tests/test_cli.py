@@ -177,7 +177,7 @@ MALFORMED = [
     ("no buckets at all", "endpoints: [chat]", "no buckets"),
     ("duplicate names", "buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 4}, "
      "{prompt_tokens: 8, concurrency: 1, max_tokens: 4}]", "buckets: bucket names must be unique"),
-    ("unknown endpoint", B + "endpoints: [embeddings]", "endpoints.0"),
+    ("unknown endpoint", B + "endpoints: [telepathy]", "endpoints.0"),
     ("stream not bool", B + "stream: [sometimes]", "stream.0"),
     ("unknown feature", B + "features: {use: [greedy, telepathy]}", "features.use.1"),
     ("invalid json schema", B + "features: {use: [json_schema], json_schema: {type: 3}}",

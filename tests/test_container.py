@@ -168,3 +168,6 @@ def test_pid1_stops_on_sigterm_even_before_its_event_loop_runs(
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()

@@ -21,6 +21,7 @@ class CharTokenizer:
 
 PROFILE = parse_profile(
     {
+        "endpoints": ["completions", "chat"],
         "buckets": [
             {"prompt_tokens": 12, "concurrency": 3, "max_tokens": 5},
             {"prompt_tokens": 40, "concurrency": 1, "max_tokens": 7},
@@ -94,6 +95,7 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
                 {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4},
                 {"prompt_tokens": 16, "concurrency": 2, "max_tokens": 4},
             ],
+            "endpoints": ["completions", "chat"],
             "features": {"use": ["greedy", "logprobs", "prompt_logprobs", "choice"]},
         }
     )

@@ -29,7 +29,8 @@ def test_defaults_and_derived_names() -> None:
     profile = parse_profile({"buckets": [{"prompt_tokens": 8, "concurrency": 2, "max_tokens": 4}]})
     assert profile.convergence.metric == "tpot" and profile.convergence.max_rounds == 12
     assert profile.budget.max_seconds is None
-    assert profile.endpoints == ["completions", "chat"]
+    assert profile.endpoints is None  # what the engine serves; before one is known:
+    assert profile.endpoint_names() == ["completions", "chat", "responses", "messages"]
     assert profile.stream == [True, False]
     assert profile.buckets[0].name == "p8-c2-o4"
 
@@ -78,7 +79,11 @@ BUCKET = {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}
             "convergence",
             "metric 'tpot' is measured on streamed requests",
         ),
-        ({"buckets": [BUCKET], "endpoints": ["embeddings"]}, "endpoints.0", "'embeddings'"),
+        (
+            {"buckets": [BUCKET], "endpoints": ["telepathy"]},
+            "endpoints.0",
+            "unknown endpoint 'telepathy'",
+        ),
         ({"buckets": [BUCKET], "stream": []}, "stream", "at least 1"),
         ({"buckets": [BUCKET], "roundz": 3}, "roundz", "Extra inputs"),
         ({"buckets": [BUCKET, BUCKET]}, "buckets", "repeated: p8-c1-o4"),

@@ -15,6 +15,7 @@ from tests.fakes import PACE
 
 def _profile(**fields: object) -> Profile:
     data: dict[str, object] = {
+        "endpoints": ["completions", "chat"],
         "buckets": [{"prompt_tokens": 4, "concurrency": 2, "max_tokens": 5}],
         "convergence": {"window": 2, "spread": 0.5, "min_rounds": 2, "max_rounds": 4},
     }
