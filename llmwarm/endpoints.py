@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 Body = dict[str, Any]
 Json = Mapping[str, Any]
@@ -79,6 +80,8 @@ class Spec:
     ignore_eos: bool = False  # takes vLLM's ignore_eos (so a warm-up runs its full length)
     messages: bool = False  # the prompt is a list of chat messages (images, tools)
     has_token: Callable[[Json], bool] = _never  # a stream event that carries output text
+    in_body: Callable[[Json], bool] = _never  # a request body of this API (no path at hand)
+    log_id: str | None = None  # how vLLM's request log names its requests: `cmpl-...`
 
     @property
     def generates(self) -> bool:
@@ -88,6 +91,23 @@ class Spec:
     def templated(self) -> bool:
         """The server wraps the prompt in the model's chat template."""
         return self.messages or self.name == "responses"
+
+
+# Fields only a Responses API body has (its `input` alone would read as an embeddings body).
+_RESPONSES_ONLY = ("max_output_tokens", "instructions", "store", "previous_response_id",
+                   "reasoning", "text", "tools", "background")  # fmt: skip
+
+
+def _anthropic(body: Json) -> bool:
+    """Fields only an Anthropic Messages body has (its `messages` read like chat's)."""
+    if any(k in body for k in ("system", "stop_sequences", "thinking")):
+        return True
+    return any(
+        isinstance(part, Mapping) and part.get("type") == "image" and "source" in part
+        for m in body.get("messages") or []
+        if isinstance(m, Mapping) and isinstance(m.get("content"), list)
+        for part in m["content"]
+    )
 
 
 def _chat(prompt: str) -> list[dict[str, Any]]:
@@ -105,13 +125,14 @@ SPECS: dict[str, Spec] = {
             "completions", "/v1/completions", "generate",
             body=lambda p, d, n, s: {"prompt": p, "max_tokens": n, **_openai_stream(s)},
             usage=_openai_usage, streamable=True, sampling=True, ignore_eos=True,
-            has_token=_choice_text,
+            has_token=_choice_text, in_body=lambda b: "prompt" in b, log_id="cmpl-",
         ),
         Spec(
             "chat", "/v1/chat/completions", "generate",
             body=lambda p, d, n, s: {"messages": _chat(p), "max_tokens": n, **_openai_stream(s)},
             usage=_openai_usage, streamable=True, sampling=True, ignore_eos=True, messages=True,
-            has_token=_choice_text,
+            has_token=_choice_text, in_body=lambda b: "messages" in b and not _anthropic(b),
+            log_id="chatcmpl-",  # the Messages API runs through chat: its requests too
         ),
         Spec(
             "responses", "/v1/responses", "generate",
@@ -121,6 +142,8 @@ SPECS: dict[str, Spec] = {
             usage=_responses_usage, streamable=True, ignore_eos=True,
             has_token=lambda o: o.get("type") == "response.output_text.delta"
             and bool(o.get("delta")),
+            in_body=lambda b: "input" in b and any(k in b for k in _RESPONSES_ONLY),
+            log_id="resp_",
         ),
         Spec(
             "messages", "/v1/messages", "generate",
@@ -129,26 +152,33 @@ SPECS: dict[str, Spec] = {
             usage=_messages_usage, streamable=True, messages=True,
             has_token=lambda o: o.get("type") == "content_block_delta"
             and bool((o.get("delta") or {}).get("text")),
+            in_body=lambda b: "messages" in b and _anthropic(b),
         ),
         Spec(
             "embeddings", "/v1/embeddings", "embed",
             body=lambda p, d, n, s: {"input": p}, usage=_pooling_usage,
+            # (pooling and classify bodies look alike: only a path or a log id tells them)
+            in_body=lambda b: "input" in b and not any(k in b for k in _RESPONSES_ONLY),
+            log_id="embd-",
         ),
         Spec(
             "pooling", "/pooling", "pooling",
-            body=lambda p, d, n, s: {"input": p}, usage=_pooling_usage,
+            body=lambda p, d, n, s: {"input": p}, usage=_pooling_usage, log_id="pooling-",
         ),
         Spec(
             "classify", "/classify", "classify",
-            body=lambda p, d, n, s: {"input": p}, usage=_pooling_usage,
+            body=lambda p, d, n, s: {"input": p}, usage=_pooling_usage, log_id="classify-",
         ),
         Spec(
             "score", "/score", "score",
             body=lambda p, d, n, s: {"queries": p, "documents": d}, usage=_pooling_usage,
+            in_body=lambda b: "queries" in b or "text_1" in b,
+            log_id="score-",  # rerank runs through score: its requests too
         ),
         Spec(
             "rerank", "/rerank", "score",
             body=lambda p, d, n, s: {"query": p, "documents": d}, usage=_pooling_usage,
+            in_body=lambda b: "query" in b and "documents" in b,
         ),
     )
 }  # fmt: skip
@@ -162,6 +192,29 @@ def known(name: str) -> str:
     if name not in SPECS:
         raise ValueError(f"unknown endpoint {name!r} (known: {', '.join(SPECS)})")
     return name
+
+
+def recognise(body: Json, path: str | None = None) -> str | None:
+    """Which endpoint a logged request went to: by its path when the log has one, else by the
+    fields of its body."""
+    if path is not None:
+        path = urlsplit(path).path  # a URL or a path
+        for name, spec in SPECS.items():
+            if path in (spec.path, "/v1" + spec.path):
+                return name
+    # the most specific bodies first
+    for name in ("score", "rerank", "messages", "chat", "responses", "embeddings", "completions"):
+        if SPECS[name].in_body(body):
+            return name
+    return None
+
+
+def from_log_id(request_id: str) -> str | None:
+    """Which endpoint vLLM's request log means by a request id (longest prefix first)."""
+    for name, spec in sorted(SPECS.items(), key=lambda item: -len(item[1].log_id or "")):
+        if spec.log_id and request_id.startswith(spec.log_id):
+            return name
+    return None
 
 
 def failed(event: Json) -> Any:

@@ -13,6 +13,7 @@ derived from that table: a new feature is one new `Spec`. Pure: no vLLM.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -226,6 +227,19 @@ SPECS: dict[str, Spec] = {
             constrained=True,
         ),
         Spec(
+            "image",
+            "image (chat with one image of each size in `images`, as a data URL; the model "
+            "must take images)",
+            build=lambda f, e: {},  # per size: `image:WxH` kinds, see `apply()`
+            in_body=lambda b: any(
+                isinstance(part, Mapping) and part.get("type") in ("image_url", "image")
+                for m in b.get("messages") or []
+                if isinstance(m, Mapping) and isinstance(m.get("content"), list)
+                for part in m["content"]
+            ),
+            endpoints=frozenset({"chat"}),
+        ),
+        Spec(
             "lora",
             "lora (each adapter in `lora`)",
             build=lambda f, e: {},  # per adapter: `lora:NAME` kinds, see `spec()`
@@ -237,8 +251,8 @@ SPECS: dict[str, Spec] = {
 
 
 def spec(kind: str) -> Spec:
-    """The spec of a feature kind (`lora:NAME` is the `lora` feature)."""
-    name = "lora" if kind.startswith("lora:") else kind
+    """The spec of a feature kind (`lora:NAME` is the `lora` feature, `image:WxH` `image`)."""
+    name = kind.split(":", 1)[0]
     if name not in SPECS:
         raise ValueError(f"unknown feature {kind!r}")
     return SPECS[name]
@@ -296,6 +310,29 @@ class Features(BaseModel):
         default=[],
         description="LoRA adapter names (as given to --lora-modules) for the `lora` feature.",
     )
+    images: list[str] = Field(
+        default=["64x64", "224x224", "640x480"],
+        min_length=1,
+        description="Image sizes (`WIDTHxHEIGHT`) for the `image` feature, each its own kind: "
+        "a model's image processor resizes, tiles or patches them differently by size.",
+    )
+
+    auto_image: bool = Field(
+        default=True,
+        description="When the model takes images and `image` is not in `use`, send the "
+        "`image` kinds too (on the chat endpoint), so a vision model's image path is warm "
+        "with any profile. `image` listed in `use` on a text-only model is an error.",
+    )
+
+    @field_validator("images")
+    @classmethod
+    def _sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            width, _, height = size.partition("x")
+            if not (width.isdigit() and height.isdigit() and 0 < int(width) <= 8192
+                    and 0 < int(height) <= 8192):  # fmt: skip
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT (1 to 8192 pixels each)")
+        return sizes
 
     @field_validator("json_schema")
     @classmethod
@@ -323,6 +360,8 @@ class Features(BaseModel):
         for feature in self.use:
             if feature == "lora":
                 names += [f"lora:{adapter}" for adapter in self.lora]
+            elif feature == "image":
+                names += [f"image:{size}" for size in self.images]
             else:
                 names.append(feature)
         return names
@@ -337,7 +376,40 @@ def body(kind: str, endpoint: str, features: Features) -> Body:
 
 def apply(kind: str, endpoint: str, features: Features, request: Body) -> Body:
     """A request body with one feature kind applied."""
+    if kind.startswith("image:"):
+        size = kind.removeprefix("image:")
+        return {**request, "messages": with_image(request["messages"], size)}
     return {**request, **body(kind, endpoint, features)}
+
+
+def with_image(messages: list[dict[str, Any]], size: str) -> list[dict[str, Any]]:
+    """The chat messages with an image of `size` (WIDTHxHEIGHT) after the last one's text."""
+    *before, last = messages
+    parts = [
+        {"type": "text", "text": last["content"]},
+        {"type": "image_url", "image_url": {"url": image_data_url(size)}},
+    ]
+    return [*before, {**last, "content": parts}]
+
+
+@functools.lru_cache(maxsize=16)
+def image_data_url(size: str) -> str:
+    """A deterministic PNG of `size` (a gradient with a grid, so it compresses but is not
+    blank), as a data URL. Made in-process: no file, no network."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    width, height = (int(v) for v in size.split("x"))
+    image = Image.new("RGB", (width, height))
+    image.putdata(
+        [((x * 255) // width, (y * 255) // height, 255 if (x // 16 + y // 16) % 2 else 64)
+         for y in range(height) for x in range(width)]
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def in_body(body: Mapping[str, Any]) -> set[str]:

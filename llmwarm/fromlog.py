@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from llmwarm import features
+from llmwarm import endpoints, features
 from llmwarm.errors import ProfileError
 
 CHARS_PER_TOKEN = 4
 DEFAULT_PROMPT_TOKENS = 128  # when a log line tells no prompt length
 
 _RECEIVED = re.compile(
-    r"Received request (\S+): params: SamplingParams\((.*)\), lora_request: (.*)\."
+    r"Received request (\S+): params: (?:Sampling|Pooling)Params\((.*)\), lora_request: (.*)\."
 )
 _DETAILS = re.compile(r"Request (\S+) details: .*prompt_token_ids: \[([^\]]*)\]")
 _BODY = re.compile(r"Request (\S+) JSON body: (\{.*\})\s*$")
@@ -46,20 +46,33 @@ class Observed:
     timestamp: float | None = None
 
 
+def _text(body: dict[str, Any]) -> str:
+    """The prompt text of a request body, whatever its API (chat parts: their text)."""
+    parts: list[Any] = []
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            parts += [p.get("text") for p in content if isinstance(p, dict)]
+        else:
+            parts.append(content)
+    for key in ("prompt", "input", "query", "queries", "documents", "text_1", "text_2"):
+        value = body.get(key)
+        parts += value if isinstance(value, list) else [value]
+    return " ".join(p for p in parts if isinstance(p, str))
+
+
 def _from_body(body: dict[str, Any]) -> Observed:
-    if "messages" in body:
-        text = " ".join(str(m.get("content") or "") for m in body["messages"])
-        endpoint = "chat"
+    """One logged request body; `path` (or `url`) beside it names its endpoint, if there."""
+    path = body.get("path") or body.get("url")
+    endpoint = endpoints.recognise(body, path if isinstance(path, str) else None)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        tokens = len(prompt)  # token ids
     else:
-        prompt = body.get("prompt", "")
-        endpoint = "completions"
-        text = prompt if isinstance(prompt, str) else ""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return Observed(endpoint, bool(body.get("stream")), len(prompt),
-                            body.get("max_tokens"), features.in_body(body),
-                            body.get("timestamp"))  # fmt: skip
-    tokens = max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
-    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        tokens = max(1, math.ceil(len(_text(body)) / CHARS_PER_TOKEN))
+    max_tokens = (
+        body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
+    )
     return Observed(endpoint, bool(body.get("stream")), tokens, max_tokens,
                     features.in_body(body), body.get("timestamp"))  # fmt: skip
 
@@ -111,6 +124,7 @@ def parse(lines: list[str]) -> tuple[list[Observed], int]:
         elif m := _RECEIVED.search(line):
             seen = _from_params(m.group(2), m.group(3))
             obs = by_id.setdefault(m.group(1), Observed(timestamp=_vllm_time(line)))
+            obs.endpoint = obs.endpoint or endpoints.from_log_id(m.group(1))
             obs.features |= seen.features
             obs.max_tokens = obs.max_tokens or seen.max_tokens
         else:
@@ -152,10 +166,11 @@ def build(lines: list[str], coverage: float, source: str) -> tuple[dict[str, Any
     seen = Counter(f for r in requests for f in r.features)
     # lora needs adapter names, which no log line gives: said in the comment instead
     use = ["greedy", *(f for f in features.SPECS if f not in ("greedy", "lora") and seen[f])]
-    endpoints = sorted({r.endpoint for r in requests if r.endpoint}, reverse=True)
+    seen_endpoints = {r.endpoint for r in requests if r.endpoint}
+    names = [name for name in endpoints.SPECS if name in seen_endpoints]
     streams = sorted({r.stream for r in requests if r.stream is not None}, reverse=True)
     data: dict[str, Any] = {
-        "endpoints": endpoints or ["completions", "chat"],
+        **({"endpoints": names} if names else {}),  # none seen: what the engine serves
         "stream": streams or [True, False],
         "buckets": kept,
         "features": {"use": use},

@@ -413,6 +413,13 @@ def _feature_problems(features: Features, chosen: list[str], shape: EngineShape)
             problems.append(
                 ("features.use", "`tools`: this model's chat template does not take tools")
             )
+    if "image" in features.use:
+        if "chat" not in chosen:
+            problems.append(("features.use", "`image` needs the chat endpoint in `endpoints`"))
+        if shape.endpoints and not shape.multimodal:
+            problems.append(
+                ("features.use", "`image`: this model takes no images (it is text-only)")
+            )
     if "lora" in features.use:
         if not shape.lora_enabled:
             problems.append(("features.use", "`lora` needs an engine started with --enable-lora"))
@@ -438,6 +445,14 @@ def for_engine(profile: Profile, shape: EngineShape) -> Profile:
     problems += _feature_problems(profile.features, chosen, shape)
     if problems:
         raise ProfileError("the profile does not fit this engine", problems=problems)
+    features = profile.features
+    if (
+        shape.multimodal
+        and features.auto_image
+        and "image" not in features.use
+        and "chat" in chosen
+    ):
+        features = features.model_copy(update={"use": [*features.use, "image"]})
     rule = profile.convergence
     streams = True in profile.stream and any(endpoints.SPECS[n].streamable for n in chosen)
     if rule.metric != "e2e" and not streams:
@@ -447,6 +462,7 @@ def for_engine(profile: Profile, shape: EngineShape) -> Profile:
     return profile.model_copy(
         update={
             "endpoints": chosen,
+            "features": features,
             "buckets": sorted(buckets, key=lambda b: -b.priority),
             "convergence": rule,
         }

@@ -136,7 +136,7 @@ async def fill_kv(
     need_tokens = target * shape.block_size
     width = min(fill.concurrency, shape.max_num_seqs)
     bucket = Bucket(prompt_tokens=length, concurrency=width, max_tokens=1, name="kv-fill")
-    kind = corpus.Kind("completions", stream=False)
+    kind = corpus.Kind(profile.endpoint_names()[0], stream=False)  # the first served one
     start = time.perf_counter()
     prefilled = sent = batches = 0
     while prefilled < need_tokens:

@@ -1,6 +1,11 @@
 """Build a deterministic tiny random Llama that vLLM can load, with no model hub.
 
-Usage: python scripts/make_tiny_model.py OUT_DIR
+Usage: python scripts/make_tiny_model.py [--vision] OUT_DIR
+
+--vision builds a tiny random Idefics3 instead (a SigLIP-like vision encoder before the same
+tiny Llama): a vision-language model that vLLM's CPU build loads. LLaVA, PaliGemma, Qwen2-VL
+and most others import torchvision in vLLM 0.32 (e.g. `vision.get_vision_encoder_info` imports
+pixtral), and PyPI's torchvision is a CUDA build that breaks beside the CPU torch.
 
 The weights are random (seeded), the tokenizer is a byte-level BPE trained on a fixed
 built-in text, and the tokenizer config carries a chat template. It takes seconds and
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 # Bump when anything below changes, so stale models are rebuilt.
 STAMP = "llmwarm-tiny-llama-v2"  # v2: with a LoRA adapter in lora/
@@ -43,44 +49,54 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build(out: Path) -> None:
-    import torch
+def _tokenizer(extra: list[str], **special: Any) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1024,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=["<unk>", "<s>", "</s>", *extra],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **special
     )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(fast),
+
+def _llama_config(tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=2,  # head_dim 64: vLLM's CPU attention rejects 16
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         torch_dtype="float32",
     )
+
+
+def build(out: Path) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    fast = _tokenizer([])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = _llama_config(fast)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
     _lora(out / "lora", config, str(out))
-    (out / "llmwarm-stamp.json").write_text(json.dumps({"stamp": STAMP}))
 
 
 def _lora(out: Path, config: object, base: str, rank: int = 8) -> None:
@@ -116,16 +132,81 @@ def _lora(out: Path, config: object, base: str, rank: int = 8) -> None:
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
 
+# The chat template of the vision model: an image part becomes the processor's <image>.
+VISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_vision(out: Path) -> None:
+    """A tiny random Idefics3: 32x32 tiles of 8x8 patches, 4 image tokens a tile."""
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,  # the PIL one: no torchvision
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    tiles = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    markers = {
+        "image_token": "<image>",
+        "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>",
+        "end_of_utterance_token": "<end_of_utterance>",
+    }
+    fast = _tokenizer([*markers.values(), *tiles], extra_special_tokens=markers)
+    fast.chat_template = VISION_CHAT_TEMPLATE
+    images = Idefics3ImageProcessorPil(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
+    )
+    processor = Idefics3Processor(
+        image_processor=images, tokenizer=fast, image_seq_len=4,
+        chat_template=VISION_CHAT_TEMPLATE,
+    )  # fmt: skip
+    processor.save_pretrained(out)
+    torch.manual_seed(0)
+    vision = Idefics3VisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    config = Idefics3Config(
+        vision_config=vision.to_dict(),
+        text_config=_llama_config(fast).to_dict(),
+        image_token_id=fast.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        torch_dtype="float32",
+    )
+    Idefics3ForConditionalGeneration(config).save_pretrained(out, safe_serialization=True)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: make_tiny_model.py OUT_DIR", file=sys.stderr)
+    vision = "--vision" in argv
+    args = [a for a in argv if a != "--vision"]
+    if len(args) != 1:
+        print("usage: make_tiny_model.py [--vision] OUT_DIR", file=sys.stderr)
         return 2
-    out = Path(argv[0])
+    out = Path(args[0])
     stamp = out / "llmwarm-stamp.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("stamp") == STAMP:
+    want = f"{STAMP}-vision" if vision else STAMP
+    if stamp.exists() and json.loads(stamp.read_text()).get("stamp") == want:
         return 0
-    build(out)
-    print(f"tiny model written to {out}")
+    if vision:
+        build_vision(out)
+    else:
+        build(out)
+    stamp.write_text(json.dumps({"stamp": want}))
+    print(f"tiny {'vision ' if vision else ''}model written to {out}")
     return 0
 
 

@@ -36,6 +36,15 @@ def tiny_model() -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_vision_model() -> Path:
+    """The tiny random Idefics3 of `scripts/make_tiny_model.py --vision`, built once."""
+    out = ROOT / ".cache" / "tiny-vision"
+    script = str(ROOT / "scripts" / "make_tiny_model.py")
+    subprocess.run([sys.executable, script, "--vision", str(out)], check=True)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

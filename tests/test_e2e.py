@@ -26,6 +26,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 
+from llmwarm.features import with_image
 from llmwarm.gate import WARMUP_HEADER
 from tests.conftest import (
     ENGINE_FLAGS,
@@ -339,11 +340,13 @@ def test_report_file(served: Served) -> None:
             assert n == 4 and bucket["stop_reason"] == "max_rounds"
         for rnd in bucket["rounds"]:
             sent += len(rnd["samples"])
-            # minimal.yaml crosses greedy, logprobs and json_schema with the first bucket
-            n_kinds = 3 if bucket["name"] == "p16-c1-o8" else 1
-            assert len(rnd["samples"]) == n_kinds * 4 * bucket["concurrency"]
+            # minimal.yaml: every generate endpoint (completions, chat, responses, messages)
+            # streamed and not; logprobs and json_schema (completions and chat) on the first
+            n_kinds = 4 * 2 + (2 * 2 * 2 if bucket["name"] == "p16-c1-o8" else 0)
+            assert len(rnd["samples"]) == n_kinds * bucket["concurrency"]
             for sample in rnd["samples"]:
-                if "json_schema" not in sample["kind"]:  # a schema may end the output early
+                # a schema may end the output early; the Messages API takes no ignore_eos
+                if "json_schema" not in sample["kind"] and "messages" not in sample["kind"]:
                     assert sample["output_tokens"] == 8  # ignore_eos: the full decode ran
                 assert sample["e2e_s"] > 0
                 if "-stream" in sample["kind"]:
@@ -353,6 +356,7 @@ def test_report_file(served: Served) -> None:
     assert report["requests"] == sent
     kinds = {k["kind"] for k in report["kinds"]}
     assert {"completions+logprobs", "chat-stream+json_schema", "chat"} <= kinds
+    assert {"responses", "responses-stream", "messages", "messages-stream"} <= kinds
     # the warm-up table was logged
     assert f"llmwarm warm-up: {sent} requests" in served.log_text()
 
@@ -460,7 +464,7 @@ def test_warm_writes_the_report_and_plot_and_exits(tiny_model: Path, tmp_path: P
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(report.read_text())
-    assert data["requests"] >= 2 * 4 * (1 + 2) and len(data["buckets"]) == 2
+    assert data["requests"] >= 2 * (16 + 8 * 2) and len(data["buckets"]) == 2
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "Traceback" not in proc.stderr
 
@@ -615,3 +619,119 @@ def test_rewarm_after_a_lora_adapter_is_loaded_warms_it(tiny_model: Path, tmp_pa
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+POOLING = ["--runner", "pooling", "--convert", "embed"]
+
+
+def test_an_embedding_model_warms_its_endpoints_and_serves_embeddings(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    log, report = tmp_path / "log", tmp_path / "r.json"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, *POOLING, "--port", str(port),
+             "--host", "127.0.0.1", "--served-model-name", "tiny", "--report", str(report),
+             "--profile", str(MINIMAL)],
+            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+        )  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            wait_ready(proc, client, log)
+            answer = client.post("/v1/embeddings", json={"model": "tiny", "input": "hello"})
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["data"][0]["embedding"]) == 128  # the tiny model's hidden size
+        data = json.loads(report.read_text())
+        # what vLLM serves an embedding model on; no generate endpoint, nothing streamed
+        assert {k["kind"] for k in data["kinds"]} == {"embeddings", "pooling", "score", "rerank"}
+        assert data["convergence"]["metric"] == "e2e" and data["converged"] is True
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_endpoint_the_model_does_not_serve_is_exit_2_naming_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    profile = tmp_path / "chat.yaml"
+    profile.write_text(
+        "endpoints: [embeddings, chat]\n"
+        "buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 4}]\n"
+    )
+    proc = subprocess.run(
+        [*LLMWARM, "warm", str(tiny_model), *ENGINE_FLAGS, *POOLING, "--profile", str(profile),
+         "--report", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, env=engine_env(),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (
+        "• endpoints.1: this model does not serve 'chat' (it serves: embeddings, pooling, "
+        "score, rerank)" in proc.stderr
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_vision_model_warms_images_by_default_and_serves_them(
+    tiny_vision_model: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    log, report = tmp_path / "log", tmp_path / "r.json"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*LLMWARM, "serve", str(tiny_vision_model), *ENGINE_FLAGS, "--port", str(port),
+             "--host", "127.0.0.1", "--served-model-name", "tiny", "--report", str(report),
+             "--profile", str(MINIMAL)],
+            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+        )  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            wait_ready(proc, client, log)
+            message = with_image([{"role": "user", "content": "what is this?"}], "320x240")
+            body = {"model": "tiny", "messages": message, "max_tokens": 4}
+            answer = client.post("/v1/chat/completions", json=body)
+            plain = client.post(
+                "/v1/chat/completions",
+                json={"model": "tiny", "max_tokens": 4,
+                      "messages": [{"role": "user", "content": "what is this?"}]},
+            )  # fmt: skip
+        assert answer.status_code == plain.status_code == 200, answer.text
+        # the image really reached the model: its tokens are in the prompt
+        assert answer.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"]
+        data = json.loads(report.read_text())
+        kinds = {k["kind"] for k in data["kinds"]}
+        # minimal.yaml names no image feature: a vision model gets it (auto_image)
+        assert {"chat+image:64x64", "chat-stream+image:640x480"} <= kinds, kinds
+        image_samples = [
+            s for b in data["buckets"] for r in b["rounds"] for s in r["samples"]
+            if "+image:" in s["kind"]
+        ]  # fmt: skip
+        text_prompt = min(
+            s["prompt_tokens"] for b in data["buckets"] for r in b["rounds"]
+            for s in r["samples"] if s["kind"] == "chat"
+        )  # fmt: skip
+        assert image_samples and all(s["prompt_tokens"] > text_prompt for s in image_samples)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_image_feature_on_a_text_only_model_is_exit_2(tiny_model: Path, tmp_path: Path) -> None:
+    profile = tmp_path / "image.yaml"
+    profile.write_text(
+        "buckets: [{prompt_tokens: 8, concurrency: 1, max_tokens: 4}]\n"
+        "features: {use: [greedy, image]}\n"
+    )
+    proc = subprocess.run(
+        [*LLMWARM, "warm", str(tiny_model), *ENGINE_FLAGS, "--profile", str(profile),
+         "--report", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, env=engine_env(),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "• features.use: `image`: this model takes no images (it is text-only)" in proc.stderr

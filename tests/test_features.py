@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
@@ -65,3 +67,32 @@ def test_tools_is_a_named_tool_call() -> None:
     fields = body("tools", "chat", Features())
     assert fields["tools"][0]["function"]["name"] == "get_weather"
     assert fields["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_images_are_one_kind_per_size_and_real_pngs() -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from llmwarm.features import apply, image_data_url, in_body
+
+    features = Features(use=["greedy", "image"], images=["64x48", "300x200"])
+    assert features.kinds() == ["greedy", "image:64x48", "image:300x200"]
+    messages = [{"role": "user", "content": "describe"}]
+    request: dict[str, Any] = {"messages": messages, "max_tokens": 4}
+    with_image = apply("image:300x200", "chat", features, request)
+    text, image = with_image["messages"][0]["content"]
+    assert text == {"type": "text", "text": "describe"}
+    url = image["image_url"]["url"]
+    assert url == image_data_url("300x200") and url.startswith("data:image/png;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert decoded.size == (300, 200)
+    assert in_body(with_image) == {"image"} and in_body(request) == set()
+    assert messages[0]["content"] == "describe"  # the original is untouched
+
+
+@pytest.mark.parametrize("size", ["64", "0x10", "10x", "axb", "9000x10"])
+def test_bad_image_sizes(size: str) -> None:
+    with pytest.raises(ValidationError, match="WIDTHxHEIGHT"):
+        Features(images=[size])

@@ -111,3 +111,41 @@ def test_cli_writes_a_profile_that_checks(tmp_path: Path) -> None:
     assert code == 0, text
     assert "features seen: sampling 100%" in text
     assert invoke("profile", "check", str(out))[0] == 0
+
+
+def test_every_api_is_recognised_by_path_body_or_log_id() -> None:
+    bodies = [
+        {"path": "/v1/messages", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9},
+        {"model": "m", "system": "be brief", "messages": [{"role": "user", "content": "a"}],
+         "max_tokens": 8},
+        {"input": "x" * 40, "max_output_tokens": 20, "stream": True},
+        {"input": "embed me"},
+        {"url": "http://h:8000/pooling", "input": "pool me"},
+        {"path": "/classify", "input": "classify me"},
+        {"queries": "q", "documents": ["a", "b"]},
+        {"query": "q", "documents": ["a", "b"]},
+        {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+    ]  # fmt: skip
+    lines = [json.dumps(b) for b in bodies]
+    lines.append(_received("cmpl-abc-0"))
+    lines.append(
+        "(APIServer pid=1) INFO 11-28 20:07:52 [request_logger.py:66] Received request "
+        "embd-9f-0: params: PoolingParams(task='embed', dimensions=None), lora_request: None."
+    )
+    requests, skipped = parse(lines)
+    assert skipped == 0
+    assert [r.endpoint for r in requests] == [
+        "messages", "messages", "responses", "embeddings", "pooling", "classify", "score",
+        "rerank", "chat", "completions", "embeddings",
+    ]  # fmt: skip
+    assert requests[2].max_tokens == 20 and requests[2].stream is True
+    assert requests[8].features == {"image"}
+    data, _ = build(lines, 1.0, "log")
+    assert data["endpoints"] == [
+        "completions", "chat", "responses", "messages", "embeddings", "pooling", "classify",
+        "score", "rerank",
+    ]  # fmt: skip
+    assert "image" in data["features"]["use"]
+    parse_profile(data)  # what it writes loads

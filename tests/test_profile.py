@@ -282,3 +282,59 @@ def test_tools_need_chat_and_a_template_that_takes_them() -> None:
     completions = profile.model_copy(update={"endpoints": ["completions"]})
     with pytest.raises(ProfileError, match="does not fit"):
         for_engine(completions, SHAPE)
+
+
+# --- what the engine serves -------------------------------------------------------------------
+
+GENERATE = frozenset({"completions", "chat", "responses", "messages"})
+EMBED = frozenset({"embeddings", "pooling", "score", "rerank"})
+
+
+def _shape(endpoints: frozenset[str], **change: object) -> EngineShape:
+    return EngineShape(**{**SHAPE.__dict__, "endpoints": endpoints, **change})
+
+
+def test_default_endpoints_are_what_the_engine_serves() -> None:
+    profile = parse_profile({"buckets": [BUCKET]})
+    assert for_engine(profile, _shape(GENERATE)).endpoints == [
+        "completions", "chat", "responses", "messages",
+    ]  # fmt: skip
+    pooled = for_engine(profile, _shape(EMBED))
+    assert pooled.endpoints == ["embeddings", "pooling", "score", "rerank"]
+    # nothing streams on a pooling model: its buckets converge on end-to-end latency
+    assert pooled.convergence.metric == "e2e" and profile.convergence.metric == "tpot"
+
+
+def test_an_endpoint_the_engine_does_not_serve_names_the_row() -> None:
+    profile = parse_profile({"buckets": [BUCKET], "endpoints": ["embeddings", "chat"]})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, _shape(EMBED))
+    assert info.value.problems == [
+        (
+            "endpoints.1",
+            "this model does not serve 'chat' (it serves: embeddings, pooling, score, rerank);"
+            " leave `endpoints` out to warm what it serves",
+        )
+    ]
+
+
+def test_images_need_a_vision_model_and_come_by_default_with_one() -> None:
+    listed = parse_profile({"buckets": [BUCKET], "features": {"use": ["greedy", "image"]}})
+    with pytest.raises(ProfileError) as info:
+        for_engine(listed, _shape(GENERATE))
+    assert info.value.problems == [
+        ("features.use", "`image`: this model takes no images (it is text-only)")
+    ]
+    plain = parse_profile({"buckets": [BUCKET]})
+    vision = _shape(GENERATE, multimodal=True)
+    assert "image" in for_engine(plain, vision).features.use
+    assert "image" not in for_engine(plain, _shape(GENERATE)).features.use
+    off = parse_profile({"buckets": [BUCKET], "features": {"auto_image": False}})
+    assert "image" not in for_engine(off, vision).features.use
+
+
+def test_score_buckets_hold_a_query_and_a_document() -> None:
+    profile = parse_profile({"buckets": [{**BUCKET, "prompt_tokens": 600}], "endpoints": ["score"]})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, _shape(EMBED))
+    assert "2 x prompt_tokens (query and document) = 1200" in info.value.problems[0].message

@@ -1,0 +1,75 @@
+"""Each endpoint's request body, and its answers read as a client sees them (real socket)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from llmwarm import corpus, endpoints, measure
+from llmwarm.corpus import WordTokenizer
+from llmwarm.profile import Profile, parse_profile
+
+
+def _profile(*names: str) -> Profile:
+    return parse_profile(
+        {
+            "endpoints": list(names),
+            "buckets": [{"prompt_tokens": 6, "concurrency": 1, "max_tokens": 5, "documents": 3}],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "fields"),
+    [
+        ("completions", {"prompt", "max_tokens", "temperature", "ignore_eos"}),
+        ("chat", {"messages", "max_tokens", "temperature", "ignore_eos"}),
+        ("responses", {"input", "max_output_tokens", "store", "temperature", "ignore_eos"}),
+        ("messages", {"messages", "max_tokens", "temperature"}),  # Anthropic: no ignore_eos
+        ("embeddings", {"input"}),
+        ("pooling", {"input"}),
+        ("classify", {"input"}),
+        ("score", {"queries", "documents"}),
+        ("rerank", {"query", "documents"}),
+    ],
+)
+def test_unary_bodies(name: str, fields: set[str]) -> None:
+    profile = _profile(name)
+    (kind,) = [k for k in corpus.kinds(profile, profile.buckets[0]) if not k.stream]
+    (req,) = corpus.batch(profile, profile.buckets[0], kind, 1, WordTokenizer(), "m").requests
+    assert set(req.body) == {"model", *fields}
+    assert req.path == endpoints.SPECS[name].path
+    if name == "responses":
+        assert req.body["store"] is False  # vLLM would keep every warm-up response
+    if name in ("score", "rerank"):
+        assert len(req.body["documents"]) == 3  # the bucket's `documents`
+
+
+def test_pooling_endpoints_never_stream() -> None:
+    profile = _profile("embeddings", "chat")
+    names = [k.name for k in corpus.kinds(profile, profile.buckets[0])]
+    assert names == ["embeddings", "chat-stream", "chat"]
+
+
+@pytest.mark.parametrize("name", list(endpoints.SPECS))
+async def test_each_api_is_timed_from_its_own_answers(fake_url: str, name: str) -> None:
+    profile = _profile(name)
+    async with httpx.AsyncClient(base_url=fake_url) as client:
+        for kind in corpus.kinds(profile, profile.buckets[0]):
+            batch = corpus.batch(profile, profile.buckets[0], kind, 1, WordTokenizer(), "m")
+            (sample,) = await measure.measure_all(client, batch.requests)
+            assert sample.prompt_tokens == 7 and sample.e2e_s > 0
+            if endpoints.SPECS[name].generates:
+                assert sample.output_tokens == 5
+            else:
+                assert sample.output_tokens is None
+            if kind.stream:  # TTFT and TPOT from the API's own token events
+                assert sample.ttft_s is not None and sample.ttft_s > 0
+                assert sample.tpot_s is not None and sample.tpot_s > 0
+
+
+def test_stream_errors_in_each_form() -> None:
+    assert endpoints.failed({"error": {"message": "x"}}) == {"message": "x"}
+    assert endpoints.failed({"type": "error", "error": {"type": "overloaded"}}) is not None
+    assert endpoints.failed({"type": "response.failed", "response": {"id": "r"}}) is not None
+    assert endpoints.failed({"type": "response.output_text.delta", "delta": "x"}) is None
