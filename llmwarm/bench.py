@@ -7,6 +7,7 @@ A kind the server refuses is reported, not fatal. No vLLM import: it speaks HTTP
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from collections.abc import Sequence
 
@@ -14,8 +15,8 @@ import httpx
 from pydantic import BaseModel, Field, computed_field
 from rich.table import Table
 
-from llmwarm import corpus, measure
-from llmwarm.errors import LlmwarmError, WarmupError
+from llmwarm import corpus, endpoints, measure
+from llmwarm.errors import Unreachable, WarmupError
 from llmwarm.profile import Profile
 
 
@@ -90,16 +91,20 @@ def tokenizer_for(url: str, model: str, headers: dict[str, str]) -> corpus.Token
     return remote
 
 
-async def served_model(client: httpx.AsyncClient) -> str:
-    """The first model the server lists."""
+async def served_model(client: httpx.AsyncClient) -> str | None:
+    """The first model the server lists, or None if it lists none; `Unreachable` when nothing
+    answers at all."""
     try:
         resp = await client.get("/v1/models")
+    except httpx.TransportError as exc:
+        raise Unreachable(
+            f"cannot reach {client.base_url}", problems=[("URL", f"{type(exc).__name__}: {exc}")]
+        ) from None
+    try:
         resp.raise_for_status()
         return str(resp.json()["data"][0]["id"])
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-        raise LlmwarmError(
-            "cannot tell the model name", problems=[("--model", f"GET /v1/models: {exc}")]
-        ) from None
+    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 async def run(
@@ -117,7 +122,10 @@ async def run(
             medians: list[float] = []
             error = None
             for round_ in range(1, repeats + 2):
-                batch = corpus.batch(profile, bucket, kind, round_, tokenizer, model)
+                # in a thread: the server's tokenizer is asked over a synchronous client
+                batch = await asyncio.to_thread(
+                    corpus.batch, profile, bucket, kind, round_, tokenizer, model
+                )
                 try:
                     samples = await measure.measure_all(client, batch.requests)
                 except WarmupError as exc:
@@ -152,9 +160,34 @@ async def probe(
     url = url.rstrip("/")
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=measure.TIMEOUT) as client:
-        name = model or await served_model(client)
+        listed = await served_model(client)  # also: is anything there at all?
+        name = model or listed
+        if name is None:
+            raise Unreachable(
+                "cannot tell the model name",
+                problems=[("--model", "GET /v1/models lists none; is the server ready?")],
+            )
+        if profile.endpoints is None:
+            profile = profile.model_copy(update={"endpoints": await served_endpoints(client)})
         tokenizer = tokenizer_for(url, name, headers)
-        return await run(client, profile, name, repeats, url, tokenizer)
+        try:
+            return await run(client, profile, name, repeats, url, tokenizer)
+        finally:
+            if isinstance(tokenizer, ServerTokenizer):
+                tokenizer.client.close()
+
+
+async def served_endpoints(client: httpx.AsyncClient) -> list[str]:
+    """The endpoints the server lists in its OpenAPI document (vLLM's FastAPI app has one, with
+    exactly the routes its model's tasks registered); the generate ones if it has none."""
+    try:
+        resp = await client.get("/openapi.json")
+        resp.raise_for_status()
+        paths = set(resp.json()["paths"])
+    except (httpx.HTTPError, KeyError, TypeError, ValueError):
+        return list(endpoints.GENERATE)
+    served = [name for name, spec in endpoints.SPECS.items() if spec.path in paths]
+    return served or list(endpoints.GENERATE)
 
 
 def table(report: BenchReport) -> Table:

@@ -33,7 +33,7 @@ app = typer.Typer(
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 2 bad input; 3 the engine could not start; 4 the warm-up failed; "
     "5 the engine died while serving; 6 not converged with --on-unconverged fail; "
-    "130 interrupted before ready."
+    "7 (bench) the server cannot be reached; 130 interrupted before ready."
 )
 
 # MODEL and every `vllm serve` flag are handed, untouched, to vLLM's own parser.

@@ -10,6 +10,7 @@
     ├── WarmupError           a warm-up request failed, or the engine died warming: exit 4
     ├── EngineDied            the engine died while serving: exit 5
     ├── Unconverged           a bucket did not converge and the policy is `fail`: exit 6
+    ├── Unreachable           `llmwarm bench`: the server cannot be reached or asked: exit 7
     └── Interrupted           SIGINT/SIGTERM before the server was ready: exit 130
 
 Each carries `problems`: one `Problem(where, message)` per problem, where `where` names the
@@ -32,6 +33,7 @@ EXIT_STARTUP_FAILURE = 3
 EXIT_WARMUP_FAILURE = 4
 EXIT_ENGINE_DIED = 5
 EXIT_UNCONVERGED = 6
+EXIT_UNREACHABLE = 7
 EXIT_INTERRUPTED = 130
 
 
@@ -135,6 +137,12 @@ class Unconverged(LlmwarmError):
     """A bucket did not converge and the policy is `fail`."""
 
     exit_code = EXIT_UNCONVERGED
+
+
+class Unreachable(LlmwarmError):
+    """`llmwarm bench`: the server cannot be reached, or cannot tell its model name."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 class Interrupted(LlmwarmError):

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from llmwarm import bench, corpus
-from llmwarm.errors import LlmwarmError
+from llmwarm.errors import Unreachable
 from llmwarm.profile import parse_profile
 from tests.conftest import invoke
 from tests.fakes import PACE
@@ -42,7 +42,7 @@ async def test_first_against_steady_per_kind_and_refusals_reported(fake_url: str
     assert data["geomean_ratio"] == pytest.approx((greedy.ratio * logprobs.ratio) ** 0.5)
 
 
-async def test_model_name_from_the_server() -> None:
+async def test_model_name_from_the_server(fake_url: str) -> None:
     def models(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"data": [{"id": "served-name"}]})
 
@@ -53,14 +53,21 @@ async def test_model_name_from_the_server() -> None:
         return httpx.Response(503, json={"status": "loading"})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(down), base_url="http://x") as c:
-        with pytest.raises(LlmwarmError) as info:
-            await bench.served_model(c)
+        assert await bench.served_model(c) is None
+    # a server that answers but lists no model (the paced fake has no /v1/models)
+    with pytest.raises(Unreachable) as info:
+        await bench.probe(fake_url, profile=PROBE, repeats=1)
     assert info.value.problems[0][0] == "--model"
 
 
-def test_cli_against_a_server_that_is_not_there(tmp_path: Path) -> None:
-    code, out = invoke("bench", "http://127.0.0.1:9", "--json", str(tmp_path / "b.json"))
-    assert code == 1 and "cannot tell the model name" in out and "Traceback" not in out
+@pytest.mark.parametrize("model", [[], ["--model", "tiny"]])
+def test_cli_against_a_server_that_is_not_there(tmp_path: Path, model: list[str]) -> None:
+    # with or without --model: exit 7 (listed in --help), nothing written, no "refused" table
+    out_file = tmp_path / "b.json"
+    code, out = invoke("bench", "http://127.0.0.1:9", *model, "--json", str(out_file))
+    assert code == 7 and "cannot reach http://127.0.0.1:9" in out, out
+    assert "• URL: ConnectError" in out and "Traceback" not in out and "refused" not in out
+    assert not out_file.exists()
 
 
 def test_without_a_tokenizer_endpoint_lengths_are_approximate() -> None:
