@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -74,6 +76,33 @@ def wait_ready(proc: subprocess.Popen[bytes], client: httpx.Client, log: Path) -
     pytest.fail(
         f"not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-3000:]}"
     )
+
+
+@contextlib.contextmanager
+def serving(
+    model: Path, tmp_path: Path, *flags: str
+) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client, Path]]:
+    """`llmwarm serve MODEL` with the minimal profile, until ready: the process, a client of it
+    and its report path. SIGTERMed on exit; it must then end with 0 within 30 s."""
+    port = free_port()
+    log, report = tmp_path / "log", tmp_path / "report.json"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*LLMWARM, "serve", str(model), *ENGINE_FLAGS, "--port", str(port),
+             "--host", "127.0.0.1", "--served-model-name", "tiny", "--report", str(report),
+             "--profile", str(MINIMAL), *flags],
+            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+        )  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            wait_ready(proc, client, log)
+            yield proc, client, report
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def llmwarm_env_vars() -> set[str]:

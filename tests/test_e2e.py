@@ -35,6 +35,7 @@ from tests.conftest import (
     STARTUP_TIMEOUT_S,
     engine_env,
     free_port,
+    serving,
     wait_ready,
 )
 
@@ -627,31 +628,14 @@ POOLING = ["--runner", "pooling", "--convert", "embed"]
 def test_an_embedding_model_warms_its_endpoints_and_serves_embeddings(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    log, report = tmp_path / "log", tmp_path / "r.json"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, *POOLING, "--port", str(port),
-             "--host", "127.0.0.1", "--served-model-name", "tiny", "--report", str(report),
-             "--profile", str(MINIMAL)],
-            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
-        )  # fmt: skip
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            wait_ready(proc, client, log)
-            answer = client.post("/v1/embeddings", json={"model": "tiny", "input": "hello"})
-        assert answer.status_code == 200, answer.text
-        assert len(answer.json()["data"][0]["embedding"]) == 128  # the tiny model's hidden size
+    with serving(tiny_model, tmp_path, *POOLING) as (_, client, report):
+        answer = client.post("/v1/embeddings", json={"model": "tiny", "input": "hello"})
         data = json.loads(report.read_text())
-        # what vLLM serves an embedding model on; no generate endpoint, nothing streamed
-        assert {k["kind"] for k in data["kinds"]} == {"embeddings", "pooling", "score", "rerank"}
-        assert data["convergence"]["metric"] == "e2e" and data["converged"] is True
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["data"][0]["embedding"]) == 128  # the tiny model's hidden size
+    # what vLLM serves an embedding model on; no generate endpoint, nothing streamed
+    assert {k["kind"] for k in data["kinds"]} == {"embeddings", "pooling", "score", "rerank"}
+    assert data["convergence"]["metric"] == "e2e" and data["converged"] is True
 
 
 def test_an_endpoint_the_model_does_not_serve_is_exit_2_naming_it(
@@ -678,48 +662,24 @@ def test_an_endpoint_the_model_does_not_serve_is_exit_2_naming_it(
 def test_a_vision_model_warms_images_by_default_and_serves_them(
     tiny_vision_model: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    log, report = tmp_path / "log", tmp_path / "r.json"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*LLMWARM, "serve", str(tiny_vision_model), *ENGINE_FLAGS, "--port", str(port),
-             "--host", "127.0.0.1", "--served-model-name", "tiny", "--report", str(report),
-             "--profile", str(MINIMAL)],
-            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
-        )  # fmt: skip
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            wait_ready(proc, client, log)
-            message = with_image([{"role": "user", "content": "what is this?"}], "320x240")
-            body = {"model": "tiny", "messages": message, "max_tokens": 4}
-            answer = client.post("/v1/chat/completions", json=body)
-            plain = client.post(
-                "/v1/chat/completions",
-                json={"model": "tiny", "max_tokens": 4,
-                      "messages": [{"role": "user", "content": "what is this?"}]},
-            )  # fmt: skip
-        assert answer.status_code == plain.status_code == 200, answer.text
-        # the image really reached the model: its tokens are in the prompt
-        assert answer.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"]
+    question = [{"role": "user", "content": "what is this?"}]
+    with serving(tiny_vision_model, tmp_path) as (_, client, report):
+        body = {"model": "tiny", "messages": with_image(question, "320x240"), "max_tokens": 4}
+        answer = client.post("/v1/chat/completions", json=body)
+        plain = client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": question, "max_tokens": 4}
+        )
         data = json.loads(report.read_text())
-        kinds = {k["kind"] for k in data["kinds"]}
-        # minimal.yaml names no image feature: a vision model gets it (auto_image)
-        assert {"chat+image:64x64", "chat-stream+image:640x480"} <= kinds, kinds
-        image_samples = [
-            s for b in data["buckets"] for r in b["rounds"] for s in r["samples"]
-            if "+image:" in s["kind"]
-        ]  # fmt: skip
-        text_prompt = min(
-            s["prompt_tokens"] for b in data["buckets"] for r in b["rounds"]
-            for s in r["samples"] if s["kind"] == "chat"
-        )  # fmt: skip
-        assert image_samples and all(s["prompt_tokens"] > text_prompt for s in image_samples)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    assert answer.status_code == plain.status_code == 200, answer.text
+    # the image really reached the model: its tokens are in the prompt
+    assert answer.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"]
+    kinds = {k["kind"] for k in data["kinds"]}
+    # minimal.yaml names no image feature: a vision model gets it (auto_image)
+    assert {"chat+image:64x64", "chat-stream+image:640x480"} <= kinds, kinds
+    samples = [s for b in data["buckets"] for r in b["rounds"] for s in r["samples"]]
+    text_prompt = min(s["prompt_tokens"] for s in samples if s["kind"] == "chat")
+    images = [s for s in samples if "+image:" in s["kind"]]
+    assert images and all(s["prompt_tokens"] > text_prompt for s in images)
 
 
 def test_an_image_feature_on_a_text_only_model_is_exit_2(tiny_model: Path, tmp_path: Path) -> None:
