@@ -326,7 +326,8 @@ def profile_show(
     ] = None,
 ) -> None:
     """Show the expanded plan: buckets in run order, request kinds, request counts."""
-    from llmwarm.profile import for_engine, load_profile
+    from llmwarm.fit import for_engine
+    from llmwarm.profile import load_profile
     from llmwarm.report import plan_table
 
     try:

@@ -33,7 +33,7 @@ from llmwarm.errors import (
     VllmArgsError,
     from_validation,
 )
-from llmwarm.profile import EngineShape
+from llmwarm.fit import EngineShape
 
 if TYPE_CHECKING:
     from llmwarm.corpus import Tokenizer

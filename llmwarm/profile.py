@@ -2,7 +2,7 @@
 
 A profile is YAML, validated once here into pydantic models; nothing downstream re-checks it.
 What only the started engine knows (`auto` buckets, its context length, its LoRA adapters) is
-applied by `for_engine`, which raises the same errors, naming the same fields.
+applied by `llmwarm.fit.for_engine`, which raises the same errors, naming the same fields.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,9 +35,6 @@ from llmwarm.features import Features
 EndpointName = Annotated[
     str, AfterValidator(endpoints.known), Field(json_schema_extra={"enum": list(endpoints.SPECS)})
 ]
-
-# Tokens a chat template may add around one user message; kept free so chat prompts fit too.
-CHAT_TEMPLATE_ALLOWANCE = 64
 
 
 class Bucket(BaseModel):
@@ -289,184 +285,6 @@ class Profile(BaseModel):
         if self.features.buckets is not None:
             return set(self.features.buckets)
         return {self.buckets[0].name} if self.buckets else set()
-
-
-# --- what only the engine knows ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EngineShape:
-    """The limits of a started (or configured) engine that a profile depends on."""
-
-    max_model_len: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    cudagraph_capture_sizes: list[int] = field(default_factory=list)  # empty: no CUDA graphs
-    lora: list[str] = field(default_factory=list)  # adapter names known to the server
-    lora_enabled: bool = False
-    chat_template_tools: bool = True  # False when the chat template is known to ignore tools
-    kv_blocks: int | None = None  # known once the engine has profiled its memory
-    block_size: int | None = None
-    # the endpoints vLLM serves this model on (from its tasks); empty: not known (no engine)
-    endpoints: frozenset[str] = frozenset()
-    multimodal: bool = False  # the model takes images
-
-
-def _doubling(low: int, high: int) -> list[int]:
-    values, v = [], low
-    while v <= high:
-        values.append(v)
-        v *= 2
-    return values
-
-
-def concurrency_classes(shape: EngineShape, limit: int) -> list[int]:
-    """Batch sizes worth warming: on GPU, each CUDA-graph size a batch is padded to (for
-    powers of two up to `limit`); without graphs, the powers of two themselves."""
-    wanted = _doubling(1, min(limit, shape.max_num_seqs))
-    sizes = sorted(s for s in shape.cudagraph_capture_sizes if s <= shape.max_num_seqs)
-    if not sizes:
-        return wanted
-    padded = {next((s for s in sizes if s >= c), c) for c in wanted}
-    return sorted(padded)
-
-
-def auto_buckets(auto: Auto, shape: EngineShape, chat: bool) -> list[Bucket]:
-    """A prompt-length sweep at concurrency 1, a concurrency sweep at the shortest prompt, and
-    one prompt past max_num_batched_tokens (chunked prefill), all within max_model_len."""
-    room = shape.max_model_len - auto.max_tokens - (CHAT_TEMPLATE_ALLOWANCE if chat else 0)
-    prompts = _doubling(auto.min_prompt_tokens, min(auto.max_prompt_tokens, room))
-    limit = auto.max_concurrency or shape.max_num_seqs
-    rows = [(p, 1) for p in prompts]
-    rows += [(auto.min_prompt_tokens, c) for c in concurrency_classes(shape, limit) if c > 1]
-    chunked = shape.max_num_batched_tokens + 16
-    if auto.chunked_prefill and chunked <= room and chunked not in prompts:
-        rows.append((chunked, 1))
-    return [
-        Bucket(name=f"auto-p{p}-c{c}-o{auto.max_tokens}", prompt_tokens=p, concurrency=c,
-               max_tokens=auto.max_tokens)
-        for p, c in rows
-        if p <= room
-    ]  # fmt: skip
-
-
-def with_adapters(profile: Profile, adapters: list[str]) -> Profile:
-    """The profile, warming these LoRA adapters too (the `lora` feature), e.g. adapters loaded
-    at run time before a re-warm."""
-    if not adapters:
-        return profile
-    features = profile.features
-    use = features.use if "lora" in features.use else [*features.use, "lora"]
-    lora = list(dict.fromkeys([*features.lora, *adapters]))
-    return profile.model_copy(
-        update={"features": features.model_copy(update={"use": use, "lora": lora})}
-    )
-
-
-Problems = list[tuple[str, str]]
-
-
-def _endpoints_for(profile: Profile, shape: EngineShape, problems: Problems) -> list[str]:
-    """The endpoints to warm: the profile's, each one the engine must serve, or by default
-    every one it serves (the generate ones when the engine is not known)."""
-    if not shape.endpoints:
-        return profile.endpoint_names()
-    served = [name for name in endpoints.SPECS if name in shape.endpoints]
-    if profile.endpoints is None:
-        return served
-    for i, name in enumerate(profile.endpoints):
-        if name not in shape.endpoints:
-            problems.append(
-                (f"endpoints.{i}", f"this model does not serve {name!r} (it serves: "
-                 f"{', '.join(served) or 'none'}); leave `endpoints` out to warm what it serves")
-            )  # fmt: skip
-    return list(profile.endpoints)
-
-
-def _too_long(buckets: list[Bucket], chosen: list[str], shape: EngineShape) -> Problems:
-    specs = [endpoints.SPECS[name] for name in chosen]
-    # A chat template wraps messages (and a Responses input); a cross-encoder scores a query
-    # and a document in one sequence; only generate endpoints add output tokens.
-    extra = CHAT_TEMPLATE_ALLOWANCE if any(s.templated for s in specs) else 0
-    texts = 2 if any(s.task == "score" for s in specs) else 1
-    generates = any(s.generates for s in specs)
-    what = "2 x prompt_tokens (query and document)" if texts == 2 else "prompt_tokens"
-    what += " + max_tokens" if generates else ""
-    problems = []
-    for bucket in buckets:
-        need = bucket.prompt_tokens * texts + (bucket.max_tokens if generates else 0)
-        if need + extra > shape.max_model_len:
-            problems.append(
-                (bucket.row or "auto", f"{bucket.name}: {what} = {need}"
-                 + (f" (+{extra} for the chat template)" if extra else "")
-                 + f" exceeds the engine's max_model_len {shape.max_model_len}")
-            )  # fmt: skip
-    return problems
-
-
-def _feature_problems(features: Features, chosen: list[str], shape: EngineShape) -> Problems:
-    problems = []
-    if "tools" in features.use:
-        if "chat" not in chosen:
-            problems.append(("features.use", "`tools` needs the chat endpoint in `endpoints`"))
-        if not shape.chat_template_tools:
-            problems.append(
-                ("features.use", "`tools`: this model's chat template does not take tools")
-            )
-    if "image" in features.use:
-        if "chat" not in chosen:
-            problems.append(("features.use", "`image` needs the chat endpoint in `endpoints`"))
-        if shape.endpoints and not shape.multimodal:
-            problems.append(
-                ("features.use", "`image`: this model takes no images (it is text-only)")
-            )
-    if "lora" in features.use:
-        if not shape.lora_enabled:
-            problems.append(("features.use", "`lora` needs an engine started with --enable-lora"))
-        missing = [a for a in features.lora if a not in shape.lora]
-        if shape.lora_enabled and missing:
-            problems.append(
-                ("features.lora", f"no such adapter (--lora-modules): {', '.join(missing)}")
-            )
-    return problems
-
-
-def for_engine(profile: Profile, shape: EngineShape) -> Profile:
-    """The profile resolved against a started (or configured) engine: its endpoints, its
-    `auto` buckets, every bucket and feature checked against the engine's limits."""
-    problems: Problems = []
-    chosen = _endpoints_for(profile, shape, problems)
-    chat = any(endpoints.SPECS[name].templated for name in chosen)
-    buckets = list(profile.buckets)
-    if profile.auto is not None:
-        known = {b.name for b in buckets}
-        buckets += [b for b in auto_buckets(profile.auto, shape, chat) if b.name not in known]
-    problems += _too_long(buckets, chosen, shape)
-    problems += _feature_problems(profile.features, chosen, shape)
-    if problems:
-        raise ProfileError("the profile does not fit this engine", problems=problems)
-    features = profile.features
-    if (
-        shape.multimodal
-        and features.auto_image
-        and "image" not in features.use
-        and "chat" in chosen
-    ):
-        features = features.model_copy(update={"use": [*features.use, "image"]})
-    rule = profile.convergence
-    streams = True in profile.stream and any(endpoints.SPECS[n].streamable for n in chosen)
-    if rule.metric != "e2e" and not streams:
-        # Nothing streams (a pooling model): there is no first token or decode to time.
-        rule = rule.model_copy(update={"metric": "e2e"})
-    # A shallow copy on purpose: the prompts (and their texts read from file) are shared.
-    return profile.model_copy(
-        update={
-            "endpoints": chosen,
-            "features": features,
-            "buckets": sorted(buckets, key=lambda b: -b.priority),
-            "convergence": rule,
-        }
-    )
 
 
 # --- loading --------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def apply_capture_sizes(args: Namespace, profile: Profile) -> None:
         )
     sizes = {b.concurrency for b in profile.buckets}
     if profile.auto is not None:
-        from llmwarm.profile import concurrency_classes
+        from llmwarm.fit import concurrency_classes
 
         shape = engine.shape_from_args(args)
         sizes |= set(concurrency_classes(shape, profile.auto.max_concurrency or shape.max_num_seqs))

@@ -24,7 +24,8 @@ import httpx
 
 from llmwarm import convergence, corpus, engine, measure
 from llmwarm.errors import WarmupError
-from llmwarm.profile import Bucket, EngineShape, Profile, for_engine, with_adapters
+from llmwarm.fit import EngineShape, for_engine, with_adapters
+from llmwarm.profile import Bucket, Profile
 from llmwarm.progress import ProgressView
 from llmwarm.report import BucketResult, KvFillResult, Origin, Outcome, Report, RoundResult, Sample
 

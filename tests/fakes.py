@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmwarm import endpoints
 from llmwarm.convergence import Rule
 from llmwarm.corpus import Tokenizer, WordTokenizer
-from llmwarm.profile import EngineShape
+from llmwarm.fit import EngineShape
 from llmwarm.report import BucketResult, Report, RoundResult, Sample
 
 # --- reports ---------------------------------------------------------------------------------

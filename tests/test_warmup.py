@@ -8,7 +8,8 @@ import pytest
 from llmwarm import warmup
 from llmwarm.corpus import WordTokenizer
 from llmwarm.errors import WarmupError
-from llmwarm.profile import EngineShape, Profile, parse_profile
+from llmwarm.fit import EngineShape
+from llmwarm.profile import Profile, parse_profile
 from llmwarm.report import Outcome
 from tests.fakes import PACE
 

@@ -1,0 +1,151 @@
+"""Fitting a profile to an engine: limits, auto buckets, adapters, endpoints, images."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmwarm.errors import ProfileError
+from llmwarm.fit import EngineShape, concurrency_classes, for_engine, with_adapters
+from llmwarm.profile import parse_profile
+
+BUCKET = {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}
+
+# --- against an engine ------------------------------------------------------------------------
+
+SHAPE = EngineShape(max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=512)
+
+
+def test_for_engine_names_buckets_that_do_not_fit() -> None:
+    profile = parse_profile({"buckets": [BUCKET, {**BUCKET, "prompt_tokens": 1000}]})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, SHAPE)
+    assert info.value.problems == [
+        (
+            "buckets.1",
+            "p1000-c1-o4: prompt_tokens + max_tokens = 1004 (+64 for the chat template) "
+            "exceeds the engine's max_model_len 1024",
+        )
+    ]
+
+
+def test_lora_needs_lora_enabled_and_known_adapters() -> None:
+    profile = parse_profile(
+        {"buckets": [BUCKET], "features": {"use": ["lora"], "lora": ["sql", "chat"]}}
+    )
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, SHAPE)
+    assert info.value.problems == [
+        ("features.use", "`lora` needs an engine started with --enable-lora")
+    ]
+    shape = EngineShape(**{**SHAPE.__dict__, "lora_enabled": True, "lora": ["sql"]})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, shape)
+    assert info.value.problems == [("features.lora", "no such adapter (--lora-modules): chat")]
+    shape = EngineShape(**{**SHAPE.__dict__, "lora_enabled": True, "lora": ["sql", "chat"]})
+    assert for_engine(profile, shape).features.kinds() == ["lora:sql", "lora:chat"]
+
+
+def test_with_adapters_warms_every_listed_adapter_once() -> None:
+    plain = parse_profile({"buckets": [BUCKET], "features": {"use": ["greedy"]}})
+    assert with_adapters(plain, []) is plain
+    both = with_adapters(plain, ["sql", "chat"])
+    assert both.features.use == ["greedy", "lora"]
+    assert both.features.kinds() == ["greedy", "lora:sql", "lora:chat"]
+    named = parse_profile({"buckets": [BUCKET], "features": {"use": ["lora"], "lora": ["sql"]}})
+    assert with_adapters(named, ["chat", "sql"]).features.lora == ["sql", "chat"]
+
+
+def test_auto_buckets_without_cuda_graphs() -> None:
+    profile = parse_profile({"auto": {"max_tokens": 16, "max_prompt_tokens": 4096}})
+    resolved = for_engine(profile, SHAPE)
+    names = [b.name for b in resolved.buckets]
+    # prompts doubling up to max_model_len - output - chat allowance (1024 - 16 - 64 = 944)
+    assert names[:6] == [f"auto-p{p}-c1-o16" for p in (16, 32, 64, 128, 256, 512)]
+    # concurrency classes: powers of two up to max_num_seqs
+    assert [b.concurrency for b in resolved.buckets if b.prompt_tokens == 16] == [
+        1, 2, 4, 8, 16, 32, 64,
+    ]  # fmt: skip
+    # a prompt past max_num_batched_tokens: chunked prefill
+    assert "auto-p528-c1-o16" in names
+    assert all(b.prompt_tokens + b.max_tokens + 64 <= 1024 for b in resolved.buckets)
+
+
+def test_concurrency_classes_follow_cuda_graph_padding() -> None:
+    shape = EngineShape(
+        max_model_len=4096, max_num_seqs=48, max_num_batched_tokens=2048,
+        cudagraph_capture_sizes=[1, 2, 4, 8, 16, 24, 32, 40, 48, 56],
+    )  # fmt: skip
+    # 1..32 doubling, each mapped to the graph a batch of that size is padded to
+    assert concurrency_classes(shape, 48) == [1, 2, 4, 8, 16, 32]
+    odd = EngineShape(**{**shape.__dict__, "cudagraph_capture_sizes": [1, 3, 6, 12, 48]})
+    assert concurrency_classes(odd, 48) == [1, 3, 6, 12, 48]
+
+
+def test_tools_need_chat_and_a_template_that_takes_them() -> None:
+    profile = parse_profile({"buckets": [BUCKET], "features": {"use": ["tools"]}})
+    for_engine(profile, SHAPE)
+    no_tools = EngineShape(**{**SHAPE.__dict__, "chat_template_tools": False})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, no_tools)
+    assert info.value.problems == [
+        ("features.use", "`tools`: this model's chat template does not take tools")
+    ]
+    completions = profile.model_copy(update={"endpoints": ["completions"]})
+    with pytest.raises(ProfileError, match="does not fit"):
+        for_engine(completions, SHAPE)
+
+
+# --- what the engine serves -------------------------------------------------------------------
+
+GENERATE = frozenset({"completions", "chat", "responses", "messages"})
+EMBED = frozenset({"embeddings", "pooling", "score", "rerank"})
+
+
+def _shape(endpoints: frozenset[str], **change: object) -> EngineShape:
+    return EngineShape(**{**SHAPE.__dict__, "endpoints": endpoints, **change})
+
+
+def test_default_endpoints_are_what_the_engine_serves() -> None:
+    profile = parse_profile({"buckets": [BUCKET]})
+    assert for_engine(profile, _shape(GENERATE)).endpoints == [
+        "completions", "chat", "responses", "messages",
+    ]  # fmt: skip
+    pooled = for_engine(profile, _shape(EMBED))
+    assert pooled.endpoints == ["embeddings", "pooling", "score", "rerank"]
+    # nothing streams on a pooling model: its buckets converge on end-to-end latency
+    assert pooled.convergence.metric == "e2e" and profile.convergence.metric == "tpot"
+
+
+def test_an_endpoint_the_engine_does_not_serve_names_the_row() -> None:
+    profile = parse_profile({"buckets": [BUCKET], "endpoints": ["embeddings", "chat"]})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, _shape(EMBED))
+    assert info.value.problems == [
+        (
+            "endpoints.1",
+            "this model does not serve 'chat' (it serves: embeddings, pooling, score, rerank);"
+            " leave `endpoints` out to warm what it serves",
+        )
+    ]
+
+
+def test_images_need_a_vision_model_and_come_by_default_with_one() -> None:
+    listed = parse_profile({"buckets": [BUCKET], "features": {"use": ["greedy", "image"]}})
+    with pytest.raises(ProfileError) as info:
+        for_engine(listed, _shape(GENERATE))
+    assert info.value.problems == [
+        ("features.use", "`image`: this model takes no images (it is text-only)")
+    ]
+    plain = parse_profile({"buckets": [BUCKET]})
+    vision = _shape(GENERATE, multimodal=True)
+    assert "image" in for_engine(plain, vision).features.use
+    assert "image" not in for_engine(plain, _shape(GENERATE)).features.use
+    off = parse_profile({"buckets": [BUCKET], "features": {"auto_image": False}})
+    assert "image" not in for_engine(off, vision).features.use
+
+
+def test_score_buckets_hold_a_query_and_a_document() -> None:
+    profile = parse_profile({"buckets": [{**BUCKET, "prompt_tokens": 600}], "endpoints": ["score"]})
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, _shape(EMBED))
+    assert "2 x prompt_tokens (query and document) = 1200" in info.value.problems[0].message
