@@ -1,6 +1,9 @@
 """Build a deterministic tiny random Llama that vLLM can load, with no model hub.
 
-Usage: python scripts/make_tiny_model.py [--vision] OUT_DIR
+Usage: python scripts/make_tiny_model.py [--vision | --classifier] OUT_DIR
+
+--classifier builds the same tiny Llama as a cross-encoder (LlamaForSequenceClassification,
+one label), which vLLM serves on /classify, /score and /rerank (and /pooling).
 
 --vision builds a tiny random Idefics3 instead (a SigLIP-like vision encoder before the same
 tiny Llama): a vision-language model that vLLM's CPU build loads. LLaVA, PaliGemma, Qwen2-VL
@@ -190,23 +193,41 @@ def build_vision(out: Path) -> None:
     Idefics3ForConditionalGeneration(config).save_pretrained(out, safe_serialization=True)
 
 
+def build_classifier(out: Path) -> None:
+    """The tiny Llama as a one-label sequence classifier: a cross-encoder."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    out.mkdir(parents=True, exist_ok=True)
+    fast = _tokenizer([])
+    fast.pad_token = fast.eos_token  # a classifier pools at the last non-pad token
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = _llama_config(fast)
+    config.num_labels = 1  # one score: vLLM enables /score and /rerank for it
+    config.pad_token_id = fast.eos_token_id
+    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+
+
+BUILDERS = {"": build, "--vision": build_vision, "--classifier": build_classifier}
+
+
 def main(argv: list[str]) -> int:
-    vision = "--vision" in argv
-    args = [a for a in argv if a != "--vision"]
-    if len(args) != 1:
-        print("usage: make_tiny_model.py [--vision] OUT_DIR", file=sys.stderr)
+    kinds = [a for a in argv if a in BUILDERS]
+    args = [a for a in argv if a not in BUILDERS]
+    if len(args) != 1 or len(kinds) > 1:
+        print("usage: make_tiny_model.py [--vision | --classifier] OUT_DIR", file=sys.stderr)
         return 2
+    kind = kinds[0] if kinds else ""
     out = Path(args[0])
     stamp = out / "llmwarm-stamp.json"
-    want = f"{STAMP}-vision" if vision else STAMP
+    want = STAMP + kind.replace("--", "-")
     if stamp.exists() and json.loads(stamp.read_text()).get("stamp") == want:
         return 0
-    if vision:
-        build_vision(out)
-    else:
-        build(out)
+    BUILDERS[kind](out)
     stamp.write_text(json.dumps({"stamp": want}))
-    print(f"tiny {'vision ' if vision else ''}model written to {out}")
+    print(f"tiny model{kind.replace('--', ' (') + ')' if kind else ''} written to {out}")
     return 0
 
 

@@ -38,13 +38,23 @@ def tiny_model() -> Path:
     return out
 
 
+def _tiny(kind: str, name: str) -> Path:
+    out = ROOT / ".cache" / name
+    script = str(ROOT / "scripts" / "make_tiny_model.py")
+    subprocess.run([sys.executable, script, kind, str(out)], check=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_vision_model() -> Path:
     """The tiny random Idefics3 of `scripts/make_tiny_model.py --vision`, built once."""
-    out = ROOT / ".cache" / "tiny-vision"
-    script = str(ROOT / "scripts" / "make_tiny_model.py")
-    subprocess.run([sys.executable, script, "--vision", str(out)], check=True)
-    return out
+    return _tiny("--vision", "tiny-vision")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier() -> Path:
+    """The tiny cross-encoder of `scripts/make_tiny_model.py --classifier`, built once."""
+    return _tiny("--classifier", "tiny-classifier")
 
 
 def free_port() -> int:

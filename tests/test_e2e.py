@@ -638,6 +638,19 @@ def test_an_embedding_model_warms_its_endpoints_and_serves_embeddings(
     assert data["convergence"]["metric"] == "e2e" and data["converged"] is True
 
 
+def test_a_cross_encoder_warms_classify_score_and_rerank(
+    tiny_classifier: Path, tmp_path: Path
+) -> None:
+    pair = {"model": "tiny", "query": "what is warm", "documents": ["a cache", "a kernel"]}
+    with serving(tiny_classifier, tmp_path) as (_, client, report):
+        reranked = client.post("/rerank", json=pair)
+        data = json.loads(report.read_text())
+    assert reranked.status_code == 200, reranked.text
+    assert len(reranked.json()["results"]) == 2
+    assert {k["kind"] for k in data["kinds"]} == {"pooling", "classify", "score", "rerank"}
+    assert data["converged"] is True
+
+
 def test_an_endpoint_the_model_does_not_serve_is_exit_2_naming_it(
     tiny_model: Path, tmp_path: Path
 ) -> None:
