@@ -44,6 +44,7 @@ def _json(req: WarmRequest, text: str, what: str) -> dict[str, Any]:
 async def _streamed(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
     endpoint = SPECS[req.endpoint]
     first = last = None
+    events = 0  # events that carried output text (a server may send several tokens in one)
     prompt_tokens = output_tokens = None
     start = time.perf_counter()
     async with client.stream("POST", req.path, json=req.body) as resp:
@@ -63,12 +64,21 @@ async def _streamed(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
             if endpoint.has_token(event):
                 first = first if first is not None else now
                 last = now
+                events += 1
             prompt, output = endpoint.usage(event)
             prompt_tokens = prompt if prompt is not None else prompt_tokens
             output_tokens = output if output is not None else output_tokens
     end = time.perf_counter()
     tpot = None
-    if first is not None and last is not None and output_tokens and output_tokens > 1:
+    # Time per token after the first: from the first to the last text event, over the tokens
+    # after the first. One event with all the text (coalesced) tells no decode time at all.
+    if (
+        first is not None
+        and last is not None
+        and events > 1
+        and output_tokens
+        and output_tokens > 1
+    ):
         tpot = (last - first) / (output_tokens - 1)
     return Sample(
         kind=req.kind,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from llmwarm import corpus, endpoints, measure
-from llmwarm.corpus import WordTokenizer
+from llmwarm.corpus import WarmRequest, WordTokenizer
 from llmwarm.profile import Profile, parse_profile
 
 
@@ -73,3 +75,27 @@ def test_stream_errors_in_each_form() -> None:
     assert endpoints.failed({"type": "error", "error": {"type": "overloaded"}}) is not None
     assert endpoints.failed({"type": "response.failed", "response": {"id": "r"}}) is not None
     assert endpoints.failed({"type": "response.output_text.delta", "delta": "x"}) is None
+
+
+async def test_a_stream_that_sends_all_text_in_one_event_has_no_tpot() -> None:
+    # vLLM may coalesce tokens into one event (seen on the Messages API): one text event
+    # tells the first token's time, but no decode time.
+    events = [
+        {"type": "message_start", "message": {"usage": {"input_tokens": 9, "output_tokens": 0}}},
+        {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x" * 8}},
+        {"type": "message_delta", "usage": {"output_tokens": 8}},
+    ]
+    body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, content=body.encode(), headers={"content-type": "text/event-stream"}
+        )
+
+    req = WarmRequest(bucket="b", round=1, kind="messages-stream", endpoint="messages",
+                      stream=True, body={})  # fmt: skip
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
+        sample = await measure.measure(c, req)
+    assert sample.ttft_s is not None and sample.ttft_s > 0
+    assert sample.tpot_s is None
+    assert (sample.prompt_tokens, sample.output_tokens) == (9, 8)
