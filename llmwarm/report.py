@@ -60,6 +60,8 @@ class RoundResult(BaseModel):
 METRIC_FIELDS = {"tpot": "tpot_median_s", "ttft": "ttft_median_s", "e2e": "e2e_median_s"}
 
 StopReason = Literal["converged", "max_rounds", "budget", "running", "failed"]
+# What started a warm-up: the process's start, or `POST /warmup/run`.
+Trigger = Literal["startup", "api"]
 
 
 class BucketResult(BaseModel):
@@ -183,7 +185,7 @@ class Report(BaseModel):
     kv_fill: KvFillResult | None = Field(
         default=None, description="The KV-cache fill phase, when the profile asks for one."
     )
-    trigger: Literal["startup", "api"] = Field(
+    trigger: Trigger = Field(
         default="startup",
         description="`startup`, or `api` for a re-warm asked for by `POST /warmup/run`.",
     )
@@ -230,7 +232,7 @@ class Report(BaseModel):
         *,
         profile: Profile,
         source: str,
-        trigger: Literal["startup", "api"],
+        trigger: Trigger,
         outcome: Outcome,
         seconds: float,
         kv_fill: KvFillResult | None = None,
@@ -259,7 +261,7 @@ class Report(BaseModel):
         *,
         profile: Profile,
         source: str,
-        trigger: Literal["startup", "api"],
+        trigger: Trigger,
         buckets: list[BucketResult],
         requests: int,
         seconds: float,

@@ -38,10 +38,10 @@ from llmwarm.gate import Gate
 from llmwarm.measure import TIMEOUT
 from llmwarm.metrics import WarmupCollector
 from llmwarm.profile import Profile, load_profile, shipped
-from llmwarm.report import Origin, Report, kinds_table, plot, table, write_json
+from llmwarm.report import Origin, Report, Trigger, kinds_table, plot, table, write_json
 from llmwarm.settings import Settings
 from llmwarm.state import RunState, Stage
-from llmwarm.warmup import Trigger, WarmupRun
+from llmwarm.warmup import WarmupRun
 
 if TYPE_CHECKING:
     import uvicorn

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 
@@ -27,7 +27,16 @@ from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape, for_engine, with_adapters
 from llmwarm.profile import Bucket, Profile
 from llmwarm.progress import ProgressView
-from llmwarm.report import BucketResult, KvFillResult, Origin, Outcome, Report, RoundResult, Sample
+from llmwarm.report import (
+    BucketResult,
+    KvFillResult,
+    Origin,
+    Outcome,
+    Report,
+    RoundResult,
+    Sample,
+    Trigger,
+)
 
 if TYPE_CHECKING:
     from llmwarm.state import RunState
@@ -35,8 +44,6 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
-
-Trigger = Literal["startup", "api"]
 
 
 async def served_adapters(client: httpx.AsyncClient, model: str) -> list[str]:
