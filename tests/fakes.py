@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 from argparse import Namespace
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from llmwarm import endpoints
 from llmwarm.convergence import Rule
@@ -179,7 +179,7 @@ class FakeEngine:
         if not self.hold.is_set():
             self.seen.set()
             await self.hold.wait()
-        return answer(request.url.path, body, gap=0.001, done=self._done)
+        return await answer(request.url.path, body, gap=0.001, done=self._done)
 
     def _done(self) -> None:
         self.finished += 1
@@ -227,7 +227,7 @@ def _unary(path: str, tokens: int, usage: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def answer(
+async def answer(
     path: str,
     body: dict[str, Any],
     *,
@@ -240,13 +240,9 @@ def answer(
     tokens = int(body.get("max_tokens") or body.get("max_output_tokens") or 4)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens}
     if not body.get("stream"):
-
-        async def unary() -> Response:
-            await asyncio.sleep(gap * tokens)
-            done()
-            return JSONResponse(_unary(path, tokens, usage))
-
-        return _Deferred(unary)
+        await asyncio.sleep(gap * tokens)
+        done()
+        return JSONResponse(_unary(path, tokens, usage))
 
     async def events() -> AsyncIterator[str]:
         for event in _stream_events(path, tokens, usage):
@@ -258,17 +254,6 @@ def answer(
         done()
 
     return StreamingResponse(events(), media_type="text/event-stream")
-
-
-class _Deferred(Response):
-    """A response whose content is made (after a pause) when it is sent."""
-
-    def __init__(self, make: Callable[[], Awaitable[Response]]) -> None:
-        super().__init__()
-        self.make = make
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await (await self.make())(scope, receive, send)
 
 
 MINIMAL_PROFILE = Path(__file__).resolve().parent.parent / "llmwarm" / "configs" / "minimal.yaml"
@@ -299,7 +284,7 @@ async def _paced(request: Request) -> Response:
         return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
     if "grammar" in (body.get("structured_outputs") or {}):
         return JSONResponse({"error": {"message": "grammars are not supported"}}, status_code=400)
-    return answer(request.url.path, body, gap=gap, prompt_tokens=7)
+    return await answer(request.url.path, body, gap=gap, prompt_tokens=7)
 
 
 PACED = Starlette(

@@ -160,6 +160,17 @@ class Run:
         seen.cancel()
         assert self.eng.seen.is_set(), f"the lifecycle ended first: {self.task}"
 
+    async def stopping_with_a_request_in_flight(self) -> asyncio.Task[httpx.Response]:
+        """A user request held by the engine, then SIGTERM: the lifecycle is stopping (draining)
+        with it in flight; the engine answers it once released."""
+        self.eng.holding()
+        body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
+        in_flight = asyncio.create_task(self.client.post("/v1/completions", json=body))
+        await self.seen()
+        await self.sigterm()
+        await self.until(Stage.STOPPING)
+        return in_flight
+
     async def sigterm(self) -> None:
         # Only ever while the lifecycle runs: its handlers are installed then.
         assert not self.task.done()
@@ -254,12 +265,7 @@ async def test_serving_opens_the_gate_then_sigterm_drains_in_flight_requests(
     ready = await run.client.get("/ready")
     assert ready.status_code == 200 and ready.json()["requests"] > 0
     assert eng.lifespan_ran
-    eng.holding()
-    body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
-    in_flight = asyncio.create_task(run.client.post("/v1/completions", json=body))
-    await run.seen()
-    await run.sigterm()
-    await run.until(Stage.STOPPING)
+    in_flight = await run.stopping_with_a_request_in_flight()
     # (over HTTP only a kept-alive connection could still ask: uvicorn closes its listener
     # and idle connections as the drain begins; test_gate covers the gate's answer)
     assert run.life.state.phase is Phase.STOPPING
@@ -341,12 +347,7 @@ async def test_a_second_signal_while_stopping_forces_the_exit(
     eng = FakeEngine()
     run = running(eng, "--shutdown-timeout", "10")
     await run.until(Stage.SERVING)
-    eng.holding()
-    body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
-    in_flight = asyncio.create_task(run.client.post("/v1/completions", json=body))
-    await run.seen()
-    await run.sigterm()
-    await run.until(Stage.STOPPING)
+    in_flight = await run.stopping_with_a_request_in_flight()
     await run.sigterm()
     while not no_forced_exit:
         await asyncio.sleep(0.005)
@@ -362,12 +363,7 @@ async def test_engine_death_while_stopping_still_ends_cleanly(
     eng = FakeEngine()
     run = running(eng, "--shutdown-timeout", "10")
     await run.until(Stage.SERVING)
-    eng.holding()
-    body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
-    in_flight = asyncio.create_task(run.client.post("/v1/completions", json=body))
-    await run.seen()
-    await run.sigterm()
-    await run.until(Stage.STOPPING)
+    in_flight = await run.stopping_with_a_request_in_flight()
     eng.die()
     eng.release()
     await in_flight
