@@ -93,17 +93,39 @@ def parse_args(argv: list[str], prog: str) -> Namespace:
         raise VllmArgsError(
             "bad vLLM arguments", problems=[("vllm flags", str(exc).removeprefix("Error: "))]
         ) from None
-    for flag, unsupported in (
-        ("--headless", args.headless),
-        ("--grpc", getattr(args, "grpc", False)),
-        ("--api-server-count", (args.api_server_count or 1) > 1),
-    ):
-        if unsupported:
-            raise VllmArgsError(
-                f"{flag} is not supported by llmwarm",
-                problems=[(flag, "llmwarm runs one in-process API server in front of the engine")],
-            )
+    _refuse_unsupported(args)
     return args
+
+
+_ONE_SERVER = "llmwarm runs one in-process API server in front of the engine"
+_ONE_ENGINE = (
+    "llmwarm warms one engine through its one API server; with data parallelism vLLM's load "
+    "balancer would spread each bucket over the engines and none would see its shape. Run one "
+    "llmwarm replica per engine (--data-parallel-size 1, --tensor-parallel-size as needed) "
+    "behind your load balancer"
+)
+
+
+def _refuse_unsupported(args: Namespace) -> None:
+    """The `vllm serve` modes llmwarm does not run, each refused naming its flag."""
+    from vllm import envs
+
+    for flag, unsupported, why in (
+        ("--headless", args.headless, _ONE_SERVER),
+        ("--grpc", getattr(args, "grpc", False), _ONE_SERVER),
+        ("--api-server-count", args.api_server_count not in (None, 1), _ONE_SERVER),
+        ("VLLM_USE_RUST_FRONTEND", envs.VLLM_USE_RUST_FRONTEND, _ONE_SERVER),
+        ("--data-parallel-multi-port-external-lb",
+         getattr(args, "data_parallel_multi_port_external_lb", False), _ONE_ENGINE),
+        ("--data-parallel-hybrid-lb", args.data_parallel_hybrid_lb, _ONE_ENGINE),
+        ("--data-parallel-external-lb", args.data_parallel_external_lb, _ONE_ENGINE),
+        ("--data-parallel-rank", args.data_parallel_rank is not None, _ONE_ENGINE),
+        ("--data-parallel-start-rank",
+         getattr(args, "data_parallel_start_rank", None) is not None, _ONE_ENGINE),
+        ("--data-parallel-size", (args.data_parallel_size or 1) > 1, _ONE_ENGINE),
+    ):  # fmt: skip
+        if unsupported:
+            raise VllmArgsError(f"{flag} is not supported by llmwarm", problems=[(flag, why)])
 
 
 def api_keys(args: Namespace) -> list[str]:
