@@ -109,12 +109,7 @@ def make_prompt(
     return text
 
 
-def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
-    """The request kinds each round of this bucket sends, in order.
-
-    An endpoint that cannot stream (pooling) sends one unary kind whatever `stream` says.
-    """
-    names = profile.features.kinds() if bucket.name in profile.feature_buckets() else ["greedy"]
+def _kinds(profile: Profile, names: Sequence[str]) -> list[Kind]:
     out = []
     for feature in names:
         for endpoint in profile.endpoint_names():
@@ -125,6 +120,32 @@ def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
                 if features.spec(feature).takes(endpoint, stream)
             ]
     return out
+
+
+def _features(profile: Profile, bucket: Bucket) -> list[str]:
+    return profile.features.kinds() if bucket.name in profile.feature_buckets() else ["greedy"]
+
+
+def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
+    """Every request kind this bucket sends, in order: `round_kinds`, then `sweep_kinds`.
+
+    An endpoint that cannot stream (pooling) sends one unary kind whatever `stream` says.
+    """
+    return round_kinds(profile, bucket) + sweep_kinds(profile, bucket)
+
+
+def round_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
+    """The kinds every round of this bucket repeats until its latency settles: the bucket's
+    first feature (`greedy`, unless the profile's features leave it out) on every endpoint and
+    streaming mode. The shape's latency is what must settle; a feature's cold path is paid
+    once."""
+    return _kinds(profile, _features(profile, bucket)[:1])
+
+
+def sweep_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
+    """The kinds touched in the bucket's feature sweep (after round 1) and check (after the
+    last round), all at once: the other features. None on a bucket without features."""
+    return _kinds(profile, _features(profile, bucket)[1:])
 
 
 def _body(
@@ -172,9 +193,22 @@ def batch(
 def round_batches(
     profile: Profile, bucket: Bucket, round_: int, tokenizer: Tokenizer, model: str
 ) -> list[Batch]:
-    """One round of one bucket: a batch per request kind."""
+    """One round of one bucket: a batch per round kind, sent one after another."""
     return [
-        batch(profile, bucket, kind, round_, tokenizer, model) for kind in kinds(profile, bucket)
+        batch(profile, bucket, kind, round_, tokenizer, model)
+        for kind in round_kinds(profile, bucket)
+    ]
+
+
+def sweep_requests(
+    profile: Profile, bucket: Bucket, round_: int, tokenizer: Tokenizer, model: str
+) -> list[WarmRequest]:
+    """The bucket's feature sweep (or check) after `round_`: every sweep kind's batch, to be
+    sent at once. Empty on a bucket without features."""
+    return [
+        request
+        for kind in sweep_kinds(profile, bucket)
+        for request in batch(profile, bucket, kind, round_, tokenizer, model).requests
     ]
 
 
@@ -200,4 +234,8 @@ class WordTokenizer:
 
 
 def requests_per_round(profile: Profile, bucket: Bucket) -> int:
-    return len(kinds(profile, bucket)) * bucket.concurrency
+    return len(round_kinds(profile, bucket)) * bucket.concurrency
+
+
+def requests_per_sweep(profile: Profile, bucket: Bucket) -> int:
+    return len(sweep_kinds(profile, bucket)) * bucket.concurrency

@@ -35,6 +35,11 @@ class Sample(BaseModel):
     e2e_s: float = Field(description="Request sent to last byte received.")
     prompt_tokens: int | None = Field(description="Prompt tokens, as the server counted them.")
     output_tokens: int | None = Field(description="Output tokens, as the server counted them.")
+    in_flight: int | None = Field(
+        default=None,
+        description="Requests of its batch on the wire when it was sent, itself included "
+        "(from sending its headers; one waiting for a connection does not count).",
+    )
 
 
 class RoundResult(BaseModel):
@@ -73,6 +78,15 @@ class BucketResult(BaseModel):
     converged_at: int | None = Field(
         default=None, description="The round at which the convergence rule first held."
     )
+    sweep: RoundResult | None = Field(
+        default=None,
+        description="The bucket's request features, every kind at once, after round 1 "
+        "(each feature's cold path, paid once); `round` is the round it followed.",
+    )
+    check: RoundResult | None = Field(
+        default=None,
+        description="The same kinds at once again after the last round: still warm?",
+    )
     stop_reason: StopReason = Field(
         default="running",
         description="Why its rounds ended: `converged`, `max_rounds`, `budget` (the "
@@ -83,6 +97,13 @@ class BucketResult(BaseModel):
     @property
     def converged(self) -> bool:
         return self.converged_at is not None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def max_in_flight(self) -> int | None:
+        """The most requests its rounds really had on the wire at once (`concurrency` asked)."""
+        seen = [s.in_flight for r in self.rounds for s in r.samples if s.in_flight is not None]
+        return max(seen) if seen else None
 
     def series(self, metric: str) -> list[float]:
         """Per-round medians of one metric (`tpot`, `ttft`, `e2e`), rounds that have it."""
@@ -158,7 +179,9 @@ class Outcome:
 
 class KindSummary(BaseModel):
     kind: str
-    cold_e2e_s: float = Field(description="Median end-to-end latency in round 1.")
+    cold_e2e_s: float = Field(
+        description="Median end-to-end latency in round 1 (a feature's kind: in the sweep)."
+    )
     warm_e2e_s: float | None = Field(description="Median end-to-end latency when warm.")
 
 
@@ -205,15 +228,17 @@ class Report(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def kinds(self) -> list[KindSummary]:
-        """Per request kind (endpoint x streaming x feature): round 1 against the warm rounds."""
+        """Per request kind (endpoint x streaming x feature): round 1 against the warm rounds;
+        a feature's kinds, its sweep against its check."""
         cold: dict[str, list[float]] = {}
         warm: dict[str, list[float]] = {}
         window = self.convergence.window
         for b in self.buckets:
-            for r in b.rounds[:1]:
+            # Features: the sweep against the check (both sent at once, so comparable).
+            for r in [*b.rounds[:1], *([b.sweep] if b.sweep else [])]:
                 for sample in r.samples:
                     cold.setdefault(sample.kind, []).append(sample.e2e_s)
-            for r in b.rounds[1:][-window:]:
+            for r in [*b.rounds[1:][-window:], *([b.check] if b.check else [])]:
                 for sample in r.samples:
                     warm.setdefault(sample.kind, []).append(sample.e2e_s)
         return [
@@ -335,31 +360,33 @@ def table(report: Report) -> Table:
 
 def plan_table(profile: Profile, source: str) -> Table:
     """What a profile will send: buckets in run order, request kinds, requests per round."""
-    from llmwarm.corpus import kinds, requests_per_round
+    from llmwarm.corpus import kinds, requests_per_round, requests_per_sweep
 
     rule = profile.convergence
     t = Table(title=f"warm-up plan of {source}", title_justify="left")
     for column in ("bucket", "prompt", "concurrency", "max_tokens", "priority", "kinds",
-                   "requests/round", "tokens/round"):  # fmt: skip
+                   "requests/round", "tokens/round", "features x2"):  # fmt: skip
         t.add_column(column, justify="left" if column in ("bucket", "kinds") else "right")
     low = high = 0
     for b in profile.buckets:
-        per_round = requests_per_round(profile, b)
-        low += per_round * max(rule.min_rounds, rule.window)
-        high += per_round * rule.max_rounds
+        per_round, per_sweep = requests_per_round(profile, b), requests_per_sweep(profile, b)
+        low += per_round * max(rule.min_rounds, rule.window) + 2 * per_sweep
+        high += per_round * rule.max_rounds + 2 * per_sweep
         names = [k.name for k in kinds(profile, b)]
         shown = ", ".join(names) if len(names) <= 4 else f"{len(names)}: {', '.join(names[:3])} …"
         t.add_row(
             b.name, str(b.prompt_tokens), str(b.concurrency), str(b.max_tokens), str(b.priority),
             shown, str(per_round), str(per_round * (b.prompt_tokens + b.max_tokens)),
+            str(per_sweep or "-"),
         )  # fmt: skip
     if profile.auto is not None:
         t.add_row("auto", "…", "…", str(profile.auto.max_tokens), "", "resolved against an "
-                  "engine: pass --model", "", "")  # fmt: skip
+                  "engine: pass --model", "", "", "")  # fmt: skip
     t.caption = (
         f"{low}–{high} requests ({max(rule.min_rounds, rule.window)}–{rule.max_rounds} rounds a "
         f"bucket, until {rule.metric} converges); features: {', '.join(profile.features.kinds())}"
-        f" on {', '.join(sorted(profile.feature_buckets())) or '-'}"
+        f" on {', '.join(sorted(profile.feature_buckets())) or '-'}, each kind sent at once after "
+        "round 1 and again after the last round (features x2)"
     )
     return t
 

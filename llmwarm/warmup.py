@@ -72,6 +72,21 @@ class Progress:
     bucket_done: bool  # converged, or its last allowed round
 
 
+async def _sweep(
+    client: httpx.AsyncClient,
+    profile: Profile,
+    bucket: Bucket,
+    after: int,
+    tokenizer: corpus.Tokenizer,
+    model: str,
+) -> RoundResult | None:
+    """The bucket's request features, all kinds at once, after round `after`; None without."""
+    requests = corpus.sweep_requests(profile, bucket, after, tokenizer, model)
+    if not requests:
+        return None
+    return RoundResult(round=after, samples=await measure.measure_all(client, requests))
+
+
 async def rounds(
     client: httpx.AsyncClient,
     profile: Profile,
@@ -80,7 +95,12 @@ async def rounds(
     *,
     on_round: Callable[[Progress], None] = lambda progress: None,
 ) -> Outcome:
-    """Warm bucket by bucket, round by round, until each converges (or the limits hit)."""
+    """Warm bucket by bucket, round by round, until each converges (or the limits hit).
+
+    A round repeats the bucket's plain kinds (its shape must settle); a bucket with features
+    sends them all at once after round 1 (the sweep: each feature's cold path, paid once) and
+    again after its last round (the check: still warm).
+    """
     rule = profile.convergence
     deadline = profile.budget.max_seconds
     max_requests = profile.budget.max_requests
@@ -108,6 +128,9 @@ async def rounds(
                 samples += await measure.measure_all(client, batch.requests)
             sent += len(samples)
             result.rounds.append(RoundResult(round=round_, samples=samples))
+            if round_ == 1:
+                result.sweep = await _sweep(client, profile, bucket, 1, tokenizer, model)
+                sent += len(result.sweep.samples) if result.sweep else 0
             verdict = convergence.check(result.series(rule.metric), rule)
             logger.debug("bucket %s round %d: %s", bucket.name, round_, verdict.reason)
             if verdict.converged:
@@ -116,9 +139,18 @@ async def rounds(
             on_round(Progress(index, len(results), result, round_, sent, done))
             if verdict.converged:
                 break
+        if result.sweep is not None and not budget_exhausted:
+            last = len(result.rounds)
+            result.check = await _sweep(client, profile, bucket, last, tokenizer, model)
+            sent += len(result.check.samples) if result.check else 0
         result.stop_reason = (
             "converged" if result.converged else "budget" if budget_exhausted else "max_rounds"
         )
+        if result.max_in_flight is not None and result.max_in_flight < bucket.concurrency:
+            logger.warning(
+                "bucket %s asked for %d requests at once; at most %d were in flight",
+                bucket.name, bucket.concurrency, result.max_in_flight,
+            )  # fmt: skip
     return Outcome(buckets=results, requests=sent, budget_exhausted=budget_exhausted)
 
 
@@ -143,12 +175,14 @@ async def fill_kv(
     target = int(fill.share * shape.kv_blocks)
     need_tokens = target * shape.block_size
     width = min(fill.concurrency, shape.max_num_seqs)
-    bucket = Bucket(prompt_tokens=length, concurrency=width, max_tokens=1, name="kv-fill")
     kind = corpus.Kind(profile.endpoint_names()[0], stream=False)  # the first served one
     start = time.perf_counter()
     prefilled = sent = batches = 0
     while prefilled < need_tokens:
         batches += 1  # each batch its own "round": fresh prompts, no shared prefixes
+        # No more requests than the blocks still to reach need: the last batch is trimmed.
+        size = min(width, -(-(need_tokens - prefilled) // length))
+        bucket = Bucket(prompt_tokens=length, concurrency=size, max_tokens=1, name="kv-fill")
         batch = corpus.batch(profile, bucket, kind, batches, tokenizer, model)
         samples = await measure.measure_all(client, batch.requests)
         sent += len(samples)

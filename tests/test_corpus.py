@@ -110,8 +110,16 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
     assert "completions+prompt_logprobs" in names
     assert "completions-stream+prompt_logprobs" not in names
     assert len(names) == 4 + 4 + 2 + 4
-    assert corpus.requests_per_round(profile, first) == 14
+    # every round repeats the plain kinds; the features are a sweep and a check
+    assert [k.name for k in corpus.round_kinds(profile, first)] == names[:4]
+    assert [k.name for k in corpus.sweep_kinds(profile, first)] == names[4:]
+    assert corpus.requests_per_round(profile, first) == 4
+    assert corpus.requests_per_sweep(profile, first) == 10
     assert corpus.requests_per_round(profile, second) == 8
+    assert corpus.requests_per_sweep(profile, second) == 0
+    sweep = corpus.sweep_requests(profile, first, 1, WordTokenizer(), "m")
+    assert [r.kind for r in sweep] == names[4:]
+    assert corpus.sweep_requests(profile, second, 1, WordTokenizer(), "m") == []
 
 
 def test_feature_bodies_reach_the_requests() -> None:
@@ -121,8 +129,13 @@ def test_feature_bodies_reach_the_requests() -> None:
             "features": {"use": ["logprobs", "choice"]},
         }
     )
-    batches = corpus.round_batches(profile, profile.buckets[0], 1, WordTokenizer(), "m")
-    bodies = {b.kind: b.requests[0].body for b in batches}
+    bucket = profile.buckets[0]
+    batches = corpus.round_batches(profile, bucket, 1, WordTokenizer(), "m")
+    # without greedy, the first feature is what rounds repeat; the others go in the sweep
+    assert {b.kind for b in batches} == {"completions-stream+logprobs", "completions+logprobs",
+                                         "chat-stream+logprobs", "chat+logprobs"}  # fmt: skip
+    sweep = corpus.sweep_requests(profile, bucket, 1, WordTokenizer(), "m")
+    bodies = {r.kind: r.body for r in [*(b.requests[0] for b in batches), *sweep]}
     assert bodies["completions+logprobs"]["logprobs"] == 5
     assert bodies["chat+logprobs"]["top_logprobs"] == 5
     assert bodies["chat+logprobs"]["ignore_eos"] is True

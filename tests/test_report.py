@@ -5,8 +5,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from llmwarm.report import Report, plot, table, write_json
-from tests.fakes import bucket
+from llmwarm.report import Report, RoundResult, plot, table, write_json
+from tests.fakes import bucket, sample
 from tests.fakes import report as make_report
 
 
@@ -75,3 +75,13 @@ def test_summary_is_short() -> None:
         "converged": True,
         "unconverged": [],
     }
+
+
+def test_a_features_cold_is_its_sweep_and_its_warm_its_check() -> None:
+    b = bucket()
+    b.sweep = RoundResult(round=1, samples=[sample("c+logprobs", 0.8), sample("c+logprobs", 0.6)])
+    b.check = RoundResult(round=3, samples=[sample("c+logprobs", 0.2)])
+    kinds = {k.kind: k for k in make_report(b).kinds}
+    assert kinds["c+logprobs"].cold_e2e_s == 0.7 and kinds["c+logprobs"].warm_e2e_s == 0.2
+    # the plain kinds keep round 1 against the last window (window 2: rounds 2 and 3)
+    assert kinds["c"].cold_e2e_s == 0.7 and kinds["c"].warm_e2e_s == 0.2

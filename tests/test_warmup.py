@@ -57,6 +57,39 @@ async def test_run_measures_every_request_until_converged(fake_url: str) -> None
     assert kinds == ["chat", "chat-stream", "completions", "completions-stream"]
 
 
+async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
+    fake_url: str,
+) -> None:
+    profile = _profile(features={"use": ["greedy", "logprobs", "stop"]})
+    rule = profile.convergence
+    outcome = await _run(fake_url, profile)
+    [bucket] = outcome.buckets
+    plain = {"completions-stream", "completions", "chat-stream", "chat"}
+    # every round repeats the plain kinds only, whatever round it converged at
+    assert all({s.kind for s in r.samples} == plain for r in bucket.rounds)
+    assert bucket.sweep is not None and bucket.check is not None
+    features = {f"{k}+{f}" for k in plain for f in ("logprobs", "stop")}
+    assert {s.kind for s in bucket.sweep.samples} == features
+    assert {s.kind for s in bucket.check.samples} == features
+    assert len(bucket.sweep.samples) == len(bucket.check.samples) == 8 * 2  # x concurrency
+    assert bucket.sweep.round == 1 and bucket.check.round == len(bucket.rounds)
+    assert 2 <= len(bucket.rounds) <= rule.max_rounds
+    assert outcome.requests == len(bucket.rounds) * 4 * 2 + 2 * 16
+
+
+async def test_a_bucket_without_features_has_no_sweep(fake_url: str) -> None:
+    profile = _profile(
+        buckets=[
+            {"prompt_tokens": 4, "concurrency": 1, "max_tokens": 5, "name": "f"},
+            {"prompt_tokens": 4, "concurrency": 1, "max_tokens": 5, "name": "plain"},
+        ],
+        features={"use": ["greedy", "logprobs"], "buckets": ["f"]},
+    )
+    outcome = await _run(fake_url, profile)
+    featured, plain = outcome.buckets
+    assert featured.sweep is not None and plain.sweep is None and plain.check is None
+
+
 async def test_a_server_that_keeps_slowing_down_stops_at_max_rounds(fake_url: str) -> None:
     PACE.gap = lambda calls: 0.005 * 3 ** (calls // 8)  # triples every round (8 requests)
     rule = {"metric": "e2e", "window": 2, "spread": 0.5, "min_rounds": 2, "max_rounds": 3}
@@ -114,6 +147,18 @@ async def test_kv_fill_prefills_the_asked_share_of_blocks(fake_url: str) -> None
     assert result.requests == 6 and result.tokens_prefilled == 42
     assert result.blocks_reached == 10
     assert seen == [(3, 10), (7, 10), (10, 10)]
+
+
+async def test_kv_fill_trims_its_last_batch_to_the_blocks_still_needed(fake_url: str) -> None:
+    # 40 tokens wanted, 7 a request, 8 at once: 6 requests (42 tokens), not a batch of 8 (56)
+    profile = _profile(kv_fill={"share": 0.5, "prompt_tokens": 7, "concurrency": 8})
+    shape = EngineShape(
+        max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64, kv_blocks=20, block_size=4
+    )
+    async with httpx.AsyncClient(base_url=fake_url) as client:
+        result = await warmup.fill_kv(client, profile, shape, WordTokenizer(), "tiny")
+    assert result is not None
+    assert result.requests == 6 and result.tokens_prefilled == 42
 
 
 async def test_no_kv_fill_without_the_section_or_block_count(fake_url: str) -> None:
