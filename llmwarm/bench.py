@@ -159,7 +159,9 @@ async def probe(
     offers one, every request kind of the probe profile."""
     url = url.rstrip("/")
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=measure.TIMEOUT) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=measure.TIMEOUT, limits=measure.LIMITS
+    ) as client:
         listed = await served_model(client)  # also: is anything there at all?
         name = model or listed
         if name is None:

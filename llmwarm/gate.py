@@ -10,17 +10,23 @@ forge its way past; once ready it hands every request to vLLM's app. `/metrics` 
 gated: it is read-only, and it shows the warm-up's progress. `/warmup/*` goes to llmwarm's own
 endpoints (`llmwarm.control`) in every phase.
 
+The warm-up's own requests (hundreds) stay out of uvicorn's access log (`quiet_access_log`);
+the report counts them. User requests are logged as vLLM logs them.
+
 With an API key (vLLM's `--api-key`), the probe answers (`/ready`, 503 bodies) say only the
 phase to a caller without the key; the warm-up's progress and summary need the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import make_asgi_app
@@ -38,6 +44,30 @@ WARMUP_HEADER = "x-llmwarm-warmup"
 # Seconds a client should wait before trying again, by phase: loading takes a minute or
 # more, warming tens of seconds.
 RETRY_AFTER = {Phase.LOADING: 10, Phase.WARMING: 5, Phase.STOPPING: 5}
+
+
+# True inside the task that serves one of llmwarm's own warm-up requests. uvicorn writes the
+# access-log line from that task (when the app sends the response start), so a filter sees it.
+_WARMUP_REQUEST: ContextVar[bool] = ContextVar("llmwarm_warmup_request", default=False)
+
+
+class _QuietWarmup(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _WARMUP_REQUEST.get()
+
+
+_QUIET_WARMUP = _QuietWarmup()
+
+
+@contextlib.contextmanager
+def quiet_access_log() -> Iterator[None]:
+    """Meanwhile, uvicorn's access log leaves out the requests the gate knows as warm-up."""
+    access = logging.getLogger("uvicorn.access")
+    access.addFilter(_QUIET_WARMUP)
+    try:
+        yield
+    finally:
+        access.removeFilter(_QUIET_WARMUP)
 
 
 def _is_local(scope: Scope) -> bool:
@@ -109,9 +139,10 @@ class Gate:
         if scope["type"] == "http" and scope["path"].startswith("/metrics"):
             # Read-only; lets a scraper watch the warm-up (llmwarm_phase and friends).
             return await (app or self.metrics_app)(scope, receive, send)
-        passes = phase in (Phase.READY, Phase.STOPPING) or (
-            phase is Phase.WARMING and self._is_warmup(scope)
-        )
+        warmup = self._is_warmup(scope)
+        if warmup:
+            _WARMUP_REQUEST.set(True)
+        passes = phase in (Phase.READY, Phase.STOPPING) or (phase is Phase.WARMING and warmup)
         if passes and app is not None:
             return await app(scope, receive, send)
         await self._unavailable(scope, send, phase)

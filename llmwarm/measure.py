@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -20,6 +20,31 @@ from llmwarm.report import Sample
 
 # A cold engine may compile for a long time before its first token; never give up on that.
 TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=600.0)
+# No cap on connections: httpx's default (100) would hold a bucket of 256 to 100 in flight.
+LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+
+
+class Wire:
+    """How many requests of one batch are on the wire at once, as httpcore traces them: from
+    sending a request's headers to its response's close. A request still waiting for a pooled
+    connection is not on the wire, so this is what the server really had in flight."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def tracer(self) -> tuple[list[int], Callable[[str, Any], Awaitable[None]]]:
+        """For one request: a cell that will hold the count when it went on the wire (itself
+        included), and the httpcore trace callback that fills it."""
+        seen: list[int] = []
+
+        async def trace(event: str, info: Any) -> None:
+            if event.endswith(".send_request_headers.started"):
+                self.now += 1
+                seen.append(self.now)
+            elif event.endswith((".response_closed.complete", ".response_closed.failed")):
+                self.now -= 1
+
+        return seen, trace
 
 
 def _fail(req: WarmRequest, what: str) -> WarmupError:
@@ -41,13 +66,14 @@ def _json(req: WarmRequest, text: str, what: str) -> dict[str, Any]:
     return data
 
 
-async def _streamed(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
+async def _streamed(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sample:
     endpoint = SPECS[req.endpoint]
+    sent, trace = wire.tracer()
     first = last = None
     events = 0  # events that carried output text (a server may send several tokens in one)
     prompt_tokens = output_tokens = None
     start = time.perf_counter()
-    async with client.stream("POST", req.path, json=req.body) as resp:
+    async with client.stream("POST", req.path, json=req.body, extensions={"trace": trace}) as resp:
         if resp.status_code != 200:
             body = (await resp.aread()).decode(errors="replace")[:300]
             raise _fail(req, f"HTTP {resp.status_code}: {body}")
@@ -87,12 +113,14 @@ async def _streamed(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
         e2e_s=end - start,
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
+        in_flight=sent[0] if sent else None,
     )
 
 
-async def _unary(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
+async def _unary(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sample:
+    sent, trace = wire.tracer()
     start = time.perf_counter()
-    resp = await client.post(req.path, json=req.body)
+    resp = await client.post(req.path, json=req.body, extensions={"trace": trace})
     end = time.perf_counter()
     if resp.status_code != 200:
         raise _fail(req, f"HTTP {resp.status_code}: {resp.text[:300]}")
@@ -104,13 +132,15 @@ async def _unary(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
         e2e_s=end - start,
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
+        in_flight=sent[0] if sent else None,
     )
 
 
-async def measure(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
-    """Send one request and time it from the client's side."""
+async def measure(client: httpx.AsyncClient, req: WarmRequest, wire: Wire | None = None) -> Sample:
+    """Send one request and time it from the client's side (`wire`: the batch it is part of)."""
+    wire = wire or Wire()
     try:
-        return await (_streamed(client, req) if req.stream else _unary(client, req))
+        return await (_streamed(client, req, wire) if req.stream else _unary(client, req, wire))
     except httpx.HTTPError as exc:
         raise _fail(req, f"{type(exc).__name__}: {exc}") from None
 
@@ -118,7 +148,8 @@ async def measure(client: httpx.AsyncClient, req: WarmRequest) -> Sample:
 async def measure_all(client: httpx.AsyncClient, requests: Sequence[WarmRequest]) -> list[Sample]:
     """Send requests at once; all their samples, or the first failure (the others cancelled,
     so none of them runs on into what is measured next)."""
-    tasks = [asyncio.create_task(measure(client, r)) for r in requests]
+    wire = Wire()
+    tasks = [asyncio.create_task(measure(client, r, wire)) for r in requests]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:

@@ -34,8 +34,8 @@ from rich.console import Console
 from llmwarm import __version__, caches, engine, metrics
 from llmwarm.control import Control, RewarmRequest
 from llmwarm.errors import EXIT_INTERRUPTED, Interrupted, Unconverged, WarmupError
-from llmwarm.gate import Gate
-from llmwarm.measure import TIMEOUT
+from llmwarm.gate import Gate, quiet_access_log
+from llmwarm.measure import LIMITS, TIMEOUT
 from llmwarm.metrics import WarmupCollector
 from llmwarm.profile import Profile, load_profile, shipped
 from llmwarm.report import Origin, Report, Trigger, kinds_table, plot, table, write_json
@@ -83,16 +83,16 @@ def _signals(stop: asyncio.Event) -> Iterator[None]:
 
 
 def _base_url(sock: socket.socket, args: Namespace) -> tuple[str, httpx.AsyncHTTPTransport]:
-    """Where the warm-up client reaches this very server."""
+    """Where the warm-up client reaches this very server, with no cap on connections."""
     if sock.family == socket.AF_UNIX:
-        return "http://localhost", httpx.AsyncHTTPTransport(uds=sock.getsockname())
+        return "http://localhost", httpx.AsyncHTTPTransport(uds=sock.getsockname(), limits=LIMITS)
     host, port = sock.getsockname()[:2]
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     if ":" in host:
         host = f"[{host}]"
     scheme = "https" if args.ssl_certfile else "http"
     # verify=False: the certificate names the public host, not the loopback we dial.
-    return f"{scheme}://{host}:{port}", httpx.AsyncHTTPTransport(verify=False)
+    return f"{scheme}://{host}:{port}", httpx.AsyncHTTPTransport(verify=False, limits=LIMITS)
 
 
 def listen_url(sock: socket.socket, args: Namespace) -> str:
@@ -187,7 +187,8 @@ class Lifecycle:
         args = self.settings.vllm_args
         self.http_task = asyncio.create_task(self.http.serve(sockets=[self.sock]))
         logger.info("listening on %s (503 until warm)", listen_url(self.sock, args))
-        with _signals(self.stop), metrics.registered(WarmupCollector(self.state)):
+        collector = WarmupCollector(self.state)
+        with _signals(self.stop), metrics.registered(collector), quiet_access_log():
             life = asyncio.create_task(self._live())
             stopped = asyncio.create_task(self.stop.wait())
             try:

