@@ -162,9 +162,11 @@ CaptureSizesOption = Annotated[
     typer.Option(
         "--capture-sizes-from-profile",
         envvar="LLMWARM_CAPTURE_SIZES_FROM_PROFILE",
-        help="GPU: give vLLM the profile's concurrency classes as --cudagraph-capture-sizes, "
-        "so it captures only the batch sizes the traffic uses (faster start; larger batches "
-        "than the largest class decode without graphs).",
+        help="GPU: give vLLM --cudagraph-capture-sizes in tokens that cover every step the "
+        "profile warms (decode: concurrency x (1 + speculative tokens); prefill: concurrency x "
+        "prompt, up to --max-num-batched-tokens) under vLLM's default grid, so no warmed shape "
+        "runs without a graph. Conflicts with --cudagraph-capture-sizes, "
+        "--max-cudagraph-capture-size and --enforce-eager.",
     ),
 ]
 

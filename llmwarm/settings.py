@@ -80,27 +80,31 @@ def check_output_path(path: Path | None, option: str) -> None:
 
 
 def apply_capture_sizes(args: Namespace, profile: Profile) -> None:
-    """Hand the profile's concurrency classes to vLLM as its CUDA-graph capture sizes.
+    """Give vLLM CUDA-graph capture sizes, in tokens, that cover every step the profile warms.
 
-    A GPU replica then captures a graph for just the batch sizes its traffic uses: a faster
-    start and less memory, at the price of eager decode (slower) for any batch size larger
-    than the largest class. vLLM pads a batch up to the next captured size, so a size between
-    two classes still runs on a graph.
+    `fit.capture_sizes`: each bucket's decode step (x (1 + speculative tokens)) and prefill,
+    under vLLM's own default grid, so no shape the profile warms runs without a graph (vLLM's
+    default stops at 512 tokens) and steps between two classes pad little. GPU only: the CPU
+    platform clears capture sizes. Refused with flags that size or switch off graphs themselves.
     """
-    if args.cudagraph_capture_sizes is not None:
-        raise UsageError(
-            "two sources of CUDA-graph capture sizes",
-            problems=[
-                ("--capture-sizes-from-profile", "conflicts with --cudagraph-capture-sizes"),
-            ],
-        )
-    sizes = {b.concurrency for b in profile.buckets}
-    if profile.auto is not None:
-        from llmwarm.fit import concurrency_classes
+    for flag, given in (
+        ("--cudagraph-capture-sizes", args.cudagraph_capture_sizes is not None),
+        ("--max-cudagraph-capture-size", args.max_cudagraph_capture_size is not None),
+        ("--enforce-eager", args.enforce_eager),
+    ):
+        if given:
+            raise UsageError(
+                "two sources of CUDA-graph capture sizes",
+                problems=[("--capture-sizes-from-profile", f"conflicts with {flag}")],
+            )
+    from llmwarm.fit import auto_buckets, capture_sizes
 
-        shape = engine.shape_from_args(args)
-        sizes |= set(concurrency_classes(shape, profile.auto.max_concurrency or shape.max_num_seqs))
-    args.cudagraph_capture_sizes = sorted(sizes)
+    shape = engine.shape_from_args(args)
+    buckets = list(profile.buckets)
+    if profile.auto is not None:
+        buckets += auto_buckets(profile.auto, shape, chat=True)
+    spec = (args.speculative_config or {}).get("num_speculative_tokens") or 0
+    args.cudagraph_capture_sizes = capture_sizes(buckets, shape.max_num_batched_tokens, spec)
 
 
 def resolve(

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -95,6 +96,12 @@ BAD_COMMAND_LINES = [
     ("two sources of capture sizes",
      ["serve", "{model}", "--capture-sizes-from-profile", "--cudagraph-capture-sizes", "1", "2"],
      {}, "• --capture-sizes-from-profile: conflicts with --cudagraph-capture-sizes"),
+    ("capture sizes and a capture ceiling",
+     ["serve", "{model}", "--capture-sizes-from-profile", "--max-cudagraph-capture-size", "8"],
+     {}, "• --capture-sizes-from-profile: conflicts with --max-cudagraph-capture-size"),
+    ("capture sizes without graphs",
+     ["serve", "{model}", "--capture-sizes-from-profile", "--enforce-eager"],
+     {}, "• --capture-sizes-from-profile: conflicts with --enforce-eager"),
 ]  # fmt: skip
 
 
@@ -274,22 +281,68 @@ def test_profile_schema_is_json_schema() -> None:
     assert schema["properties"]["seed"]["description"]
 
 
-def test_capture_sizes_from_profile_reach_vllms_engine_args(
-    tmp_path: Path, tiny_model: Path
-) -> None:
+def _gpu_capture_sizes(args: Any) -> tuple[list[int], int]:
+    """The capture sizes vLLM ends up with for these args on a GPU: vLLM's own
+    `_set_cudagraph_sizes`, run on the configuration as a CUDA platform would leave it (the CPU
+    platform switches graphs off and clears the sizes)."""
+    from vllm.config import CUDAGraphMode
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    wanted = engine_args.cudagraph_capture_sizes
+    config = engine_args.create_engine_config()
+    config.model_config.enforce_eager = False
+    compilation = config.compilation_config
+    compilation.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    compilation.cudagraph_capture_sizes = wanted
+    compilation.max_cudagraph_capture_size = None
+    config._set_cudagraph_sizes()
+    return list(compilation.cudagraph_capture_sizes), config.scheduler_config.max_num_batched_tokens
+
+
+def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
+    tmp_path: Path, tiny_model: Path
+) -> None:
     from llmwarm.settings import resolve
 
-    settings = resolve(
-        [str(tiny_model)], profile_path=Path("configs/default.yaml"), report_path=None,
-        plot_path=None, on_unconverged="serve", capture_sizes_from_profile=True,
-        mode="serve", prog="llmwarm serve",
-    )  # fmt: skip
-    # default.yaml's concurrency classes: 1, 4, 2
-    assert settings.vllm_args.cudagraph_capture_sizes == [1, 2, 4]
-    engine_args = AsyncEngineArgs.from_cli_args(settings.vllm_args)
-    assert engine_args.cudagraph_capture_sizes == [1, 2, 4]
+    profile = tmp_path / "wide.yaml"
+    profile.write_text(
+        "buckets:\n"
+        "  - {prompt_tokens: 16, concurrency: 1, max_tokens: 8}\n"
+        "  - {prompt_tokens: 16, concurrency: 96, max_tokens: 8}\n"
+        "  - {prompt_tokens: 300, concurrency: 3, max_tokens: 8}\n"
+    )
+    flags = ["--max-num-seqs", "128", "--max-num-batched-tokens", "1024", "--max-model-len", "512"]
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3,
+                       "prompt_lookup_max": 4, "prompt_lookup_min": 2})  # fmt: skip
+
+    def sizes(*more: str) -> tuple[list[int], list[int], int]:
+        settings = resolve(
+            [str(tiny_model), *flags, *more], profile_path=profile, report_path=None,
+            plot_path=None, on_unconverged="serve", capture_sizes_from_profile=True,
+            mode="serve", prog="llmwarm serve",
+        )  # fmt: skip
+        ours = settings.vllm_args.cudagraph_capture_sizes
+        return (ours, *_gpu_capture_sizes(settings.vllm_args))
+
+    ours, kept, budget = sizes()
+    assert budget == 1024
+    # vLLM keeps every size: its graphs are exactly these
+    assert kept == ours
+    # tokens, not requests: decode steps 1 and 96, prefills 16, 1024 (96 x 16 = 1536, capped
+    # at max_num_batched_tokens), 300 and 900; under them vLLM's grid (1, 2, 4, 8, 16, ...)
+    assert {1, 96, 16, 300, 900, 1024} <= set(ours) and max(ours) == 1024
+    assert {2, 4, 8, 24, 248, 256, 272} <= set(ours)
+    # vLLM's default (no sizes given) stops at 2 x max_num_seqs = 256 tokens: the 300- and
+    # 900-token prefills and the 1024-token one would run without a graph
+    default, _ = _gpu_capture_sizes(resolve(
+        [str(tiny_model), *flags], profile_path=profile, report_path=None, plot_path=None,
+        on_unconverged="serve", mode="serve", prog="llmwarm serve",
+    ).vllm_args)  # fmt: skip
+    assert max(default) == 256
+    # with 3 speculative tokens a decode step of 96 requests is 96 x 4 = 384 tokens
+    ours, kept, _ = sizes("--speculative-config", spec)
+    assert 384 in ours and 4 in ours and kept == ours
 
 
 def test_capture_sizes_from_profile_conflicts_with_the_vllm_flag(tiny_model: Path) -> None:
