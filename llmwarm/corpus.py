@@ -109,10 +109,10 @@ def make_prompt(
     return text
 
 
-def _kinds(profile: Profile, names: Sequence[str]) -> list[Kind]:
+def _kinds(profile: Profile, names: Sequence[str], endpoint_names: Sequence[str]) -> list[Kind]:
     out = []
     for feature in names:
-        for endpoint in profile.endpoint_names():
+        for endpoint in endpoint_names:
             modes = profile.stream if endpoints.SPECS[endpoint].streamable else [False]
             out += [
                 Kind(endpoint, stream, feature)
@@ -127,25 +127,31 @@ def _features(profile: Profile, bucket: Bucket) -> list[str]:
 
 
 def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
-    """Every request kind this bucket sends, in order: `round_kinds`, then `sweep_kinds`.
+    """Every request kind this bucket sends (endpoint x streaming x feature), in order.
 
     An endpoint that cannot stream (pooling) sends one unary kind whatever `stream` says.
     """
-    return round_kinds(profile, bucket) + sweep_kinds(profile, bucket)
+    return _kinds(profile, _features(profile, bucket), profile.endpoint_names())
 
 
 def round_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
-    """The kinds every round of this bucket repeats until its latency settles: the bucket's
-    first feature (`greedy`, unless the profile's features leave it out) on every endpoint and
-    streaming mode. The shape's latency is what must settle; a feature's cold path is paid
-    once."""
-    return _kinds(profile, _features(profile, bucket)[:1])
+    """The kinds every round of this bucket repeats until its latency settles: the first
+    endpoint (that takes it) with the bucket's first feature (`greedy`, unless the profile's
+    features leave it out), in each streaming mode. What must settle is the engine's latency
+    at the bucket's shape, which every endpoint shares; an endpoint's or a feature's own cold
+    path is paid once (`sweep_kinds`)."""
+    first = _features(profile, bucket)[:1]
+    for endpoint in profile.endpoint_names():  # the first that takes it (tools: chat)
+        if found := _kinds(profile, first, [endpoint]):
+            return found
+    return []
 
 
 def sweep_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
-    """The kinds touched in the bucket's feature sweep (after round 1) and check (after the
-    last round), all at once: the other features. None on a bucket without features."""
-    return _kinds(profile, _features(profile, bucket)[1:])
+    """The kinds touched in the bucket's sweep (after round 1) and check (after the last
+    round), all at once: every other endpoint, and every other feature."""
+    repeated = set(round_kinds(profile, bucket))
+    return [kind for kind in kinds(profile, bucket) if kind not in repeated]
 
 
 def _body(

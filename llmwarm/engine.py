@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 import psutil
 import uvicorn
 
+from llmwarm import jitmon
 from llmwarm.endpoints import SPECS
 from llmwarm.errors import (
     EngineDied,
@@ -34,6 +35,7 @@ from llmwarm.errors import (
     from_validation,
 )
 from llmwarm.fit import EngineShape
+from llmwarm.report import JitEvents
 
 if TYPE_CHECKING:
     from llmwarm.corpus import Tokenizer
@@ -225,6 +227,8 @@ class EngineClient(Protocol):
     async def build_app(self, server: uvicorn.Server) -> ASGIApp: ...
     def app_lifespan(self, app: ASGIApp) -> AbstractAsyncContextManager[None]: ...
     def config_hash(self) -> str: ...
+    async def jit_phase(self, phase: str) -> None: ...
+    async def jit_events(self) -> JitEvents | None: ...
 
 
 async def wait_dead(engine: EngineClient, interval: float = 0.5) -> NoReturn:
@@ -306,6 +310,28 @@ class Engine:
         """vLLM's hash of the configuration that shapes the compiled graph (keys its caches)."""
         return str(self.llm.vllm_config.compute_hash())
 
+    @property
+    def _counts_jit(self) -> bool:
+        return bool(self.args.worker_extension_cls == jitmon.QUALNAME)
+
+    async def jit_phase(self, phase: str) -> None:
+        """Tell the workers' JIT-monitor counter (`llmwarm.jitmon`) what llmwarm is doing:
+        `warmup` (events counted, never raised) or `serving` (the user's mode applies)."""
+        if self._counts_jit:
+            await self.llm.collective_rpc("llmwarm_jit_phase", args=(phase,))
+
+    async def jit_events(self) -> JitEvents | None:
+        """The monitor's events by phase (the most any one worker saw); None without the
+        counter (the user gave their own --worker-extension-cls)."""
+        if not self._counts_jit:
+            return None
+        seen = await self.llm.collective_rpc("llmwarm_jit_events")
+        return JitEvents(
+            active=any(w["active"] for w in seen),
+            warmup=max(w["warmup"] for w in seen),
+            serving=max(w["serving"] for w in seen),
+        )
+
 
 def _build(args: Namespace, cancelled: threading.Event) -> AsyncLLM:
     """Build the engine (in a thread): config, process spawn, handshake. Gives up at the next
@@ -315,6 +341,9 @@ def _build(args: Namespace, cancelled: threading.Event) -> AsyncLLM:
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    if not args.worker_extension_cls:
+        # counts vLLM's JIT-monitor events by llmwarm's phase (not part of the config hash)
+        args.worker_extension_cls = jitmon.QUALNAME
     engine_args = AsyncEngineArgs.from_cli_args(args)
     propagate_flash_late_interaction(args, engine_args)
     try:

@@ -10,6 +10,9 @@ A collector reads the live state when scraped, so nothing is counted twice:
     llmwarm_bucket_converged{bucket}                                1 once converged
     llmwarm_bucket_warm_ttft_seconds{bucket}                        warm median TTFT
     llmwarm_bucket_warm_tpot_seconds{bucket}                        warm median TPOT
+    llmwarm_jit_monitor_active                                      1 if vLLM's JIT monitor runs
+    llmwarm_jit_events{phase="warmup|serving"}                      its compiles and autotuning
+                                                                    runs: caught / missed
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import REGISTRY
-from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    StateSetMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from llmwarm.state import Phase, RunState
@@ -74,6 +82,21 @@ class WarmupCollector(Collector):
                 if value is not None:
                     family.add_metric([name], value)
         yield from (rounds, converged, ttft, tpot)
+        if state.jit is not None:
+            yield GaugeMetricFamily(
+                "llmwarm_jit_monitor_active",
+                "1 if vLLM's JIT monitor runs (GPU workers).",
+                value=1.0 if state.jit.active else 0.0,
+            )
+            events = CounterMetricFamily(
+                "llmwarm_jit_events",
+                "vLLM JIT-monitor events (kernel compiles, autotuning) by llmwarm phase: during "
+                "the warm-ups (caught) and after the gate opened (missed).",
+                labels=["phase"],
+            )
+            events.add_metric(["warmup"], state.jit.warmup)
+            events.add_metric(["serving"], state.jit.serving)
+            yield events
 
 
 @contextlib.contextmanager

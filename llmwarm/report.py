@@ -120,6 +120,17 @@ class BucketResult(BaseModel):
         return _median([getattr(r, METRIC_FIELDS[metric]) for r in later])
 
 
+class JitEvents(BaseModel):
+    """vLLM's JIT monitor (GPU workers): kernel compiles and autotuning runs it saw, by phase,
+    since the engine started (`llmwarm.jitmon`)."""
+
+    active: bool = Field(
+        description="Whether the monitor runs (vLLM switches it on in GPU workers only)."
+    )
+    warmup: int = Field(description="Events during llmwarm's warm-ups: what they caught.")
+    serving: int = Field(description="Events after the gate opened: what they missed.")
+
+
 class KvFillResult(BaseModel):
     """What the KV-cache fill phase reached."""
 
@@ -208,6 +219,11 @@ class Report(BaseModel):
     kv_fill: KvFillResult | None = Field(
         default=None, description="The KV-cache fill phase, when the profile asks for one."
     )
+    jit: JitEvents | None = Field(
+        default=None,
+        description="vLLM's JIT-monitor events by phase at the end of this warm-up (absent "
+        "when llmwarm could not install its counter, e.g. with --worker-extension-cls).",
+    )
     trigger: Trigger = Field(
         default="startup",
         description="`startup`, or `api` for a re-warm asked for by `POST /warmup/run`.",
@@ -262,6 +278,7 @@ class Report(BaseModel):
         seconds: float,
         kv_fill: KvFillResult | None = None,
         prefix_cache_reset: bool = False,
+        jit: JitEvents | None = None,
         error: WarmupFailure | None = None,
     ) -> Report:
         """The report of one warm-up of the process `origin` describes."""
@@ -274,6 +291,7 @@ class Report(BaseModel):
             convergence=profile.convergence,
             budget_exhausted=outcome.budget_exhausted,
             kv_fill=kv_fill,
+            jit=jit,
             trigger=trigger,
             error=error,
             buckets=outcome.buckets,

@@ -137,6 +137,16 @@ async def _serve_until_stopped(
         dead.result()  # raises EngineDied
 
 
+async def _watch_jit(eng: engine.EngineClient, state: RunState, every: float = 10.0) -> None:
+    """While serving, keep the JIT-monitor counts for `/metrics` fresh (one cheap RPC)."""
+    while True:
+        await asyncio.sleep(every)
+        # A failed read (the engine dying: the lifecycle's watchdog reports that) keeps the
+        # last counts.
+        with contextlib.suppress(Exception):
+            state.jit = await eng.jit_events()
+
+
 def _write(report: Report, settings: Settings) -> None:
     if settings.report_path is not None:
         write_json(report, settings.report_path)
@@ -231,11 +241,14 @@ class Lifecycle:
 
     async def _serve(self, eng: engine.EngineClient, app: ASGIApp) -> None:
         async with eng.app_lifespan(app):
+            await eng.jit_phase("serving")  # from now on a compile is a user's spike
             self.state.serving()
             logger.info("warm: serving on %s", listen_url(self.sock, self.settings.vllm_args))
+            watch = asyncio.create_task(_watch_jit(eng, self.state))
             try:
                 await _serve_until_stopped(self.stop, self.http_task, eng)
             finally:
+                watch.cancel()
                 # No re-warm may start or go on, then in-flight user requests drain.
                 self.state.stopping()
                 await self.control.close()
@@ -265,6 +278,8 @@ class Lifecycle:
             report = await self._run_warmup(profile, str(source), "api")
         finally:
             self.state.gate_closed = False
+            assert self._warmups is not None  # serving: the engine runs
+            await self._warmups.engine.jit_phase("serving")
         logger.info(
             "re-warm done: %d requests in %.1f s, converged %s",
             report.requests, report.warmup_s, report.converged,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
-    from llmwarm.report import BucketResult, Report
+    from llmwarm.report import BucketResult, JitEvents, Report
 
 
 class Stage(str, enum.Enum):
@@ -65,6 +65,7 @@ class RunState:
     app: ASGIApp | None = None  # vLLM's app, once built
     engine_start_s: float | None = None
     report: Report | None = None  # the last warm-up's, failed or not
+    jit: JitEvents | None = None  # vLLM's JIT-monitor events by phase, as last read
     warmup: WarmupProgress = field(init=False)
 
     def __post_init__(self) -> None:

@@ -242,6 +242,7 @@ class WarmupRun:
                 profile = with_adapters(profile, adapters)
             profile = for_engine(profile, shape)
             live = self.state.begin_warmup(profile.convergence.window)
+            await self.engine.jit_phase("warmup")  # a compile now is what a warm-up is for
             try:
                 outcome, kv = await unless_dead(self.engine, self._warm(client, profile, shape))
             except WarmupError as exc:
@@ -252,9 +253,11 @@ class WarmupRun:
                 )  # fmt: skip
         # Warm-up prompts must leave no state behind that a user could hit.
         reset = await self.engine.reset_prefix_cache()
+        self.state.jit = await self.engine.jit_events()
         return Report.build(
             self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
             seconds=live.seconds or 0.0, kv_fill=kv, prefix_cache_reset=reset,
+            jit=self.state.jit,
         )  # fmt: skip
 
     async def _warm(

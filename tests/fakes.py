@@ -27,7 +27,7 @@ from llmwarm import endpoints
 from llmwarm.convergence import Rule
 from llmwarm.corpus import Tokenizer, WordTokenizer
 from llmwarm.fit import EngineShape
-from llmwarm.report import BucketResult, Report, RoundResult, Sample
+from llmwarm.report import BucketResult, JitEvents, Report, RoundResult, Sample
 
 # --- reports ---------------------------------------------------------------------------------
 
@@ -105,6 +105,11 @@ class FakeEngine:
         self.hold.set()  # set: requests pass
         self.seen = asyncio.Event()
         self.finished = 0  # generate requests answered in full
+        # A JIT monitor: the first request of each (path, stream) "compiles" once, counted in
+        # the phase llmwarm last set.
+        self.jit_phases: list[str] = []
+        self.jit = {"warmup": 0, "serving": 0}
+        self._compiled: set[tuple[str, bool]] = set()
 
     # --- what a test does to it
     def holding(self) -> None:
@@ -170,12 +175,22 @@ class FakeEngine:
     def config_hash(self) -> str:
         return "fakehash"
 
+    async def jit_phase(self, phase: str) -> None:
+        self.jit_phases.append(phase)
+
+    async def jit_events(self) -> JitEvents | None:
+        return JitEvents(active=True, **self.jit)
+
     # --- the app
     async def _models(self, request: Request) -> Response:
         return JSONResponse({"data": [{"id": "fake/model", "parent": None}]})
 
     async def _generate(self, request: Request) -> Response:
         body: dict[str, Any] = await request.json()
+        kind = (request.url.path, bool(body.get("stream")))
+        if kind not in self._compiled:
+            self._compiled.add(kind)
+            self.jit[self.jit_phases[-1] if self.jit_phases else "warmup"] += 1
         if not self.hold.is_set():
             self.seen.set()
             await self.hold.wait()

@@ -33,11 +33,13 @@ PROFILE = parse_profile(
 def plan(
     profile: Profile, tokenizer: corpus.Tokenizer, model: str, rounds: int = 2
 ) -> list[corpus.Batch]:
+    """Every kind of every bucket, round after round (rounds repeat only some: this covers
+    the bodies of all)."""
     return [
-        batch
+        corpus.batch(profile, bucket, kind, round_, tokenizer, model)
         for bucket in profile.buckets
         for round_ in range(1, rounds + 1)
-        for batch in corpus.round_batches(profile, bucket, round_, tokenizer, model)
+        for kind in corpus.kinds(profile, bucket)
     ]
 
 
@@ -110,16 +112,19 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
     assert "completions+prompt_logprobs" in names
     assert "completions-stream+prompt_logprobs" not in names
     assert len(names) == 4 + 4 + 2 + 4
-    # every round repeats the plain kinds; the features are a sweep and a check
-    assert [k.name for k in corpus.round_kinds(profile, first)] == names[:4]
-    assert [k.name for k in corpus.sweep_kinds(profile, first)] == names[4:]
-    assert corpus.requests_per_round(profile, first) == 4
-    assert corpus.requests_per_sweep(profile, first) == 10
-    assert corpus.requests_per_round(profile, second) == 8
-    assert corpus.requests_per_sweep(profile, second) == 0
+    # every round repeats the first endpoint, plain, in each streaming mode; every other
+    # endpoint and feature goes in a sweep and a check
+    assert [k.name for k in corpus.round_kinds(profile, first)] == names[:2]
+    assert [k.name for k in corpus.sweep_kinds(profile, first)] == names[2:]
+    assert corpus.requests_per_round(profile, first) == 2
+    assert corpus.requests_per_sweep(profile, first) == 12
+    assert corpus.requests_per_round(profile, second) == 2 * 2
+    assert corpus.requests_per_sweep(profile, second) == 2 * 2
     sweep = corpus.sweep_requests(profile, first, 1, WordTokenizer(), "m")
-    assert [r.kind for r in sweep] == names[4:]
-    assert corpus.sweep_requests(profile, second, 1, WordTokenizer(), "m") == []
+    assert [r.kind for r in sweep] == names[2:]
+    assert [r.kind for r in corpus.sweep_requests(profile, second, 1, WordTokenizer(), "m")] == [
+        "chat-stream", "chat-stream", "chat", "chat",
+    ]  # fmt: skip
 
 
 def test_feature_bodies_reach_the_requests() -> None:
@@ -132,8 +137,7 @@ def test_feature_bodies_reach_the_requests() -> None:
     bucket = profile.buckets[0]
     batches = corpus.round_batches(profile, bucket, 1, WordTokenizer(), "m")
     # without greedy, the first feature is what rounds repeat; the others go in the sweep
-    assert {b.kind for b in batches} == {"completions-stream+logprobs", "completions+logprobs",
-                                         "chat-stream+logprobs", "chat+logprobs"}  # fmt: skip
+    assert {b.kind for b in batches} == {"completions-stream+logprobs", "completions+logprobs"}
     sweep = corpus.sweep_requests(profile, bucket, 1, WordTokenizer(), "m")
     bodies = {r.kind: r.body for r in [*(b.requests[0] for b in batches), *sweep]}
     assert bodies["completions+logprobs"]["logprobs"] == 5

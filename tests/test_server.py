@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
 from llmwarm import engine
 from llmwarm.errors import EngineDied, Interrupted, StartupError, WarmupError
@@ -337,6 +338,31 @@ async def test_a_rewarm_reopens_the_gate_and_ready_shows_its_summary(
     after = (await run.client.get("/ready")).json()
     assert after["status"] == "ready"
     assert after["warmup_s"] == round(answer.json()["warmup_s"], 3) != before["warmup_s"]
+    await run.sigterm()
+    await run.task
+
+
+async def test_jit_monitor_events_count_as_warmup_until_the_gate_opens(
+    running: Callable[..., Run],
+) -> None:
+    eng = FakeEngine()  # its "JIT monitor" fires on each new (path, stream) kind
+    run = running(eng)
+    await run.until(Stage.SERVING)
+    assert eng.jit_phases == ["warmup", "serving"]
+    report = run.life.state.report
+    assert report is not None and report.jit is not None
+    # the minimal profile sends all 4 generate APIs, streamed and not: all caught warming
+    assert (report.jit.warmup, report.jit.serving) == (8, 0)
+    body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
+    assert (await run.client.post("/v1/completions", json=body)).status_code == 200
+    assert eng.jit == {"warmup": 8, "serving": 0}  # a kind the warm-up sent: nothing new
+    metrics = generate_latest(REGISTRY).decode()  # what vLLM's /metrics serves
+    assert 'llmwarm_jit_events_total{phase="warmup"} 8.0' in metrics
+    assert "llmwarm_jit_monitor_active 1.0" in metrics
+    # a re-warm counts as warm-up again, then hands back to serving
+    answer = await run.client.post("/warmup/run", json={"close_gate": True})
+    assert answer.status_code == 200
+    assert eng.jit_phases == ["warmup", "serving", "warmup", "serving"]
     await run.sigterm()
     await run.task
 

@@ -38,12 +38,15 @@ async def test_run_measures_every_request_until_converged(fake_url: str) -> None
     assert bucket.stop_reason == "converged" and bucket.converged_at is not None
     n = bucket.converged_at
     assert 2 <= n <= 10 and [r.round for r in bucket.rounds] == list(range(1, n + 1))
-    assert outcome.requests == n * 2 * 4 and not outcome.budget_exhausted
+    # a round: completions, streamed and not, x concurrency 2; the sweep after round 1 and
+    # the check after the last: chat, streamed and not, x 2
+    assert outcome.requests == n * 4 + 4 + 4 and not outcome.budget_exhausted
     assert [(p.bucket_index, p.round, p.requests, p.bucket_done) for p in seen] == [
-        (1, r, r * 8, r == n) for r in range(1, n + 1)
+        (1, r, r * 4 + 4, r == n) for r in range(1, n + 1)
     ]
-    for rnd in bucket.rounds:
-        assert len(rnd.samples) == 2 * 4
+    assert bucket.sweep is not None and bucket.check is not None
+    for rnd in [*bucket.rounds, bucket.sweep, bucket.check]:
+        assert len(rnd.samples) == 2 * 2
         for s in rnd.samples:
             assert s.output_tokens == 5 and s.prompt_tokens == 7
             if s.kind.endswith("-stream"):
@@ -53,8 +56,9 @@ async def test_run_measures_every_request_until_converged(fake_url: str) -> None
             else:
                 assert s.ttft_s is None and s.tpot_s is None
             assert s.e2e_s > 0
-    kinds = sorted({s.kind for s in bucket.rounds[0].samples})
-    assert kinds == ["chat", "chat-stream", "completions", "completions-stream"]
+    assert {s.kind for s in bucket.rounds[0].samples} == {"completions", "completions-stream"}
+    assert {s.kind for s in bucket.sweep.samples} == {"chat", "chat-stream"}
+    assert bucket.max_in_flight == 2
 
 
 async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
@@ -64,20 +68,21 @@ async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
     rule = profile.convergence
     outcome = await _run(fake_url, profile)
     [bucket] = outcome.buckets
-    plain = {"completions-stream", "completions", "chat-stream", "chat"}
-    # every round repeats the plain kinds only, whatever round it converged at
-    assert all({s.kind for s in r.samples} == plain for r in bucket.rounds)
+    repeated = {"completions-stream", "completions"}
+    # every round repeats the first endpoint, plain, whatever round it converged at
+    assert all({s.kind for s in r.samples} == repeated for r in bucket.rounds)
     assert bucket.sweep is not None and bucket.check is not None
-    features = {f"{k}+{f}" for k in plain for f in ("logprobs", "stop")}
-    assert {s.kind for s in bucket.sweep.samples} == features
-    assert {s.kind for s in bucket.check.samples} == features
-    assert len(bucket.sweep.samples) == len(bucket.check.samples) == 8 * 2  # x concurrency
+    plain = {*repeated, "chat-stream", "chat"}
+    once = {"chat-stream", "chat"} | {f"{k}+{f}" for k in plain for f in ("logprobs", "stop")}
+    assert {s.kind for s in bucket.sweep.samples} == once
+    assert {s.kind for s in bucket.check.samples} == once
+    assert len(bucket.sweep.samples) == len(bucket.check.samples) == 10 * 2  # x concurrency
     assert bucket.sweep.round == 1 and bucket.check.round == len(bucket.rounds)
     assert 2 <= len(bucket.rounds) <= rule.max_rounds
-    assert outcome.requests == len(bucket.rounds) * 4 * 2 + 2 * 16
+    assert outcome.requests == len(bucket.rounds) * 2 * 2 + 2 * 20
 
 
-async def test_a_bucket_without_features_has_no_sweep(fake_url: str) -> None:
+async def test_a_bucket_without_features_sweeps_only_the_other_endpoints(fake_url: str) -> None:
     profile = _profile(
         buckets=[
             {"prompt_tokens": 4, "concurrency": 1, "max_tokens": 5, "name": "f"},
@@ -87,11 +92,17 @@ async def test_a_bucket_without_features_has_no_sweep(fake_url: str) -> None:
     )
     outcome = await _run(fake_url, profile)
     featured, plain = outcome.buckets
-    assert featured.sweep is not None and plain.sweep is None and plain.check is None
+    assert featured.sweep is not None and plain.sweep is not None and plain.check is not None
+    assert {s.kind for s in featured.sweep.samples} == {
+        "chat-stream", "chat", "completions-stream+logprobs", "completions+logprobs",
+        "chat-stream+logprobs", "chat+logprobs",
+    }  # fmt: skip
+    assert {s.kind for s in plain.sweep.samples} == {"chat-stream", "chat"}
 
 
 async def test_a_server_that_keeps_slowing_down_stops_at_max_rounds(fake_url: str) -> None:
-    PACE.gap = lambda calls: 0.005 * 3 ** (calls // 8)  # triples every round (8 requests)
+    # triples every 4 requests: every round (completions x 2 x concurrency 2), and the sweep
+    PACE.gap = lambda calls: 0.005 * 3 ** (calls // 4)
     rule = {"metric": "e2e", "window": 2, "spread": 0.5, "min_rounds": 2, "max_rounds": 3}
     outcome = await _run(fake_url, _profile(convergence=rule))
     [bucket] = outcome.buckets

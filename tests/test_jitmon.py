@@ -1,0 +1,51 @@
+"""llmwarm's counter inside vLLM's JIT monitor, at the vLLM-call level (in this process)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llmwarm import jitmon
+
+
+@pytest.fixture
+def monitor(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """vLLM's monitor, activated in `error` mode as a GPU worker would after its own warm-up;
+    every module global restored afterwards."""
+    from vllm.utils import jit_monitor
+
+    for name in ("_active", "_mode", "_verbose", "_handle_jit_event"):
+        monkeypatch.setattr(jit_monitor, name, getattr(jit_monitor, name))
+    monkeypatch.setattr(jitmon, "_original", None)
+    monkeypatch.setattr(jitmon, "_phase", "warmup")
+    monkeypatch.setattr(jitmon, "_counts", dict.fromkeys(jitmon.PHASES, 0))
+    jit_monitor.activate(mode="error")
+    return jit_monitor
+
+
+def test_a_compile_while_warming_is_counted_not_raised_then_the_users_mode_applies(
+    monitor: Any,
+) -> None:
+    ext = jitmon.JitMonitorExtension()
+    ext.llmwarm_jit_phase("warmup")
+    # how vLLM's CuTe-DSL hook reports a compile: through the module's _handle_jit_event
+    monitor._log_cutedsl_jit_compile("fused_moe_kernel")
+    monitor._log_cutedsl_jit_compile("rms_norm_kernel")
+    assert ext.llmwarm_jit_events() == {"active": True, "warmup": 2, "serving": 0}
+    ext.llmwarm_jit_phase("serving")
+    with pytest.raises(RuntimeError, match="during inference: fused_moe_kernel"):
+        monitor._log_cutedsl_jit_compile("fused_moe_kernel")  # error mode: as vLLM does
+    assert ext.llmwarm_jit_events() == {"active": True, "warmup": 2, "serving": 1}
+
+
+def test_an_unknown_phase_is_refused(monitor: Any) -> None:
+    with pytest.raises(ValueError, match="unknown phase"):
+        jitmon.set_phase("later")
+
+
+def test_without_a_monitor_the_counts_say_inactive(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.utils import jit_monitor
+
+    monkeypatch.setattr(jit_monitor, "_active", False)  # the CPU worker never activates it
+    assert jitmon.events()["active"] is False
