@@ -11,6 +11,8 @@ processes inherit the environment), so an image layer or a volume carries them a
     DIR/tvm-ffi         TVM_FFI_CACHE_DIR         FlashInfer's tvm-ffi modules (GPU)
     DIR/torch-ext       TORCH_EXTENSIONS_DIR      torch C++/CUDA extensions built at run time
     DIR/cuda            CUDA_CACHE_PATH           the CUDA driver's PTX JIT cache (GPU)
+    DIR/tilelang        TILELANG_CACHE_DIR        TileLang kernels (GPU)
+    DIR/cute-dsl        CUTE_DSL_CACHE_DIR        CUTLASS CuTe-DSL kernels (GPU)
     DIR/llmwarm-bake.json                         what was baked, for which engine
 
 CUDA graphs themselves live in GPU memory and are captured at every start; what makes that
@@ -44,7 +46,10 @@ ENV = {
     "TVM_FFI_CACHE_DIR": "tvm-ffi",
     "TORCH_EXTENSIONS_DIR": "torch-ext",
     "CUDA_CACHE_PATH": "cuda",
+    "TILELANG_CACHE_DIR": "tilelang",
+    "CUTE_DSL_CACHE_DIR": "cute-dsl",
 }
+# DeepGEMM's JIT cache and FlashInfer's autotuning results default to VLLM_CACHE_ROOT's tree.
 MANIFEST = "llmwarm-bake.json"
 
 
@@ -55,6 +60,10 @@ class Manifest(BaseModel):
     vllm_version: str
     model: str
     config_hash: str = Field(description="vLLM's hash of the engine configuration.")
+    device: str = Field(
+        default="", description="What compiled it: the GPU's name and compute capability, or CPU."
+    )
+    torch_version: str = Field(default="")
     baked_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     engine_start_s: float = Field(description="The baking start's engine start (cold).")
 
@@ -115,7 +124,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 def check(directory: Path, running: Manifest) -> None:
     """Log whether the engine could start from the caches baked into `directory`."""
     baked = read_manifest(directory)
-    why = mismatch(baked, running)
+    why = mismatch(baked, running) or differences(baked, running)
     if why is None and baked is not None:
         logger.info(
             "--cache-dir %s: compile caches baked at %s (cold start %.1f s) match this engine",
@@ -144,3 +153,19 @@ def mismatch(baked: Manifest | None, running: Manifest) -> str | None:
             f"{baked.config_hash[:10]}; now {running.model}, hash {running.config_hash[:10]})"
         )
     return None
+
+
+def differences(baked: Manifest | None, running: Manifest) -> str | None:
+    """What else differs that keys compiled kernels (vLLM's hash leaves it out): the device,
+    whose kind sets vLLM's defaults and kernels, and torch, whose caches are per version."""
+    if baked is None:
+        return None
+    found = [
+        f"{what} {old!r}, now {new!r}"
+        for what, old, new in (
+            ("baked on", baked.device, running.device),
+            ("baked with torch", baked.torch_version, running.torch_version),
+        )
+        if old and old != new
+    ]
+    return "; ".join(found) or None

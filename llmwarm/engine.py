@@ -218,6 +218,8 @@ class EngineClient(Protocol):
 
     start_s: float  # seconds from engine start to engine ready
     vllm_version: str
+    device: str  # what compiles: the GPU's name and compute capability, or the CPU
+    torch_version: str
 
     def shape(self) -> EngineShape: ...
     def tokenizer(self) -> Tokenizer: ...
@@ -252,6 +254,8 @@ class Engine:
         self.start_s = start_s
         self.tasks = tasks  # what the model serves: generate, embed, classify, ...
         self.vllm_version = vllm_version()
+        self.device = _device()
+        self.torch_version = _torch_version()
 
     def shape(self) -> EngineShape:
         """The running engine's limits that a profile depends on."""
@@ -485,6 +489,25 @@ def http_server(app: ASGIApp, args: Namespace) -> uvicorn.Server:
     config.load()
     server: uvicorn.Server = NoSignalServer(config)
     return server
+
+
+def _device() -> str:
+    """vLLM's platform, as a bake manifest records it."""
+    import platform
+
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return f"CPU ({platform.machine()})"
+    name = current_platform.get_device_name()
+    capability = current_platform.get_device_capability()
+    return f"{name} (compute capability {capability.major}.{capability.minor})" if capability else name
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
 
 
 def vllm_version() -> str:

@@ -315,6 +315,8 @@ class Lifecycle:
             model=self.settings.model,
             config_hash=eng.config_hash(),
             engine_start_s=eng.start_s,
+            device=eng.device,
+            torch_version=eng.torch_version,
         )
 
 

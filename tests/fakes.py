@@ -92,6 +92,8 @@ class FakeEngine:
     """
 
     vllm_version = "0.0.fake"
+    device = "CPU (fake)"
+    torch_version = "0.0.fake"
 
     def __init__(self, *, hold_start: bool = False, start_error: Exception | None = None) -> None:
         self.start_s = 0.01

@@ -41,6 +41,8 @@ def test_use_points_every_cache_into_the_directory(
         "TVM_FFI_CACHE_DIR": f"{tmp_path}/tvm-ffi",
         "TORCH_EXTENSIONS_DIR": f"{tmp_path}/torch-ext",
         "CUDA_CACHE_PATH": f"{tmp_path}/cuda",
+        "TILELANG_CACHE_DIR": f"{tmp_path}/tilelang",
+        "CUTE_DSL_CACHE_DIR": f"{tmp_path}/cute-dsl",
     }
     assert "HF_HOME" not in caches.ENV and "XDG_CACHE_HOME" not in caches.ENV  # models stay
     # this machine runs vLLM's CPU build, whose AOT artifacts do not load back
@@ -88,6 +90,23 @@ def test_manifest_round_trip_and_mismatch(tmp_path: Path) -> None:
     )
     (tmp_path / caches.MANIFEST).write_text("{not json")
     assert caches.read_manifest(tmp_path) is None
+
+
+def test_another_device_or_torch_is_a_warning_naming_the_difference(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    h100 = _manifest(device="NVIDIA H100 (compute capability 9.0)", torch_version="2.13.0")
+    caches.write_manifest(tmp_path, h100)
+    assert caches.differences(h100, h100) is None
+    l4 = _manifest(device="NVIDIA L4 (compute capability 8.9)", torch_version="2.14.1")
+    with caplog.at_level("WARNING", logger="llmwarm.caches"):
+        caches.check(tmp_path, l4)
+    assert (
+        "baked on 'NVIDIA H100 (compute capability 9.0)', now 'NVIDIA L4 (compute capability "
+        "8.9)'; baked with torch '2.13.0', now '2.14.1'"
+    ) in caplog.text
+    # a manifest from before these fields were recorded: no difference claimed
+    assert caches.differences(_manifest(), l4) is None
 
 
 @pytest.fixture
