@@ -1,12 +1,12 @@
 """Time to ready from a baked compile cache against a fresh start, side by side in one run.
 
-Bakes once (`llmwarm bake MODEL --cache-dir BAKED`), then each run starts `llmwarm serve` twice
-on the same model, flags and profile, alternating which goes first: with `--cache-dir` a new
-empty directory (fresh: every compile cache empty) and with `--cache-dir BAKED`. Times launch
-to `/ready` 200 and reads engine start and warm-up time from each report. Writes the `bake`
-section of docs/benchmarks.md.
+For each model (`--model NAME=PATH`, repeatable): bakes once (`llmwarm bake MODEL --cache-dir
+BAKED`), then each run starts `llmwarm serve` twice on the same model, flags and profile,
+alternating which goes first: with `--cache-dir` a new empty directory (fresh: every compile
+cache empty) and with `--cache-dir BAKED`. Times launch to `/ready` 200 and reads engine start
+and warm-up time from each report. Writes the `bake` section of docs/benchmarks.md.
 
-    python scripts/bench_bake.py --model .cache/tiny-llama --runs 3
+    python scripts/bench_bake.py --model tiny=.cache/tiny-llama --model smollm2=.cache/smollm2
 """
 
 from __future__ import annotations
@@ -32,21 +32,21 @@ def env() -> dict[str, str]:
     return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
 
 
-def bake(args: argparse.Namespace, cache: Path, extra: list[str]) -> float:
+def bake(model: str, args: argparse.Namespace, cache: Path, extra: list[str]) -> float:
     start = time.perf_counter()
     with args.log.open("ab") as out:
         subprocess.run(
-            [sys.executable, "-m", "llmwarm", "bake", args.model, *ENGINE_FLAGS, *extra,
+            [sys.executable, "-m", "llmwarm", "bake", model, *ENGINE_FLAGS, *extra,
              "--cache-dir", str(cache), "--report", os.devnull],
             stdout=out, stderr=subprocess.STDOUT, env=env(), check=True,
         )  # fmt: skip
     return time.perf_counter() - start
 
 
-def serve(args: argparse.Namespace, cache: Path, extra: list[str]) -> dict[str, float]:
+def serve(model: str, args: argparse.Namespace, cache: Path, extra: list[str]) -> dict[str, float]:
     port = free_port()
     report = Path(tempfile.mkdtemp(prefix="llmwarm-bake-bench-")) / "report.json"
-    cmd = [sys.executable, "-m", "llmwarm", "serve", args.model, *ENGINE_FLAGS, *extra,
+    cmd = [sys.executable, "-m", "llmwarm", "serve", model, *ENGINE_FLAGS, *extra,
            "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(cache),
            "--report", str(report)]  # fmt: skip
     with ready_server(cmd, f"http://127.0.0.1:{port}", "/ready", env(), args.log) as ready_s:
@@ -56,69 +56,89 @@ def serve(args: argparse.Namespace, cache: Path, extra: list[str]) -> dict[str, 
             "warmup_s": data["warmup_s"]}  # fmt: skip
 
 
-def markdown(bake_s: float, runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    def med(cache: str, key: str) -> float:
-        return float(statistics.median(r[key] for r in runs if r["cache"] == cache))
+def markdown(
+    models: dict[str, str],
+    baked: dict[str, float],
+    runs: list[dict[str, Any]],
+    args: argparse.Namespace,
+) -> str:
+    def med(name: str, cache: str, key: str) -> float:
+        values = [r[key] for r in runs if r["model"] == name and r["cache"] == cache]
+        return float(statistics.median(values))
 
-    rows = []
-    for cache in ("fresh", "baked"):
-        rows.append(
-            f"| {cache} | {med(cache, 'ready_s'):.1f} | {med(cache, 'engine_start_s'):.1f} "
-            f"| {med(cache, 'warmup_s'):.1f} |"
+    rows, ratios = [], []
+    for name in models:
+        for cache in ("fresh", "baked"):
+            rows.append(
+                f"| {name} | {cache} | {med(name, cache, 'ready_s'):.1f} "
+                f"| {med(name, cache, 'engine_start_s'):.1f} | {med(name, cache, 'warmup_s'):.1f} |"
+            )
+        ratio = med(name, "baked", "ready_s") / med(name, "fresh", "ready_s")
+        engine = med(name, "baked", "engine_start_s") / med(name, "fresh", "engine_start_s")
+        mine = [r for r in runs if r["model"] == name]
+        per_run = ", ".join(
+            f"{b['ready_s']:.1f}/{f['ready_s']:.1f}"
+            for f, b in zip(
+                [r for r in mine if r["cache"] == "fresh"],
+                [r for r in mine if r["cache"] == "baked"],
+                strict=True,
+            )
         )
-    ratio = med("baked", "ready_s") / med("fresh", "ready_s")
-    per_run = ", ".join(
-        f"{b['ready_s']:.1f}/{f['ready_s']:.1f}"
-        for f, b in zip(
-            [r for r in runs if r["cache"] == "fresh"],
-            [r for r in runs if r["cache"] == "baked"],
-            strict=True,
+        ratios.append(
+            f"- `{name}`: baked / fresh time to ready **{ratio:.2f}×**, engine start {engine:.2f}× "
+            f"(bake {baked[name]:.1f} s; per run, baked/fresh: {per_run})."
         )
-    )
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    command = " ".join(f"--model {n}={p}" for n, p in models.items())
     return f"""## Baked compile caches (`llmwarm bake`)
 
-Measured {when} (same machine and model), by
+Measured {when} (same machine), by
 
 ```bash
-python scripts/bench_bake.py --model MODEL --runs {args.runs}
+python scripts/bench_bake.py {command} --runs {args.runs}
 ```
 
-`llmwarm bake` once ({bake_s:.1f} s, a cold start plus the warm-up), then per run `llmwarm
-serve --cache-dir` twice, alternately first: a new empty directory (fresh) and the baked one.
-Default profile; medians over {args.runs} runs; seconds.
+Per model, `llmwarm bake` once (a cold start plus the warm-up), then per run `llmwarm serve
+--cache-dir` twice, alternately first: a new empty directory (fresh) and the baked one. Default
+profile; medians over {args.runs} runs; seconds.
 
-| compile caches | time to ready | engine start | warm-up |
-|---|---:|---:|---:|
+| model | compile caches | time to ready | engine start | warm-up |
+|---|---|---:|---:|---:|
 {chr(10).join(rows)}
 
-Baked / fresh time to ready: **{ratio:.2f}×** (per run, baked/fresh: {per_run}).
+{chr(10).join(ratios)}
 """
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument(
+        "--model", required=True, action="append",
+        help="NAME=PATH (repeatable); a bare PATH is named by its folder",
+    )  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     parser.add_argument("--log", type=Path, default=Path(".cache/bench-bake.log"))
     args, extra = parser.parse_known_args()
+    models = dict(m.split("=", 1) if "=" in m else (Path(m).name, m) for m in args.model)
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    baked = Path(tempfile.mkdtemp(prefix="llmwarm-baked-"))
-    print("baking ...", flush=True)
-    bake_s = bake(args, baked, extra)
-    print(f"baked in {bake_s:.1f} s", flush=True)
-    runs = []
-    for run in range(args.runs):
-        order = ("fresh", "baked") if run % 2 == 0 else ("baked", "fresh")
-        for cache in order:
-            directory = baked if cache == "baked" else Path(tempfile.mkdtemp(prefix="fresh-"))
-            result = {**serve(args, directory, extra), "cache": cache, "run": run + 1}
-            print(f"run {run + 1} {cache:5}: ready {result['ready_s']:.1f} s (engine "
-                  f"{result['engine_start_s']:.1f} s, warm-up {result['warmup_s']:.1f} s)",
-                  flush=True)  # fmt: skip
-            runs.append(result)
-    body = markdown(bake_s, runs, args)
+    runs, baked_s = [], {}
+    for name, path in models.items():
+        baked = Path(tempfile.mkdtemp(prefix="llmwarm-baked-"))
+        print(f"{name}: baking ...", flush=True)
+        baked_s[name] = bake(path, args, baked, extra)
+        print(f"{name}: baked in {baked_s[name]:.1f} s", flush=True)
+        for run in range(args.runs):
+            order = ("fresh", "baked") if run % 2 == 0 else ("baked", "fresh")
+            for cache in order:
+                directory = baked if cache == "baked" else Path(tempfile.mkdtemp(prefix="fresh-"))
+                result = {**serve(path, args, directory, extra), "model": name, "cache": cache,
+                          "run": run + 1}  # fmt: skip
+                print(f"{name} run {run + 1} {cache:5}: ready {result['ready_s']:.1f} s (engine "
+                      f"{result['engine_start_s']:.1f} s, warm-up {result['warmup_s']:.1f} s)",
+                      flush=True)  # fmt: skip
+                runs.append(result)
+    body = markdown(models, baked_s, runs, args)
     write_section(args.docs / "benchmarks.md", "bake", body)
     print(body)
 
