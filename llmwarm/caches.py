@@ -34,6 +34,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from llmwarm import files
 from llmwarm.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def read_manifest(directory: Path) -> Manifest | None:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    (directory / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    text = manifest.model_dump_json(indent=2) + "\n"
+    files.write_text(directory / MANIFEST, text, "--cache-dir")
 
 
 def check(directory: Path, running: Manifest) -> None:

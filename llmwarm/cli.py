@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from llmwarm import __version__
+from llmwarm import __version__, files
 from llmwarm.errors import EXIT_INTERRUPTED, LlmwarmError, UsageError, render
 
 if TYPE_CHECKING:
@@ -282,7 +282,10 @@ def bench_command(
         _exit_with(exc)
     Console(width=160).print(bench.table(report))
     if json_out is not None:
-        json_out.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        try:
+            files.write_text(json_out, report.model_dump_json(indent=2) + "\n", "--json")
+        except LlmwarmError as exc:
+            _exit_with(exc)
 
 
 profile_app = typer.Typer(
@@ -384,7 +387,10 @@ def profile_from_log(
     if out is None:
         typer.echo(text, nl=False)
     else:
-        out.write_text(text, encoding="utf-8")
+        try:
+            files.write_text(out, text, "--out")
+        except LlmwarmError as exc:
+            _exit_with(exc)
         err.print(comment, highlight=False, markup=False)
 
 

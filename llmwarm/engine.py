@@ -501,7 +501,9 @@ def _device() -> str:
         return f"CPU ({platform.machine()})"
     name = current_platform.get_device_name()
     capability = current_platform.get_device_capability()
-    return f"{name} (compute capability {capability.major}.{capability.minor})" if capability else name
+    if capability is None:
+        return str(name)
+    return f"{name} (compute capability {capability.major}.{capability.minor})"
 
 
 def _torch_version() -> str:

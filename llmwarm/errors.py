@@ -5,7 +5,8 @@
     │   ├── ProfileError      the profile file is unreadable, malformed or invalid
     │   ├── VllmArgsError     a vLLM flag is unknown or has a bad value
     │   ├── ModelNotFound     MODEL names a local path that is not a model directory
-    │   └── PortInUse         the HTTP port (or socket path) cannot be bound
+    │   ├── PortInUse         the HTTP port (or socket path) cannot be bound
+    │   └── WriteError        a file llmwarm writes (--report, --plot, ...) cannot be written
     ├── StartupError          the vLLM engine could not be started: exit 3
     ├── WarmupError           a warm-up request failed, or the engine died warming: exit 4
     ├── EngineDied            the engine died while serving: exit 5
@@ -113,6 +114,11 @@ class ModelNotFound(UsageError):
 
 class PortInUse(UsageError):
     """The HTTP port (or socket path) cannot be bound."""
+
+
+class WriteError(UsageError):
+    """A file llmwarm writes cannot be written there (full disk, read-only): the previous
+    file, if any, is intact."""
 
 
 class StartupError(LlmwarmError):

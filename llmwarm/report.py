@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer, computed_field
 from rich.table import Table
 
+from llmwarm import files
 from llmwarm.convergence import Rule
 from llmwarm.errors import LlmwarmError, Problem
 from llmwarm.profile import Profile
@@ -336,8 +337,8 @@ class Report(BaseModel):
         }
 
 
-def write_json(report: Report, path: Path) -> None:
-    path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+def write_json(report: Report, path: Path, option: str = "--report") -> None:
+    files.write_text(path, report.model_dump_json(indent=2) + "\n", option)
 
 
 def _ms(value: float | None) -> str:
@@ -421,7 +422,7 @@ def kinds_table(report: Report) -> Table:
     return t
 
 
-def plot(report: Report, path: Path) -> None:
+def plot(report: Report, path: Path, option: str = "--plot") -> None:
     """Latency per round per bucket (TTFT, TPOT), the converged round marked; a PNG."""
     import matplotlib
 
@@ -451,5 +452,8 @@ def plot(report: Report, path: Path) -> None:
         f"({report.convergence.metric}, window {report.convergence.window}, "
         f"spread ≤ {report.convergence.spread:.0%})"
     )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with files.atomic(path, option) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)

@@ -33,7 +33,14 @@ from rich.console import Console
 
 from llmwarm import __version__, caches, engine, metrics
 from llmwarm.control import Control, RewarmRequest
-from llmwarm.errors import EXIT_INTERRUPTED, Interrupted, Unconverged, WarmupError
+from llmwarm.errors import (
+    EXIT_INTERRUPTED,
+    Interrupted,
+    Unconverged,
+    WarmupError,
+    WriteError,
+    render,
+)
 from llmwarm.gate import Gate, quiet_access_log
 from llmwarm.measure import LIMITS, TIMEOUT
 from llmwarm.metrics import WarmupCollector
@@ -148,12 +155,20 @@ async def _watch_jit(eng: engine.EngineClient, state: RunState, every: float = 1
 
 
 def _write(report: Report, settings: Settings) -> None:
-    if settings.report_path is not None:
-        write_json(report, settings.report_path)
-        logger.info("warm-up report written to %s", settings.report_path)
-    if settings.plot_path is not None and report.buckets:
-        plot(report, settings.plot_path)
-        logger.info("warm-up plot written to %s", settings.plot_path)
+    """Write the report (and plot), each atomically. A file that cannot be written (full
+    disk) fails `warm` and `bake`, whose product it is; a server logs it and serves on (the
+    previous file is intact, and `/warmup/report` has the report)."""
+    try:
+        if settings.report_path is not None:
+            write_json(report, settings.report_path)
+            logger.info("warm-up report written to %s", settings.report_path)
+        if settings.plot_path is not None and report.buckets:
+            plot(report, settings.plot_path)
+            logger.info("warm-up plot written to %s", settings.plot_path)
+    except WriteError as exc:
+        if not settings.serve:
+            raise
+        logger.error("%s; serving on", "\n".join(render(exc.message, exc.problems)))
 
 
 def _show_and_judge(report: Report, settings: Settings) -> None:

@@ -8,6 +8,7 @@ SIGTERMs are real signals to this process (handled by the lifecycle's own handle
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from llmwarm import engine
-from llmwarm.errors import EngineDied, Interrupted, StartupError, WarmupError
+from llmwarm.errors import EngineDied, Interrupted, StartupError, WarmupError, WriteError
 from llmwarm.profile import load_profile
 from llmwarm.report import Report
 from llmwarm.server import Lifecycle
@@ -365,6 +366,35 @@ async def test_jit_monitor_events_count_as_warmup_until_the_gate_opens(
     assert eng.jit_phases == ["warmup", "serving", "warmup", "serving"]
     await run.sigterm()
     await run.task
+
+
+async def test_a_report_that_cannot_be_written_is_logged_and_serving_goes_on(
+    settings: Callable[..., Settings], small_fs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (small_fs / "filler").write_bytes(b"x" * 60_000)  # the disk is (nearly) full
+    full = dataclasses.replace(settings(), report_path=small_fs / "report.json")
+    eng = FakeEngine()
+    run = Run(Lifecycle(full, start=eng.start), eng)
+    try:
+        await run.until(Stage.SERVING)
+        assert "cannot write" in caplog.text and "No space left on device" in caplog.text
+        assert (await run.client.get("/warmup/report")).status_code == 200  # still there
+        assert not (small_fs / "report.json").exists()
+        await run.sigterm()
+        await run.task
+    finally:
+        await run.client.aclose()
+
+
+async def test_warm_fails_when_its_report_cannot_be_written(
+    settings: Callable[..., Settings], small_fs: Path
+) -> None:
+    (small_fs / "filler").write_bytes(b"x" * 60_000)
+    full = dataclasses.replace(settings(), report_path=small_fs / "report.json", mode="warm")
+    eng = FakeEngine()
+    with pytest.raises(WriteError, match="cannot write"):
+        await Lifecycle(full, start=eng.start).run()
+    assert eng.shut_down
 
 
 async def test_a_second_signal_while_stopping_forces_the_exit(
