@@ -698,7 +698,13 @@ def test_a_vision_model_warms_images_by_default_and_serves_them(
     kinds = {k["kind"] for k in data["kinds"]}
     # minimal.yaml names no image feature: a vision model gets it (auto_image)
     assert {"chat+image:64x64", "chat-stream+image:640x480"} <= kinds, kinds
-    samples = [s for b in data["buckets"] for r in b["rounds"] for s in r["samples"]]
+    samples = [
+        s
+        for b in data["buckets"]
+        for r in [*b["rounds"], b["sweep"], b["check"]]
+        if r is not None
+        for s in r["samples"]
+    ]
     text_prompt = min(s["prompt_tokens"] for s in samples if s["kind"] == "chat")
     images = [s for s in samples if "+image:" in s["kind"]]
     assert images and all(s["prompt_tokens"] > text_prompt for s in images)

@@ -1,0 +1,86 @@
+"""End to end at width: a bucket wider than any HTTP pool default really in flight in vLLM, and
+a multi-process engine (tensor parallel) warmed, served and stopped with no worker left."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import (
+    ENGINE_FLAGS,
+    LLMWARM,
+    STARTUP_TIMEOUT_S,
+    engine_env,
+    serving,
+)
+
+pytestmark = pytest.mark.e2e
+
+RUNNING = re.compile(r"^vllm:num_requests_running\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
+
+
+def test_a_bucket_of_192_has_them_running_at_once_in_vllm(tiny_model: Path, tmp_path: Path) -> None:
+    profile = tmp_path / "wide.yaml"
+    profile.write_text(
+        "endpoints: [completions]\nstream: [true]\n"
+        "buckets:\n  - {prompt_tokens: 16, concurrency: 192, max_tokens: 384}\n"
+        "convergence: {metric: e2e, window: 2, spread: 10, min_rounds: 2, max_rounds: 2}\n"
+    )
+    log, report = tmp_path / "log", tmp_path / "report.json"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*LLMWARM, "warm", str(tiny_model), *ENGINE_FLAGS, "--max-num-seqs", "256",
+             "--profile", str(profile), "--report", str(report)],
+            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+        )  # fmt: skip
+    # `warm` listens on a private loopback port (its log names it): read vLLM's own gauge
+    # there, as a scraper would
+    most = 0.0
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        url = None
+        while proc.poll() is None and time.monotonic() < deadline:
+            if url is None:
+                found = re.search(r"listening on (http://\S+)", log.read_text(errors="replace"))
+                url = found.group(1) if found else None
+            else:
+                try:
+                    text = httpx.get(f"{url}/metrics", timeout=5).text
+                except httpx.HTTPError:
+                    text = ""
+                most = max([most, *(float(v) for v in RUNNING.findall(text))])
+            time.sleep(0.2)
+        assert proc.wait(60) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    data = report.read_text()
+    assert '"max_in_flight": 192' in data, data[:2000]
+    # vLLM itself had at least 150 of them running at once (httpx's default pool: 100)
+    assert most >= 150, most
+
+
+def test_tensor_parallel_2_warms_serves_and_leaves_no_worker(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vLLM's CPU build needs one OpenMP core list per rank here (2 cores, one NUMA node)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    flags = ("--tensor-parallel-size", "2")
+    with serving(tiny_model, tmp_path, *flags) as (proc, client, report):
+        children = psutil.Process(proc.pid).children(recursive=True)
+        engine_procs = [p for p in children if "resource_tracker" not in " ".join(p.cmdline())]
+        # the EngineCore and a worker per rank
+        assert len(engine_procs) >= 3, [p.cmdline() for p in engine_procs]
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        assert '"converged"' in report.read_text()
+    # serving() SIGTERMed it and saw exit 0: every engine process is gone
+    _, alive = psutil.wait_procs(engine_procs, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
