@@ -206,15 +206,22 @@ def round_batches(
     ]
 
 
+# Output tokens of a sweep (or check) request, at most: an endpoint's or a feature's own cold
+# path (its template, parser, sampler, grammar) runs at a request's start and first tokens; the
+# bucket's full decode length is what its rounds repeat.
+SWEEP_MAX_TOKENS = 8
+
+
 def sweep_requests(
     profile: Profile, bucket: Bucket, round_: int, tokenizer: Tokenizer, model: str
 ) -> list[WarmRequest]:
-    """The bucket's feature sweep (or check) after `round_`: every sweep kind's batch, to be
-    sent at once. Empty on a bucket without features."""
+    """The bucket's sweep (or check) after `round_`: every sweep kind's batch, to be sent at
+    once, each request at most `SWEEP_MAX_TOKENS` long. Empty when nothing is left to sweep."""
+    short = bucket.model_copy(update={"max_tokens": min(bucket.max_tokens, SWEEP_MAX_TOKENS)})
     return [
         request
         for kind in sweep_kinds(profile, bucket)
-        for request in batch(profile, bucket, kind, round_, tokenizer, model).requests
+        for request in batch(profile, short, kind, round_, tokenizer, model).requests
     ]
 
 

@@ -122,6 +122,11 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
     assert corpus.requests_per_sweep(profile, second) == 2 * 2
     sweep = corpus.sweep_requests(profile, first, 1, WordTokenizer(), "m")
     assert [r.kind for r in sweep] == names[2:]
+    assert {r.bucket for r in sweep} == {first.name}
+    long = first.model_copy(update={"max_tokens": 64})
+    # a sweep touches each cold path at a request's start: 8 output tokens at most
+    long_sweep = corpus.sweep_requests(profile, long, 1, WordTokenizer(), "m")
+    assert {r.body.get("max_tokens") for r in long_sweep} == {corpus.SWEEP_MAX_TOKENS}
     assert [r.kind for r in corpus.sweep_requests(profile, second, 1, WordTokenizer(), "m")] == [
         "chat-stream", "chat-stream", "chat", "chat",
     ]  # fmt: skip
