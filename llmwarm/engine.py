@@ -369,9 +369,30 @@ def _build(args: Namespace, cancelled: threading.Event) -> AsyncLLM:
     except Exception as exc:
         if cancelled.is_set():
             raise _Abandoned from exc
-        raise StartupError(
-            f"the vLLM engine failed to start: {exc}", problems=[("engine", str(exc) or repr(exc))]
-        ) from exc
+        problems = [("engine", str(exc) or repr(exc)), *_start_hints(config)]
+        raise StartupError(f"the vLLM engine failed to start: {exc}", problems=problems) from exc
+
+
+def _start_hints(config: Any) -> list[tuple[str, str]]:
+    """What to set, for a start failure whose cause is known to need it."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    ranks = config.parallel_config.world_size
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if current_platform.is_cpu() and ranks > 1 and bind == "auto":
+        # vLLM's CPU build binds each rank to a NUMA node of its own by default, and refuses
+        # ("Not enough allowed NUMA nodes") when there are fewer nodes than ranks
+        lists = "|".join(str(i) for i in range(ranks))
+        return [
+            (
+                "VLLM_CPU_OMP_THREADS_BIND",
+                f"with {ranks} ranks on vLLM's CPU build and fewer "
+                f"NUMA nodes, give each rank its cores, e.g. VLLM_CPU_OMP_THREADS_BIND='{lists}'",
+            )
+        ]
+    return []
 
 
 @asynccontextmanager

@@ -352,3 +352,19 @@ def test_capture_sizes_from_profile_conflicts_with_the_vllm_flag(tiny_model: Pat
     )  # fmt: skip
     assert code == 2
     assert "--capture-sizes-from-profile: conflicts with --cudagraph-capture-sizes" in out
+
+
+def test_a_cpu_start_failure_with_several_ranks_says_what_to_bind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from llmwarm.engine import _start_hints
+
+    config = SimpleNamespace(parallel_config=SimpleNamespace(world_size=4))
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    [(where, what)] = _start_hints(config)
+    assert where == "VLLM_CPU_OMP_THREADS_BIND" and "'0|1|2|3'" in what
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|2|3")
+    assert _start_hints(config) == []
+    assert _start_hints(SimpleNamespace(parallel_config=SimpleNamespace(world_size=1))) == []

@@ -84,3 +84,17 @@ def test_tensor_parallel_2_warms_serves_and_leaves_no_worker(
     # serving() SIGTERMed it and saw exit 0: every engine process is gone
     _, alive = psutil.wait_procs(engine_procs, timeout=10)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_tensor_parallel_without_core_lists_is_exit_3_saying_what_to_set(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    done = subprocess.run(
+        [*LLMWARM, "warm", str(tiny_model), *ENGINE_FLAGS, "--tensor-parallel-size", "2",
+         "--report", str(tmp_path / "report.json")],
+        capture_output=True, text=True, env=engine_env(), timeout=STARTUP_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "• VLLM_CPU_OMP_THREADS_BIND: with 2 ranks" in done.stderr
+    assert "VLLM_CPU_OMP_THREADS_BIND='0|1'" in done.stderr
