@@ -10,7 +10,10 @@
     stopping   /ready 503, drain in-flight requests (--shutdown-timeout), stop the engine
 
 A SIGTERM/SIGINT before `serving` interrupts (exit 130); while serving it drains (exit 0).
-The stage decides which, never the gate's phase. A second signal forces the exit.
+The stage decides which, never the gate's phase. A second SIGINT (Ctrl-C again) forces the
+exit; a second SIGTERM forces only `SAME_STOP_S` or more after the first: `timeout`, systemd's
+`KillMode=control-group` and `kill -- -PGID` deliver one SIGTERM to llmwarm directly and one
+through its process group at the same instant, and that is one request to stop.
 
 This module owns the process's signals; nothing else installs handlers.
 """
@@ -22,6 +25,7 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from argparse import Namespace
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -68,16 +72,28 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+# A second SIGTERM sooner than this after the first is the same request to stop (see above).
+SAME_STOP_S = 1.0
+
+
 @contextlib.contextmanager
 def _signals(stop: asyncio.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM ask for a graceful stop; a second one forces an exit."""
+    """SIGINT/SIGTERM ask for a graceful stop; a second SIGINT, or a second SIGTERM
+    `SAME_STOP_S` later, forces an exit."""
     loop = asyncio.get_running_loop()
+    first_at = 0.0
 
     def handle(sig: signal.Signals) -> None:
+        nonlocal first_at
+        now = time.monotonic()
         if stop.is_set():
+            if sig is signal.SIGTERM and now - first_at < SAME_STOP_S:
+                logger.info("SIGTERM again at once (a process group's signal): still stopping")
+                return
             logger.warning("%s again: forcing exit", sig.name)
             engine.force_exit(EXIT_INTERRUPTED)
         logger.info("%s received: shutting down", sig.name)
+        first_at = now
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from llmwarm import engine
+from llmwarm import engine, server
 from llmwarm.errors import EngineDied, Interrupted, StartupError, WarmupError, WriteError
 from llmwarm.profile import load_profile
 from llmwarm.report import Report
@@ -397,13 +398,48 @@ async def test_warm_fails_when_its_report_cannot_be_written(
     assert eng.shut_down
 
 
-async def test_a_second_signal_while_stopping_forces_the_exit(
+async def test_a_second_sigint_while_stopping_forces_the_exit(
     running: Callable[..., Run], no_forced_exit: list[int]
 ) -> None:
     eng = FakeEngine()
     run = running(eng, "--shutdown-timeout", "10")
     await run.until(Stage.SERVING)
     in_flight = await run.stopping_with_a_request_in_flight()
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again
+    while not no_forced_exit:
+        await asyncio.sleep(0.005)
+    assert no_forced_exit == [130]
+    eng.release()
+    await in_flight
+    await run.task
+
+
+async def test_a_sigterm_twice_at_once_is_one_stop_that_drains(
+    running: Callable[..., Run], no_forced_exit: list[int]
+) -> None:
+    # `timeout`, systemd and `kill -- -PGID` signal llmwarm directly and through its group
+    eng = FakeEngine()
+    run = running(eng, "--shutdown-timeout", "10")
+    await run.until(Stage.SERVING)
+    in_flight = await run.stopping_with_a_request_in_flight()
+    await run.sigterm()  # the group's copy, at once
+    eng.release()
+    assert (await in_flight).status_code == 200  # drained
+    report = await run.task  # exit 0
+    assert report.error is None and no_forced_exit == []
+
+
+async def test_a_later_second_sigterm_forces_the_exit(
+    running: Callable[..., Run], no_forced_exit: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "SAME_STOP_S", 0.05)
+    eng = FakeEngine()
+    run = running(eng, "--shutdown-timeout", "10")
+    await run.until(Stage.SERVING)
+    in_flight = await run.stopping_with_a_request_in_flight()
+    started = time.monotonic()
+    while time.monotonic() - started < 0.1:  # past SAME_STOP_S (monotonic, not a guess)
+        await asyncio.sleep(0.01)
     await run.sigterm()
     while not no_forced_exit:
         await asyncio.sleep(0.005)
