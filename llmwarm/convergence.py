@@ -1,21 +1,36 @@
-"""Has a bucket's latency settled? Pure statistics over per-round medians; no I/O.
+"""Has a bucket's latency settled? Pure statistics over per-request samples; no I/O.
 
-Each round's statistic is the *median* over that round's requests: one request slowed by a
-GC pause, a page fault or the other core's scheduler moves a mean but not a median. Across
-rounds the rule looks at a window of the last `window` round medians and asks for
+Each round's statistic is the *median* of that round's requests: one request slowed by a GC
+pause, a page fault or the other core's scheduler moves a mean but not a median. The rule looks
+at a window of the last `window` rounds and asks for
 
-  * a small spread, (max - min) / median <= `spread`: the *range*, not a MAD, on purpose; with
-    three or so rounds a MAD ignores one bad round, and a late spike must block convergence;
+  * a small spread: the range (max - min) of the window's round medians at most
+    `spread` x their median, *or*, on a noisy host, at most what sampling noise alone explains:
+    `RANGE_Q` standard errors of a round median. The noise is measured, not assumed: the
+    pooled median absolute deviation of every request in the window about its own round's
+    median (robust sigma = 1.4826 MAD), and a round median's standard error 1.2533 sigma /
+    sqrt(n) for its n requests (the warm-up sends at least `MIN_ROUND_SAMPLES` a round). A
+    window of single requests measures no noise and is held to the fixed `spread`. The range,
+    not a MAD, across rounds, on purpose: with three or so rounds a MAD ignores one bad round,
+    and a late spike must block convergence;
   * no improvement still under way: the latest round is not faster than the best earlier
-    round in the window by more than `improvement`.
+    round of the window by more than `improvement` (or, if more, `GAIN_Z` standard errors
+    of the difference of two medians);
+  * no steady drift: the last `DRIFT_ROUNDS` round medians (three, while there are only
+    three) do not each fall below, or each rise above, the one before by more in all than
+    `DRIFT_MIN` and than noise explains (`GAIN_Z` standard errors of a difference). A drift
+    slower than the noise allowance passes the first two tests, not this one.
 
-A series that keeps drifting by more than spread / (window - 1) per round can never pass the
-spread test; a step down passes `window - 1` rounds after the step. `max_rounds` bounds it all,
-so the rule terminates on any series.
+So a stationary series converges as soon as its window is measured, however noisy, as long as
+each round has a few requests; a step down converges `window - 1` rounds after the step once
+the step is larger than the noise allowance; a steady drift never converges (faster than
+spread / (window - 1) a round: the range; slower: the drift test).
+`max_rounds` bounds it all, so the rule terminates on any series.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,34 +89,76 @@ class Rule(BaseModel):
         return self
 
 
+# The 95 % point of the range of 3 normal means (studentised range, infinite degrees of
+# freedom): how far apart a window's round medians may lie from sampling noise alone.
+RANGE_Q = 4.5
+# Standard errors of the difference of two round medians that count as a real improvement.
+GAIN_Z = 2.0
+# Requests of the metric a round needs, at least, for its noise to be measured (the warm-up
+# repeats a round's batches that carry the metric until it has them).
+MIN_ROUND_SAMPLES = 3
+# Round medians each below (or each above) the one before, by more in all than this share and
+# than noise explains: a drift still under way.
+DRIFT_ROUNDS = 4
+DRIFT_MIN = 0.01
+
+
 @dataclass(frozen=True)
 class Verdict:
     converged: bool
     reason: str
+    noise: float | None = None  # the largest standard error of a window round median / median
 
 
-def check(series: Sequence[float], rule: Rule) -> Verdict:
-    """Judge a series of per-round medians, oldest first."""
-    n = len(series)
+def _standard_error(window: Sequence[Sequence[float]]) -> float:
+    """The largest standard error of a round median in the window, from the pooled robust
+    sigma of the requests about their own round's median (0 when no round has two)."""
+    deviations: list[float] = []
+    for samples in window:
+        if len(samples) > 1:
+            mid = statistics.median(samples)
+            own = sorted(abs(x - mid) for x in samples)
+            # an odd round's median is one of its samples: its own zero deviation says nothing
+            deviations += own[len(samples) % 2 :]
+    if not deviations:
+        return 0.0
+    sigma = 1.4826 * statistics.median(deviations)
+    return 1.2533 * sigma / math.sqrt(min(len(samples) for samples in window))
+
+
+def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
+    """Judge rounds of per-request values (each round's samples), oldest first."""
+    rounds = [r for r in rounds if r]
+    n = len(rounds)
     if n < max(rule.min_rounds, rule.window):
         return Verdict(False, f"{n} of at least {max(rule.min_rounds, rule.window)} rounds")
-    window = list(series[-rule.window :])
-    mid = statistics.median(window)
+    window = rounds[-rule.window :]
+    medians = [statistics.median(r) for r in window]
+    mid = statistics.median(medians)
     if mid <= 0:
         return Verdict(False, "non-positive latency")
-    spread = (max(window) - min(window)) / mid
-    if spread > rule.spread:
-        return Verdict(False, f"spread {spread:.1%} > {rule.spread:.0%}")
-    best_before = min(window[:-1])
-    gain = (best_before - window[-1]) / best_before
-    if gain > rule.improvement:
-        return Verdict(False, f"still improving ({gain:.1%} > {rule.improvement:.0%})")
-    return Verdict(True, f"spread {spread:.1%} over the last {rule.window} rounds")
+    se = _standard_error(window)
+    noise = se / mid
+    spread = (max(medians) - min(medians)) / mid
+    allowed = max(rule.spread, RANGE_Q * se / mid)
+    if spread > allowed:
+        return Verdict(False, f"spread {spread:.1%} > {allowed:.0%}", noise)
+    best_before = min(medians[:-1])
+    gain = (best_before - medians[-1]) / best_before
+    if gain > max(rule.improvement, GAIN_Z * math.sqrt(2) * se / best_before):
+        return Verdict(False, f"still improving ({gain:.1%} > {rule.improvement:.0%})", noise)
+    recent = [statistics.median(r) for r in rounds[-DRIFT_ROUNDS:]]
+    steps = list(zip(recent[:-1], recent[1:], strict=True))
+    moved = abs(recent[-1] - recent[0])
+    monotone = all(b < a for a, b in steps) or all(b > a for a, b in steps)
+    if monotone and moved > max(DRIFT_MIN * mid, GAIN_Z * math.sqrt(2) * se):
+        return Verdict(False, f"drifting, round after round ({len(recent)} rounds)", noise)
+    return Verdict(True, f"spread {spread:.1%} over the last {rule.window} rounds", noise)
 
 
-def converged_at(series: Sequence[float], rule: Rule) -> int | None:
+def converged_at(rounds: Sequence[Sequence[float]], rule: Rule) -> int | None:
     """The first round (1-based) at which the rule holds, looking at rounds up to max_rounds."""
-    for n in range(1, min(len(series), rule.max_rounds) + 1):
-        if check(series[:n], rule).converged:
+    for n in range(1, min(len(rounds), rule.max_rounds) + 1):
+        if check(rounds[:n], rule).converged:
             return n
     return None

@@ -171,14 +171,22 @@ def _body(
 
 
 def batch(
-    profile: Profile, bucket: Bucket, kind: Kind, round_: int, tokenizer: Tokenizer, model: str
+    profile: Profile,
+    bucket: Bucket,
+    kind: Kind,
+    round_: int,
+    tokenizer: Tokenizer,
+    model: str,
+    repeat: int = 0,
 ) -> Batch:
-    """`concurrency` requests of one kind for one round of one bucket."""
+    """`concurrency` requests of one kind for one round of one bucket (`repeat`: its n-th
+    repetition within the round, with prompts of its own)."""
     # score and rerank send a query and `documents` documents, each of the bucket's length
     texts = 1 + (bucket.documents if endpoints.SPECS[kind.endpoint].task == "score" else 0)
     requests = []
     for i in range(bucket.concurrency):
-        rng = seeded_rng(profile.seed, bucket.name, round_, kind.name, i)
+        parts = (bucket.name, round_, kind.name, i) + ((repeat,) if repeat else ())
+        rng = seeded_rng(profile.seed, *parts)
         prompts = [
             make_prompt(tokenizer, bucket.prompt_tokens, rng, profile.prompts.texts)
             for _ in range(texts)
@@ -197,11 +205,16 @@ def batch(
 
 
 def round_batches(
-    profile: Profile, bucket: Bucket, round_: int, tokenizer: Tokenizer, model: str
+    profile: Profile,
+    bucket: Bucket,
+    round_: int,
+    tokenizer: Tokenizer,
+    model: str,
+    repeat: int = 0,
 ) -> list[Batch]:
     """One round of one bucket: a batch per round kind, sent one after another."""
     return [
-        batch(profile, bucket, kind, round_, tokenizer, model)
+        batch(profile, bucket, kind, round_, tokenizer, model, repeat)
         for kind in round_kinds(profile, bucket)
     ]
 

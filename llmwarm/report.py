@@ -88,6 +88,11 @@ class BucketResult(BaseModel):
         default=None,
         description="The same kinds at once again after the last round: still warm?",
     )
+    noise: float | None = Field(
+        default=None,
+        description="Measured noise of its last window: the largest standard error of a round "
+        "median, relative to their median (a noisy host shows here, not as non-convergence).",
+    )
     stop_reason: StopReason = Field(
         default="running",
         description="Why its rounds ended: `converged`, `max_rounds`, `budget` (the "
@@ -105,6 +110,11 @@ class BucketResult(BaseModel):
         """The most requests its rounds really had on the wire at once (`concurrency` asked)."""
         seen = [s.in_flight for r in self.rounds for s in r.samples if s.in_flight is not None]
         return max(seen) if seen else None
+
+    def values(self, metric: str) -> list[list[float]]:
+        """Per round, every request's value of one metric (`tpot`, `ttft`, `e2e`)."""
+        field = f"{metric}_s"
+        return [[v for s in r.samples if (v := getattr(s, field)) is not None] for r in self.rounds]
 
     def series(self, metric: str) -> list[float]:
         """Per-round medians of one metric (`tpot`, `ttft`, `e2e`), rounds that have it."""
@@ -366,6 +376,7 @@ def table(report: Report) -> Table:
         t.add_column(f"{label} cold", justify="right")
         t.add_column(f"{label} warm", justify="right")
     t.add_column("e2e cold/warm", justify="right")
+    t.add_column("noise", justify="right")
     window = report.convergence.window
     for b in report.buckets:
         verdict = f"round {b.converged_at}" if b.converged else f"no ({b.stop_reason})"
@@ -373,6 +384,7 @@ def table(report: Report) -> Table:
         for metric in ("ttft", "tpot", "e2e"):
             cells += [_ms(b.first(metric)), _ms(b.warm(metric, window))]
         cells.append(_ratio(b.first("e2e"), b.warm("e2e", window)))
+        cells.append("-" if b.noise is None else f"±{b.noise:.0%}")
         t.add_row(*cells)
     return t
 

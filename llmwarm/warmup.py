@@ -72,6 +72,32 @@ class Progress:
     bucket_done: bool  # converged, or its last allowed round
 
 
+async def _round(
+    client: httpx.AsyncClient,
+    profile: Profile,
+    bucket: Bucket,
+    round_: int,
+    tokenizer: corpus.Tokenizer,
+    model: str,
+) -> list[Sample]:
+    """One round: its batches one after another, then again those that carry the metric
+    (fresh prompts) until it has `MIN_ROUND_SAMPLES` values of it, so its noise is measured
+    (a bucket of one request at a time would otherwise give one value a round)."""
+    metric = profile.convergence.metric
+    samples: list[Sample] = []
+    for repeat in range(convergence.MIN_ROUND_SAMPLES):
+        batches = corpus.round_batches(profile, bucket, round_, tokenizer, model, repeat)
+        if repeat:  # only what carries the metric: streamed kinds for TTFT and TPOT
+            batches = [b for b in batches if metric == "e2e" or b.requests[0].stream]
+        for batch in batches:
+            samples += await measure.measure_all(client, batch.requests)
+        if sum(getattr(s, f"{metric}_s") is not None for s in samples) >= (
+            convergence.MIN_ROUND_SAMPLES
+        ) or not batches:
+            break
+    return samples
+
+
 async def _sweep(
     client: httpx.AsyncClient,
     profile: Profile,
@@ -123,15 +149,15 @@ async def rounds(
             if out_of_time or out_of_requests:
                 budget_exhausted = True
                 break
-            samples: list[Sample] = []
-            for batch in corpus.round_batches(profile, bucket, round_, tokenizer, model):
-                samples += await measure.measure_all(client, batch.requests)
+            samples = await _round(client, profile, bucket, round_, tokenizer, model)
             sent += len(samples)
             result.rounds.append(RoundResult(round=round_, samples=samples))
             if round_ == 1:
                 result.sweep = await _sweep(client, profile, bucket, 1, tokenizer, model)
                 sent += len(result.sweep.samples) if result.sweep else 0
-            verdict = convergence.check(result.series(rule.metric), rule)
+            metric = rule.metric
+            verdict = convergence.check(result.values(metric), rule)
+            result.noise = verdict.noise
             logger.debug("bucket %s round %d: %s", bucket.name, round_, verdict.reason)
             if verdict.converged:
                 result.converged_at = round_

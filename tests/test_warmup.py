@@ -79,7 +79,25 @@ async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
     assert len(bucket.sweep.samples) == len(bucket.check.samples) == 10 * 2  # x concurrency
     assert bucket.sweep.round == 1 and bucket.check.round == len(bucket.rounds)
     assert 2 <= len(bucket.rounds) <= rule.max_rounds
-    assert outcome.requests == len(bucket.rounds) * 2 * 2 + 2 * 20
+    # a round: completions streamed and not (x 2), then the streamed batch once more, for
+    # at least 3 TPOT values a round
+    assert all(len(r.samples) == 2 * 2 + 2 for r in bucket.rounds)
+    assert outcome.requests == len(bucket.rounds) * 6 + 2 * 20
+
+
+async def test_a_round_of_one_request_at_a_time_repeats_its_stream_for_three_values(
+    fake_url: str,
+) -> None:
+    profile = _profile(
+        endpoints=["completions"], buckets=[{"prompt_tokens": 4, "concurrency": 1, "max_tokens": 5}]
+    )
+    outcome = await _run(fake_url, profile)
+    for r in outcome.buckets[0].rounds:
+        # completions streamed and not, then the streamed one twice more (fresh prompts)
+        kinds = [s.kind for s in r.samples]
+        assert kinds == ["completions-stream", "completions", *["completions-stream"] * 2]
+        assert sum(s.tpot_s is not None for s in r.samples) == 3
+    assert outcome.buckets[0].noise is not None
 
 
 async def test_a_bucket_without_features_sweeps_only_the_other_endpoints(fake_url: str) -> None:
