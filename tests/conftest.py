@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -20,6 +21,9 @@ from dockerfile_parse import DockerfileParser
 from typer.testing import CliRunner
 
 from tests.fakes import PACE, PACED
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = ROOT / "llmwarm" / "configs" / "minimal.yaml"
@@ -144,23 +148,32 @@ def dockerfile(name: str) -> tuple[list[str], dict[str, str], str]:
         return json.loads(entrypoint), dict(parsed.envs), str(parsed.baseimage)
 
 
-@pytest.fixture
-async def fake_url() -> AsyncIterator[str]:
-    """The paced fake server (tests/fakes.py) on a real loopback socket, at a steady pace: httpx's
-    ASGI transport would buffer streams."""
-    PACE.calls = 0
-    PACE.gap = lambda calls: 0.01
+@contextlib.asynccontextmanager
+async def on_loopback(app: ASGIApp) -> AsyncIterator[str]:
+    """`app` served by uvicorn on a real loopback socket (httpx's ASGI transport would buffer
+    streams): its URL, until the block ends."""
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets, and Nagle's
     # algorithm would bunch streamed tokens (uvloop, which llmwarm runs on, always sets it).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(PACED, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    await task
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def fake_url() -> AsyncIterator[str]:
+    """The paced fake server (tests/fakes.py) on a real loopback socket, at a steady pace."""
+    PACE.calls = 0
+    PACE.gap = lambda calls: 0.01
+    async with on_loopback(PACED) as url:
+        yield url
 
 
 @pytest.fixture

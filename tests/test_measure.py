@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,6 +15,7 @@ from starlette.routing import Route
 from llmwarm import corpus, measure
 from llmwarm.corpus import WordTokenizer
 from llmwarm.profile import parse_profile
+from tests.conftest import on_loopback
 from tests.fakes import answer
 
 WIDE = 150  # more than httpx's default pool (100 connections)
@@ -39,16 +38,9 @@ async def barrier_url() -> AsyncIterator[str]:
         return await answer(request.url.path, body, gap=0.0)
 
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    everyone.set()  # let whatever a capped client got in finish, so the server can stop
-    server.should_exit = True
-    await task
+    async with on_loopback(app) as url:
+        yield url
+        everyone.set()  # let whatever a capped client got in finish, so the server can stop
 
 
 def _requests(stream: bool) -> list[corpus.WarmRequest]:

@@ -174,6 +174,15 @@ class Run:
         await self.until(Stage.STOPPING)
         return in_flight
 
+    async def forced(self, forced: list[int], in_flight: asyncio.Task[httpx.Response]) -> None:
+        """Until the exit was forced (130), then let the lifecycle end."""
+        while not forced:
+            await asyncio.sleep(0.005)
+        assert forced == [130]
+        self.eng.release()
+        await in_flight
+        await self.task
+
     async def sigterm(self) -> None:
         # Only ever while the lifecycle runs: its handlers are installed then.
         assert not self.task.done()
@@ -406,12 +415,7 @@ async def test_a_second_sigint_while_stopping_forces_the_exit(
     await run.until(Stage.SERVING)
     in_flight = await run.stopping_with_a_request_in_flight()
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again
-    while not no_forced_exit:
-        await asyncio.sleep(0.005)
-    assert no_forced_exit == [130]
-    eng.release()
-    await in_flight
-    await run.task
+    await run.forced(no_forced_exit, in_flight)
 
 
 async def test_a_sigterm_twice_at_once_is_one_stop_that_drains(
@@ -441,12 +445,7 @@ async def test_a_later_second_sigterm_forces_the_exit(
     while time.monotonic() - started < 0.1:  # past SAME_STOP_S (monotonic, not a guess)
         await asyncio.sleep(0.01)
     await run.sigterm()
-    while not no_forced_exit:
-        await asyncio.sleep(0.005)
-    assert no_forced_exit == [130]
-    eng.release()
-    await in_flight
-    await run.task
+    await run.forced(no_forced_exit, in_flight)
 
 
 async def test_engine_death_while_stopping_still_ends_cleanly(
