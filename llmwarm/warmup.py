@@ -91,9 +91,11 @@ async def _round(
             batches = [b for b in batches if metric == "e2e" or b.requests[0].stream]
         for batch in batches:
             samples += await measure.measure_all(client, batch.requests)
-        if sum(getattr(s, f"{metric}_s") is not None for s in samples) >= (
-            convergence.MIN_ROUND_SAMPLES
-        ) or not batches:
+        if (
+            sum(getattr(s, f"{metric}_s") is not None for s in samples)
+            >= (convergence.MIN_ROUND_SAMPLES)
+            or not batches
+        ):
             break
     return samples
 
