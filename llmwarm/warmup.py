@@ -83,19 +83,16 @@ async def _round(
     """One round: its batches one after another, then again those that carry the metric
     (fresh prompts) until it has `MIN_ROUND_SAMPLES` values of it, so its noise is measured
     (a bucket of one request at a time would otherwise give one value a round)."""
-    metric = profile.convergence.metric
+    field = f"{profile.convergence.metric}_s"
     samples: list[Sample] = []
     for repeat in range(convergence.MIN_ROUND_SAMPLES):
         batches = corpus.round_batches(profile, bucket, round_, tokenizer, model, repeat)
         if repeat:  # only what carries the metric: streamed kinds for TTFT and TPOT
-            batches = [b for b in batches if metric == "e2e" or b.requests[0].stream]
+            batches = [b for b in batches if field == "e2e_s" or b.requests[0].stream]
         for batch in batches:
             samples += await measure.measure_all(client, batch.requests)
-        if (
-            sum(getattr(s, f"{metric}_s") is not None for s in samples)
-            >= (convergence.MIN_ROUND_SAMPLES)
-            or not batches
-        ):
+        values = sum(getattr(s, field) is not None for s in samples)
+        if values >= convergence.MIN_ROUND_SAMPLES or not batches:
             break
     return samples
 
@@ -108,7 +105,8 @@ async def _sweep(
     tokenizer: corpus.Tokenizer,
     model: str,
 ) -> RoundResult | None:
-    """The bucket's request features, all kinds at once, after round `after`; None without."""
+    """The bucket's sweep kinds (its other endpoints and its features), all at once, after
+    round `after`; None when it has none."""
     requests = corpus.sweep_requests(profile, bucket, after, tokenizer, model)
     if not requests:
         return None
@@ -125,9 +123,10 @@ async def rounds(
 ) -> Outcome:
     """Warm bucket by bucket, round by round, until each converges (or the limits hit).
 
-    A round repeats the bucket's plain kinds (its shape must settle); a bucket with features
-    sends them all at once after round 1 (the sweep: each feature's cold path, paid once) and
-    again after its last round (the check: still warm).
+    A round repeats the bucket's first endpoint, plain (its shape must settle), with at least
+    `MIN_ROUND_SAMPLES` values of the metric; its other endpoints and features go all at once
+    after round 1 (the sweep: each cold path, paid once) and after its last round (the check:
+    still warm).
     """
     rule = profile.convergence
     deadline = profile.budget.max_seconds
@@ -157,8 +156,7 @@ async def rounds(
             if round_ == 1:
                 result.sweep = await _sweep(client, profile, bucket, 1, tokenizer, model)
                 sent += len(result.sweep.samples) if result.sweep else 0
-            metric = rule.metric
-            verdict = convergence.check(result.values(metric), rule)
+            verdict = convergence.check(result.values(rule.metric), rule)
             result.noise = verdict.noise
             logger.debug("bucket %s round %d: %s", bucket.name, round_, verdict.reason)
             if verdict.converged:
