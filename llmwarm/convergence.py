@@ -68,6 +68,12 @@ class Rule(BaseModel):
         description="Largest share by which the latest round may beat the best earlier round "
         "of the window (more means it is still getting faster).",
     )
+    allow_noise: bool = Field(
+        default=True,
+        description="Let the window's round medians lie as far apart as their measured noise "
+        "explains, when that is more than `spread` (and the latest gain likewise); false: "
+        "`spread` and `improvement` alone.",
+    )
     min_rounds: int = Field(
         default=3, ge=1, le=1000, description="Never converged before this many rounds."
     )
@@ -140,6 +146,8 @@ def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
     se = _standard_error(window)
     noise = se / mid
     spread = (max(medians) - min(medians)) / mid
+    if not rule.allow_noise:
+        se = 0.0  # the fixed thresholds alone
     allowed = max(rule.spread, RANGE_Q * se / mid)
     if spread > allowed:
         return Verdict(False, f"spread {spread:.1%} > {allowed:.0%}", noise)

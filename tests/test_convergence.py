@@ -234,3 +234,11 @@ def test_the_verdict_reports_the_noise_it_measured() -> None:
     verdict = check(rounds, DEFAULT)
     assert verdict.converged and verdict.noise is not None and 0.05 < verdict.noise < 0.2
     assert check(one([1.0, 1.0, 1.0]), DEFAULT).noise == 0.0
+
+
+def test_without_noise_allowed_the_fixed_spread_alone_judges() -> None:
+    rounds = [[1.0, 1.2, 0.8, 1.1, 0.9], [1.05, 1.25, 0.85, 1.15, 0.95], [1.0, 1.2, 0.8, 1.1, 0.9]]
+    strict = Rule(spread=0.01, allow_noise=False)
+    assert check(rounds, Rule(spread=0.01)).converged  # 5 % apart, within the noise
+    verdict = check(rounds, strict)
+    assert not verdict.converged and "spread 5.0% > 1%" in verdict.reason

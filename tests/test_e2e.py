@@ -484,10 +484,12 @@ def test_unconverged_with_fail_policy_exits_6_after_writing_the_report(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     profile = tmp_path / "strict.yaml"
-    # No real series is this flat: the rule cannot hold within two rounds.
+    # No real series is this flat: the rule, held to the fixed spread, cannot hold within
+    # two rounds.
     profile.write_text(
         "buckets:\n  - {prompt_tokens: 16, concurrency: 1, max_tokens: 8}\n"
-        "convergence: {window: 2, spread: 0.000001, min_rounds: 2, max_rounds: 2}\n"
+        "convergence: {window: 2, spread: 0.000001, min_rounds: 2, max_rounds: 2,"
+        " allow_noise: false}\n"
     )
     report = tmp_path / "strict.json"
     proc = subprocess.run(
@@ -531,7 +533,7 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
     # Enough rounds that the warm-up lasts a while on this machine.
     profile.write_text(
         "buckets:\n  - {prompt_tokens: 64, concurrency: 2, max_tokens: 32}\n"
-        "convergence: {spread: 0.000001, max_rounds: 200}\n"
+        "convergence: {spread: 0.000001, max_rounds: 200, allow_noise: false}\n"
     )
     with log.open("wb") as out:
         proc = subprocess.Popen(
