@@ -62,6 +62,10 @@ def _choice_text(obj: Json) -> bool:
     return False
 
 
+def _choices(obj: Json) -> bool:
+    return bool(obj.get("choices"))
+
+
 def _never(obj: Json) -> bool:
     return False
 
@@ -80,6 +84,10 @@ class Spec:
     ignore_eos: bool = False  # takes vLLM's ignore_eos (so a warm-up runs its full length)
     messages: bool = False  # the prompt is a list of chat messages (images, tools)
     has_token: Callable[[Json], bool] = _never  # a stream event that carries output text
+    # A stream event that shows the first token came, even one with no text (a special token,
+    # an end of sequence at once): where TTFT stops. As `vllm bench serve` times it: completions
+    # and chat, the first chunk with choices (vLLM sends chat's role chunk with the first token).
+    first_token: Callable[[Json], bool] | None = None  # None: the first `has_token` event
     in_body: Callable[[Json], bool] = _never  # a request body of this API (no path at hand)
     log_id: str | None = None  # how vLLM's request log names its requests: `cmpl-...`
 
@@ -125,13 +133,15 @@ SPECS: dict[str, Spec] = {
             "completions", "/v1/completions", "generate",
             body=lambda p, d, n, s: {"prompt": p, "max_tokens": n, **_openai_stream(s)},
             usage=_openai_usage, streamable=True, sampling=True, ignore_eos=True,
-            has_token=_choice_text, in_body=lambda b: "prompt" in b, log_id="cmpl-",
+            has_token=_choice_text, first_token=_choices, in_body=lambda b: "prompt" in b,
+            log_id="cmpl-",
         ),
         Spec(
             "chat", "/v1/chat/completions", "generate",
             body=lambda p, d, n, s: {"messages": _chat(p), "max_tokens": n, **_openai_stream(s)},
             usage=_openai_usage, streamable=True, sampling=True, ignore_eos=True, messages=True,
-            has_token=_choice_text, in_body=lambda b: "messages" in b and not _anthropic(b),
+            has_token=_choice_text, first_token=_choices,
+            in_body=lambda b: "messages" in b and not _anthropic(b),
             log_id="chatcmpl-",  # the Messages API runs through chat: its requests too
         ),
         Spec(
@@ -152,6 +162,8 @@ SPECS: dict[str, Spec] = {
             usage=_messages_usage, streamable=True, messages=True,
             has_token=lambda o: o.get("type") == "content_block_delta"
             and bool((o.get("delta") or {}).get("text")),
+            # vLLM sends message_start with chat's first chunk, so with the first token
+            first_token=lambda o: o.get("type") == "message_start",
             in_body=lambda b: "messages" in b and _anthropic(b),
         ),
         Spec(

@@ -68,8 +68,9 @@ def _json(req: WarmRequest, text: str, what: str) -> dict[str, Any]:
 
 async def _streamed(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sample:
     endpoint = SPECS[req.endpoint]
+    starts = endpoint.first_token or endpoint.has_token
     sent, trace = wire.tracer()
-    first = last = None
+    first = last = None  # the first token's arrival, the last text event's
     events = 0  # events that carried output text (a server may send several tokens in one)
     prompt_tokens = output_tokens = None
     start = time.perf_counter()
@@ -87,6 +88,8 @@ async def _streamed(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> 
             if (error := failed(event)) is not None:
                 raise _fail(req, f"error in stream: {error}")
             now = time.perf_counter()
+            if first is None and starts(event):
+                first = now
             if endpoint.has_token(event):
                 first = first if first is not None else now
                 last = now

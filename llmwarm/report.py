@@ -29,7 +29,10 @@ class Sample(BaseModel):
     """One warm-up request as the client saw it."""
 
     kind: str = Field(description="Endpoint and streaming mode, e.g. `chat-stream`.")
-    ttft_s: float | None = Field(description="Time to first token (streamed requests only).")
+    ttft_s: float | None = Field(
+        description="Time to first token (streamed requests only; none where no event showed "
+        "it: a Responses API stream whose output had no text)."
+    )
     tpot_s: float | None = Field(
         description="Time per output token after the first (streamed requests only)."
     )

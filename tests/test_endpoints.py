@@ -99,3 +99,59 @@ async def test_a_stream_that_sends_all_text_in_one_event_has_no_tpot() -> None:
     assert sample.ttft_s is not None and sample.ttft_s > 0
     assert sample.tpot_s is None
     assert (sample.prompt_tokens, sample.output_tokens) == (9, 8)
+
+
+def _sse_server(events: list[dict[str, object]]) -> httpx.MockTransport:
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    return httpx.MockTransport(
+        lambda request: httpx.Response(
+            200, content=body.encode(), headers={"content-type": "text/event-stream"}
+        )
+    )
+
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 1}
+
+
+@pytest.mark.parametrize(
+    ("name", "events"),
+    [
+        # vLLM sends a completions chunk for every token, its text empty for a special token
+        ("completions", [{"choices": [{"text": "", "finish_reason": "stop"}]},
+                         {"choices": [], "usage": USAGE}]),
+        # chat's role chunk comes with the first token, whatever its text
+        ("chat", [{"choices": [{"delta": {"role": "assistant", "content": ""}}]},
+                  {"choices": [{"delta": {"content": ""}, "finish_reason": "stop"}]},
+                  {"choices": [], "usage": USAGE}]),
+        # the Messages API's message_start rides on chat's first chunk
+        ("messages", [{"type": "message_start", "message": {"usage": {"input_tokens": 9}}},
+                      {"type": "message_delta", "usage": {"output_tokens": 1}},
+                      {"type": "message_stop"}]),
+    ],
+)  # fmt: skip
+async def test_an_output_with_no_text_still_has_its_first_token_timed(
+    name: str, events: list[dict[str, object]]
+) -> None:
+    # CI saw it: a random model's Messages stream that ended at once (no ignore_eos there)
+    req = WarmRequest(bucket="b", round=1, kind=f"{name}-stream", endpoint=name, stream=True,
+                      body={})  # fmt: skip
+    async with httpx.AsyncClient(transport=_sse_server(events), base_url="http://x") as c:
+        sample = await measure.measure(c, req)
+    assert sample.ttft_s is not None and 0 < sample.ttft_s <= sample.e2e_s
+    assert sample.tpot_s is None  # one token: no decode time
+    assert (sample.prompt_tokens, sample.output_tokens) == (9, 1)
+
+
+async def test_a_responses_stream_with_no_text_shows_no_first_token() -> None:
+    # vLLM's Responses stream sends nothing for a token with no text: its first token is unseen
+    events = [
+        {"type": "response.created", "response": {"id": "r"}},
+        {"type": "response.completed",
+         "response": {"id": "r", "usage": {"input_tokens": 9, "output_tokens": 1}}},
+    ]  # fmt: skip
+    req = WarmRequest(bucket="b", round=1, kind="responses-stream", endpoint="responses",
+                      stream=True, body={})  # fmt: skip
+    async with httpx.AsyncClient(transport=_sse_server(events), base_url="http://x") as c:
+        sample = await measure.measure(c, req)
+    assert sample.ttft_s is None and sample.e2e_s > 0
+    assert (sample.prompt_tokens, sample.output_tokens) == (9, 1)
