@@ -147,6 +147,18 @@ CacheDirOption = Annotated[
         show_default=False,
     ),
 ]
+LearnOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--learn",
+        envvar="LLMWARM_LEARN",
+        help="Keep a summary of the request shapes served here (counts, lengths, features; "
+        "never text), written from time to time and at shutdown; each start warms the shapes "
+        "in it that the profile misses. Default: learned.json in --cache-dir, if given.",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
 OnUnconvergedOption = Annotated[
     Literal["serve", "fail"],
     typer.Option(
@@ -192,7 +204,8 @@ e.g. from an image layer or a volume.
 
 ENV_HELP = (
     "Environment: LLMWARM_PROFILE, LLMWARM_REPORT, LLMWARM_PLOT, LLMWARM_ON_UNCONVERGED, "
-    "LLMWARM_CACHE_DIR, LLMWARM_CAPTURE_SIZES_FROM_PROFILE set the options of the same name; "
+    "LLMWARM_CACHE_DIR, LLMWARM_LEARN, LLMWARM_CAPTURE_SIZES_FROM_PROFILE set the options of "
+    "the same name; "
     "a flag wins over its variable."
 )
 
@@ -207,6 +220,7 @@ def _command(mode: Mode) -> Callable[..., None]:
         on_unconverged: OnUnconvergedOption = "serve",
         capture_sizes_from_profile: CaptureSizesOption = False,
         cache_dir: CacheDirOption = None,
+        learn: LearnOption = None,
         vllm_help: VllmHelpOption = False,
     ) -> None:
         _run(
@@ -219,6 +233,7 @@ def _command(mode: Mode) -> Callable[..., None]:
             on_unconverged=on_unconverged,
             capture_sizes_from_profile=capture_sizes_from_profile,
             cache_dir=cache_dir,
+            learn_path=learn,
         )
 
     return command
@@ -372,8 +387,6 @@ def profile_from_log(
     ] = None,
 ) -> None:
     """Build a profile from real traffic: buckets and features that cover its requests."""
-    import yaml
-
     from llmwarm.fromlog import build
     from llmwarm.profile import parse_profile
 
@@ -383,6 +396,13 @@ def profile_from_log(
         parse_profile(data, source="the built profile")  # what we print must load
     except LlmwarmError as exc:
         _exit_with(exc)
+    _print_profile(data, comment, out)
+
+
+def _print_profile(data: dict[str, Any], comment: str, out: Path | None) -> None:
+    """A built profile, its comment first, to stdout or `out`."""
+    import yaml
+
     text = comment + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     if out is None:
         typer.echo(text, nl=False)
@@ -392,6 +412,38 @@ def profile_from_log(
         except LlmwarmError as exc:
             _exit_with(exc)
         err.print(comment, highlight=False, markup=False)
+
+
+@profile_app.command("from-coverage")
+def profile_from_coverage(
+    learn_files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Learn files (--learn) of one or many replicas: merged.",
+            exists=True,
+            dir_okay=False,
+            show_default=False,
+        ),
+    ],
+    coverage: Annotated[
+        float,
+        typer.Option(min=0.01, max=1.0, help="Share of the requests the buckets must cover."),
+    ] = 0.99,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the profile here instead of stdout.", dir_okay=False)
+    ] = None,
+) -> None:
+    """Build one profile from the learn files of a fleet: the shapes its traffic had."""
+    from llmwarm import learn
+    from llmwarm.profile import parse_profile
+
+    try:
+        counts = learn.read_many(learn_files)
+        data, comment = learn.profile_from(counts, coverage, [str(f) for f in learn_files])
+        parse_profile(data, source="the built profile")  # what we print must load
+    except LlmwarmError as exc:
+        _exit_with(exc)
+    _print_profile(data, comment, out)
 
 
 @profile_app.command("schema")

@@ -91,6 +91,7 @@ class Control:
         self.app = Starlette(
             routes=[
                 Route("/warmup/report", self._get_report, methods=["GET"]),
+                Route("/warmup/coverage", self._get_coverage, methods=["GET"]),
                 Route("/warmup/run", self._run, methods=["POST"]),
             ]
         )
@@ -106,6 +107,10 @@ class Control:
         if report is None:
             return _error(404, "no warm-up has finished yet")
         return Response(report.model_dump_json(indent=2), media_type="application/json")
+
+    async def _get_coverage(self, request: Request) -> Response:
+        """Live traffic since this process started, against the last warm-up."""
+        return JSONResponse(self.state.coverage.summary())
 
     async def _run(self, request: Request) -> Response:
         if self.state.stage is not Stage.SERVING:

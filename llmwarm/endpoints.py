@@ -197,6 +197,7 @@ SPECS: dict[str, Spec] = {
 
 GENERATE = tuple(name for name, spec in SPECS.items() if spec.generates)
 SAMPLING = frozenset(name for name, spec in SPECS.items() if spec.sampling)
+BY_PATH = {spec.path: name for name, spec in SPECS.items()}
 
 
 def known(name: str) -> str:

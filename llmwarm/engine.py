@@ -156,6 +156,11 @@ def model_name(args: Namespace) -> str:
     return str(args.served_model_name[0] if args.served_model_name else args.model)
 
 
+def served_names(args: Namespace) -> list[str]:
+    """Every name the base model answers to (any other `model` is an adapter)."""
+    return [str(n) for n in args.served_model_name] if args.served_model_name else [args.model]
+
+
 def bind(args: Namespace) -> tuple[str, socket.socket]:
     """Bind the HTTP socket before the engine loads, as `vllm serve` does."""
     from vllm.entrypoints.launchers.launcher import setup_server

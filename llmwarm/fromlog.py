@@ -61,7 +61,7 @@ def _text(body: dict[str, Any]) -> str:
     return " ".join(p for p in parts if isinstance(p, str))
 
 
-def _from_body(body: dict[str, Any]) -> Observed:
+def from_body(body: dict[str, Any]) -> Observed:
     """One logged request body; `path` (or `url`) beside it names its endpoint, if there."""
     path = body.get("path") or body.get("url")
     endpoint = endpoints.recognise(body, path if isinstance(path, str) else None)
@@ -102,13 +102,13 @@ def parse(lines: list[str]) -> tuple[list[Observed], int]:
             continue
         if line.startswith("{"):
             try:
-                plain.append(_from_body(json.loads(line)))
+                plain.append(from_body(json.loads(line)))
             except (ValueError, AttributeError, TypeError):
                 skipped += 1
             continue
         if m := _BODY.search(line):
             try:
-                seen = _from_body(json.loads(m.group(2)))
+                seen = from_body(json.loads(m.group(2)))
             except (ValueError, AttributeError, TypeError):
                 skipped += 1
                 continue
@@ -132,7 +132,8 @@ def parse(lines: list[str]) -> tuple[list[Observed], int]:
     return plain + list(by_id.values()), skipped
 
 
-def _class(value: int, low: int = 16) -> int:
+def size_class(value: int, low: int = 16) -> int:
+    """The power of two at or above `value` (at least `low`): how request sizes are grouped."""
     return max(low, 1 << max(0, math.ceil(math.log2(max(1, value)))))
 
 
@@ -140,8 +141,44 @@ def _concurrency(requests: list[Observed]) -> list[int]:
     """Per request: a power-of-two class of the requests that arrived in the same second."""
     seconds = Counter(int(r.timestamp) for r in requests if r.timestamp is not None)
     return [
-        _class(seconds[int(r.timestamp)], low=1) if r.timestamp is not None else 1 for r in requests
+        size_class(seconds[int(r.timestamp)], low=1) if r.timestamp is not None else 1
+        for r in requests
     ]
+
+
+def profile_data(
+    classes: Counter[tuple[int, int, int]],
+    features_seen: Counter[str],
+    endpoints_seen: set[str],
+    streams_seen: set[bool],
+    coverage: float,
+) -> tuple[dict[str, Any], int]:
+    """A profile (YAML-ready data) from requests counted by (prompt, concurrency, output)
+    class: the most frequent classes until they cover `coverage` of the requests, and how
+    many requests they cover."""
+    total = sum(classes.values())
+    kept, covered = [], 0
+    for (p, c, o), count in classes.most_common():
+        kept.append({"prompt_tokens": p, "concurrency": c, "max_tokens": o})
+        covered += count
+        if covered >= coverage * total:
+            break
+    # lora needs adapter names, which no log line gives: said in the comment instead
+    use = [
+        "greedy",
+        *(f for f in features.SPECS if f not in ("greedy", "lora") and features_seen[f]),
+    ]
+    names = [name for name in endpoints.SPECS if name in endpoints_seen]
+    streams = sorted(streams_seen, reverse=True)
+    data: dict[str, Any] = {
+        **({"endpoints": names} if names else {}),  # none seen: what the engine serves
+        "stream": streams or [True, False],
+        "buckets": kept,
+        "features": {"use": use},
+    }
+    if True not in data["stream"]:
+        data["convergence"] = {"metric": "e2e"}
+    return data, covered
 
 
 def build(lines: list[str], coverage: float, source: str) -> tuple[dict[str, Any], str]:
@@ -154,29 +191,15 @@ def build(lines: list[str], coverage: float, source: str) -> tuple[dict[str, Any
                        "request log line")],
         )  # fmt: skip
     classes = Counter(
-        (_class(r.prompt_tokens or DEFAULT_PROMPT_TOKENS), c, _class(r.max_tokens or 16))
+        (size_class(r.prompt_tokens or DEFAULT_PROMPT_TOKENS), c, size_class(r.max_tokens or 16))
         for r, c in zip(requests, _concurrency(requests), strict=True)
     )
-    kept, covered = [], 0
-    for (p, c, o), count in classes.most_common():
-        kept.append({"prompt_tokens": p, "concurrency": c, "max_tokens": o})
-        covered += count
-        if covered >= coverage * len(requests):
-            break
     seen = Counter(f for r in requests for f in r.features)
-    # lora needs adapter names, which no log line gives: said in the comment instead
-    use = ["greedy", *(f for f in features.SPECS if f not in ("greedy", "lora") and seen[f])]
-    seen_endpoints = {r.endpoint for r in requests if r.endpoint}
-    names = [name for name in endpoints.SPECS if name in seen_endpoints]
-    streams = sorted({r.stream for r in requests if r.stream is not None}, reverse=True)
-    data: dict[str, Any] = {
-        **({"endpoints": names} if names else {}),  # none seen: what the engine serves
-        "stream": streams or [True, False],
-        "buckets": kept,
-        "features": {"use": use},
-    }
-    if True not in data["stream"]:
-        data["convergence"] = {"metric": "e2e"}
+    data, covered = profile_data(
+        classes, seen, {r.endpoint for r in requests if r.endpoint},
+        {r.stream for r in requests if r.stream is not None}, coverage,
+    )  # fmt: skip
+    use = data["features"]["use"]
     unknown = sum(1 for r in requests if r.prompt_tokens is None)
     lines_out = [
         f"built by `llmwarm profile from-log` from {source}: {len(requests)} requests"

@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -33,12 +34,16 @@ from prometheus_client import make_asgi_app
 from starlette.requests import Request
 
 from llmwarm.control import PREFIX as CONTROL_PREFIX
+from llmwarm.coverage import TAIL_BYTES
+from llmwarm.endpoints import BY_PATH
 from llmwarm.state import Phase, RunState
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 WARMUP_HEADER = "x-llmwarm-warmup"
+
+logger = logging.getLogger(__name__)
 
 
 # Seconds a client should wait before trying again, by phase: loading takes a minute or
@@ -93,8 +98,10 @@ class Gate:
         state: RunState,
         control: ASGIApp | None = None,
         authorized: Callable[[Request], bool] = lambda request: True,
+        coverage: bool = True,
     ) -> None:
         self.state = state
+        self.coverage = coverage  # record each user request of an endpoint (off: benchmarks)
         self.control = control
         self.authorized = authorized
         self.token = secrets.token_urlsafe(32)
@@ -144,8 +151,61 @@ class Gate:
             _WARMUP_REQUEST.set(True)
         passes = phase in (Phase.READY, Phase.STOPPING) or (phase is Phase.WARMING and warmup)
         if passes and app is not None:
+            if self.coverage and not warmup and scope["type"] == "http":
+                endpoint = BY_PATH.get(scope["path"])
+                if endpoint is not None and scope["method"] == "POST":
+                    return await self._observed(app, endpoint, scope, receive, send)
             return await app(scope, receive, send)
         await self._unavailable(scope, send, phase)
+
+    async def _observed(
+        self, app: ASGIApp, endpoint: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Pass a user's request to vLLM's app, then record it in the coverage (after its
+        answer is sent: nothing is parsed on the request's way). Its body is kept as the
+        chunks vLLM reads (no copy), the answer's last bytes (its usage), its first byte's
+        time (TTFT of a stream) and its last's."""
+        coverage = self.state.coverage
+        coverage.in_flight += 1
+        in_flight, start = coverage.in_flight, time.perf_counter()
+        chunks: list[bytes] = []
+        status, first, tail, end = 0, 0.0, b"", 0.0
+
+        async def observed_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+            return message
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, first, tail, end
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                if chunk := message.get("body"):
+                    first = first or time.perf_counter()
+                    tail = (tail + chunk)[-TAIL_BYTES:]
+                if not message.get("more_body") and not end:
+                    # the answer is out: the client may send its next request before the app
+                    # returns, and this one is no longer in flight then
+                    end = time.perf_counter()
+                    coverage.in_flight -= 1
+            await send(message)
+
+        try:
+            await app(scope, observed_receive, observed_send)
+        finally:
+            if not end:  # no complete answer (an error, a cancel)
+                coverage.in_flight -= 1
+        if not end or not 200 <= status < 300:
+            return
+        try:
+            shape = coverage.classify(endpoint, b"".join(chunks), tail, in_flight)
+            if shape is not None:
+                latency = (first or end) - start if shape.stream else end - start
+                coverage.record(shape, latency)
+        except Exception:  # never a user's request's problem
+            logger.exception("could not record a request in the coverage")
 
     async def _unavailable(self, scope: Scope, send: Send, phase: Phase) -> None:
         if scope["type"] == "websocket":

@@ -13,6 +13,10 @@ A collector reads the live state when scraped, so nothing is counted twice:
     llmwarm_jit_monitor_active                                      1 if vLLM's JIT monitor runs
     llmwarm_jit_events{phase="warmup|serving"}                      its compiles and autotuning
                                                                     runs: caught / missed
+    llmwarm_requests_total{covered="true|false"}                    user requests the warm-up
+                                                                    covered / did not
+    llmwarm_cold_miss_ratio{kind}                                   an uncovered kind's first
+                                                                    request over its later ones
 """
 
 from __future__ import annotations
@@ -97,6 +101,26 @@ class WarmupCollector(Collector):
             events.add_metric(["warmup"], state.jit.warmup)
             events.add_metric(["serving"], state.jit.serving)
             yield events
+        coverage = state.coverage
+        requests = CounterMetricFamily(
+            "llmwarm_requests",
+            "User requests to an endpoint, by whether the last warm-up covered their kind and "
+            "shape (GET /warmup/coverage says why not).",
+            labels=["covered"],
+        )
+        requests.add_metric(["true"], coverage.covered)
+        requests.add_metric(["false"], coverage.uncovered)
+        yield requests
+        ratio = GaugeMetricFamily(
+            "llmwarm_cold_miss_ratio",
+            "Per uncovered request kind: its first request's latency (TTFT for streams, end to "
+            "end otherwise) over the median of its later ones.",
+            labels=["kind"],
+        )
+        for kind, miss in coverage.misses.items():
+            if miss.ratio is not None:
+                ratio.add_metric([kind], miss.ratio)
+        yield ratio
 
 
 @contextlib.contextmanager

@@ -73,6 +73,14 @@ StopReason = Literal["converged", "max_rounds", "budget", "running", "failed"]
 Trigger = Literal["startup", "api"]
 
 
+class Learned(BaseModel):
+    """What a warm-up added to its profile from the learn file (`llmwarm.learn`)."""
+
+    file: str = Field(description="The learn file.")
+    buckets: list[str] = Field(description="Buckets added for shapes live traffic needed.")
+    kinds: list[str] = Field(description="Request kinds added (endpoint x stream x feature).")
+
+
 class BucketResult(BaseModel):
     name: str
     prompt_tokens: int
@@ -242,6 +250,10 @@ class Report(BaseModel):
         default="startup",
         description="`startup`, or `api` for a re-warm asked for by `POST /warmup/run`.",
     )
+    learned: Learned | None = Field(
+        default=None,
+        description="What the profile was extended with from live traffic (`--learn`).",
+    )
     error: WarmupFailure | None = Field(
         default=None,
         description="Set when the warm-up failed (a request failed, the engine died); "
@@ -293,6 +305,7 @@ class Report(BaseModel):
         kv_fill: KvFillResult | None = None,
         prefix_cache_reset: bool = False,
         jit: JitEvents | None = None,
+        learned: Learned | None = None,
         error: WarmupFailure | None = None,
     ) -> Report:
         """The report of one warm-up of the process `origin` describes."""
@@ -306,6 +319,7 @@ class Report(BaseModel):
             budget_exhausted=outcome.budget_exhausted,
             kv_fill=kv_fill,
             jit=jit,
+            learned=learned,
             trigger=trigger,
             error=error,
             buckets=outcome.buckets,

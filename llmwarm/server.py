@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING
 import httpx
 from rich.console import Console
 
-from llmwarm import __version__, caches, engine, metrics
+from llmwarm import __version__, caches, engine, learn, metrics
 from llmwarm.control import Control, RewarmRequest
+from llmwarm.coverage import Warmed
 from llmwarm.errors import (
     EXIT_INTERRUPTED,
     Interrupted,
@@ -170,6 +171,13 @@ async def _watch_jit(eng: engine.EngineClient, state: RunState, every: float = 1
             state.jit = await eng.jit_events()
 
 
+async def _keep_learning(write: Callable[[], None], every: float = learn.WRITE_EVERY_S) -> None:
+    """While serving, write the learn file from time to time (when traffic changed it)."""
+    while True:
+        await asyncio.sleep(every)
+        write()
+
+
 def _write(report: Report, settings: Settings) -> None:
     """Write the report (and plot), each atomically. A file that cannot be written (full
     disk) fails `warm` and `bake`, whose product it is; a server logs it and serves on (the
@@ -220,6 +228,16 @@ class Lifecycle:
         self.started_at = datetime.now(timezone.utc)
         self._start = start
         self._warmups: WarmupRun | None = None  # once the engine runs
+        self.state.coverage.served = frozenset(engine.served_names(args))
+        self._learn_writable = False
+        if settings.learn_path is not None:
+            self.state.coverage.history, self._learn_writable = learn.read(settings.learn_path)
+            if self.state.coverage.history:
+                logger.info(
+                    "learn file %s: %d requests in %d shapes",
+                    settings.learn_path, sum(self.state.coverage.history.values()),
+                    len(self.state.coverage.history),
+                )  # fmt: skip
         _, self.sock = engine.bind(args)
         self.http = engine.http_server(self.gate, args)
 
@@ -256,7 +274,11 @@ class Lifecycle:
             try:
                 app = await eng.build_app(self.http)
                 self.state.warming(app)
-                self._warmups = WarmupRun(eng, self.state, self._origin(eng), self._client)
+                self.state.coverage.max_running = eng.shape().max_num_seqs
+                learn_file = str(settings.learn_path) if settings.learn_path else None
+                self._warmups = WarmupRun(
+                    eng, self.state, self._origin(eng), self._client, learn_file
+                )
                 source = str(settings.profile_path)
                 report = await self._run_warmup(settings.profile, source, "startup")
                 _show_and_judge(report, settings)
@@ -275,17 +297,36 @@ class Lifecycle:
             await eng.jit_phase("serving")  # from now on a compile is a user's spike
             self.state.serving()
             logger.info("warm: serving on %s", listen_url(self.sock, self.settings.vllm_args))
-            watch = asyncio.create_task(_watch_jit(eng, self.state))
+            watches = [asyncio.create_task(_watch_jit(eng, self.state))]
+            if self._learn_writable:
+                watches.append(asyncio.create_task(_keep_learning(self._write_learned)))
             try:
                 await _serve_until_stopped(self.stop, self.http_task, eng)
             finally:
-                watch.cancel()
+                for watch in watches:
+                    watch.cancel()
                 # No re-warm may start or go on, then in-flight user requests drain.
                 self.state.stopping()
                 await self.control.close()
                 # vLLM's --shutdown-timeout: how long in-flight requests may drain
                 grace = self.settings.vllm_args.shutdown_timeout
                 await _stop_http(self.http, self.http_task, grace=grace)
+                if self._learn_writable:
+                    self._write_learned()
+
+    def _write_learned(self) -> None:
+        """The learn file, when traffic changed it; a failed write is logged (serving goes
+        on, the next write tries again)."""
+        coverage, path = self.state.coverage, self.settings.learn_path
+        if path is None or not coverage.changed:
+            return
+        try:
+            learn.write(path, coverage.all_shapes(), self.settings.model)
+        except WriteError as exc:
+            logger.error("%s", "\n".join(render(exc.message, exc.problems)))
+            return
+        coverage.changed = False
+        logger.info("learn file written: %s", path)
 
     async def _run_warmup(self, profile: Profile, source: str, trigger: Trigger) -> Report:
         """One warm-up; its report published in the state and written, also when it failed
@@ -293,6 +334,13 @@ class Lifecycle:
         assert self._warmups is not None  # the engine runs
         report = await self._warmups(profile, source, trigger)
         self.state.report = report
+        self.state.coverage.rewarmed(Warmed.from_report(report))
+        if report.learned is not None:
+            learned = report.learned
+            logger.info(
+                "learned from %s: buckets %s; kinds %s", learned.file,
+                ", ".join(learned.buckets) or "none", ", ".join(learned.kinds) or "none",
+            )  # fmt: skip
         _write(report, self.settings)
         if report.error is not None:
             raise WarmupError(report.error.message, problems=report.error.problems)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from llmwarm import caches, engine
+from llmwarm import caches, engine, learn
 from llmwarm.errors import ModelNotFound, UsageError
 from llmwarm.profile import Profile, load_profile, shipped
 
@@ -31,6 +31,7 @@ class Settings:
     on_unconverged: OnUnconverged
     mode: Mode
     cache_dir: Path | None = None
+    learn_path: Path | None = None  # the learn file (`llmwarm.learn`); None: no learning
 
     @property
     def serve(self) -> bool:
@@ -116,6 +117,7 @@ def resolve(
     on_unconverged: OnUnconverged,
     capture_sizes_from_profile: bool = False,
     cache_dir: Path | None = None,
+    learn_path: Path | None = None,
     mode: Mode,
     prog: str,
 ) -> Settings:
@@ -137,6 +139,8 @@ def resolve(
     if cache_dir is not None:
         cache_dir = caches.prepare(cache_dir)
         caches.use(cache_dir)  # before vLLM is imported: its processes inherit it
+        learn_path = learn_path or cache_dir / learn.FILE_NAME
+    check_output_path(learn_path, "--learn")
     args = engine.parse_args(vllm_argv, prog)
     check_model(args.model)
     if capture_sizes_from_profile:
@@ -153,4 +157,5 @@ def resolve(
         on_unconverged=on_unconverged,
         mode=mode,
         cache_dir=cache_dir,
+        learn_path=learn_path,
     )

@@ -1,7 +1,10 @@
 """The run state: what one process knows about itself, written by the lifecycle only.
 
 The gate (`/ready`, 503s), the control endpoints (`/warmup/*`) and the metrics collector read
-it; none of them writes it. Two clocks are kept apart on purpose:
+it; none of them writes it, but for one part: the gate records each user request it passes in
+`coverage` (`llmwarm.coverage`), which the lifecycle resets to each warm-up.
+
+Two clocks are kept apart on purpose:
 
     Stage   what the *process* is doing:  starting -> warming -> serving -> stopping
     Phase   what the *gate* answers:      loading  -> warming -> ready   -> stopping
@@ -17,6 +20,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from llmwarm.coverage import Coverage
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -66,6 +71,8 @@ class RunState:
     engine_start_s: float | None = None
     report: Report | None = None  # the last warm-up's, failed or not
     jit: JitEvents | None = None  # vLLM's JIT-monitor events by phase, as last read
+    # Live traffic against the last warm-up: the gate records each user request in it.
+    coverage: Coverage = field(default_factory=Coverage)
     warmup: WarmupProgress = field(init=False)
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 
-from llmwarm import convergence, corpus, engine, measure
+from llmwarm import convergence, corpus, engine, learn, measure
 from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape, for_engine, with_adapters
 from llmwarm.profile import Bucket, Profile
@@ -254,6 +254,7 @@ class WarmupRun:
     state: RunState
     origin: Origin
     client: Callable[[], httpx.AsyncClient]
+    learn_file: str | None = None  # extend each profile with the shapes live traffic needed
 
     async def __call__(self, profile: Profile, source: str, trigger: Trigger) -> Report:
         """One warm-up; its report, also when it failed (then with `error` set).
@@ -267,6 +268,10 @@ class WarmupRun:
                 shape = replace(shape, lora=adapters)
                 profile = with_adapters(profile, adapters)
             profile = for_engine(profile, shape)
+            learned = None
+            if self.learn_file is not None:
+                counts = self.state.coverage.all_shapes()
+                profile, learned = learn.extend(profile, counts, shape, self.learn_file)
             live = self.state.begin_warmup(profile.convergence.window)
             await self.engine.jit_phase("warmup")  # a compile now is what a warm-up is for
             try:
@@ -283,7 +288,7 @@ class WarmupRun:
         return Report.build(
             self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
             seconds=live.seconds or 0.0, kv_fill=kv, prefix_cache_reset=reset,
-            jit=self.state.jit,
+            jit=self.state.jit, learned=learned,
         )  # fmt: skip
 
     async def _warm(

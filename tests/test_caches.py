@@ -129,6 +129,7 @@ ENV = {
     "LLMWARM_ON_UNCONVERGED": "fail",
     "LLMWARM_CACHE_DIR": "/tmp/env-cache",
     "LLMWARM_CAPTURE_SIZES_FROM_PROFILE": "true",
+    "LLMWARM_LEARN": "/tmp/env-learned.json",
 }
 
 
@@ -145,6 +146,7 @@ def test_the_environment_configures_every_option(resolved: dict[str, Any]) -> No
         "on_unconverged": "fail",
         "cache_dir": Path("/tmp/env-cache"),
         "capture_sizes_from_profile": True,
+        "learn_path": Path("/tmp/env-learned.json"),
     }
 
 

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import gc
 import json
+import logging
 import os
 import signal
 import time
@@ -194,8 +195,8 @@ class Run:
 async def running(settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Run]]:
     runs: list[Run] = []
 
-    def start(eng: FakeEngine, *flags: str) -> Run:
-        run = Run(Lifecycle(settings(*flags), start=eng.start), eng)
+    def start(eng: FakeEngine, *flags: str, **fields: Any) -> Run:
+        run = Run(Lifecycle(dataclasses.replace(settings(*flags), **fields), start=eng.start), eng)
         runs.append(run)
         return run
 
@@ -460,3 +461,59 @@ async def test_engine_death_while_stopping_still_ends_cleanly(
     await in_flight
     report = await run.task  # asked to stop: the death changes nothing
     assert report.error is None and eng.shut_down
+
+
+# --- coverage of live traffic, and learning from it --------------------------------------------
+
+SECRET = "SECRET-7f3a9c"  # in a user's prompt: it must never reach anything llmwarm writes
+
+
+def _user_requests() -> list[tuple[str, dict[str, Any]]]:
+    """One request the minimal profile warms (plain completions) and one it does not (chat,
+    streamed, with penalties: minimal.yaml warms greedy, logprobs and json_schema)."""
+    prompt = f"{SECRET} what is the capital of France?"
+    return [
+        ("/v1/completions", {"model": "fake/model", "prompt": prompt, "max_tokens": 3}),
+        ("/v1/chat/completions", {
+            "model": "fake/model", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 3, "stream": True, "presence_penalty": 0.5,
+        }),
+    ]  # fmt: skip
+
+
+async def test_live_traffic_is_covered_or_not_and_the_next_start_learns_it(
+    running: Callable[..., Run], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="llmwarm")
+    path = tmp_path / "learned.json"
+    first = running(FakeEngine(), learn_path=path)
+    await first.until(Stage.SERVING)
+    for url, body in _user_requests():
+        assert (await first.client.post(url, json=body)).status_code == 200
+    coverage = (await first.client.get("/warmup/coverage")).json()
+    assert (coverage["requests"], coverage["covered"], coverage["uncovered"]) == (2, 1, 1)
+    [miss] = coverage["uncovered_by_requests"]
+    assert miss["kind"] == "chat-stream+penalties" and miss["requests"] == 1
+    assert miss["why"] == ["kind chat-stream+penalties not warmed"]
+    metrics = generate_latest(REGISTRY).decode()
+    assert 'llmwarm_requests_total{covered="false"} 1.0' in metrics
+    assert 'llmwarm_requests_total{covered="true"} 1.0' in metrics
+    await first.sigterm()
+    await first.task  # the learn file is written at shutdown
+    assert SECRET not in path.read_text() and SECRET not in json.dumps(coverage)
+
+    second = running(FakeEngine(), learn_path=path)
+    await second.until(Stage.SERVING)
+    report = second.life.state.report
+    assert report is not None and report.learned is not None
+    assert "chat-stream+penalties" in report.learned.kinds
+    assert report.learned.file == str(path)
+    for url, body in _user_requests():
+        assert (await second.client.post(url, json=body)).status_code == 200
+    coverage = (await second.client.get("/warmup/coverage")).json()
+    assert (coverage["covered"], coverage["uncovered"]) == (2, 0)
+    await second.sigterm()
+    await second.task
+    learned = json.loads(path.read_text())
+    assert sum(row["requests"] for row in learned["shapes"]) == 4  # both runs' traffic
+    assert SECRET not in caplog.text and SECRET not in (tmp_path / "report.json").read_text()

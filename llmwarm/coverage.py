@@ -1,0 +1,281 @@
+"""Live traffic in the warm-up's own terms: which requests the warm-up covered, and what the
+misses cost the users who sent them.
+
+Each user request that passes the open gate is described as a `Shape`: its endpoint, stream,
+features (the detectors `profile from-log` uses: one feature table), adapter, and power-of-two
+classes of its prompt tokens (from the answer's usage), output tokens and requests in flight at
+its arrival. Never its text.
+
+A request is **covered** when the last warm-up (`Warmed`) sent every kind it needs (its
+endpoint and streaming mode with each of its features: `chat-stream+logprobs`; with none, the
+plain kind `chat-stream`), and its shape lies within the warmed range: its prompt class at most
+the largest warmed bucket's, its in-flight class at most the widest warmed concurrency. A kind's
+own cold path (a logprobs kernel, a grammar compiler) is paid once whatever the shape; the
+engine's latency at a shape is shared by every kind: the warm-up is built the same way.
+
+A **cold miss** is what an uncovered shape cost: its first request's latency (TTFT for streams,
+end to end otherwise) over the median of its later ones. Pure: no vLLM, no HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmwarm import corpus, endpoints, fromlog
+
+if TYPE_CHECKING:
+    from llmwarm.profile import Profile
+    from llmwarm.report import Report
+
+LATER_KEPT = 255  # later latencies kept per uncovered shape, for their median
+TAIL_BYTES = 2048  # the end of an answer kept to read its usage from
+
+_USAGE = {
+    "prompt": re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)'),
+    "output": re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)'),
+}
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    """One kind of request at one size class, as live traffic or a learn file shows it."""
+
+    endpoint: str
+    stream: bool
+    features: tuple[str, ...]  # sorted feature kinds (`lora:NAME`, `image`); empty: plain
+    prompt_tokens: int  # class
+    concurrency: int  # class of the requests in flight at arrival
+    max_tokens: int  # class
+
+    @property
+    def kind(self) -> str:
+        """As the warm-up names kinds: `chat-stream+logprobs`, several features joined."""
+        base = corpus.Kind(self.endpoint, self.stream).name
+        return "+".join([base, *self.features])
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} p{self.prompt_tokens}-c{self.concurrency}-o{self.max_tokens}"
+
+    def kinds(self) -> list[str]:
+        """The warm-up kinds it needs: one per feature, or the plain (greedy) kind."""
+        return [
+            corpus.Kind(self.endpoint, self.stream, f).name for f in self.features or ["greedy"]
+        ]
+
+
+def _kind_key(name: str) -> str:
+    # An image of any size covers an image request (the size is not read from live traffic).
+    return re.sub(r"\+image:\S+$", "+image", name)
+
+
+@dataclass(frozen=True)
+class Warmed:
+    """What a warm-up sent: its kinds, and the widest shape any bucket reached."""
+
+    kinds: frozenset[str]
+    prompt_tokens: int
+    concurrency: int
+
+    @classmethod
+    def of(cls, buckets: Iterable[tuple[int, int, Iterable[str]]]) -> Warmed:
+        """From (prompt tokens, concurrency, kind names) per bucket that ran."""
+        kinds: set[str] = set()
+        prompt = concurrency = 0
+        for p, c, names in buckets:
+            kinds |= {_kind_key(n) for n in names}
+            prompt, concurrency = max(prompt, p), max(concurrency, c)
+        return cls(frozenset(kinds), prompt, concurrency)
+
+    @classmethod
+    def from_report(cls, report: Report) -> Warmed:
+        rows = []
+        for b in report.buckets:
+            done = [*b.rounds, *([b.sweep] if b.sweep else []), *([b.check] if b.check else [])]
+            if done:
+                rows.append(
+                    (b.prompt_tokens, b.concurrency, {s.kind for r in done for s in r.samples})
+                )
+        return cls.of(rows)
+
+    @classmethod
+    def from_profile(cls, profile: Profile) -> Warmed:
+        """What a profile (resolved for its engine) will send."""
+        return cls.of(
+            (b.prompt_tokens, b.concurrency, [k.name for k in corpus.kinds(profile, b)])
+            for b in profile.buckets
+        )
+
+    def misses(self, shape: Shape) -> list[str]:
+        """Why the warm-up did not cover this shape; empty: covered."""
+        why = [f"kind {k} not warmed" for k in shape.kinds() if _kind_key(k) not in self.kinds]
+        if shape.prompt_tokens > fromlog.size_class(self.prompt_tokens):
+            why.append(f"prompt class {shape.prompt_tokens} above the warmed {self.prompt_tokens}")
+        if shape.concurrency > fromlog.size_class(self.concurrency, low=1):
+            why.append(f"{shape.concurrency} in flight above the warmed {self.concurrency}")
+        return why
+
+
+def _usage(tail: bytes, which: str) -> int | None:
+    found = _USAGE[which].findall(tail)
+    return int(found[-1]) if found else None
+
+
+def classify(
+    endpoint: str, body: bytes, tail: bytes, in_flight: int, served: frozenset[str]
+) -> Shape | None:
+    """A served request as a `Shape`: `body` its JSON, `tail` the end of its answer (where the
+    usage is). None when the body is not a JSON object."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    seen = fromlog.from_body(data)
+    feats = set(seen.features)
+    model = data.get("model")
+    if isinstance(model, str) and served and model not in served:
+        feats.add(f"lora:{model}")  # a model name the server serves besides the base: an adapter
+    prompt = _usage(tail, "prompt") or seen.prompt_tokens or fromlog.DEFAULT_PROMPT_TOKENS
+    output = seen.max_tokens if isinstance(seen.max_tokens, int) else _usage(tail, "output")
+    spec = endpoints.SPECS[endpoint]
+    return Shape(
+        endpoint=endpoint,
+        stream=bool(seen.stream) and spec.streamable,
+        features=tuple(sorted(f for f in feats if f != "greedy")),
+        prompt_tokens=fromlog.size_class(prompt),
+        concurrency=fromlog.size_class(in_flight, low=1),
+        max_tokens=fromlog.size_class(output or 16) if spec.generates else 1,
+    )
+
+
+@dataclass
+class Miss:
+    """One uncovered kind's requests: why, at which shapes, and what its first one cost."""
+
+    why: list[str] = field(default_factory=list)
+    shapes: set[Shape] = field(default_factory=set)
+    requests: int = 0
+    first_s: float | None = None
+    later: deque[float] = field(default_factory=lambda: deque(maxlen=LATER_KEPT))
+
+    @property
+    def later_median_s(self) -> float | None:
+        return statistics.median(self.later) if self.later else None
+
+    @property
+    def ratio(self) -> float | None:
+        later = self.later_median_s
+        if self.first_s is None or not later:
+            return None
+        return self.first_s / later
+
+
+@dataclass
+class Coverage:
+    """Live traffic against the last warm-up, since this process started. Written by the gate
+    (each request) and the lifecycle (each warm-up); read by `/warmup/coverage`, `/metrics`
+    and the learn file."""
+
+    served: frozenset[str] = frozenset()  # the base model's names (others are adapters)
+    max_running: int | None = None  # the engine's max_num_seqs: more in flight wait in queue
+    warmed: Warmed | None = None  # the last warm-up's; None: none yet
+    history: Counter[Shape] = field(default_factory=Counter)  # from the learn file
+    served_shapes: Counter[Shape] = field(default_factory=Counter)  # this process's
+    covered: int = 0
+    uncovered: int = 0
+    misses: dict[str, Miss] = field(default_factory=dict)  # by the request's kind
+    in_flight: int = 0  # user requests under way (the gate counts them)
+    changed: bool = False  # since the learn file was last written
+
+    def classify(self, endpoint: str, body: bytes, tail: bytes, in_flight: int) -> Shape | None:
+        """A served request as a `Shape` (`classify`), in flight counted up to what runs."""
+        running = min(in_flight, self.max_running) if self.max_running else in_flight
+        return classify(endpoint, body, tail, running, self.served)
+
+    def record(self, shape: Shape, latency_s: float) -> bool:
+        """One served request; whether the warm-up covered it."""
+        self.served_shapes[shape] += 1
+        self.changed = True
+        why = ["no warm-up yet"] if self.warmed is None else self.warmed.misses(shape)
+        if not why:
+            self.covered += 1
+            return True
+        self.uncovered += 1
+        miss = self.misses.setdefault(shape.kind, Miss())
+        if miss.first_s is None:
+            miss.first_s = latency_s
+        else:
+            miss.later.append(latency_s)
+        miss.why += [w for w in why if w not in miss.why]
+        miss.shapes.add(shape)
+        miss.requests += 1
+        return False
+
+    def rewarmed(self, warmed: Warmed) -> None:
+        """A warm-up finished: requests from now on are judged against it (a kind it now
+        covers at every shape seen is no longer a miss)."""
+        self.warmed = warmed
+        for kind in [k for k, m in self.misses.items() if not any(map(warmed.misses, m.shapes))]:
+            del self.misses[kind]
+
+    def all_shapes(self) -> Counter[Shape]:
+        """The learn file's counts: what it held, and what this process served."""
+        return self.history + self.served_shapes
+
+    def summary(self) -> dict[str, Any]:
+        """`GET /warmup/coverage`: totals, the covered share, and the misses ranked."""
+        total = self.covered + self.uncovered
+        misses = [
+            {
+                "kind": kind,
+                "why": miss.why,
+                "shapes": sorted(s.name.split(" ", 1)[1] for s in miss.shapes),
+                "requests": miss.requests,
+                "first_s": _round(miss.first_s),
+                "later_median_s": _round(miss.later_median_s),
+                "cold_miss_ratio": _round(miss.ratio),
+            }
+            for kind, miss in self.misses.items()
+        ]
+        return {
+            "requests": total,
+            "covered": self.covered,
+            "uncovered": self.uncovered,
+            "covered_share": round(self.covered / total, 4) if total else None,
+            "warmed": None
+            if self.warmed is None
+            else {
+                "kinds": sorted(self.warmed.kinds),
+                "prompt_tokens": self.warmed.prompt_tokens,
+                "concurrency": self.warmed.concurrency,
+            },
+            "uncovered_by_requests": sorted(misses, key=lambda m: -m["requests"]),
+            "uncovered_by_cold_miss": sorted(
+                (m for m in misses if m["cold_miss_ratio"] is not None),
+                key=lambda m: -m["cold_miss_ratio"],
+            ),
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def shapes_from(rows: Iterable[Mapping[str, Any]]) -> Counter[Shape]:
+    """Counts from validated learn-file rows."""
+    counts: Counter[Shape] = Counter()
+    for row in rows:
+        shape = Shape(
+            row["endpoint"], row["stream"], tuple(sorted(row["features"])),
+            row["prompt_tokens"], row["concurrency"], row["max_tokens"],
+        )  # fmt: skip
+        counts[shape] += row["requests"]
+    return counts

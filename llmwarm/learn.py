@@ -1,0 +1,256 @@
+"""Profiles that learn from live traffic: the learn file, and a profile extended from it.
+
+A server keeps a summary of the shapes it served (`coverage.Shape`: endpoint, stream,
+features, adapter names, size classes, and a count; **never prompt or output text**) in the
+learn file (`--learn FILE`, `LLMWARM_LEARN`, or `learned.json` inside `--cache-dir`). It is
+written atomically every `WRITE_EVERY_S` while traffic comes, and at shutdown. The next start
+reads it and extends the profile with the shapes its warm-up would miss (`extend`), at most
+`MAX_LEARNED_BUCKETS` buckets, each at a lower priority than every bucket of the profile, so
+a tight budget cuts them first. `profile from-coverage` merges many replicas' files into one
+profile (`merge`, `profile_from`).
+
+A file that cannot be read or is not a learn file is set aside (renamed, never deleted) with a
+warning naming it; the server starts with an empty summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from llmwarm import features, files, fromlog
+from llmwarm.coverage import Shape, Warmed, shapes_from
+from llmwarm.errors import ProfileError
+from llmwarm.fit import CHAT_TEMPLATE_ALLOWANCE, EngineShape, for_engine
+from llmwarm.profile import Bucket, EndpointName, Profile
+from llmwarm.report import Learned
+
+logger = logging.getLogger(__name__)
+
+LEARN_VERSION: Literal[1] = 1
+FILE_NAME = "learned.json"  # inside --cache-dir
+WRITE_EVERY_S = 60.0
+MAX_LEARNED_BUCKETS = 4
+
+
+def _feature(kind: str) -> str:
+    if not kind.startswith("lora:"):
+        features.spec(kind)  # raises ValueError on an unknown feature
+    return kind
+
+
+class LearnedShape(BaseModel):
+    """One row of the learn file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: EndpointName
+    stream: bool
+    features: list[Annotated[str, AfterValidator(_feature)]]
+    prompt_tokens: int = Field(gt=0)
+    concurrency: int = Field(gt=0)
+    max_tokens: int = Field(gt=0)
+    requests: int = Field(ge=0)
+
+
+class LearnFile(BaseModel):
+    """The learn file: what live traffic looked like, summed over the runs that wrote it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = LEARN_VERSION
+    model: str
+    updated_at: datetime
+    shapes: list[LearnedShape]
+
+
+def rows(counts: Counter[Shape]) -> list[LearnedShape]:
+    return [
+        LearnedShape(
+            endpoint=s.endpoint,
+            stream=s.stream,
+            features=list(s.features),
+            prompt_tokens=s.prompt_tokens,
+            concurrency=s.concurrency,
+            max_tokens=s.max_tokens,
+            requests=n,
+        )  # fmt: skip
+        for s, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    ]
+
+
+def _set_aside(path: Path, why: str) -> bool:
+    """Rename a bad learn file out of the way; whether it was (else it must not be written)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.bad-{stamp}")
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        logger.warning(
+            "learn file %s: %s, and it cannot be set aside (%s): learning without writing it",
+            path, why, exc.strerror or exc,
+        )  # fmt: skip
+        return False
+    logger.warning("learn file %s: %s; set aside as %s, starting a new one", path, why, aside)
+    return True
+
+
+def read(path: Path) -> tuple[Counter[Shape], bool]:
+    """The counts a learn file holds, and whether it may be written. Never raises: a bad
+    file is a warning, set aside."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Counter(), True
+    except (OSError, UnicodeDecodeError) as exc:
+        why = f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+        return Counter(), _set_aside(path, why)
+    try:
+        data = LearnFile.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "file"
+        return Counter(), _set_aside(path, f"not a learn file ({where}: {first['msg']})")
+    return shapes_from(s.model_dump() for s in data.shapes), True
+
+
+def read_many(paths: list[Path]) -> Counter[Shape]:
+    """Many replicas' files summed (`profile from-coverage`); a bad one is an error here."""
+    total: Counter[Shape] = Counter()
+    for path in paths:
+        try:
+            data = LearnFile.model_validate_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileError(
+                f"{path}: cannot be read", problems=[(str(path), str(exc))]
+            ) from None
+        except ValidationError as exc:
+            raise ProfileError(
+                f"{path} is not a learn file",
+                problems=[
+                    (f"{path}: {'.'.join(map(str, e['loc'])) or 'file'}", e["msg"])
+                    for e in exc.errors()
+                ],
+            ) from None
+        total += shapes_from(s.model_dump() for s in data.shapes)
+    return total
+
+
+def write(path: Path, counts: Counter[Shape], model: str) -> None:
+    """Write the learn file atomically (raises `WriteError`)."""
+    data = LearnFile(model=model, updated_at=datetime.now(timezone.utc), shapes=rows(counts))
+    files.write_text(path, data.model_dump_json(indent=2) + "\n", "--learn")
+
+
+def _with_shape(profile: Profile, shape: Shape, engine: EngineShape) -> tuple[Profile, Bucket]:
+    """The profile that also warms `shape`: its bucket (at the lowest priority), endpoint,
+    stream mode and features."""
+    output = shape.max_tokens
+    room = engine.max_model_len - output - CHAT_TEMPLATE_ALLOWANCE
+    prompt = min(shape.prompt_tokens, room) if room > 0 else shape.prompt_tokens
+    concurrency = min(shape.concurrency, engine.max_num_seqs)
+    bucket = next(
+        (b for b in profile.buckets
+         if (b.prompt_tokens, b.concurrency, b.max_tokens) == (prompt, concurrency, output)),
+        None,
+    )  # fmt: skip
+    buckets = list(profile.buckets)
+    if bucket is None:
+        lowest = min((b.priority for b in buckets), default=0)
+        bucket = Bucket(
+            prompt_tokens=prompt, concurrency=concurrency, max_tokens=output,
+            priority=lowest - 1, name=f"learned-p{prompt}-c{concurrency}-o{output}",
+        )  # fmt: skip
+        buckets.append(bucket)
+    use, adapters = list(profile.features.use), list(profile.features.lora)
+    for kind in shape.features:
+        name = kind.split(":", 1)[0]
+        if name not in use:
+            use.append(name)
+        if kind.startswith("lora:") and kind[5:] not in adapters:
+            adapters.append(kind[5:])
+    crossed = profile.feature_buckets() | ({bucket.name} if shape.features else set())
+    chosen = profile.endpoint_names()
+    update: dict[str, Any] = {
+        "buckets": buckets,
+        "endpoints": chosen if shape.endpoint in chosen else [*chosen, shape.endpoint],
+        "stream": profile.stream
+        if shape.stream in profile.stream
+        else [*profile.stream, shape.stream],
+        "features": profile.features.model_copy(
+            update={
+                "use": use,
+                "lora": adapters,
+                "buckets": [b.name for b in buckets if b.name in crossed],
+            }
+        ),
+    }
+    return profile.model_copy(update=update), bucket
+
+
+def extend(
+    profile: Profile, counts: Counter[Shape], engine: EngineShape, source: str
+) -> tuple[Profile, Learned | None]:
+    """`profile` (resolved for `engine`) extended with the learned shapes it would miss, most
+    requested first; a shape this engine cannot take (an adapter no longer loaded, a model
+    that no longer serves the endpoint) is left out."""
+    base = Warmed.from_profile(profile)
+    added: list[str] = []
+    for shape, _ in counts.most_common():
+        if len(added) >= MAX_LEARNED_BUCKETS:
+            break
+        if not Warmed.from_profile(profile).misses(shape):
+            continue
+        candidate, bucket = _with_shape(profile, shape, engine)
+        try:
+            candidate = for_engine(candidate, engine)
+        except ProfileError as exc:
+            logger.info("learned shape %s left out: %s", shape.name, exc.message)
+            continue
+        profile = candidate
+        if bucket.name not in added and bucket.name.startswith("learned-"):
+            added.append(bucket.name)
+    kinds = sorted(Warmed.from_profile(profile).kinds - base.kinds)
+    if not added and not kinds:
+        return profile, None
+    return profile, Learned(file=source, buckets=added, kinds=kinds)
+
+
+def profile_from(
+    counts: Counter[Shape], coverage: float, sources: list[str]
+) -> tuple[dict[str, Any], str]:
+    """`profile from-coverage`: a profile (YAML-ready data) from summed learn files, and a
+    comment saying what it covers."""
+    total = sum(counts.values())
+    if not total:
+        raise ProfileError(
+            "no requests in the learn files",
+            problems=[(", ".join(sources), "every file is empty")],
+        )
+    classes: Counter[tuple[int, int, int]] = Counter()
+    seen: Counter[str] = Counter()
+    for shape, n in counts.items():
+        classes[(shape.prompt_tokens, shape.concurrency, shape.max_tokens)] += n
+        for kind in shape.features:
+            seen[kind.split(":", 1)[0]] += n
+    data, covered = fromlog.profile_data(
+        classes, seen, {s.endpoint for s in counts}, {s.stream for s in counts}, coverage
+    )
+    adapters = sorted({k[5:] for s in counts for k in s.features if k.startswith("lora:")})
+    if adapters:
+        data["features"]["use"].append("lora")
+        data["features"]["lora"] = adapters
+    use = data["features"]["use"]
+    comment = [
+        f"built by `llmwarm profile from-coverage` from {len(sources)} learn files: "
+        f"{total} requests",
+        f"buckets cover {covered / total:.1%} of requests (asked {coverage:.0%})",
+        "features seen: " + (", ".join(f"{f} {seen[f] / total:.0%}" for f in use[1:]) or "none"),
+    ]
+    return data, "\n".join(f"# {line}" for line in comment)

@@ -1,0 +1,151 @@
+"""Live requests in the warm-up's terms: their shape, whether the warm-up covered them, and
+what a miss cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmwarm import corpus
+from llmwarm.coverage import Coverage, Shape, Warmed, classify
+from llmwarm.profile import parse_profile
+from tests.fakes import bucket, report
+
+
+def _body(**fields: object) -> bytes:
+    return json.dumps({"model": "m", **fields}).encode()
+
+
+USAGE = b'{"id":"x","choices":[],"usage":{"prompt_tokens":300,"completion_tokens":20}}'
+
+
+def test_a_request_is_described_in_the_warm_ups_own_terms() -> None:
+    body = _body(messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=20,
+                 logprobs=True, top_logprobs=2, temperature=0.7)  # fmt: skip
+    shape = classify("chat", body, b"data: " + USAGE + b"\n\ndata: [DONE]\n\n", 3, frozenset({"m"}))
+    assert shape == Shape("chat", True, ("logprobs", "sampling"), 512, 4, 32)
+    assert shape.kind == "chat-stream+logprobs+sampling"
+    assert shape.kinds() == ["chat-stream+logprobs", "chat-stream+sampling"]
+    assert shape.name == "chat-stream+logprobs+sampling p512-c4-o32"
+
+
+def test_without_usage_the_prompt_length_is_estimated_from_its_text() -> None:
+    body = _body(prompt="x" * 400, max_tokens=5)
+    shape = classify("completions", body, b'{"choices":[]}', 1, frozenset({"m"}))
+    assert shape is not None and shape.prompt_tokens == 128  # 400 chars at ~4 a token
+    assert shape.features == () and shape.kinds() == ["completions"]
+
+
+def test_another_model_name_is_an_adapter_and_pooling_has_no_output() -> None:
+    lora = classify("completions", _body(model="sql", prompt="x"), USAGE, 1, frozenset({"m"}))
+    assert lora is not None and lora.features == ("lora:sql",)
+    assert lora.kinds() == ["completions+lora:sql"]
+    embed = classify("embeddings", _body(input="x"), USAGE, 1, frozenset({"m"}))
+    assert embed is not None and (embed.stream, embed.max_tokens) == (False, 1)
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b""])
+def test_a_body_that_is_not_a_json_object_is_not_classified(body: bytes) -> None:
+    assert classify("chat", body, b"", 1, frozenset()) is None
+
+
+def _warmed() -> Warmed:
+    profile = parse_profile(
+        {
+            "endpoints": ["completions", "chat"],
+            "buckets": [
+                {"prompt_tokens": 16, "concurrency": 1, "max_tokens": 8},
+                {"prompt_tokens": 200, "concurrency": 4, "max_tokens": 8},
+            ],
+            "features": {"use": ["greedy", "logprobs", "image"], "images": ["64x64"]},
+        }
+    )
+    return Warmed.from_profile(profile)
+
+
+def test_covered_means_every_kind_warmed_and_the_shape_within_the_warmed_range() -> None:
+    warmed = _warmed()
+    assert warmed.prompt_tokens == 200 and warmed.concurrency == 4
+    plain = Shape("chat", True, (), 256, 4, 16)  # 256: the class of the 200-token bucket
+    assert warmed.misses(plain) == []
+    assert warmed.misses(Shape("chat", False, ("logprobs",), 16, 1, 16)) == []
+    assert warmed.misses(Shape("chat", False, ("image",), 16, 1, 16)) == []  # any size
+    assert warmed.misses(Shape("chat", True, ("logprobs", "n"), 512, 8, 16)) == [
+        "kind chat-stream+n not warmed",
+        "prompt class 512 above the warmed 200",
+        "8 in flight above the warmed 4",
+    ]
+    assert warmed.misses(Shape("responses", True, (), 16, 1, 16)) == [
+        "kind responses-stream not warmed"
+    ]
+
+
+def test_the_warmed_kinds_of_a_report_are_those_it_sent() -> None:
+    ran, cut = bucket(), bucket().model_copy(update={"prompt_tokens": 999, "rounds": []})
+    warmed = Warmed.from_report(report(ran, cut))
+    assert warmed.kinds == frozenset({"c-stream", "c"})
+    # a bucket the budget cut before its first round warmed nothing
+    assert (warmed.prompt_tokens, warmed.concurrency) == (ran.prompt_tokens, ran.concurrency)
+
+
+def test_a_miss_costs_its_first_request_over_the_median_of_its_later_ones() -> None:
+    coverage = Coverage(warmed=_warmed())
+    covered = Shape("chat", True, (), 16, 1, 16)
+    missed = Shape("chat", True, ("n",), 16, 1, 16)
+    assert coverage.record(covered, 0.01) is True
+    for latency in (0.9, 0.1, 0.3, 0.2):
+        assert coverage.record(missed, latency) is False
+    summary = coverage.summary()
+    assert (summary["requests"], summary["covered"], summary["uncovered"]) == (5, 1, 4)
+    assert summary["covered_share"] == 0.2
+    [miss] = summary["uncovered_by_requests"]
+    assert miss["kind"] == "chat-stream+n" and miss["shapes"] == ["p16-c1-o16"]
+    assert miss["requests"] == 4
+    assert miss["first_s"] == 0.9 and miss["later_median_s"] == 0.2
+    assert miss["cold_miss_ratio"] == pytest.approx(4.5)
+    assert summary["uncovered_by_cold_miss"] == [miss]
+    assert coverage.all_shapes() == {covered: 1, missed: 4}
+
+
+def test_a_kinds_misses_at_several_shapes_are_one_miss_with_every_reason() -> None:
+    coverage = Coverage(warmed=_warmed())
+    coverage.record(Shape("chat", True, ("n",), 16, 1, 16), 0.4)
+    coverage.record(Shape("chat", True, ("n",), 1024, 1, 16), 0.2)
+    [miss] = coverage.summary()["uncovered_by_requests"]
+    assert miss["shapes"] == ["p1024-c1-o16", "p16-c1-o16"]
+    assert miss["why"] == [
+        "kind chat-stream+n not warmed",
+        "prompt class 1024 above the warmed 200",
+    ]
+    assert miss["cold_miss_ratio"] == 2.0
+
+
+def test_a_rewarm_that_covers_a_miss_drops_it() -> None:
+    coverage = Coverage(warmed=_warmed())
+    missed = Shape("chat", True, ("n",), 16, 1, 16)
+    coverage.record(missed, 0.5)
+    profile = parse_profile(
+        {"endpoints": ["chat"], "buckets": [{"prompt_tokens": 16, "concurrency": 1,
+         "max_tokens": 8}], "features": {"use": ["greedy", "n"]}}
+    )  # fmt: skip
+    coverage.rewarmed(Warmed.from_profile(profile))
+    assert coverage.misses == {} and coverage.record(missed, 0.1) is True
+
+
+def test_before_any_warm_up_nothing_is_covered() -> None:
+    coverage = Coverage()
+    assert coverage.record(Shape("chat", False, (), 16, 1, 16), 0.1) is False
+    assert coverage.summary()["uncovered_by_requests"][0]["why"] == ["no warm-up yet"]
+
+
+def test_in_flight_counts_up_to_what_the_engine_runs_at_once() -> None:
+    coverage = Coverage(served=frozenset({"m"}), max_running=4)
+    shape = coverage.classify("completions", _body(prompt="x"), USAGE, 100)
+    assert shape is not None and shape.concurrency == 4
+
+
+def test_kind_names_match_the_corpus() -> None:
+    assert Shape("completions", False, ("stop",), 16, 1, 16).kinds() == [
+        corpus.Kind("completions", False, "stop").name
+    ]
