@@ -194,6 +194,7 @@ class Coverage:
     misses: dict[str, Miss] = field(default_factory=dict)  # by the request's kind
     in_flight: int = 0  # user requests under way (the gate counts them)
     changed: bool = False  # since the learn file was last written
+    _verdicts: dict[Shape, list[str]] = field(default_factory=dict)  # misses(), per warm-up
 
     def classify(self, endpoint: str, body: bytes, tail: bytes, in_flight: int) -> Shape | None:
         """A served request as a `Shape` (`classify`), in flight counted up to what runs."""
@@ -204,7 +205,10 @@ class Coverage:
         """One served request; whether the warm-up covered it."""
         self.served_shapes[shape] += 1
         self.changed = True
-        why = ["no warm-up yet"] if self.warmed is None else self.warmed.misses(shape)
+        why = self._verdicts.get(shape)
+        if why is None:
+            why = ["no warm-up yet"] if self.warmed is None else self.warmed.misses(shape)
+            self._verdicts[shape] = why
         if not why:
             self.covered += 1
             return True
@@ -223,6 +227,7 @@ class Coverage:
         """A warm-up finished: requests from now on are judged against it (a kind it now
         covers at every shape seen is no longer a miss)."""
         self.warmed = warmed
+        self._verdicts.clear()
         for kind in [k for k, m in self.misses.items() if not any(map(warmed.misses, m.shapes))]:
             del self.misses[kind]
 

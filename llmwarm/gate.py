@@ -26,6 +26,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -163,13 +164,14 @@ class Gate:
     ) -> None:
         """Pass a user's request to vLLM's app, then record it in the coverage (after its
         answer is sent: nothing is parsed on the request's way). Its body is kept as the
-        chunks vLLM reads (no copy), the answer's last bytes (its usage), its first byte's
+        chunks vLLM reads (no copy), the answer's last chunks (its usage), its first byte's
         time (TTFT of a stream) and its last's."""
         coverage = self.state.coverage
         coverage.in_flight += 1
         in_flight, start = coverage.in_flight, time.perf_counter()
         chunks: list[bytes] = []
-        status, first, tail, end = 0, 0.0, b"", 0.0
+        last: deque[bytes] = deque(maxlen=2)  # the answer's last chunks: its usage is there
+        status, first, end = 0, 0.0, 0.0
 
         async def observed_receive() -> Message:
             message = await receive()
@@ -178,13 +180,13 @@ class Gate:
             return message
 
         async def observed_send(message: Message) -> None:
-            nonlocal status, first, tail, end
+            nonlocal status, first, end
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 if chunk := message.get("body"):
                     first = first or time.perf_counter()
-                    tail = (tail + chunk)[-TAIL_BYTES:]
+                    last.append(chunk)
                 if not message.get("more_body") and not end:
                     # the answer is out: the client may send its next request before the app
                     # returns, and this one is no longer in flight then
@@ -200,6 +202,7 @@ class Gate:
         if not end or not 200 <= status < 300:
             return
         try:
+            tail = b"".join(last)[-TAIL_BYTES:]
             shape = coverage.classify(endpoint, b"".join(chunks), tail, in_flight)
             if shape is not None:
                 latency = (first or end) - start if shape.stream else end - start
