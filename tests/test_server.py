@@ -517,3 +517,20 @@ async def test_live_traffic_is_covered_or_not_and_the_next_start_learns_it(
     learned = json.loads(path.read_text())
     assert sum(row["requests"] for row in learned["shapes"]) == 4  # both runs' traffic
     assert SECRET not in caplog.text and SECRET not in (tmp_path / "report.json").read_text()
+
+
+async def test_a_corrupt_learn_file_is_set_aside_and_the_server_starts(
+    running: Callable[..., Run], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "learned.json"
+    path.write_text('{"version": 1, "shapes": "truncat')
+    run = running(FakeEngine(), learn_path=path)
+    await run.until(Stage.SERVING)
+    [aside] = tmp_path.glob("learned.json.bad-*")
+    assert aside.read_text() == '{"version": 1, "shapes": "truncat'
+    assert str(path) in caplog.text and "set aside" in caplog.text
+    url, body = _user_requests()[0]
+    assert (await run.client.post(url, json=body)).status_code == 200
+    await run.sigterm()
+    await run.task
+    assert json.loads(path.read_text())["shapes"][0]["requests"] == 1  # a new one, learning on
