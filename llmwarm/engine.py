@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 import psutil
 import uvicorn
 
-from llmwarm import jitmon
+from llmwarm import jitmon, lifeline
 from llmwarm.endpoints import SPECS
 from llmwarm.errors import (
     EngineDied,
@@ -408,6 +408,7 @@ async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
     or more). That runs in a thread, so the event loop keeps answering 503s meanwhile; a
     cancellation ends the engine's processes, which ends the thread's wait.
     """
+    lifeline.arm()  # the engine's processes end with this one, even when it is SIGKILLed
     cancelled = threading.Event()
     started = time.perf_counter()
     future = asyncio.get_running_loop().run_in_executor(None, _build, args, cancelled)

@@ -26,13 +26,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 from benchlib import free_port, write_section
+from starlette.types import Receive, Scope, Send
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,7 +47,7 @@ COMPLETION = {"model": "m", "prompt": PROMPT, "max_tokens": 16}
 USAGE = {"prompt_tokens": 812, "completion_tokens": 16, "total_tokens": 828}
 
 
-async def vllm_like(scope: dict[str, Any], receive: Callable[..., Any], send: Any) -> None:
+async def vllm_like(scope: Scope, receive: Receive, send: Send) -> None:
     """vLLM's answers, byte for byte in shape: a chat stream, or a unary completion."""
     while (await receive()).get("more_body"):
         pass

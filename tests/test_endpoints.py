@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -101,7 +102,7 @@ async def test_a_stream_that_sends_all_text_in_one_event_has_no_tpot() -> None:
     assert (sample.prompt_tokens, sample.output_tokens) == (9, 8)
 
 
-def _sse_server(events: list[dict[str, object]]) -> httpx.MockTransport:
+def _sse_server(events: list[dict[str, Any]]) -> httpx.MockTransport:
     body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
     return httpx.MockTransport(
         lambda request: httpx.Response(
@@ -130,7 +131,7 @@ USAGE = {"prompt_tokens": 9, "completion_tokens": 1}
     ],
 )  # fmt: skip
 async def test_an_output_with_no_text_still_has_its_first_token_timed(
-    name: str, events: list[dict[str, object]]
+    name: str, events: list[dict[str, Any]]
 ) -> None:
     # CI saw it: a random model's Messages stream that ended at once (no ignore_eos there)
     req = WarmRequest(bucket="b", round=1, kind=f"{name}-stream", endpoint=name, stream=True,
