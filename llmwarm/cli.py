@@ -104,7 +104,7 @@ def _run(ctx: typer.Context, *, mode: Mode, vllm_help: bool, **options: Any) -> 
 
     prog = f"llmwarm {ctx.info_name}"
     _configure_logging()
-    server.interrupt_on_sigterm()  # until the event loop's handlers take over
+    server.interrupt_on_signals()  # until the event loop's handlers take over
     try:
         if vllm_help:
             typer.echo(engine.vllm_help(prog))

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from argparse import Namespace
@@ -342,6 +343,17 @@ class Engine:
         )
 
 
+PAUSE_ENV = "LLMWARM_TEST_PAUSE"  # tests only: pause at a named point (see `pause`)
+
+
+def pause(point: str) -> None:
+    """Tests only: with `LLMWARM_TEST_PAUSE=POINT`, say so on stderr and block 5 s at this
+    point, so a test can signal the process there (a fixed sleep could miss it)."""
+    if os.environ.get(PAUSE_ENV) == point:
+        print(f"llmwarm: paused at {point}", file=sys.stderr, flush=True)
+        time.sleep(5)
+
+
 def _build(args: Namespace, cancelled: threading.Event) -> AsyncLLM:
     """Build the engine (in a thread): config, process spawn, handshake. Gives up at the next
     step once `cancelled` is set."""
@@ -361,6 +373,7 @@ def _build(args: Namespace, cancelled: threading.Event) -> AsyncLLM:
         raise VllmArgsError(
             "vLLM rejected the configuration", problems=_config_problems(exc)
         ) from exc
+    pause("spawn")
     if cancelled.is_set():
         raise _Abandoned
     try:
@@ -380,8 +393,6 @@ def _build(args: Namespace, cancelled: threading.Event) -> AsyncLLM:
 
 def _start_hints(config: Any) -> list[tuple[str, str]]:
     """What to set, for a start failure whose cause is known to need it."""
-    import os
-
     from vllm.platforms import current_platform
 
     ranks = config.parallel_config.world_size

@@ -11,6 +11,9 @@ and once CUDA is initialised) by running this module as the child's main module 
 parent's main module in the child, but never a package's `__main__`, so `python -m llmwarm`
 would give it nothing to run); the child's own children inherit that main module.
 
+Each such process also leaves llmwarm's process group, so that a signal to the group stops
+llmwarm, which drains in-flight requests and then stops the engine, in that order.
+
 A watch polls: once llmwarm is gone, or the process that started the child (the child was
 handed to init or a subreaper), it asks its own process to stop (SIGTERM: vLLM's EngineCore
 shuts down and ends its workers), and `GRACE_S` later kills its children and itself (a loading
@@ -68,6 +71,11 @@ def _watch() -> None:
     armed_by = os.environ.get(ENV)
     if armed_by is None or int(armed_by) == os.getpid():
         return
+    # A process group of its own: a signal to llmwarm's group (`kill -- -PGID`, `timeout`,
+    # systemd's control-group stop, Ctrl-C in a terminal) reaches llmwarm, which drains and
+    # then stops the engine in order, rather than the engine dying under in-flight requests.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     threading.Thread(
         target=_until_gone, args=(int(armed_by), os.getppid()), name="llmwarm-lifeline",
         daemon=True,

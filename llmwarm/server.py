@@ -64,13 +64,29 @@ logger = logging.getLogger(__name__)
 StartEngine = Callable[[Namespace], AbstractAsyncContextManager[engine.EngineClient]]
 
 
-def interrupt_on_sigterm() -> None:
-    """Before the event loop runs (while vLLM is imported): SIGTERM interrupts like SIGINT.
+class Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM before the event loop's handlers are in.
+
+    A subclass, not KeyboardInterrupt itself: CPython marks the process "killed by SIGINT"
+    (exit -2, not 130) whenever a plain KeyboardInterrupt escapes code run through its C API,
+    as some extension modules run code while vLLM is imported, even when llmwarm then catches
+    it; the sweep in tests/test_signals.py caught that. asyncio still re-raises it (it is a
+    KeyboardInterrupt), so a signal during the hand-over to the loop's handlers is never lost.
+    """
+
+
+def _signalled(signum: int, frame: object) -> None:
+    raise Signalled(signal.Signals(signum).name)
+
+
+def interrupt_on_signals() -> None:
+    """Before the event loop runs (while vLLM is imported): SIGINT and SIGTERM interrupt.
 
     A container's PID 1 ignores a signal it has no handler for; without this, a pod deleted
     in its first seconds would wait for SIGKILL.
     """
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _signalled)
 
 
 # A second SIGTERM sooner than this after the first is the same request to stop (see above).
@@ -104,6 +120,7 @@ def _signals(stop: asyncio.Event) -> Iterator[None]:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        interrupt_on_signals()  # asyncio put back the defaults: a late signal kills no more
 
 
 def _base_url(sock: socket.socket, args: Namespace) -> tuple[str, httpx.AsyncHTTPTransport]:
@@ -401,6 +418,8 @@ class Lifecycle:
 
 def run_sync(settings: Settings) -> Report:
     async def main() -> Report:
+        # Until the lifecycle's handlers are in, a signal is still the import-time one's.
+        engine.pause("handover")
         return await Lifecycle(settings).run()
 
     try:

@@ -1,18 +1,27 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from llmwarm.control import Control, RewarmRequest
 from llmwarm.gate import WARMUP_HEADER, Gate, quiet_access_log
+from llmwarm.report import Report
 from llmwarm.state import Phase, RunState
 from tests.fakes import INNER, report
+
+if TYPE_CHECKING:
+    from starlette.types import Message, Receive, Scope, Send
 
 
 def gate_on(state: RunState | None = None) -> Gate:
@@ -144,3 +153,117 @@ async def test_warmup_requests_stay_out_of_the_access_log(caplog: pytest.LogCapt
             await asyncio.create_task(c.post("/v1/messages", headers=gate.headers))
     lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
     assert lines == ["/v1/chat/completions", "/v1/messages"]
+
+
+# --- fuzzed: whatever a client sends, in every phase ---------------------------------------------
+
+KEY = "sk-fuzz"
+PHASES = ["loading", "warming", "ready", "ready-gate-closed", "stopping"]
+KNOWN_PATHS = ["/", "/ready", "/live", "/health", "/metrics", "/warmup/", "/warmup/run",
+               "/warmup/report", "/warmup/coverage", "/v1/completions", "/v1/chat/completions",
+               "/v1/messages", "/v1/models", "/pooling", "/ready/", "//ready",
+               "/warmup/run/x"]  # fmt: skip
+
+
+def _fuzz_state(phase: str) -> tuple[RunState, list[str]]:
+    """A run state in `phase` with an inner app (vLLM's stand-in) that records what reached it."""
+    reached: list[str] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(scope["path"])
+        await INNER(scope, receive, send)
+
+    state = RunState(window=2)
+    if phase != "loading":
+        state.warming(inner)
+    if phase.startswith("ready") or phase == "stopping":
+        state.report = report()
+        state.serving()
+        state.gate_closed = phase == "ready-gate-closed"
+    if phase == "stopping":
+        state.stopping()
+    return state, reached
+
+
+async def _rewarm(request: RewarmRequest) -> Report:
+    return report()
+
+
+header_names = st.sampled_from(
+    [b"authorization", b"content-type", b"content-length", WARMUP_HEADER.encode(), b"host",
+     b"x-" + b"a" * 300, b"\xff\xfe", b""]
+)  # fmt: skip
+header_values = st.one_of(
+    st.binary(max_size=64),
+    st.just(b"Bearer " + KEY.encode()),
+    st.sampled_from([b"guess", b"", b"x" * 65536, b"\x00\xff\xc3\x28"]),
+)
+bodies = st.one_of(
+    st.binary(max_size=256),
+    st.just(b"[" * 5000 + b"]" * 5000),  # deeply nested JSON
+    st.just(b'{"wait": true, "close_gate": "yes", "profile": "../../etc/passwd"}'),
+    st.just(b'{"wait": false}'),
+    st.just(b"\xc3\x28" * 100),  # invalid UTF-8
+    st.just(b"x" * 2_000_000),  # 2 MB
+    st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(st.text(max_size=8),
+              st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)))),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    phase=st.sampled_from(PHASES),
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "BREW"]),
+    path=st.one_of(st.sampled_from(KNOWN_PATHS), st.text(max_size=40).map(lambda t: "/" + t)),
+    headers=st.lists(st.tuples(header_names, header_values), max_size=6),
+    body=bodies,
+    peer=st.sampled_from(["127.0.0.1", "203.0.113.9", "::1"]),
+    keyed=st.booleans(),
+)
+def test_the_gate_and_its_endpoints_never_fail_hang_or_let_a_request_in_early(
+    phase: str, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
+    peer: str, keyed: bool,
+) -> None:  # fmt: skip
+    state, reached = _fuzz_state(phase)
+    authorized = (lambda r: r.headers.get("authorization") == f"Bearer {KEY}") if keyed else (
+        lambda r: True
+    )  # fmt: skip
+    gate = Gate(state, Control(state, authorized, _rewarm), authorized)
+    sent: list[Message] = []
+    chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)] or [b""]
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)  # as a client that sent all and waits: never a disconnect
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(
+             errors="surrogateescape"), "query_string": b"", "root_path": "",
+             "headers": headers, "client": (peer, 40000),
+             "server": ("127.0.0.1", 8000)}  # fmt: skip
+
+    async def call() -> None:
+        await asyncio.wait_for(gate(scope, receive, send), 10)  # never a hang
+        if isinstance(gate.control, Control):
+            await gate.control.close()
+
+    asyncio.run(call())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    # never a 500 of llmwarm's own (the inner app only ever answers 200)
+    assert start["status"] < 500 or start["status"] == 503, start
+    passed_gate = [p for p in reached if not p.startswith("/metrics")]
+    if phase in ("loading", "warming", "ready-gate-closed"):
+        # only the warm-up (its token, from this machine) may pass before ready
+        token = (WARMUP_HEADER.encode(), gate.token.encode())
+        assert passed_gate == [] or token in headers, (phase, path, headers)
+    if start["status"] == 503:
+        assert passed_gate == [] and any(n == b"retry-after" for n, _ in start["headers"])

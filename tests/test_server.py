@@ -534,3 +534,41 @@ async def test_a_corrupt_learn_file_is_set_aside_and_the_server_starts(
     await run.sigterm()
     await run.task
     assert json.loads(path.read_text())["shapes"][0]["requests"] == 1  # a new one, learning on
+
+
+async def test_200_trickling_connections_stall_neither_the_warm_up_nor_the_gate(
+    running: Callable[..., Run],
+) -> None:
+    eng = FakeEngine()
+    eng.holding()  # the warm-up waits at its first request until the slow clients are in
+    run = running(eng)
+    await run.seen()
+    host, port = run.life.sock.getsockname()[:2]
+    slow: list[asyncio.StreamWriter] = []
+    for _ in range(200):  # slowloris: a request's head, one byte at a time, never finished
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        slow.append(writer)
+
+    async def trickle() -> None:
+        while True:
+            for writer in slow:
+                writer.write(b"a")
+            await asyncio.sleep(0.2)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        # the gate answers others at once, while warming
+        started = time.monotonic()
+        ready = await asyncio.wait_for(run.client.get("/ready"), 5)
+        assert ready.status_code == 503 and time.monotonic() - started < 1
+        eng.release()  # the warm-up goes on and ends; the gate opens
+        await asyncio.wait_for(run.until(Stage.SERVING), 60)
+        ready = await asyncio.wait_for(run.client.get("/ready"), 5)
+        assert ready.status_code == 200
+    finally:
+        trickling.cancel()
+        for writer in slow:
+            writer.close()
+    await run.sigterm()
+    await run.task

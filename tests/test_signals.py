@@ -1,0 +1,220 @@
+"""Signals at any instant of a real start-up, and to a whole process group, on real vLLM.
+
+Whatever the instant (while vLLM imports, at the hand-over from the import-time handler to the
+event loop's, while the engine thread spawns EngineCore, loading, warming, serving), a SIGTERM
+or SIGINT ends llmwarm within 15 s, with 130 before serving and 0 (drained) while serving, and
+no process of its engine is left. A SIGTERM to llmwarm's process group (`timeout`, `kill --
+-PGID`) while serving is one request to stop: in-flight requests drain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from llmwarm import engine, lifeline
+from tests.conftest import (
+    ENGINE_FLAGS,
+    LLMWARM,
+    MINIMAL,
+    STARTUP_TIMEOUT_S,
+    engine_env,
+    free_port,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.e2e
+
+STOP_S = 15  # a signal ends everything within this
+# Seconds after launch: the import, the hand-over, the engine build and spawn, loading, the
+# warm-up (the tiny model is ready after ~30-40 s here, so the last ones may find it serving).
+DELAYS = [0.3, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.5, 10.0, 12.0,
+          15.0, 18.0, 22.0, 26.0]  # fmt: skip
+
+
+class Launched:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, port: int) -> None:
+        self.proc, self.log, self.port = proc, log, port
+
+    @property
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def _launched(
+    tiny_model: Path, tmp_path: Path, *extra: str, env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (), new_session: bool = False,
+) -> Iterator[Launched]:  # fmt: skip
+    port, log = free_port(), tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*prefix, *LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, "--port", str(port),
+             "--profile", str(MINIMAL), "--report", str(tmp_path / "report.json"), *extra],
+            stdout=out, stderr=subprocess.STDOUT, env=engine_env() | (env or {}),
+            start_new_session=new_session,
+        )  # fmt: skip
+    try:
+        yield Launched(proc, log, port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for process in _engine_of(proc.pid):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def _engine_of(pid: int) -> list[psutil.Process]:
+    """Every live process an llmwarm process started for its engine (they carry its pid in
+    their environment: also those started as it was being signalled, and orphans)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if (
+                process.pid != pid
+                and process.status() != psutil.STATUS_ZOMBIE
+                and process.environ().get(lifeline.ENV) == str(pid)
+            ):
+                found.append(process)
+    return found
+
+
+def _ends(run: Launched, since: float) -> int:
+    """llmwarm's exit code; it and its engine must be gone within STOP_S of `since`."""
+    try:
+        code = run.proc.wait(max(0.1, since + STOP_S - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {STOP_S} s after the signal:\n{run.text[-3000:]}")
+    while (left := _engine_of(run.proc.pid)) and time.monotonic() < since + STOP_S:
+        time.sleep(0.1)
+    assert left == [], f"engine processes left: {left}\n{run.text[-2000:]}"
+    assert "Traceback" not in run.text, run.text[-3000:]
+    return code
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for `sig` (its SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
+
+
+def _until_in_log(run: Launched, marker: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while marker not in run.text:
+        assert run.proc.poll() is None, run.text[-3000:]
+        assert time.monotonic() < deadline, f"never logged {marker!r}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("delay", DELAYS)
+def test_a_sigterm_at_any_instant_of_start_up_ends_it_all(
+    tiny_model: Path, tmp_path: Path, delay: float
+) -> None:
+    with _launched(tiny_model, tmp_path) as run:
+        time.sleep(delay)
+        assert run.proc.poll() is None, run.text[-3000:]
+        # before Python has run llmwarm's first lines (a few tenths of a second), SIGTERM's
+        # default applies: the process ends at once, nothing started
+        early = not _catches(run.proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        code = _ends(run, sent)
+        # the stage decides: serving drains (0); anything before is interrupted (130)
+        expected = 0 if "warm: serving on" in run.text else 130
+        assert code == expected or (early and code == -signal.SIGTERM), run.text[-2000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("point", ["handover", "spawn"])
+def test_a_signal_at_the_hand_over_or_the_engine_spawn_interrupts(
+    tiny_model: Path, tmp_path: Path, point: str, sig: signal.Signals
+) -> None:
+    # handover: the event loop runs, its handlers are not in yet; spawn: the engine thread is
+    # about to start EngineCore (a test hook pauses there 5 s)
+    with _launched(tiny_model, tmp_path, env={engine.PAUSE_ENV: point}) as run:
+        _until_in_log(run, f"llmwarm: paused at {point}")
+        sent = time.monotonic()
+        run.proc.send_signal(sig)
+        assert _ends(run, sent) == 130
+
+
+def _stream_in_flight(port: int, result: list[httpx.Response | BaseException]) -> threading.Event:
+    """A long streamed request; the event is set once its first token came (it is in flight)."""
+    first = threading.Event()
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+
+    def run() -> None:
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+                with client.stream("POST", "/v1/completions", json=body) as answer:
+                    lines = []
+                    for line in answer.iter_lines():
+                        lines.append(line)
+                        first.set()
+                    answer.lines = lines  # type: ignore[attr-defined]
+                    result.append(answer)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            result.append(exc)
+            first.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return first
+
+
+@pytest.mark.parametrize("how", ["timeout", "kill-pgid"])
+def test_a_sigterm_to_the_process_group_while_serving_drains(
+    tiny_model: Path, tmp_path: Path, how: str
+) -> None:
+    # GNU timeout, signalled (as at its expiry), sends SIGTERM to llmwarm and then to the whole
+    # process group, as `kill -- -PGID` and systemd's KillMode=control-group do
+    prefix = ("timeout", "-s", "TERM", "3600") if how == "timeout" else ()
+    with _launched(
+        tiny_model, tmp_path, "--served-model-name", "tiny", "--shutdown-timeout", "60",
+        prefix=prefix, new_session=True,
+    ) as run:  # fmt: skip
+        llmwarm = psutil.Process(run.proc.pid)
+        if how == "timeout":
+            deadline = time.monotonic() + 30
+            while not llmwarm.children():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            llmwarm = llmwarm.children()[0]
+        with httpx.Client(base_url=f"http://127.0.0.1:{run.port}", timeout=30) as client:
+            wait_ready(run.proc, client, run.log)
+        result: list[httpx.Response | BaseException] = []
+        assert _stream_in_flight(run.port, result).wait(60)
+        sent = time.monotonic()
+        if how == "timeout":
+            run.proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(run.proc.pid, signal.SIGTERM)
+        try:
+            code = run.proc.wait(STOP_S + 60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(run.text[-3000:])
+        assert not llmwarm.is_running() or llmwarm.status() == psutil.STATUS_ZOMBIE
+        # one request to stop, drained: the in-flight stream got all its tokens
+        [answer] = result
+        assert isinstance(answer, httpx.Response) and answer.status_code == 200, answer
+        assert "data: [DONE]" in answer.lines  # type: ignore[attr-defined]
+        assert "forcing exit" not in run.text, run.text[-3000:]
+        assert "SIGTERM received" in run.text
+        if how == "kill-pgid":
+            assert code == 0
+        while (left := _engine_of(llmwarm.pid)) and time.monotonic() < sent + STOP_S + 60:
+            time.sleep(0.1)
+        assert left == []
