@@ -10,6 +10,7 @@ import pytest
 
 from llmwarm import corpus, endpoints, measure
 from llmwarm.corpus import WarmRequest, WordTokenizer
+from llmwarm.errors import WarmupError
 from llmwarm.profile import Profile, parse_profile
 
 
@@ -156,3 +157,25 @@ async def test_a_responses_stream_with_no_text_shows_no_first_token() -> None:
         sample = await measure.measure(c, req)
     assert sample.ttft_s is None and sample.e2e_s > 0
     assert (sample.prompt_tokens, sample.output_tokens) == (9, 1)
+
+
+@pytest.mark.parametrize(
+    ("stream", "content", "said"),
+    [
+        (False, b"<html>502 Bad Gateway</html>", "the answer is not JSON"),
+        (False, b"[1, 2]", "the answer is not a JSON object"),
+        (True, b"data: {not json\n\n", "a stream event is not JSON"),
+    ],
+)
+async def test_an_answer_that_is_not_json_is_a_warm_up_failure_naming_it(
+    stream: bool, content: bytes, said: str
+) -> None:
+    # a proxy's HTML error page, a server that is not vLLM: a failure report, not a traceback
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=content))
+    req = WarmRequest(bucket="b", round=1, kind="completions", endpoint="completions",
+                      stream=stream, body={})  # fmt: skip
+    async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
+        with pytest.raises(WarmupError) as info:
+            await measure.measure(c, req)
+    [(where, what)] = info.value.problems
+    assert where == "bucket b" and what.startswith(said)

@@ -1,0 +1,138 @@
+"""The warm-up on a quiet host against a noisy one, side by side in one run.
+
+For each model (`--model NAME=PATH`, repeatable), each run does `llmwarm warm MODEL` with the
+default profile twice, in alternating order: once on a quiet host, once with a CPU hog (a busy
+loop, busy half of every 100 ms as a neighbour's bursts are) on every core but the first. Reads
+the warm-up's seconds, requests, converged buckets and measured noise from each report.
+Writes the `noise` section of docs/benchmarks.md.
+
+    python scripts/bench_noise.py --model tiny=.cache/tiny-llama --runs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchlib import write_section
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
+HOG = """
+import time
+while True:
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:
+        pass
+    time.sleep(0.05)
+"""
+
+
+@contextlib.contextmanager
+def hog(on: bool) -> Iterator[None]:
+    """A busy-half-the-time process on each core but the first, for as long as it lasts."""
+    procs: list[subprocess.Popen[bytes]] = []
+    if on:
+        for core in sorted(os.sched_getaffinity(0))[1:] or [0]:
+            procs.append(subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", HOG]))
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def warm(model: str, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        }
+        with args.log.open("ab") as log:
+            subprocess.run(
+                [sys.executable, "-m", "llmwarm", "warm", model, *ENGINE_FLAGS,
+                 "--report", str(report)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, check=False,
+            )  # fmt: skip
+        if not report.exists():
+            raise SystemExit(f"llmwarm warm wrote no report; see {args.log}")
+        data: dict[str, Any] = json.loads(report.read_text())
+    buckets = data["buckets"]
+    noise = [b["noise"] for b in buckets if b.get("noise") is not None]
+    return {
+        "warmup_s": data["warmup_s"],
+        "requests": data["requests"],
+        "converged": sum(1 for b in buckets if b["converged_at"] is not None),
+        "buckets": len(buckets),
+        "noise": statistics.median(noise) if noise else None,
+    }
+
+
+def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], args: argparse.Namespace) -> str:
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "## The warm-up on a quiet and a noisy host (`scripts/bench_noise.py`)",
+        "",
+        f"Measured {when} on this machine (2 cores, shared): `python scripts/bench_noise.py "
+        f"{' '.join(f'--model {m}' for m in args.model)} --runs {args.runs}`. `llmwarm warm` "
+        "with the default profile; noisy: a busy loop on the other core, busy half of every "
+        "100 ms. Alternating order; medians over the runs. Target: noisy ≤ 1.5× quiet, every "
+        "bucket converged in both.",
+        "",
+        "| model | host | warm-up | requests | converged | median noise | noisy / quiet |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, by_host in results.items():
+        quiet = statistics.median(r["warmup_s"] for r in by_host["quiet"])
+        for host, runs in by_host.items():
+            seconds = statistics.median(r["warmup_s"] for r in runs)
+            noise = [r["noise"] for r in runs if r["noise"] is not None]
+            converged = ", ".join(f"{r['converged']}/{r['buckets']}" for r in runs)
+            lines.append(
+                f"| {name} | {host} | {seconds:.1f} s | "
+                f"{statistics.median(r['requests'] for r in runs):.0f} | {converged} | "
+                f"{(f'{statistics.median(noise):.1%}' if noise else '-')} | "
+                f"{seconds / quiet:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", default=[],
+                        help="NAME=PATH, repeatable (default: tiny=.cache/tiny-llama)")  # fmt: skip
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--log", type=Path, default=ROOT / ".cache" / "bench-noise.log")
+    args = parser.parse_args()
+    args.model = args.model or [f"tiny={ROOT / '.cache' / 'tiny-llama'}"]
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        results[name] = {"quiet": [], "noisy": []}
+        for run in range(args.runs):
+            for host in ["quiet", "noisy"] if run % 2 == 0 else ["noisy", "quiet"]:
+                with hog(host == "noisy"):
+                    result = warm(path, args)
+                results[name][host].append(result)
+                print(f"{name} run {run + 1} {host}: {result}", flush=True)
+    body = markdown(results, args)
+    print(body)
+    write_section(args.docs / "benchmarks.md", "noise", body)
+
+
+if __name__ == "__main__":
+    main()
