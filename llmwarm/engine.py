@@ -237,6 +237,7 @@ class EngineClient(Protocol):
     def config_hash(self) -> str: ...
     async def jit_phase(self, phase: str) -> None: ...
     async def jit_events(self) -> JitEvents | None: ...
+    def take_running_peak(self) -> int | None: ...
 
 
 async def wait_dead(engine: EngineClient, interval: float = 0.5) -> NoReturn:
@@ -249,16 +250,57 @@ async def wait_dead(engine: EngineClient, interval: float = 0.5) -> NoReturn:
     )
 
 
+class RunningPeak:
+    """The largest count of running requests vLLM's scheduler reported since last taken, from
+    a stat logger of ours beside vLLM's own (none with `--disable-log-stats`)."""
+
+    def __init__(self) -> None:
+        self.peak: int | None = None
+
+    def take(self) -> int | None:
+        peak, self.peak = self.peak, None
+        return peak
+
+    def logger(self) -> Any:
+        """A per-engine stat-logger factory for `AsyncLLM` (`stat_loggers`)."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        holder = self
+
+        class RunningPeakLogger(StatLoggerBase):  # type: ignore[misc]
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:  # fmt: skip
+                if scheduler_stats is not None:
+                    running = int(scheduler_stats.num_running_reqs)
+                    holder.peak = max(holder.peak or 0, running)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return RunningPeakLogger
+
+
 class Engine:
     """A started vLLM V1 `AsyncLLM`, seen through `EngineClient`."""
 
     def __init__(
-        self, llm: AsyncLLM, args: Namespace, start_s: float, tasks: tuple[str, ...]
+        self,
+        llm: AsyncLLM,
+        args: Namespace,
+        start_s: float,
+        tasks: tuple[str, ...],
+        running: RunningPeak | None = None,
     ) -> None:
         self.llm = llm
         self.args = args
         self.start_s = start_s
         self.tasks = tasks  # what the model serves: generate, embed, classify, ...
+        self.running = running or RunningPeak()
         self.vllm_version = vllm_version()
         self.device = _device()
         self.torch_version = _torch_version()
@@ -342,6 +384,11 @@ class Engine:
             serving=max(w["serving"] for w in seen),
         )
 
+    def take_running_peak(self) -> int | None:
+        """The most requests vLLM's scheduler ran at once since the last call (None: vLLM
+        reported nothing, e.g. `--disable-log-stats`)."""
+        return self.running.take()
+
 
 PAUSE_ENV = "LLMWARM_TEST_PAUSE"  # tests only: pause at a named point (see `pause`)
 
@@ -354,7 +401,7 @@ def pause(point: str) -> None:
         time.sleep(5)
 
 
-def _build(args: Namespace, cancelled: threading.Event) -> AsyncLLM:
+def _build(args: Namespace, cancelled: threading.Event, running: RunningPeak) -> AsyncLLM:
     """Build the engine (in a thread): config, process spawn, handshake. Gives up at the next
     step once `cancelled` is set."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -380,6 +427,7 @@ def _build(args: Namespace, cancelled: threading.Event) -> AsyncLLM:
         return AsyncLLM.from_vllm_config(
             vllm_config=config,
             usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[running.logger()],
             enable_log_requests=engine_args.enable_log_requests,
             aggregate_engine_logging=engine_args.aggregate_engine_logging,
             disable_log_stats=engine_args.disable_log_stats,
@@ -422,7 +470,8 @@ async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
     lifeline.arm()  # the engine's processes end with this one, even when it is SIGKILLed
     cancelled = threading.Event()
     started = time.perf_counter()
-    future = asyncio.get_running_loop().run_in_executor(None, _build, args, cancelled)
+    running = RunningPeak()
+    future = asyncio.get_running_loop().run_in_executor(None, _build, args, cancelled, running)
     try:
         engine = await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -440,7 +489,7 @@ async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
         engine._run_output_handler()
         await engine.reset_mm_cache()
         tasks = tuple(await engine.get_supported_tasks())
-        yield Engine(engine, args, time.perf_counter() - started, tasks)
+        yield Engine(engine, args, time.perf_counter() - started, tasks, running)
     finally:
         # Synchronous, as in vLLM's own engine context: in a thread, the still-running output
         # handler would see the engine die first and log a spurious EngineDeadError.

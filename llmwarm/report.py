@@ -99,6 +99,12 @@ class BucketResult(BaseModel):
         default=None,
         description="The same kinds at once again after the last round: still warm?",
     )
+    max_running: int | None = Field(
+        default=None,
+        description="The most requests vLLM's scheduler ran at once during the bucket's rounds "
+        "(its own count, beside `max_in_flight`, the client's); none where vLLM reports no "
+        "stats (`--disable-log-stats`).",
+    )
     noise: float | None = Field(
         default=None,
         description="Measured noise of its last window: the largest standard error of a round "

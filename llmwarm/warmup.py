@@ -120,13 +120,15 @@ async def rounds(
     model: str,
     *,
     on_round: Callable[[Progress], None] = lambda progress: None,
+    running: Callable[[], int | None] = lambda: None,
 ) -> Outcome:
     """Warm bucket by bucket, round by round, until each converges (or the limits hit).
 
     A round repeats the bucket's first endpoint, plain (its shape must settle), with at least
     `MIN_ROUND_SAMPLES` values of the metric; its other endpoints and features go all at once
     after round 1 (the sweep: each cold path, paid once) and after its last round (the check:
-    still warm).
+    still warm). `running` gives the engine's largest running count since its last call: read
+    around each round, it says how many of a bucket's requests the engine really batched.
     """
     rule = profile.convergence
     deadline = profile.budget.max_seconds
@@ -150,7 +152,10 @@ async def rounds(
             if out_of_time or out_of_requests:
                 budget_exhausted = True
                 break
+            running()  # from this round on
             samples = await _round(client, profile, bucket, round_, tokenizer, model)
+            if (peak := running()) is not None:
+                result.max_running = max(result.max_running or 0, peak)
             sent += len(samples)
             result.rounds.append(RoundResult(round=round_, samples=samples))
             if round_ == 1:
@@ -318,6 +323,9 @@ class WarmupRun:
                 kv.blocks_reached, kv.blocks, kv.requests, kv.seconds,
             )  # fmt: skip
         with view:
-            outcome = await rounds(client, profile, tokenizer, model, on_round=on_round)
+            outcome = await rounds(
+                client, profile, tokenizer, model, on_round=on_round,
+                running=self.engine.take_running_peak,
+            )  # fmt: skip
         live.seconds = live.elapsed()
         return outcome, kv

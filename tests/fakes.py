@@ -107,6 +107,7 @@ class FakeEngine:
         self.hold.set()  # set: requests pass
         self.seen = asyncio.Event()
         self.finished = 0  # generate requests answered in full
+        self.running = self.peak = 0  # generate requests under way, and their most at once
         # A JIT monitor: the first request of each (path, stream) "compiles" once, counted in
         # the phase llmwarm last set.
         self.jit_phases: list[str] = []
@@ -183,6 +184,10 @@ class FakeEngine:
     async def jit_events(self) -> JitEvents | None:
         return JitEvents(active=True, **self.jit)
 
+    def take_running_peak(self) -> int | None:
+        peak, self.peak = self.peak, 0
+        return peak or None
+
     # --- the app
     async def _models(self, request: Request) -> Response:
         return JSONResponse({"data": [{"id": "fake/model", "parent": None}]})
@@ -196,7 +201,12 @@ class FakeEngine:
         if not self.hold.is_set():
             self.seen.set()
             await self.hold.wait()
-        return await answer(request.url.path, body, gap=0.001, done=self._done)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            return await answer(request.url.path, body, gap=0.001, done=self._done)
+        finally:
+            self.running -= 1
 
     def _done(self) -> None:
         self.finished += 1

@@ -196,3 +196,27 @@ async def test_no_kv_fill_without_the_section_or_block_count(fake_url: str) -> N
         assert await warmup.fill_kv(client, _profile(), shape, WordTokenizer(), "m") is None
         with_fill = _profile(kv_fill={"share": 0.5})
         assert await warmup.fill_kv(client, with_fill, shape, WordTokenizer(), "m") is None
+
+
+async def test_the_engines_running_count_is_read_around_each_round_only(fake_url: str) -> None:
+    # a stand-in for vLLM's scheduler stats: each read gives the peak since the last read
+    reads = iter([None, 2, None, 1, None, 2, None, 2, None, 2])
+    taken: list[int | None] = []
+
+    def running() -> int | None:
+        taken.append(value := next(reads, None))
+        return value
+
+    rule = {"metric": "e2e", "window": 2, "spread": 10.0, "min_rounds": 2, "max_rounds": 2}
+    async with httpx.AsyncClient(base_url=fake_url) as client:
+        outcome = await warmup.rounds(
+            client, _profile(convergence=rule), WordTokenizer(), "tiny", running=running
+        )
+    [bucket] = outcome.buckets
+    assert len(taken) == 4  # before and after each of its 2 rounds; never around the sweep
+    assert bucket.max_running == 2
+
+
+async def test_no_running_count_when_the_engine_reports_none(fake_url: str) -> None:
+    [bucket] = (await _run(fake_url, _profile())).buckets
+    assert bucket.max_running is None
