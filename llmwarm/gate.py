@@ -76,6 +76,22 @@ def quiet_access_log() -> Iterator[None]:
         access.removeFilter(_QUIET_WARMUP)
 
 
+def _utf8_headers(scope: Scope) -> Scope:
+    """The scope without headers that are not UTF-8: prometheus_client's app decodes them
+    (an `Accept` of other bytes, which HTTP allows, would be a 500 on /metrics)."""
+
+    def utf8(raw: bytes) -> bool:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    headers = scope.get("headers", [])
+    kept = [(name, value) for name, value in headers if utf8(name) and utf8(value)]
+    return scope if len(kept) == len(headers) else {**scope, "headers": kept}
+
+
 def _is_local(scope: Scope) -> bool:
     """The peer is this machine: loopback, a unix socket, or the server's own address (when
     bound to one interface, the warm-up dials that address; no other host can send from it)."""
@@ -146,7 +162,7 @@ class Gate:
             return await self.control(scope, receive, send)
         if scope["type"] == "http" and scope["path"].startswith("/metrics"):
             # Read-only; lets a scraper watch the warm-up (llmwarm_phase and friends).
-            return await (app or self.metrics_app)(scope, receive, send)
+            return await (app or self.metrics_app)(_utf8_headers(scope), receive, send)
         warmup = self._is_warmup(scope)
         if warmup:
             _WARMUP_REQUEST.set(True)

@@ -267,3 +267,11 @@ def test_the_gate_and_its_endpoints_never_fail_hang_or_let_a_request_in_early(
         assert passed_gate == [] or token in headers, (phase, path, headers)
     if start["status"] == 503:
         assert passed_gate == [] and any(n == b"retry-after" for n, _ in start["headers"])
+
+
+async def test_metrics_with_a_header_that_is_not_utf8_is_no_500() -> None:
+    # found by the fuzz test: prometheus_client's app decodes headers as UTF-8; HTTP allows
+    # other bytes in a value
+    async with client(gate_on()) as c:
+        r = await c.get("/metrics", headers={"accept": b"text/plain; q=\xff"})
+    assert r.status_code == 200 and "llmwarm_phase" in r.text
