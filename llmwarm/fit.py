@@ -9,6 +9,7 @@ Pure: no vLLM (`llmwarm.engine` builds the shape).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -83,19 +84,26 @@ def capture_sizes(
 
 
 def auto_buckets(auto: Auto, shape: EngineShape, chat: bool) -> list[Bucket]:
-    """A prompt-length sweep at concurrency 1, a concurrency sweep at the shortest prompt, and
-    one prompt past max_num_batched_tokens (chunked prefill), all within max_model_len."""
+    """A prompt-length sweep at concurrency 1 and a concurrency sweep at the shortest prompt,
+    interleaved, and one prompt past max_num_batched_tokens (chunked prefill), all within
+    max_model_len."""
     room = shape.max_model_len - auto.max_tokens - (CHAT_TEMPLATE_ALLOWANCE if chat else 0)
     prompts = _doubling(auto.min_prompt_tokens, min(auto.max_prompt_tokens, room))
     limit = auto.max_concurrency or shape.max_num_seqs
-    rows = [(p, 1) for p in prompts]
-    rows += [(auto.min_prompt_tokens, c) for c in concurrency_classes(shape, limit) if c > 1]
+    lengths = [(p, 1) for p in prompts]
+    widths = [(auto.min_prompt_tokens, c) for c in concurrency_classes(shape, limit) if c > 1]
+    # the shortest single request first, then a wider batch and a longer prompt in turn: when
+    # time cuts the (optional) sweep, both ranges are covered as far as it got
+    rows = lengths[:1] + [
+        row for pair in itertools.zip_longest(widths, lengths[1:]) for row in pair if row
+    ]
     chunked = shape.max_num_batched_tokens + 16
     if auto.chunked_prefill and chunked <= room and chunked not in prompts:
         rows.append((chunked, 1))
+    # optional, after the profile's own buckets: extra coverage within budget.optional_share
     return [
         Bucket(name=f"auto-p{p}-c{c}-o{auto.max_tokens}", prompt_tokens=p, concurrency=c,
-               max_tokens=auto.max_tokens)
+               max_tokens=auto.max_tokens, optional=True, priority=-1)
         for p, c in rows
         if p <= room
     ]  # fmt: skip

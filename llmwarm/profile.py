@@ -61,6 +61,12 @@ class Bucket(BaseModel):
         default=0,
         description="Higher runs earlier, so it is warm first when the budget is tight.",
     )
+    optional: bool = Field(
+        default=False,
+        description="Extra coverage: warmed only within `budget.optional_share`; one that time "
+        "does not reach is `skipped` (or cut: `budget`), and neither makes the warm-up "
+        "unconverged. `auto` buckets are optional.",
+    )
     name: str = Field(
         default="",
         description="Stable name used in the report; derived from the sizes when left out.",
@@ -130,6 +136,14 @@ class Budget(BaseModel):
         default=None,
         gt=0,
         description="Start no new round after this many warm-up requests (none: no limit).",
+    )
+    optional_share: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Optional buckets (`auto` ones, those marked `optional`) may take this share "
+        "of the engine's start time, after the others (none: only the limits above): a slow "
+        "start (a big model, a GPU server) buys more coverage, a fast one stays fast.",
     )
 
 

@@ -68,7 +68,7 @@ class RoundResult(BaseModel):
 
 METRIC_FIELDS = {"tpot": "tpot_median_s", "ttft": "ttft_median_s", "e2e": "e2e_median_s"}
 
-StopReason = Literal["converged", "max_rounds", "budget", "running", "failed"]
+StopReason = Literal["converged", "max_rounds", "budget", "skipped", "running", "failed"]
 # What started a warm-up: the process's start, or `POST /warmup/run`.
 Trigger = Literal["startup", "api"]
 
@@ -86,6 +86,11 @@ class BucketResult(BaseModel):
     prompt_tokens: int
     concurrency: int
     max_tokens: int
+    optional: bool = Field(
+        default=False,
+        description="Extra coverage (an `auto` bucket, or one marked `optional`): cut or "
+        "skipped for time, it does not make the warm-up unconverged.",
+    )
     rounds: list[RoundResult] = Field(default_factory=list)
     converged_at: int | None = Field(
         default=None, description="The round at which the convergence rule first held."
@@ -113,13 +118,20 @@ class BucketResult(BaseModel):
     stop_reason: StopReason = Field(
         default="running",
         description="Why its rounds ended: `converged`, `max_rounds`, `budget` (the "
-        "warm-up's budget, of time or requests, ran out first) or `failed` (the warm-up "
-        "failed during this bucket; see the report's `error`).",
+        "warm-up's budget, of time or requests, ran out first), `skipped` (an optional bucket "
+        "the time did not reach) or `failed` (the warm-up failed during this bucket; see the "
+        "report's `error`).",
     )
 
     @property
     def converged(self) -> bool:
         return self.converged_at is not None
+
+    @property
+    def required(self) -> bool:
+        """Whether the warm-up is unconverged without it: any bucket but an optional one that
+        time cut or skipped."""
+        return not (self.optional and self.stop_reason in ("budget", "skipped"))
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -270,8 +282,8 @@ class Report(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def converged(self) -> bool:
-        """The warm-up finished and every bucket converged."""
-        return self.error is None and all(b.converged for b in self.buckets)
+        """The warm-up finished and every bucket converged (optional ones: those it reached)."""
+        return self.error is None and all(b.converged for b in self.buckets if b.required)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -355,7 +367,7 @@ class Report(BaseModel):
 
     @property
     def unconverged(self) -> list[str]:
-        return [b.name for b in self.buckets if not b.converged]
+        return [b.name for b in self.buckets if b.required and not b.converged]
 
     def summary(self) -> dict[str, object]:
         """A short form for `/ready`."""

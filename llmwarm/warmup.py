@@ -121,6 +121,7 @@ async def rounds(
     *,
     on_round: Callable[[Progress], None] = lambda progress: None,
     running: Callable[[], int | None] = lambda: None,
+    optional_seconds: float | None = None,
 ) -> Outcome:
     """Warm bucket by bucket, round by round, until each converges (or the limits hit).
 
@@ -129,6 +130,8 @@ async def rounds(
     after round 1 (the sweep: each cold path, paid once) and after its last round (the check:
     still warm). `running` gives the engine's largest running count since its last call: read
     around each round, it says how many of a bucket's requests the engine really batched.
+    Optional buckets run within `optional_seconds`, counted from the first of them: one the
+    time does not reach is `skipped`, one it cuts `budget` (the warm-up stays converged).
     """
     rule = profile.convergence
     deadline = profile.budget.max_seconds
@@ -140,17 +143,33 @@ async def rounds(
             prompt_tokens=b.prompt_tokens,
             concurrency=b.concurrency,
             max_tokens=b.max_tokens,
+            optional=b.optional,
         )
         for b in profile.buckets
     ]
     sent = 0
     budget_exhausted = False
+    optional_from: float | None = None  # when the first optional bucket began
+
+    def optional_time_out() -> bool:
+        return (
+            optional_seconds is not None
+            and optional_from is not None
+            and time.perf_counter() - optional_from >= optional_seconds
+        )
+
     for index, (bucket, result) in enumerate(zip(profile.buckets, results, strict=True), 1):
+        if bucket.optional and optional_from is None:
+            optional_from = time.perf_counter()
+        cut = False
         for round_ in range(1, rule.max_rounds + 1):
             out_of_time = deadline is not None and time.perf_counter() - start >= deadline
             out_of_requests = max_requests is not None and sent >= max_requests
             if out_of_time or out_of_requests:
                 budget_exhausted = True
+                break
+            if bucket.optional and optional_time_out():
+                cut = True
                 break
             running()  # from this round on
             samples = await _round(client, profile, bucket, round_, tokenizer, model)
@@ -170,13 +189,18 @@ async def rounds(
             on_round(Progress(index, len(results), result, round_, sent, done))
             if verdict.converged:
                 break
-        if result.sweep is not None and not budget_exhausted:
+        if result.sweep is not None and not (budget_exhausted or cut):
             last = len(result.rounds)
             result.check = await _sweep(client, profile, bucket, last, tokenizer, model)
             sent += len(result.check.samples) if result.check else 0
-        result.stop_reason = (
-            "converged" if result.converged else "budget" if budget_exhausted else "max_rounds"
-        )
+        if result.converged:
+            result.stop_reason = "converged"
+        elif cut and not result.rounds:
+            result.stop_reason = "skipped"
+        elif cut or budget_exhausted:
+            result.stop_reason = "budget"
+        else:
+            result.stop_reason = "max_rounds"
         if result.max_in_flight is not None and result.max_in_flight < bucket.concurrency:
             logger.warning(
                 "bucket %s asked for %d requests at once; at most %d were in flight",
@@ -323,9 +347,11 @@ class WarmupRun:
                 kv.blocks_reached, kv.blocks, kv.requests, kv.seconds,
             )  # fmt: skip
         with view:
+            share = profile.budget.optional_share
             outcome = await rounds(
                 client, profile, tokenizer, model, on_round=on_round,
                 running=self.engine.take_running_peak,
+                optional_seconds=None if share is None else share * self.origin.engine_start_s,
             )  # fmt: skip
         live.seconds = live.elapsed()
         return outcome, kv

@@ -273,5 +273,5 @@ async def test_metrics_with_a_header_that_is_not_utf8_is_no_500() -> None:
     # found by the fuzz test: prometheus_client's app decodes headers as UTF-8; HTTP allows
     # other bytes in a value
     async with client(gate_on()) as c:
-        r = await c.get("/metrics", headers={"accept": b"text/plain; q=\xff"})
+        r = await c.get("/metrics", headers={b"accept": b"text/plain; q=\xff"})
     assert r.status_code == 200 and "# TYPE" in r.text

@@ -11,7 +11,7 @@ from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape
 from llmwarm.profile import Profile, parse_profile
 from llmwarm.report import Outcome
-from tests.fakes import PACE
+from tests.fakes import PACE, bucket, report
 
 
 def _profile(**fields: object) -> Profile:
@@ -220,3 +220,37 @@ async def test_the_engines_running_count_is_read_around_each_round_only(fake_url
 async def test_no_running_count_when_the_engine_reports_none(fake_url: str) -> None:
     [bucket] = (await _run(fake_url, _profile())).buckets
     assert bucket.max_running is None
+
+
+async def test_optional_buckets_run_after_within_their_time_and_are_skipped_beyond(
+    fake_url: str,
+) -> None:
+    rule = {"metric": "e2e", "window": 2, "spread": 10.0, "min_rounds": 2, "max_rounds": 2}
+    profile = _profile(
+        convergence=rule,
+        buckets=[
+            {"prompt_tokens": 4, "concurrency": 1, "max_tokens": 5},
+            {"prompt_tokens": 8, "concurrency": 2, "max_tokens": 5, "optional": True},
+            {"prompt_tokens": 16, "concurrency": 1, "max_tokens": 5, "optional": True},
+        ],
+    )
+    async with httpx.AsyncClient(base_url=fake_url) as client:
+        none = await warmup.rounds(client, profile, WordTokenizer(), "t", optional_seconds=0)
+        some = await warmup.rounds(client, profile, WordTokenizer(), "t", optional_seconds=600)
+    # no time for them: the required bucket warmed (its 2 rounds), the optional ones skipped
+    assert [b.stop_reason for b in none.buckets][1:] == ["skipped", "skipped"]
+    assert [len(b.rounds) for b in none.buckets] == [2, 0, 0] and not none.budget_exhausted
+    assert none.buckets[0].required and not any(b.required for b in none.buckets[1:])
+    # time enough: all warmed, round after round (converged or not, on a loaded host)
+    assert [len(b.rounds) for b in some.buckets] == [2, 2, 2]
+    assert all(b.stop_reason in ("converged", "max_rounds") for b in some.buckets)
+
+
+def test_an_optional_bucket_cut_for_time_leaves_the_warm_up_converged() -> None:
+    required, optional = bucket(), bucket().model_copy(
+        update={"name": "auto-p64-c8-o16", "optional": True, "converged_at": None,
+                "stop_reason": "budget"}
+    )  # fmt: skip
+    assert report(required, optional).converged and report(required, optional).unconverged == []
+    ran_out = optional.model_copy(update={"stop_reason": "max_rounds"})  # reached, never settled
+    assert report(required, ran_out).unconverged == ["auto-p64-c8-o16"]
