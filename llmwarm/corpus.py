@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmwarm import endpoints, features
+from llmwarm.convergence import MIN_ROUND_SAMPLES
 from llmwarm.profile import Bucket, Profile
 
 _SYLLABLES = (
@@ -260,7 +261,14 @@ class WordTokenizer:
 
 
 def requests_per_round(profile: Profile, bucket: Bucket) -> int:
-    return len(round_kinds(profile, bucket)) * bucket.concurrency
+    """A round's requests: its kinds once, then those that carry the metric (streamed ones
+    for TTFT and TPOT) again until the round has `MIN_ROUND_SAMPLES` values of it (as
+    `warmup` sends them; a stream that yields no value can make it one batch more)."""
+    kinds = round_kinds(profile, bucket)
+    carrying = [k for k in kinds if profile.convergence.metric == "e2e" or k.stream]
+    values = len(carrying) * bucket.concurrency  # a batch's values of the metric
+    repeats = -(-MIN_ROUND_SAMPLES // values) if values else 1
+    return len(kinds) * bucket.concurrency + (repeats - 1) * values
 
 
 def requests_per_sweep(profile: Profile, bucket: Bucket) -> int:
