@@ -367,6 +367,18 @@ def profile_show(
     Console(width=200).print(plan_table(profile, str(file)))
 
 
+ShareOption = Annotated[
+    float,
+    typer.Option(
+        "--coverage", min=0.01, max=1.0, help="Share of the requests the buckets must cover."
+    ),
+]
+OutOption = Annotated[
+    Path | None,
+    typer.Option("--out", help="Write the profile here instead of stdout.", dir_okay=False),
+]
+
+
 @profile_app.command("from-log")
 def profile_from_log(
     file: Annotated[
@@ -378,13 +390,8 @@ def profile_from_log(
             dir_okay=False,
         ),
     ],
-    coverage: Annotated[
-        float,
-        typer.Option(min=0.01, max=1.0, help="Share of the requests the buckets must cover."),
-    ] = 0.99,
-    out: Annotated[
-        Path | None, typer.Option(help="Write the profile here instead of stdout.", dir_okay=False)
-    ] = None,
+    coverage: ShareOption = 0.99,
+    out: OutOption = None,
 ) -> None:
     """Build a profile from real traffic: buckets and features that cover its requests."""
     from llmwarm.fromlog import build
@@ -425,13 +432,8 @@ def profile_from_coverage(
             show_default=False,
         ),
     ],
-    coverage: Annotated[
-        float,
-        typer.Option(min=0.01, max=1.0, help="Share of the requests the buckets must cover."),
-    ] = 0.99,
-    out: Annotated[
-        Path | None, typer.Option(help="Write the profile here instead of stdout.", dir_okay=False)
-    ] = None,
+    coverage: ShareOption = 0.99,
+    out: OutOption = None,
 ) -> None:
     """Build one profile from the learn files of a fleet: the shapes its traffic had."""
     from llmwarm import learn

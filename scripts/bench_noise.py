@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchlib import write_section
+from benchlib import model_options, models, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
@@ -111,17 +111,10 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], args: argparse
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", default=[],
-                        help="NAME=PATH, repeatable (default: tiny=.cache/tiny-llama)")  # fmt: skip
-    parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--log", type=Path, default=ROOT / ".cache" / "bench-noise.log")
+    model_options(parser, ROOT / ".cache" / "bench-noise.log")
     args = parser.parse_args()
-    args.model = args.model or [f"tiny={ROOT / '.cache' / 'tiny-llama'}"]
-    args.log.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for spec in args.model:
-        name, _, path = spec.partition("=")
+    for name, path in models(args, ROOT):
         results[name] = {"quiet": [], "noisy": []}
         for run in range(args.runs):
             for host in ["quiet", "noisy"] if run % 2 == 0 else ["noisy", "quiet"]:

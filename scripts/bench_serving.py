@@ -21,7 +21,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchlib import free_port, ready_server, write_section
+from benchlib import free_port, model_options, models, ready_server, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
@@ -111,21 +111,14 @@ def markdown(results: Results, args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", default=[],
-                        help="NAME=PATH, repeatable (default: tiny=.cache/tiny-llama)")  # fmt: skip
-    parser.add_argument("--runs", type=int, default=2)
+    model_options(parser, ROOT / ".cache" / "bench-serving.log")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=160)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--log", type=Path, default=ROOT / ".cache" / "bench-serving.log")
     args = parser.parse_args()
-    args.model = args.model or [f"tiny={ROOT / '.cache' / 'tiny-llama'}"]
-    args.log.parent.mkdir(parents=True, exist_ok=True)
     results: Results = {}
-    for spec in args.model:
-        name, _, path = spec.partition("=")
+    for name, path in models(args, ROOT):
         results[name] = {"vllm": [], "llmwarm": []}
         for run in range(args.runs):
             order = ["vllm", "llmwarm"] if run % 2 == 0 else ["llmwarm", "vllm"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import signal
 import socket
@@ -60,3 +61,20 @@ def write_section(page: Path, name: str, body: str) -> None:
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
     page.write_text(text, encoding="utf-8")
+
+
+def model_options(parser: argparse.ArgumentParser, log: Path, runs: int = 2) -> None:
+    """The options the side-by-side scripts share: models, runs, where the page and log go."""
+    parser.add_argument("--model", action="append", default=[],
+                        help="NAME=PATH, repeatable (default: tiny=.cache/tiny-llama)")  # fmt: skip
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--docs", type=Path, default=log.parent.parent / "docs")
+    parser.add_argument("--log", type=Path, default=log)
+
+
+def models(args: argparse.Namespace, root: Path) -> list[tuple[str, str]]:
+    """(name, path) of each `--model NAME=PATH`, the tiny model by default."""
+    specs = args.model or [f"tiny={root / '.cache' / 'tiny-llama'}"]
+    args.model = specs
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    return [(spec.partition("=")[0], spec.partition("=")[2]) for spec in specs]
