@@ -91,7 +91,7 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], args: argparse
         f"{' '.join(f'--model {m}' for m in args.model)} --runs {args.runs}`. `llmwarm warm` "
         "with the default profile; noisy: a busy loop on the other core, busy half of every "
         "100 ms. Alternating order; medians over the runs. Target: noisy ≤ 1.5× quiet, every "
-        "bucket converged in both. The default profile's optional (`auto`) buckets run for 15 % "
+        "bucket converged in both. The default profile's optional (`auto`) buckets run for 5 % "
         "of the engine's start time, which a noisy host stretches too.",
         "",
         "| model | host | warm-up | requests | converged (required buckets) | optional "
