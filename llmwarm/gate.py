@@ -178,16 +178,16 @@ class Gate:
     async def _observed(
         self, app: ASGIApp, endpoint: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        """Pass a user's request to vLLM's app, then record it in the coverage (after its
-        answer is sent: nothing is parsed on the request's way). Its body is kept as the
-        chunks vLLM reads (no copy), the answer's last chunks (its usage), its first byte's
-        time (TTFT of a stream) and its last's."""
+        """Pass a user's request to vLLM's app and record it in the coverage as its answer
+        ends (nothing is parsed on the request's way in, nor while the answer streams). Its
+        body is kept as the chunks vLLM reads (no copy), the answer's last chunks (its usage),
+        its first byte's time (TTFT of a stream) and its last's."""
         coverage = self.state.coverage
         coverage.in_flight += 1
         in_flight, start = coverage.in_flight, time.perf_counter()
         chunks: list[bytes] = []
         last: deque[bytes] = deque(maxlen=2)  # the answer's last chunks: its usage is there
-        status, first, end = 0, 0.0, 0.0
+        status, first, done = 0, 0.0, False
 
         async def observed_receive() -> Message:
             message = await receive()
@@ -195,36 +195,41 @@ class Gate:
                 chunks.append(message.get("body", b""))
             return message
 
+        def record(end: float) -> None:
+            if not 200 <= status < 300:
+                return
+            try:
+                tail = b"".join(last)[-TAIL_BYTES:]
+                shape = coverage.classify(endpoint, b"".join(chunks), tail, in_flight)
+                if shape is not None:
+                    latency = (first or end) - start if shape.stream else end - start
+                    coverage.record(shape, latency)
+            except Exception:  # never a user's request's problem
+                logger.exception("could not record a request in the coverage")
+
         async def observed_send(message: Message) -> None:
-            nonlocal status, first, end
+            nonlocal status, first, done
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 if chunk := message.get("body"):
                     first = first or time.perf_counter()
                     last.append(chunk)
-                if not message.get("more_body") and not end:
-                    # the answer is out: the client may send its next request before the app
-                    # returns, and this one is no longer in flight then
-                    end = time.perf_counter()
+                if not message.get("more_body") and not done:
+                    # The answer's last message: recorded before it goes out, so a client
+                    # that asks /warmup/coverage right after its answer finds it there; and
+                    # no longer in flight (its client may send the next before the app
+                    # returns).
+                    done = True
                     coverage.in_flight -= 1
+                    record(time.perf_counter())
             await send(message)
 
         try:
             await app(scope, observed_receive, observed_send)
         finally:
-            if not end:  # no complete answer (an error, a cancel)
+            if not done:  # no complete answer (an error, a cancel)
                 coverage.in_flight -= 1
-        if not end or not 200 <= status < 300:
-            return
-        try:
-            tail = b"".join(last)[-TAIL_BYTES:]
-            shape = coverage.classify(endpoint, b"".join(chunks), tail, in_flight)
-            if shape is not None:
-                latency = (first or end) - start if shape.stream else end - start
-                coverage.record(shape, latency)
-        except Exception:  # never a user's request's problem
-            logger.exception("could not record a request in the coverage")
 
     async def _unavailable(self, scope: Scope, send: Send, phase: Phase) -> None:
         if scope["type"] == "websocket":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -19,6 +20,8 @@ from llmwarm.errors import WarmupError
 from llmwarm.report import Sample
 
 # A cold engine may compile for a long time before its first token; never give up on that.
+logger = logging.getLogger(__name__)
+
 TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=600.0)
 # No cap on connections: httpx's default (100) would hold a bucket of 256 to 100 in flight.
 LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -47,8 +50,19 @@ class Wire:
         return seen, trace
 
 
-def _fail(req: WarmRequest, what: str) -> WarmupError:
-    return WarmupError(
+# vLLM answers a request-level internal error (finish_reason "error": a multimodal cache that
+# drifted between its frontend and its engine, a KV load failure) with 500 or 503 and expects
+# the client to send the request again; its frontend has repaired its state by then.
+RETRY_STATUSES = (500, 503)
+
+
+class _Retryable(WarmupError):
+    """A failure vLLM asks a client to retry (once)."""
+
+
+def _fail(req: WarmRequest, what: str, status: Any = None) -> WarmupError:
+    kind = _Retryable if status in RETRY_STATUSES else WarmupError
+    return kind(
         f"warm-up request failed: {req.kind} {req.path} (bucket {req.bucket}, round {req.round})",
         problems=[(f"bucket {req.bucket}", what)],
     )
@@ -77,7 +91,7 @@ async def _streamed(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> 
     async with client.stream("POST", req.path, json=req.body, extensions={"trace": trace}) as resp:
         if resp.status_code != 200:
             body = (await resp.aread()).decode(errors="replace")[:300]
-            raise _fail(req, f"HTTP {resp.status_code}: {body}")
+            raise _fail(req, f"HTTP {resp.status_code}: {body}", resp.status_code)
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank lines, `event:` names (the event's data says its type too)
@@ -86,7 +100,8 @@ async def _streamed(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> 
                 break
             event = _json(req, data, "a stream event")
             if (error := failed(event)) is not None:
-                raise _fail(req, f"error in stream: {error}")
+                code = error.get("code") if isinstance(error, dict) else None
+                raise _fail(req, f"error in stream: {error}", code)
             now = time.perf_counter()
             if first is None and starts(event):
                 first = now
@@ -126,7 +141,7 @@ async def _unary(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sam
     resp = await client.post(req.path, json=req.body, extensions={"trace": trace})
     end = time.perf_counter()
     if resp.status_code != 200:
-        raise _fail(req, f"HTTP {resp.status_code}: {resp.text[:300]}")
+        raise _fail(req, f"HTTP {resp.status_code}: {resp.text[:300]}", resp.status_code)
     prompt_tokens, output_tokens = SPECS[req.endpoint].usage(_json(req, resp.text, "the answer"))
     return Sample(
         kind=req.kind,
@@ -139,13 +154,27 @@ async def _unary(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sam
     )
 
 
-async def measure(client: httpx.AsyncClient, req: WarmRequest, wire: Wire | None = None) -> Sample:
-    """Send one request and time it from the client's side (`wire`: the batch it is part of)."""
-    wire = wire or Wire()
+async def _send(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sample:
     try:
         return await (_streamed(client, req, wire) if req.stream else _unary(client, req, wire))
     except httpx.HTTPError as exc:
         raise _fail(req, f"{type(exc).__name__}: {exc}") from None
+
+
+async def measure(client: httpx.AsyncClient, req: WarmRequest, wire: Wire | None = None) -> Sample:
+    """Send one request and time it from the client's side (`wire`: the batch it is part of).
+    A failure vLLM asks a client to retry is sent once more (its sample is the second's)."""
+    wire = wire or Wire()
+    try:
+        return await _send(client, req, wire)
+    except _Retryable as exc:
+        logger.warning(
+            "%s: %s; sending it again, as vLLM asks of a client", exc.message, exc.problems[0][1]
+        )
+    try:
+        return await _send(client, req, wire)
+    except _Retryable as exc:
+        raise WarmupError(exc.message, problems=exc.problems) from None
 
 
 async def measure_all(client: httpx.AsyncClient, requests: Sequence[WarmRequest]) -> list[Sample]:

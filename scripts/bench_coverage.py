@@ -213,7 +213,7 @@ def markdown(http: dict[str, Any], local: dict[str, Any], args: argparse.Namespa
         f"{local['on']['p99_ms'] * 1000:.1f} µs |",
         f"| added per request (on − off) | {local['added_median_ms'] * 1000:.1f} µs | "
         f"{local['added_p99_ms'] * 1000:.1f} µs |",
-        f"| of which classify + record, after the answer is out | "
+        f"| of which classify + record, as the answer ends | "
         f"{local['classify_record']['median_ms'] * 1000:.1f} µs | "
         f"{local['classify_record']['p99_ms'] * 1000:.1f} µs |",
         "",

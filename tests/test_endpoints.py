@@ -179,3 +179,43 @@ async def test_an_answer_that_is_not_json_is_a_warm_up_failure_naming_it(
             await measure.measure(c, req)
     [(where, what)] = info.value.problems
     assert where == "bucket b" and what.startswith(said)
+
+
+COMPLETION = {"choices": [{"text": "x"}], "usage": {"prompt_tokens": 9, "completion_tokens": 1}}
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_a_failure_vllm_asks_to_retry_is_sent_once_more(status: int) -> None:
+    # vLLM answers a request-level internal error (e.g. its multimodal cache drifted between
+    # frontend and engine: seen in CI on the vision model) with 500/503, to be sent again
+    answers = [httpx.Response(status, json={"error": {"message": "Internal server error"}}),
+               httpx.Response(200, json=COMPLETION)]  # fmt: skip
+    sent: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return answers.pop(0)
+
+    req = WarmRequest(bucket="b", round=1, kind="completions", endpoint="completions",
+                      stream=False, body={})  # fmt: skip
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
+        sample = await measure.measure(c, req)
+    assert len(sent) == 2 and (sample.prompt_tokens, sample.output_tokens) == (9, 1)
+
+
+@pytest.mark.parametrize(("status", "tries"), [(500, 2), (400, 1)])
+async def test_twice_is_a_failure_and_a_client_error_is_never_retried(
+    status: int, tries: int
+) -> None:
+    sent: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(status, json={"error": {"message": "no"}})
+
+    req = WarmRequest(bucket="b", round=1, kind="completions", endpoint="completions",
+                      stream=False, body={})  # fmt: skip
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
+        with pytest.raises(WarmupError, match="warm-up request failed"):
+            await measure.measure(c, req)
+    assert len(sent) == tries
