@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -64,23 +65,20 @@ logger = logging.getLogger(__name__)
 StartEngine = Callable[[Namespace], AbstractAsyncContextManager[engine.EngineClient]]
 
 
-class Signalled(KeyboardInterrupt):
-    """SIGINT or SIGTERM before the event loop's handlers are in.
-
-    A subclass, not KeyboardInterrupt itself: CPython marks the process "killed by SIGINT"
-    (exit -2, not 130) whenever a plain KeyboardInterrupt escapes code run through its C API,
-    as some extension modules run code while vLLM is imported, even when llmwarm then catches
-    it; the sweep in tests/test_signals.py caught that. asyncio still re-raises it (it is a
-    KeyboardInterrupt), so a signal during the hand-over to the loop's handlers is never lost.
-    """
-
-
 def _signalled(signum: int, frame: object) -> None:
-    raise Signalled(signal.Signals(signum).name)
+    """Before the event loop's handlers (while vLLM is imported, at the hand-over) and after
+    them: end at once with 130. Nothing needs cleaning up then: no engine runs, no file is
+    being written. Not an exception: raised inside an import, library code can turn it into
+    another (a class body's `__set_name__` wraps it in a RuntimeError: a traceback and exit 1),
+    and CPython marks a plain KeyboardInterrupt that escapes code run through its C API as a
+    SIGINT death (exit -2); the sweep in tests/test_signals.py met both."""
+    os.write(2, f"{signal.Signals(signum).name}: interrupted.\n".encode())
+    os._exit(EXIT_INTERRUPTED)
 
 
 def interrupt_on_signals() -> None:
-    """Before the event loop runs (while vLLM is imported): SIGINT and SIGTERM interrupt.
+    """Before the event loop runs (while vLLM is imported): SIGINT and SIGTERM end the process
+    at once (130).
 
     A container's PID 1 ignores a signal it has no handler for; without this, a pod deleted
     in its first seconds would wait for SIGKILL.
