@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import psutil
 import pytest
 import typer
 import uvicorn
 from dockerfile_parse import DockerfileParser
 from typer.testing import CliRunner
 
+from llmwarm import lifeline
 from tests.fakes import PACE, PACED
 
 if TYPE_CHECKING:
@@ -83,6 +86,56 @@ def engine_env() -> dict[str, str]:
 
 
 STARTUP_TIMEOUT_S = 400
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """A launched llmwarm, as the tests find its engine's processes after it is gone."""
+
+    pid: int  # llmwarm's
+    session: int  # its session (a process keeps it, orphaned or not)
+    at: float  # when the launched process started (psutil's clock)
+
+    @classmethod
+    def of(cls, launched: int, llmwarm: int | None = None) -> Launch:
+        """Right after the launch. `llmwarm`: when it runs under the launched process."""
+        return cls(llmwarm or launched, os.getsid(launched), psutil.Process(launched).create_time())
+
+
+def engine_processes(launch: Launch) -> list[psutil.Process]:
+    """Every live process llmwarm started for its engine, orphans too. They carry its pid in
+    their environment (`llmwarm.lifeline`) until vLLM names them (`VLLM::EngineCore`,
+    `VLLM::Worker…`): setproctitle writes over the environment /proc shows, so a named one is
+    found by its name, in llmwarm's session, started since the launch. Spawn's resource
+    tracker is left out (it ends by itself with its last user). Short-lived helpers (vLLM runs
+    `lscpu` while loading) are among them while they run: to know the engine is there, look
+    for `engine_core`."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.pid == launch.pid or process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            command = " ".join(process.cmdline())
+            if "resource_tracker" in command:
+                continue
+            named = (
+                command.startswith("VLLM::")
+                and os.getsid(process.pid) == launch.session
+                and process.create_time() >= launch.at
+            )
+            if named or process.environ().get(lifeline.ENV) == str(launch.pid):
+                found.append(process)
+    return found
+
+
+def engine_core(processes: list[psutil.Process]) -> psutil.Process | None:
+    """The EngineCore among `processes`, once it has named itself (`VLLM::EngineCore`, the
+    first thing vLLM's engine process does)."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in " ".join([process.name(), *process.cmdline()]):
+                return process
+    return None
 
 
 def wait_ready(proc: subprocess.Popen[bytes], client: httpx.Client, log: Path) -> None:

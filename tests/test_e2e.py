@@ -33,7 +33,10 @@ from tests.conftest import (
     LLMWARM,
     MINIMAL,
     STARTUP_TIMEOUT_S,
+    Launch,
+    engine_core,
     engine_env,
+    engine_processes,
     free_port,
     serving,
     wait_ready,
@@ -443,8 +446,8 @@ def test_rewarm_on_demand_closes_the_gate_when_asked(served: Served) -> None:
 
 
 def test_sigterm_drains_in_flight_requests_and_leaves_no_engine(served: Served) -> None:
-    children = psutil.Process(served.proc.pid).children(recursive=True)
-    assert children, "expected an EngineCore process"
+    children = engine_processes(Launch.of(served.proc.pid))
+    assert engine_core(children), [p.pid for p in children]
     body = {
         "model": "tiny", "prompt": "drain", "max_tokens": 300, "ignore_eos": True,
         "stream": True, "stream_options": {"include_usage": True},
@@ -506,14 +509,6 @@ def test_unconverged_with_fail_policy_exits_6_after_writing_the_report(
     assert "Traceback" not in proc.stderr
 
 
-def _engine_children(pid: int) -> list[psutil.Process]:
-    return [
-        p
-        for p in psutil.Process(pid).children(recursive=True)
-        if "resource_tracker" not in " ".join(p.cmdline())
-    ]
-
-
 @pytest.mark.parametrize(
     ("phase", "action"),
     [
@@ -554,15 +549,15 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
                 # "warming" once a round has been measured, so the report has something.
                 status = ready.get("status")
                 if status == phase and (
-                    (phase == "loading" and _engine_children(proc.pid))
+                    (phase == "loading" and engine_core(engine_processes(Launch.of(proc.pid))))
                     or (phase == "warming" and ready.get("progress", {}).get("round"))
                 ):
                     break
                 time.sleep(0.2)
             else:
                 pytest.fail(f"never saw {phase}:\n{log.read_text()[-3000:]}")
-        children = _engine_children(proc.pid)
-        assert children
+        children = engine_processes(Launch.of(proc.pid))
+        assert engine_core(children), [p.pid for p in children]
         t0 = time.monotonic()
         if action == "sigterm":
             proc.send_signal(signal.SIGTERM)
@@ -574,7 +569,8 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
             assert proc.wait(30) == 130
             assert time.monotonic() - t0 < 5
         else:
-            (core,) = [p for p in children if "EngineCore" in p.name() + " ".join(p.cmdline())]
+            core = engine_core(children)
+            assert core is not None
             core.kill()
             assert proc.wait(30) == 4, log.read_text()[-3000:]
         assert time.monotonic() - t0 < 15

@@ -20,7 +20,10 @@ from tests.conftest import (
     LLMWARM,
     MINIMAL,
     STARTUP_TIMEOUT_S,
+    Launch,
+    engine_core,
     engine_env,
+    engine_processes,
     free_port,
 )
 
@@ -108,16 +111,18 @@ def test_a_sigkilled_llmwarm_leaves_no_engine_process(
              "--profile", str(MINIMAL), "--report", str(tmp_path / "report.json")],
             stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
         )  # fmt: skip
+    launch = Launch.of(proc.pid)
     engine: list[psutil.Process] = []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             if stage == "loading":  # the engine's process exists, and is loading
-                _until("an engine process", lambda: bool(_engine(proc)), proc, log)
+                has_core = lambda: engine_core(engine_processes(launch)) is not None  # noqa: E731
+                _until("an EngineCore", has_core, proc, log)
                 assert _phase(client) in (None, "loading")
             else:
                 _until(stage, lambda: _phase(client) == stage, proc, log)
-        engine = _engine(proc)
-        assert engine
+        engine = engine_processes(launch)
+        assert engine_core(engine), [p.pid for p in engine]
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 10
@@ -131,12 +136,3 @@ def test_a_sigkilled_llmwarm_leaves_no_engine_process(
         for process in engine:
             with contextlib.suppress(psutil.Error):
                 process.kill()
-
-
-def _engine(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    """The processes under llmwarm (spawn's resource tracker aside: it ends by itself)."""
-    try:
-        under = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [p for p in under if "resource_tracker" not in " ".join(p.cmdline())]

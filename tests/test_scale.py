@@ -17,7 +17,9 @@ from tests.conftest import (
     ENGINE_FLAGS,
     LLMWARM,
     STARTUP_TIMEOUT_S,
+    Launch,
     engine_env,
+    engine_processes,
     serving,
 )
 
@@ -78,8 +80,7 @@ def test_tensor_parallel_2_warms_serves_and_leaves_no_worker(
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     flags = ("--tensor-parallel-size", "2")
     with serving(tiny_model, tmp_path, *flags) as (proc, client, report):
-        children = psutil.Process(proc.pid).children(recursive=True)
-        engine_procs = [p for p in children if "resource_tracker" not in " ".join(p.cmdline())]
+        engine_procs = engine_processes(Launch.of(proc.pid))
         # the EngineCore and a worker per rank
         assert len(engine_procs) >= 3, [p.cmdline() for p in engine_procs]
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}

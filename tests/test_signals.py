@@ -22,13 +22,15 @@ import httpx
 import psutil
 import pytest
 
-from llmwarm import engine, lifeline
+from llmwarm import engine
 from tests.conftest import (
     ENGINE_FLAGS,
     LLMWARM,
     MINIMAL,
     STARTUP_TIMEOUT_S,
+    Launch,
     engine_env,
+    engine_processes,
     free_port,
     wait_ready,
 )
@@ -45,6 +47,7 @@ DELAYS = [0.3, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.5, 
 class Launched:
     def __init__(self, proc: subprocess.Popen[bytes], log: Path, port: int) -> None:
         self.proc, self.log, self.port = proc, log, port
+        self.launch = Launch.of(proc.pid)
 
     @property
     def text(self) -> str:
@@ -64,30 +67,16 @@ def _launched(
             stdout=out, stderr=subprocess.STDOUT, env=engine_env() | (env or {}),
             start_new_session=new_session,
         )  # fmt: skip
+    launched = Launched(proc, log, port)
     try:
-        yield Launched(proc, log, port)
+        yield launched
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for process in _engine_of(proc.pid):
+        for process in engine_processes(launched.launch):
             with contextlib.suppress(psutil.Error):
                 process.kill()
-
-
-def _engine_of(pid: int) -> list[psutil.Process]:
-    """Every live process an llmwarm process started for its engine (they carry its pid in
-    their environment: also those started as it was being signalled, and orphans)."""
-    found = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if (
-                process.pid != pid
-                and process.status() != psutil.STATUS_ZOMBIE
-                and process.environ().get(lifeline.ENV) == str(pid)
-            ):
-                found.append(process)
-    return found
 
 
 def _ends(run: Launched, since: float) -> int:
@@ -96,7 +85,7 @@ def _ends(run: Launched, since: float) -> int:
         code = run.proc.wait(max(0.1, since + STOP_S - time.monotonic()))
     except subprocess.TimeoutExpired:
         pytest.fail(f"still running {STOP_S} s after the signal:\n{run.text[-3000:]}")
-    while (left := _engine_of(run.proc.pid)) and time.monotonic() < since + STOP_S:
+    while (left := engine_processes(run.launch)) and time.monotonic() < since + STOP_S:
         time.sleep(0.1)
     assert left == [], f"engine processes left: {left}\n{run.text[-2000:]}"
     assert "Traceback" not in run.text, run.text[-3000:]
@@ -193,6 +182,7 @@ def test_a_sigterm_to_the_process_group_while_serving_drains(
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             llmwarm = llmwarm.children()[0]
+            run.launch = Launch.of(run.proc.pid, llmwarm.pid)  # its engine's processes know it
         with httpx.Client(base_url=f"http://127.0.0.1:{run.port}", timeout=30) as client:
             wait_ready(run.proc, client, run.log)
         result: list[httpx.Response | BaseException] = []
@@ -215,6 +205,6 @@ def test_a_sigterm_to_the_process_group_while_serving_drains(
         assert "SIGTERM received" in run.text
         if how == "kill-pgid":
             assert code == 0
-        while (left := _engine_of(llmwarm.pid)) and time.monotonic() < sent + STOP_S + 60:
+        while (left := engine_processes(run.launch)) and time.monotonic() < sent + STOP_S + 60:
             time.sleep(0.1)
         assert left == []
