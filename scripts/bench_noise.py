@@ -72,7 +72,11 @@ def warm(model: str, args: argparse.Namespace) -> dict[str, Any]:
     buckets = data["buckets"]
     required = [b for b in buckets if not b["optional"]]
     noise = [b["noise"] for b in buckets if b.get("noise") is not None]
+    # How fast the host runs a warm request: the geometric mean of the required buckets' last
+    # round medians (end to end), to set the warm-up's own noisy/quiet ratio against.
+    steady = [b["rounds"][-1]["e2e_median_s"] for b in required if b["rounds"]]
     return {
+        "steady_s": statistics.geometric_mean(steady) if steady else None,
         "warmup_s": data["warmup_s"],
         "requests": data["requests"],
         "converged": data["converged"],  # every bucket it had to warm
@@ -92,16 +96,24 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], args: argparse
         "with the default profile; noisy: a busy loop on the other core, busy half of every "
         "100 ms. Alternating order; medians over the runs. Target: noisy ≤ 1.5× quiet, every "
         "bucket converged in both. The default profile's optional (`auto`) buckets run for 5 % "
-        "of the engine's start time, which a noisy host stretches too.",
+        "of the engine's start time, which a noisy host stretches too. *Warm request*: the "
+        "geometric mean over the required buckets of their last round's median end-to-end "
+        "latency, how much slower the host itself runs a warm request; *per request*: "
+        "warm-up seconds per request sent, noisy over quiet.",
         "",
         "| model | host | warm-up | requests | converged (required buckets) | optional "
-        "buckets reached | median noise | noisy / quiet |",
-        "|---|---|---|---|---|---|---|---|",
+        "buckets reached | median noise | warm request | noisy / quiet: warm-up | warm "
+        "request | per request |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, by_host in results.items():
         quiet = statistics.median(r["warmup_s"] for r in by_host["quiet"])
+        quiet_steady = statistics.median(r["steady_s"] for r in by_host["quiet"])
+        quiet_per = statistics.median(r["warmup_s"] / r["requests"] for r in by_host["quiet"])
         for host, runs in by_host.items():
             seconds = statistics.median(r["warmup_s"] for r in runs)
+            steady = statistics.median(r["steady_s"] for r in runs)
+            per = statistics.median(r["warmup_s"] / r["requests"] for r in runs)
             noise = [r["noise"] for r in runs if r["noise"] is not None]
             converged = ", ".join(
                 f"{'yes' if r['converged'] else 'no'} ({r['required']})" for r in runs
@@ -111,7 +123,8 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], args: argparse
                 f"| {name} | {host} | {seconds:.1f} s | "
                 f"{statistics.median(r['requests'] for r in runs):.0f} | {converged} | "
                 f"{optional} | {(f'{statistics.median(noise):.1%}' if noise else '-')} | "
-                f"{seconds / quiet:.2f}× |"
+                f"{steady * 1000:.1f} ms | {seconds / quiet:.2f}× | {steady / quiet_steady:.2f}× "
+                f"| {per / quiet_per:.2f}× |"
             )
     return "\n".join(lines)
 
