@@ -1,18 +1,23 @@
-"""Has a bucket's latency settled? Pure statistics over per-request samples; no I/O.
+"""Has a bucket's latency settled? Pure statistics over each round's samples; no I/O.
 
-Each round's statistic is the *median* of that round's requests: one request slowed by a GC
-pause, a page fault or the other core's scheduler moves a mean but not a median. The rule looks
-at a window of the last `window` rounds and asks for
+A sample is what was measured at one moment: the warm-up gives one per batch of requests sent
+together, its median (`report.BucketResult.values`). Requests of one batch share the engine's
+steps and the host's moment, so their spread is not the noise between moments: counted as
+several samples, four requests at once under one neighbour's burst would measure no noise at
+all, and the next round's different moment would look like a change. Each round's statistic
+is the *median* of that round's samples: one slowed by a GC pause, a page fault or the other
+core's scheduler moves a mean but not a median. The rule looks at a window of the last
+`window` rounds and asks for
 
   * a small spread: the range (max - min) of the window's round medians at most
     `spread` x their median, *or*, on a noisy host, at most what sampling noise alone explains:
     `RANGE_Q` standard errors of a round median. The noise is measured, not assumed: the
-    pooled median absolute deviation of every request in the window about its own round's
+    pooled median absolute deviation of every sample in the window about its own round's
     median (robust sigma = 1.4826 MAD), and a round median's standard error 1.2533 sigma /
-    sqrt(n) for its n requests (the warm-up sends at least `MIN_ROUND_SAMPLES` a round). A
-    window of single requests measures no noise and is held to the fixed `spread`. The range,
-    not a MAD, across rounds, on purpose: with three or so rounds a MAD ignores one bad round,
-    and a late spike must block convergence;
+    sqrt(n) for its n samples (the warm-up sends at least `MIN_ROUND_SAMPLES` batches a
+    round). A window of one sample a round measures no noise and is held to the fixed
+    `spread`. The range, not a MAD, across rounds, on purpose: with three or so rounds a MAD
+    ignores one bad round, and a late spike must block convergence;
   * no improvement still under way: the latest round is not faster than the best earlier
     round of the window by more than `improvement` (or, if more, `GAIN_Z` standard errors
     of the difference of two medians);
@@ -22,7 +27,7 @@ at a window of the last `window` rounds and asks for
     slower than the noise allowance passes the first two tests, not this one.
 
 So a stationary series converges as soon as its window is measured, however noisy, as long as
-each round has a few requests; a step down converges `window - 1` rounds after the step once
+each round has a few samples; a step down converges `window - 1` rounds after the step once
 the step is larger than the noise allowance; a steady drift never converges (faster than
 spread / (window - 1) a round: the range; slower: the drift test).
 `max_rounds` bounds it all, so the rule terminates on any series.
@@ -100,8 +105,8 @@ class Rule(BaseModel):
 RANGE_Q = 4.5
 # Standard errors of the difference of two round medians that count as a real improvement.
 GAIN_Z = 2.0
-# Requests of the metric a round needs, at least, for its noise to be measured (the warm-up
-# repeats a round's batches that carry the metric until it has them).
+# Samples of the metric a round needs, at least, for its noise to be measured (the warm-up
+# repeats a round's batches that carry the metric until this many batches have).
 MIN_ROUND_SAMPLES = 3
 # Round medians each below (or each above) the one before, by more in all than this share and
 # than noise explains: a drift still under way.

@@ -262,13 +262,12 @@ class WordTokenizer:
 
 def requests_per_round(profile: Profile, bucket: Bucket) -> int:
     """A round's requests: its kinds once, then those that carry the metric (streamed ones
-    for TTFT and TPOT) again until the round has `MIN_ROUND_SAMPLES` values of it (as
-    `warmup` sends them; a stream that yields no value can make it one batch more)."""
+    for TTFT and TPOT) again until `MIN_ROUND_SAMPLES` of the round's batches have a value
+    of it (as `warmup` sends them; a stream that yields no value can make it one batch more)."""
     kinds = round_kinds(profile, bucket)
     carrying = [k for k in kinds if profile.convergence.metric == "e2e" or k.stream]
-    values = len(carrying) * bucket.concurrency  # a batch's values of the metric
-    repeats = -(-MIN_ROUND_SAMPLES // values) if values else 1
-    return len(kinds) * bucket.concurrency + (repeats - 1) * values
+    repeats = -(-MIN_ROUND_SAMPLES // len(carrying)) if carrying else 1
+    return (len(kinds) + (repeats - 1) * len(carrying)) * bucket.concurrency
 
 
 def requests_per_sweep(profile: Profile, bucket: Bucket) -> int:

@@ -44,6 +44,12 @@ class Sample(BaseModel):
         description="Requests of its batch on the wire when it was sent, itself included "
         "(from sending its headers; one waiting for a connection does not count).",
     )
+    batch: int = Field(
+        default=0,
+        description="Which of its round's batches it was sent in (from 0). The requests of a "
+        "batch run at the same moment, on the same engine steps: the convergence rule takes "
+        "a batch as one sample of the host's noise, not as several.",
+    )
 
 
 class RoundResult(BaseModel):
@@ -141,9 +147,18 @@ class BucketResult(BaseModel):
         return max(seen) if seen else None
 
     def values(self, metric: str) -> list[list[float]]:
-        """Per round, every request's value of one metric (`tpot`, `ttft`, `e2e`)."""
+        """Per round, one value of a metric (`tpot`, `ttft`, `e2e`) per batch that has it: the
+        median over the batch's requests. Requests sent together share their moment (a
+        neighbour's burst slows them all alike), so their spread is not the host's noise."""
         field = f"{metric}_s"
-        return [[v for s in r.samples if (v := getattr(s, field)) is not None] for r in self.rounds]
+        per_round = []
+        for r in self.rounds:
+            batches: dict[int, list[float]] = {}
+            for sample in r.samples:
+                if (v := getattr(sample, field)) is not None:
+                    batches.setdefault(sample.batch, []).append(v)
+            per_round.append([statistics.median(v) for v in batches.values()])
+        return per_round
 
     def series(self, metric: str) -> list[float]:
         """Per-round medians of one metric (`tpot`, `ttft`, `e2e`), rounds that have it."""

@@ -81,18 +81,22 @@ async def _round(
     model: str,
 ) -> list[Sample]:
     """One round: its batches one after another, then again those that carry the metric
-    (fresh prompts) until it has `MIN_ROUND_SAMPLES` values of it, so its noise is measured
-    (a bucket of one request at a time would otherwise give one value a round)."""
+    (fresh prompts) until `MIN_ROUND_SAMPLES` of its batches have a value of it, so its noise
+    is measured. Batches, not requests: the requests of one batch run at the same moment, and
+    their spread says nothing of how the next moment differs."""
     field = f"{profile.convergence.metric}_s"
     samples: list[Sample] = []
+    sent = carrying = 0  # batches sent; those with a value of the metric
     for repeat in range(convergence.MIN_ROUND_SAMPLES):
         batches = corpus.round_batches(profile, bucket, round_, tokenizer, model, repeat)
         if repeat:  # only what carries the metric: streamed kinds for TTFT and TPOT
             batches = [b for b in batches if field == "e2e_s" or b.requests[0].stream]
         for batch in batches:
-            samples += await measure.measure_all(client, batch.requests)
-        values = sum(getattr(s, field) is not None for s in samples)
-        if values >= convergence.MIN_ROUND_SAMPLES or not batches:
+            got = await measure.measure_all(client, batch.requests)
+            samples += [s.model_copy(update={"batch": sent}) for s in got]
+            sent += 1
+            carrying += any(getattr(s, field) is not None for s in got)
+        if carrying >= convergence.MIN_ROUND_SAMPLES or not batches:
             break
     return samples
 
@@ -126,10 +130,11 @@ async def rounds(
     """Warm bucket by bucket, round by round, until each converges (or the limits hit).
 
     A round repeats the bucket's first endpoint, plain (its shape must settle), with at least
-    `MIN_ROUND_SAMPLES` values of the metric; its other endpoints and features go all at once
-    after round 1 (the sweep: each cold path, paid once) and after its last round (the check:
-    still warm). `running` gives the engine's largest running count since its last call: read
-    around each round, it says how many of a bucket's requests the engine really batched.
+    `MIN_ROUND_SAMPLES` batches that carry the metric; its other endpoints and features go
+    all at once after round 1 (the sweep: each cold path, paid once) and after its last round
+    (the check: still warm). `running` gives the engine's largest running count since its
+    last call: read around each round, it says how many of a bucket's requests the engine
+    really batched.
     Optional buckets run within `optional_seconds`, counted from the first of them: one the
     time does not reach is `skipped`, one it cuts `budget` (the warm-up stays converged).
     """

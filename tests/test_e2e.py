@@ -346,9 +346,10 @@ def test_report_file(served: Served) -> None:
         # endpoints (chat, responses, messages, streamed and not) and, on the first bucket,
         # its features (logprobs and json_schema on completions and chat, streamed and not)
         # go in the bucket's sweep (after round 1) and check (after the last), all at once
-        # (and the streamed batch again until a round has 3 TPOT values, its noise measured)
+        # (and the streamed batch twice more: 3 batches with a TPOT value, its noise measured)
         rounds, c = bucket["rounds"], bucket["concurrency"]
-        assert all(len(r["samples"]) == 2 * c + c * -(-(3 - c) // c) for r in rounds)
+        assert all(len(r["samples"]) == (2 + 2) * c for r in rounds)
+        assert all({s["batch"] for s in r["samples"]} == {0, 1, 2, 3} for r in rounds)
         extra = [bucket["sweep"], bucket["check"]]
         once = 3 * 2 + (2 * 2 * 2 if bucket["name"] == "p16-c1-o8" else 0)
         assert all(len(r["samples"]) == once * bucket["concurrency"] for r in extra)

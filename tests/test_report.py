@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from llmwarm.report import Report, RoundResult, plot, table, write_json
@@ -25,6 +26,24 @@ def test_cold_is_round_one_and_warm_the_median_of_the_last_window() -> None:
     assert b.series("tpot") == [0.05, 0.02, 0.01]
     single = b.model_copy(update={"rounds": b.rounds[:1]})
     assert single.warm("e2e", window=2) is None
+
+
+def test_requests_sent_together_are_one_sample_of_the_rule() -> None:
+    # a round of three batches: two requests at once in a neighbour's burst, then two in a
+    # quiet moment, then one; the rule gets one value a batch (its median), not five
+    at_once = [
+        sample("c-stream", 0.4, 0.1, 0.035).model_copy(update={"batch": 0}),
+        sample("c-stream", 0.4, 0.1, 0.033).model_copy(update={"batch": 0}),
+        sample("c", 0.2).model_copy(update={"batch": 1}),  # no TPOT: no value of it
+        sample("c-stream", 0.2, 0.1, 0.017).model_copy(update={"batch": 2}),
+        sample("c-stream", 0.2, 0.1, 0.019).model_copy(update={"batch": 2}),
+        sample("c-stream", 0.2, 0.1, 0.018).model_copy(update={"batch": 3}),
+    ]
+    b = bucket().model_copy(update={"rounds": [RoundResult(round=1, samples=at_once)]})
+    assert b.values("tpot") == [[pytest.approx(0.034), pytest.approx(0.018), 0.018]]
+    assert b.values("e2e") == [[0.4, 0.2, 0.2, 0.2]]
+    # the report's round median stays the requests' own
+    assert b.rounds[0].tpot_median_s == 0.019
 
 
 def test_json_round_trip_with_computed_medians(tmp_path: Path) -> None:

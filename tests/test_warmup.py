@@ -38,15 +38,19 @@ async def test_run_measures_every_request_until_converged(fake_url: str) -> None
     assert bucket.stop_reason == "converged" and bucket.converged_at is not None
     n = bucket.converged_at
     assert 2 <= n <= 10 and [r.round for r in bucket.rounds] == list(range(1, n + 1))
-    # a round: completions, streamed and not, x concurrency 2; the sweep after round 1 and
-    # the check after the last: chat, streamed and not, x 2
-    assert outcome.requests == n * 4 + 4 + 4 and not outcome.budget_exhausted
+    # a round: completions, streamed and not, x concurrency 2, twice (both carry e2e: 3 of
+    # its batches must have it, and requests sent together count once); the sweep after
+    # round 1 and the check after the last: chat, streamed and not, x 2
+    assert outcome.requests == n * 8 + 4 + 4 and not outcome.budget_exhausted
     assert [(p.bucket_index, p.round, p.requests, p.bucket_done) for p in seen] == [
-        (1, r, r * 4 + 4, r == n) for r in range(1, n + 1)
+        (1, r, r * 8 + 4, r == n) for r in range(1, n + 1)
     ]
     assert bucket.sweep is not None and bucket.check is not None
+    for rnd in bucket.rounds:
+        assert [s.batch for s in rnd.samples] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [len(v) for v in bucket.values("e2e")] == [4] * n  # one value a batch
     for rnd in [*bucket.rounds, bucket.sweep, bucket.check]:
-        assert len(rnd.samples) == 2 * 2
+        assert len(rnd.samples) == 2 * 2 * (2 if rnd in bucket.rounds else 1)
         for s in rnd.samples:
             assert s.output_tokens == 5 and s.prompt_tokens == 7
             if s.kind.endswith("-stream"):
@@ -79,10 +83,10 @@ async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
     assert len(bucket.sweep.samples) == len(bucket.check.samples) == 10 * 2  # x concurrency
     assert bucket.sweep.round == 1 and bucket.check.round == len(bucket.rounds)
     assert 2 <= len(bucket.rounds) <= rule.max_rounds
-    # a round: completions streamed and not (x 2), then the streamed batch once more, for
-    # at least 3 TPOT values a round
-    assert all(len(r.samples) == 2 * 2 + 2 for r in bucket.rounds)
-    assert outcome.requests == len(bucket.rounds) * 6 + 2 * 20
+    # a round: completions streamed and not (x 2), then the streamed batch twice more, for
+    # at least 3 batches with a TPOT value a round
+    assert all(len(r.samples) == (2 + 2) * 2 for r in bucket.rounds)
+    assert outcome.requests == len(bucket.rounds) * 8 + 2 * 20
 
 
 async def test_a_round_of_one_request_at_a_time_repeats_its_stream_for_three_values(
@@ -119,8 +123,8 @@ async def test_a_bucket_without_features_sweeps_only_the_other_endpoints(fake_ur
 
 
 async def test_a_server_that_keeps_slowing_down_stops_at_max_rounds(fake_url: str) -> None:
-    # triples every 4 requests: every round (completions x 2 x concurrency 2), and the sweep
-    PACE.gap = lambda calls: 0.005 * 3 ** (calls // 4)
+    # triples every 8 requests, a round's worth (completions x 2 x concurrency 2, twice)
+    PACE.gap = lambda calls: 0.005 * 3 ** (calls // 8)
     rule = {"metric": "e2e", "window": 2, "spread": 0.5, "min_rounds": 2, "max_rounds": 3}
     outcome = await _run(fake_url, _profile(convergence=rule))
     [bucket] = outcome.buckets
