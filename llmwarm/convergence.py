@@ -14,10 +14,11 @@ core's scheduler moves a mean but not a median. The rule looks at a window of th
     `RANGE_Q` standard errors of a round median. The noise is measured, not assumed: the
     pooled median absolute deviation of every sample in the window about its own round's
     median (robust sigma = 1.4826 MAD), and a round median's standard error 1.2533 sigma /
-    sqrt(n) for its n samples (the warm-up sends at least `MIN_ROUND_SAMPLES` batches a
-    round). A window of one sample a round measures no noise and is held to the fixed
-    `spread`. The range, not a MAD, across rounds, on purpose: with three or so rounds a MAD
-    ignores one bad round, and a late spike must block convergence;
+    sqrt(n) for its n samples (the warm-up sends `MIN_ROUND_SAMPLES` batches a round where
+    it needs the noise: `warmup.sampled_batches`). A window of one sample a round measures no
+    noise and is held to the fixed `spread`. The range, not a MAD, across rounds, on
+    purpose: with three or so rounds a MAD ignores one bad round, and a late spike must block
+    convergence;
   * no improvement still under way: the latest round is not faster than the best earlier
     round of the window by more than `improvement` (or, if more, `GAIN_Z` standard errors
     of the difference of two medians);
@@ -119,6 +120,7 @@ class Verdict:
     converged: bool
     reason: str
     noise: float | None = None  # the largest standard error of a window round median / median
+    window_full: bool = False  # enough rounds were there to judge (a "no" is then the rule's)
 
 
 def _standard_error(window: Sequence[Sequence[float]]) -> float:
@@ -155,18 +157,24 @@ def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
         se = 0.0  # the fixed thresholds alone
     allowed = max(rule.spread, RANGE_Q * se / mid)
     if spread > allowed:
-        return Verdict(False, f"spread {spread:.1%} > {allowed:.0%}", noise)
+        return Verdict(False, f"spread {spread:.1%} > {allowed:.0%}", noise, window_full=True)
     best_before = min(medians[:-1])
     gain = (best_before - medians[-1]) / best_before
     if gain > max(rule.improvement, GAIN_Z * math.sqrt(2) * se / best_before):
-        return Verdict(False, f"still improving ({gain:.1%} > {rule.improvement:.0%})", noise)
+        return Verdict(
+            False, f"still improving ({gain:.1%} > {rule.improvement:.0%})", noise, window_full=True
+        )
     recent = [statistics.median(r) for r in rounds[-DRIFT_ROUNDS:]]
     steps = list(zip(recent[:-1], recent[1:], strict=True))
     moved = abs(recent[-1] - recent[0])
     monotone = all(b < a for a, b in steps) or all(b > a for a, b in steps)
     if monotone and moved > max(DRIFT_MIN * mid, GAIN_Z * math.sqrt(2) * se):
-        return Verdict(False, f"drifting, round after round ({len(recent)} rounds)", noise)
-    return Verdict(True, f"spread {spread:.1%} over the last {rule.window} rounds", noise)
+        return Verdict(
+            False, f"drifting, round after round ({len(recent)} rounds)", noise, window_full=True
+        )
+    return Verdict(
+        True, f"spread {spread:.1%} over the last {rule.window} rounds", noise, window_full=True
+    )
 
 
 def converged_at(rounds: Sequence[Sequence[float]], rule: Rule) -> int | None:

@@ -261,12 +261,15 @@ class WordTokenizer:
 
 
 def requests_per_round(profile: Profile, bucket: Bucket) -> int:
-    """A round's requests: its kinds once, then those that carry the metric (streamed ones
-    for TTFT and TPOT) again until `MIN_ROUND_SAMPLES` of the round's batches have a value
-    of it (as `warmup` sends them; a stream that yields no value can make it one batch more)."""
+    """A round's requests: its kinds once, then, for a bucket of fewer than
+    `MIN_ROUND_SAMPLES` requests at a time, those that carry the metric (streamed ones for
+    TTFT and TPOT) again until that many of the round's batches have a value of it (as
+    `warmup.sampled_batches` says; a wider bucket's rounds repeat them too once a noisy host
+    needs it, and a stream that yields no value can make it one batch more)."""
     kinds = round_kinds(profile, bucket)
     carrying = [k for k in kinds if profile.convergence.metric == "e2e" or k.stream]
-    repeats = -(-MIN_ROUND_SAMPLES // len(carrying)) if carrying else 1
+    wanted = MIN_ROUND_SAMPLES if bucket.concurrency < MIN_ROUND_SAMPLES else 1
+    repeats = -(-wanted // len(carrying)) if carrying else 1
     return (len(kinds) + (repeats - 1) * len(carrying)) * bucket.concurrency
 
 

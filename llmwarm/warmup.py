@@ -79,15 +79,16 @@ async def _round(
     round_: int,
     tokenizer: corpus.Tokenizer,
     model: str,
+    wanted: int,
 ) -> list[Sample]:
     """One round: its batches one after another, then again those that carry the metric
-    (fresh prompts) until `MIN_ROUND_SAMPLES` of its batches have a value of it, so its noise
-    is measured. Batches, not requests: the requests of one batch run at the same moment, and
-    their spread says nothing of how the next moment differs."""
+    (fresh prompts) until `wanted` of its batches have a value of it. Batches, not requests:
+    the requests of one batch run at the same moment, and their spread says nothing of how
+    the next moment differs (see `sampled_batches`)."""
     field = f"{profile.convergence.metric}_s"
     samples: list[Sample] = []
     sent = carrying = 0  # batches sent; those with a value of the metric
-    for repeat in range(convergence.MIN_ROUND_SAMPLES):
+    for repeat in range(max(wanted, 1)):
         batches = corpus.round_batches(profile, bucket, round_, tokenizer, model, repeat)
         if repeat:  # only what carries the metric: streamed kinds for TTFT and TPOT
             batches = [b for b in batches if field == "e2e_s" or b.requests[0].stream]
@@ -96,9 +97,26 @@ async def _round(
             samples += [s.model_copy(update={"batch": sent}) for s in got]
             sent += 1
             carrying += any(getattr(s, field) is not None for s in got)
-        if carrying >= convergence.MIN_ROUND_SAMPLES or not batches:
+        if carrying >= wanted or not batches:
             break
     return samples
+
+
+def sampled_batches(bucket: Bucket, verdict: convergence.Verdict | None) -> int:
+    """How many batches carrying the metric a bucket's next round sends.
+
+    The rule measures a host's noise between a round's batches (`convergence`). A bucket of
+    fewer than `MIN_ROUND_SAMPLES` requests at a time always sends that many batches: they are
+    cheap. A wider one sends one batch a round while the fixed `spread` decides (a quiet host:
+    its rounds agree), and `MIN_ROUND_SAMPLES` from the round after its window first failed
+    with no noise measured: a noisy host, or a bucket still warming, is then told apart at the
+    cost of the batches it needs, and a quiet one never pays them.
+    """
+    if bucket.concurrency < convergence.MIN_ROUND_SAMPLES:
+        return convergence.MIN_ROUND_SAMPLES
+    if verdict is not None and verdict.window_full and not verdict.noise:
+        return convergence.MIN_ROUND_SAMPLES
+    return 1
 
 
 async def _sweep(
@@ -129,8 +147,8 @@ async def rounds(
 ) -> Outcome:
     """Warm bucket by bucket, round by round, until each converges (or the limits hit).
 
-    A round repeats the bucket's first endpoint, plain (its shape must settle), with at least
-    `MIN_ROUND_SAMPLES` batches that carry the metric; its other endpoints and features go
+    A round repeats the bucket's first endpoint, plain (its shape must settle), with as many
+    batches that carry the metric as `sampled_batches` says; its other endpoints and features go
     all at once after round 1 (the sweep: each cold path, paid once) and after its last round
     (the check: still warm). `running` gives the engine's largest running count since its
     last call: read around each round, it says how many of a bucket's requests the engine
@@ -167,6 +185,7 @@ async def rounds(
         if bucket.optional and optional_from is None:
             optional_from = time.perf_counter()
         cut = False
+        wanted = sampled_batches(bucket, None)
         for round_ in range(1, rule.max_rounds + 1):
             out_of_time = deadline is not None and time.perf_counter() - start >= deadline
             out_of_requests = max_requests is not None and sent >= max_requests
@@ -177,7 +196,7 @@ async def rounds(
                 cut = True
                 break
             running()  # from this round on
-            samples = await _round(client, profile, bucket, round_, tokenizer, model)
+            samples = await _round(client, profile, bucket, round_, tokenizer, model, wanted)
             if (peak := running()) is not None:
                 result.max_running = max(result.max_running or 0, peak)
             sent += len(samples)
@@ -187,6 +206,7 @@ async def rounds(
                 sent += len(result.sweep.samples) if result.sweep else 0
             verdict = convergence.check(result.values(rule.metric), rule)
             result.noise = verdict.noise
+            wanted = max(wanted, sampled_batches(bucket, verdict))
             logger.debug("bucket %s round %d: %s", bucket.name, round_, verdict.reason)
             if verdict.converged:
                 result.converged_at = round_

@@ -104,6 +104,39 @@ async def test_a_round_of_one_request_at_a_time_repeats_its_stream_for_three_val
     assert outcome.buckets[0].noise is not None
 
 
+async def test_a_wide_bucket_samples_three_batches_a_round_once_the_host_proves_noisy(
+    fake_url: str,
+) -> None:
+    # a neighbour's bursts: every other batch of 4 runs 5x slower, its requests all alike
+    PACE.gap = lambda calls: 0.015 if (calls // 4) % 2 else 0.003
+    profile = _profile(
+        endpoints=["completions"],
+        stream=[True],
+        buckets=[{"prompt_tokens": 4, "concurrency": 4, "max_tokens": 5}],
+        convergence={"window": 3, "spread": 0.15, "min_rounds": 3, "max_rounds": 12},
+    )
+    [bucket] = (await _run(fake_url, profile)).buckets
+    batches = [sorted({s.batch for s in r.samples}) for r in bucket.rounds]
+    # one batch a round while the fixed spread decides: its 4 requests are one moment, so
+    # rounds 1-3 measure no noise and their medians (3, 15, 3 ms) fail the 15 % spread ...
+    assert batches[:3] == [[0], [0], [0]]
+    # ... then three a round, whose spread is the host's noise: it converges on it
+    assert batches[3:] == [[0, 1, 2]] * (len(bucket.rounds) - 3)
+    assert bucket.converged and len(bucket.rounds) <= 6
+    assert bucket.noise is not None and bucket.noise > 0.15
+
+
+async def test_a_quiet_wide_bucket_sends_one_batch_a_round(fake_url: str) -> None:
+    profile = _profile(
+        endpoints=["completions"],
+        stream=[True],
+        buckets=[{"prompt_tokens": 4, "concurrency": 4, "max_tokens": 5}],
+    )
+    [bucket] = (await _run(fake_url, profile)).buckets
+    assert bucket.converged
+    assert all({s.batch for s in r.samples} == {0} for r in bucket.rounds)
+
+
 async def test_a_bucket_without_features_sweeps_only_the_other_endpoints(fake_url: str) -> None:
     profile = _profile(
         buckets=[
