@@ -15,7 +15,7 @@ core's scheduler moves a mean but not a median. The rule looks at a window of th
     pooled median absolute deviation of every sample in the window about its own round's
     median (robust sigma = 1.4826 MAD), and a round median's standard error 1.2533 sigma /
     sqrt(n) for its n samples (the warm-up sends `MIN_ROUND_SAMPLES` batches a round where
-    it needs the noise: `warmup.sampled_batches`). A window of one sample a round measures no
+    it needs the noise: `corpus.sampled_batches`). A window of one sample a round measures no
     noise and is held to the fixed `spread`. The range, not a MAD, across rounds, on
     purpose: with three or so rounds a MAD ignores one bad round, and a late spike must block
     convergence;

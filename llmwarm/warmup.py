@@ -84,7 +84,7 @@ async def _round(
     """One round: its batches one after another, then again those that carry the metric
     (fresh prompts) until `wanted` of its batches have a value of it. Batches, not requests:
     the requests of one batch run at the same moment, and their spread says nothing of how
-    the next moment differs (see `sampled_batches`)."""
+    the next moment differs (see `corpus.sampled_batches`)."""
     field = f"{profile.convergence.metric}_s"
     samples: list[Sample] = []
     sent = carrying = 0  # batches sent; those with a value of the metric
@@ -100,23 +100,6 @@ async def _round(
         if carrying >= wanted or not batches:
             break
     return samples
-
-
-def sampled_batches(bucket: Bucket, verdict: convergence.Verdict | None) -> int:
-    """How many batches carrying the metric a bucket's next round sends.
-
-    The rule measures a host's noise between a round's batches (`convergence`). A bucket of
-    fewer than `MIN_ROUND_SAMPLES` requests at a time always sends that many batches: they are
-    cheap. A wider one sends one batch a round while the fixed `spread` decides (a quiet host:
-    its rounds agree), and `MIN_ROUND_SAMPLES` from the round after its window first failed
-    with no noise measured: a noisy host, or a bucket still warming, is then told apart at the
-    cost of the batches it needs, and a quiet one never pays them.
-    """
-    if bucket.concurrency < convergence.MIN_ROUND_SAMPLES:
-        return convergence.MIN_ROUND_SAMPLES
-    if verdict is not None and verdict.window_full and not verdict.noise:
-        return convergence.MIN_ROUND_SAMPLES
-    return 1
 
 
 async def _sweep(
@@ -148,9 +131,9 @@ async def rounds(
     """Warm bucket by bucket, round by round, until each converges (or the limits hit).
 
     A round repeats the bucket's first endpoint, plain (its shape must settle), with as many
-    batches that carry the metric as `sampled_batches` says; its other endpoints and features go
-    all at once after round 1 (the sweep: each cold path, paid once) and after its last round
-    (the check: still warm). `running` gives the engine's largest running count since its
+    batches that carry the metric as `corpus.sampled_batches` says; its other endpoints and
+    features go all at once after round 1 (the sweep: each cold path, paid once) and after its
+    last round (the check: still warm). `running` gives the engine's largest running count since its
     last call: read around each round, it says how many of a bucket's requests the engine
     really batched.
     Optional buckets run within `optional_seconds`, counted from the first of them: one the
@@ -185,7 +168,7 @@ async def rounds(
         if bucket.optional and optional_from is None:
             optional_from = time.perf_counter()
         cut = False
-        wanted = sampled_batches(bucket, None)
+        wanted = corpus.sampled_batches(bucket, None)
         for round_ in range(1, rule.max_rounds + 1):
             out_of_time = deadline is not None and time.perf_counter() - start >= deadline
             out_of_requests = max_requests is not None and sent >= max_requests
@@ -206,7 +189,7 @@ async def rounds(
                 sent += len(result.sweep.samples) if result.sweep else 0
             verdict = convergence.check(result.values(rule.metric), rule)
             result.noise = verdict.noise
-            wanted = max(wanted, sampled_batches(bucket, verdict))
+            wanted = max(wanted, corpus.sampled_batches(bucket, verdict))
             logger.debug("bucket %s round %d: %s", bucket.name, round_, verdict.reason)
             if verdict.converged:
                 result.converged_at = round_
