@@ -25,7 +25,9 @@ core's scheduler moves a mean but not a median. The rule looks at a window of th
   * no steady drift: the last `DRIFT_ROUNDS` round medians (three, while there are only
     three) do not each fall below, or each rise above, the one before by more in all than
     `DRIFT_MIN` and than noise explains (`GAIN_Z` standard errors of a difference). A drift
-    slower than the noise allowance passes the first two tests, not this one.
+    slower than the noise allowance passes the first two tests, not this one. It takes two
+    steps the same way: one step between two rounds is a change, the first two tests' to
+    judge (a window of two rounds is held to its `spread`, not to `DRIFT_MIN`).
 
 So a stationary series converges as soon as its window is measured, however noisy, as long as
 each round has a few samples; a step down converges `window - 1` rounds after the step once
@@ -167,7 +169,8 @@ def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
     recent = [statistics.median(r) for r in rounds[-DRIFT_ROUNDS:]]
     steps = list(zip(recent[:-1], recent[1:], strict=True))
     moved = abs(recent[-1] - recent[0])
-    monotone = all(b < a for a, b in steps) or all(b > a for a, b in steps)
+    # one step is a change, judged above; a drift is two or more the same way
+    monotone = len(steps) > 1 and (all(b < a for a, b in steps) or all(b > a for a, b in steps))
     if monotone and moved > max(DRIFT_MIN * mid, GAIN_Z * math.sqrt(2) * se):
         return Verdict(
             False, f"drifting, round after round ({len(recent)} rounds)", noise, window_full=True

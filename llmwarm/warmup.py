@@ -88,7 +88,7 @@ async def _round(
     field = f"{profile.convergence.metric}_s"
     samples: list[Sample] = []
     sent = carrying = 0  # batches sent; those with a value of the metric
-    for repeat in range(max(wanted, 1)):
+    for repeat in range(wanted):
         batches = corpus.round_batches(profile, bucket, round_, tokenizer, model, repeat)
         if repeat:  # only what carries the metric: streamed kinds for TTFT and TPOT
             batches = [b for b in batches if field == "e2e_s" or b.requests[0].stream]
@@ -133,9 +133,9 @@ async def rounds(
     A round repeats the bucket's first endpoint, plain (its shape must settle), with as many
     batches that carry the metric as `corpus.sampled_batches` says; its other endpoints and
     features go all at once after round 1 (the sweep: each cold path, paid once) and after its
-    last round (the check: still warm). `running` gives the engine's largest running count since its
-    last call: read around each round, it says how many of a bucket's requests the engine
-    really batched.
+    last round (the check: still warm). `running` gives the engine's largest running count
+    since its last call: read around each round, it says how many of a bucket's requests the
+    engine really batched.
     Optional buckets run within `optional_seconds`, counted from the first of them: one the
     time does not reach is `skipped`, one it cuts `budget` (the warm-up stays converged).
     """

@@ -36,6 +36,14 @@ def test_noisy_step_down_still_terminates_close_to_the_step() -> None:
     assert at is not None and at <= 3 + 2
 
 
+@pytest.mark.parametrize("second", [0.9, 1.1])
+def test_a_window_of_two_rounds_is_held_to_its_spread_not_to_a_drift(second: float) -> None:
+    # one step is a change the spread (and, down, the gain) judge; a drift takes two
+    rule = Rule(window=2, spread=0.15, improvement=0.15, min_rounds=2, max_rounds=5)
+    assert check(one([1.0, second]), rule).converged
+    assert not check(one([1.0, 1.0 + 2 * (second - 1.0)]), rule).converged  # 20 % apart
+
+
 @pytest.mark.parametrize("direction", [1, -1])
 def test_steady_drift_never_converges(direction: int) -> None:
     # 6 % a round: a window of three spreads 12 % > 10 %
