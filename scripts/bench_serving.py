@@ -12,17 +12,18 @@ then the other, who goes first alternating, in two modes:
 
 Why two. In a closed loop, requests of one length that start together end together, and the
 next ones start together again: the run settles into waves (each new request's prefill queues
-behind a whole wave's) or into a spread, by chance, and its median TTFT moved 21 -> 48 ms
-between runs of one server here. Arrivals that do not wait on completions measure the latency
-of the server instead of that chance, as vLLM's own benchmarks set a request rate.
+behind a whole wave's) or into a spread: plain vLLM's median TTFT moved between 21 and 36 ms
+from one run to the next here, while its TPOT moved far less. Arrivals that do not wait on
+completions measure the latency of the server rather than the regime the loop fell into, as
+vLLM's own benchmarks set a request rate. The closed loop's median TTFT is still shown.
 
-An idle server costs the other nothing (vLLM's engine blocks on its queue; its OpenMP threads
-sleep after 5 ms), and two runs back to back share the host's moment: each pair's llmwarm /
-vLLM ratio is the comparison, their median (lowest–highest) the figure. Each run of a pair
+The idle server waits (vLLM's engine blocks on its input queue), and two runs back to back
+share the host's moment: each pair's llmwarm / vLLM ratio is the comparison, their median
+(lowest–highest) the figure. Each run of a pair
 sends new prompts (a seed of its own), the same to both servers: no run finds its prompts in
-a prefix cache.
-The first pair, on servers nobody else has sent to, is shown apart: plain vLLM's is its cold
-start, llmwarm's comes after its warm-up. Writes the `serving` section of docs/benchmarks.md.
+a prefix cache. The first pair, on servers nobody else has sent to, is shown apart: plain
+vLLM's is its cold start, llmwarm's comes after its warm-up. Writes the `serving` section of
+docs/benchmarks.md.
 
     python scripts/bench_serving.py --model tiny=.cache/tiny-llama --runs 6
 """
@@ -52,7 +53,7 @@ METRICS = {
     ("open", "median_tpot_ms"): ("median TPOT, ms", "≤ 1.02×"),
     ("open", "median_itl_ms"): ("median ITL, ms", ""),
     ("open", "p99_ttft_ms"): ("p99 TTFT, ms", ""),
-    ("closed", "median_ttft_ms"): ("median TTFT, ms (closed loop: waves or not, by chance)", ""),
+    ("closed", "median_ttft_ms"): ("median TTFT, ms (closed loop)", ""),
 }
 
 BENCH = """
