@@ -31,8 +31,9 @@ core's scheduler moves a mean but not a median. The rule looks at a window of th
 
 So a stationary series converges as soon as its window is measured, however noisy, as long as
 each round has a few samples; a step down converges `window - 1` rounds after the step once
-the step is larger than the noise allowance; a steady drift never converges (faster than
-spread / (window - 1) a round: the range; slower: the drift test).
+the step is larger than the noise allowance; a steady drift never converges once three
+rounds show it (faster than spread / (window - 1) a round: the range; slower: the drift test;
+a window of two may pass its second round, whose one step is within the spread).
 `max_rounds` bounds it all, so the rule terminates on any series.
 """
 
