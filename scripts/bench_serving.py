@@ -130,7 +130,7 @@ def markdown(results: dict[str, Measured], args: argparse.Namespace) -> str:
         f"prompts a run; throughput in a closed loop of {args.concurrency} at once, latencies "
         "with Poisson arrivals at half of plain vLLM's throughput (the script's docstring says "
         "why). Both servers up side by side, runs in pairs back to back (who goes first "
-        "alternates, new prompts each pair): the ratio is each pair's llmwarm / vLLM, median "
+        "alternates, new prompts each run): the ratio is each pair's llmwarm / vLLM, median "
         "(lowest–highest) over the pairs after the first. llmwarm serves the default "
         "profile's warm engine, its gate, metrics collector, coverage and watchdogs on the path.",
         "",
