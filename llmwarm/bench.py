@@ -2,12 +2,17 @@
 
 For each request kind of a probe profile (bucket x endpoint x streaming x feature): send it
 once (its first time), then `repeats` more times; first against the median of the repeats.
+The repeats send the first batch's prompts again, so they do the same work: a kind whose output
+ends on its content (stop, choice, regex, JSON) is as long every time, where new prompts made it
+3 tokens one time and 6 the next. Each batch carries its own `cache_salt` (vLLM's, on every
+endpoint), so a repeat is not served from the first's prefix-cache blocks.
 A kind the server refuses is reported, not fatal. No vLLM import: it speaks HTTP only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 from collections.abc import Sequence
 
@@ -121,13 +126,19 @@ async def run(
         for kind in corpus.kinds(profile, bucket):
             medians: list[float] = []
             error = None
+            # in a thread: the server's tokenizer is asked over a synchronous client
+            first = await asyncio.to_thread(
+                corpus.batch, profile, bucket, kind, 1, tokenizer, model
+            )
             for round_ in range(1, repeats + 2):
-                # in a thread: the server's tokenizer is asked over a synchronous client
-                batch = await asyncio.to_thread(
-                    corpus.batch, profile, bucket, kind, round_, tokenizer, model
-                )
+                salted = [
+                    dataclasses.replace(
+                        r, round=round_, body={**r.body, "cache_salt": f"llmwarm-bench-{round_}"}
+                    )
+                    for r in first.requests
+                ]
                 try:
-                    samples = await measure.measure_all(client, batch.requests)
+                    samples = await measure.measure_all(client, salted)
                 except WarmupError as exc:
                     error = exc.problems[0][1] if exc.problems else exc.message
                     break

@@ -12,7 +12,7 @@ from llmwarm import bench, corpus
 from llmwarm.errors import Unreachable
 from llmwarm.profile import parse_profile
 from tests.conftest import invoke
-from tests.fakes import PACE
+from tests.fakes import PACE, _unary
 
 PROBE = parse_profile(
     {
@@ -40,6 +40,31 @@ async def test_first_against_steady_per_kind_and_refusals_reported(fake_url: str
     assert report.worst_ratio == max(greedy.ratio, logprobs.ratio)
     data = json.loads(report.model_dump_json())
     assert data["geomean_ratio"] == pytest.approx((greedy.ratio * logprobs.ratio) ** 0.5)
+
+
+async def test_repeats_send_the_first_prompts_again_with_a_salt_of_their_own() -> None:
+    # Same prompts, so a constrained output is as long every time; a salt per batch, so no
+    # repeat is served from the prefix cache the first one filled.
+    sent: list[dict[str, object]] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        usage = {"prompt_tokens": 8, "completion_tokens": 3}
+        return httpx.Response(200, json=_unary(request.url.path, 3, usage))
+
+    probe = PROBE.model_copy(update={"stream": [False]})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
+        report = await bench.run(c, probe, "tiny", repeats=2, url="http://x")
+    assert [k.kind for k in report.kinds] == ["chat", "chat+logprobs", "chat+grammar"]
+    assert len(sent) == 3 * 3 * 2  # kinds x (first + 2 repeats) x concurrency
+    for kind in range(3):
+        batches = [sent[i : i + 2] for i in range(kind * 6, kind * 6 + 6, 2)]
+        # (the requests of a batch go out at once, in no set order)
+        prompts = [sorted(json.dumps(body["messages"]) for body in batch) for batch in batches]
+        assert prompts[0] == prompts[1] == prompts[2]
+        assert len(set(prompts[0])) == 2  # the requests of one batch: prompts of their own
+        salts = [{body["cache_salt"] for body in batch} for batch in batches]
+        assert salts == [{"llmwarm-bench-1"}, {"llmwarm-bench-2"}, {"llmwarm-bench-3"}]
 
 
 async def test_model_name_from_the_server(fake_url: str) -> None:
