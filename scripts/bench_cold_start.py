@@ -206,8 +206,10 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
             "ready is launch to `/health` 200 (vLLM) or `/ready` 200 (llmwarm); the warm-up's "
             "seconds come from llmwarm's report, its share is of llmwarm's time to ready. The "
             "moment each is ready, `llmwarm bench` (the shipped `configs/probe.yaml`) sends every "
-            f"request kind once, then {args.repeats} more times: the ratio is the first "
-            f"request's latency over the median of the repeats. Medians over {args.runs} runs.",
+            f"request kind once, then {args.repeats} more times with the same prompts (each "
+            "batch with its own `cache_salt`, so no repeat is served from the prefix cache): the "
+            "ratio is the first request's latency over the median of the repeats. Medians over "
+            f"{args.runs} runs.",
             "",
             head,
             rule,
