@@ -260,33 +260,27 @@ class WordTokenizer:
         return " ".join(self.words[i] for i in ids)
 
 
-def sampled_batches(bucket: Bucket, verdict: Verdict | None) -> int:
+def sampled_batches(verdict: Verdict | None) -> int:
     """How many batches carrying the metric a bucket's next round sends.
 
-    The rule measures a host's noise between a round's batches (`convergence`). A bucket of
-    fewer than `MIN_ROUND_SAMPLES` requests at a time always sends that many batches: they are
-    cheap. A wider one sends one batch a round while the fixed `spread` decides (a quiet host:
-    its rounds agree), and `MIN_ROUND_SAMPLES` from the round after its window first failed
-    with no noise measured: a noisy host, or a bucket still warming, is then told apart at the
-    cost of the batches it needs, and a quiet one never pays them.
+    The rule measures a host's noise between a round's batches (`convergence`). A bucket
+    sends one batch a round while the fixed `spread` decides (a quiet host: its rounds
+    agree), and `MIN_ROUND_SAMPLES` from the round after its window first failed with no
+    noise measured: a noisy host, or a bucket still warming, is then told apart at the cost
+    of the batches it needs, and a quiet one never pays them. Narrow buckets too: one request
+    at a time is no cheaper a batch on a real model (a 512-token prompt's prefill is seconds
+    on a CPU), and its one streamed request's time per token is already the median of its
+    gaps.
     """
-    if bucket.concurrency < MIN_ROUND_SAMPLES:
-        return MIN_ROUND_SAMPLES
     if verdict is not None and verdict.window_full and not verdict.noise:
         return MIN_ROUND_SAMPLES
     return 1
 
 
 def requests_per_round(profile: Profile, bucket: Bucket) -> int:
-    """A round's requests: its kinds once, then, for a bucket of fewer than
-    `MIN_ROUND_SAMPLES` requests at a time, those that carry the metric (streamed ones for
-    TTFT and TPOT) again until that many of the round's batches have a value of it (as
-    `sampled_batches` says; a wider bucket's rounds repeat them too once a noisy host needs
-    it, and a stream that yields no value can make it one batch more)."""
-    kinds = round_kinds(profile, bucket)
-    carrying = [k for k in kinds if profile.convergence.metric == "e2e" or k.stream]
-    repeats = -(-sampled_batches(bucket, None) // len(carrying)) if carrying else 1
-    return (len(kinds) + (repeats - 1) * len(carrying)) * bucket.concurrency
+    """A round's requests while one batch of each kind carries the metric (on a noisy host,
+    those that carry it go twice more: `sampled_batches`)."""
+    return len(round_kinds(profile, bucket)) * bucket.concurrency
 
 
 def requests_per_sweep(profile: Profile, bucket: Bucket) -> int:

@@ -168,7 +168,7 @@ async def rounds(
         if bucket.optional and optional_from is None:
             optional_from = time.perf_counter()
         cut = False
-        wanted = corpus.sampled_batches(bucket, None)
+        wanted = corpus.sampled_batches(None)
         for round_ in range(1, rule.max_rounds + 1):
             out_of_time = deadline is not None and time.perf_counter() - start >= deadline
             out_of_requests = max_requests is not None and sent >= max_requests
@@ -189,7 +189,7 @@ async def rounds(
                 sent += len(result.sweep.samples) if result.sweep else 0
             verdict = convergence.check(result.values(rule.metric), rule)
             result.noise = verdict.noise
-            wanted = max(wanted, corpus.sampled_batches(bucket, verdict))
+            wanted = max(wanted, corpus.sampled_batches(verdict))
             logger.debug("bucket %s round %d: %s", bucket.name, round_, verdict.reason)
             if verdict.converged:
                 result.converged_at = round_

@@ -38,19 +38,19 @@ async def test_run_measures_every_request_until_converged(fake_url: str) -> None
     assert bucket.stop_reason == "converged" and bucket.converged_at is not None
     n = bucket.converged_at
     assert 2 <= n <= 10 and [r.round for r in bucket.rounds] == list(range(1, n + 1))
-    # a round: completions, streamed and not, x concurrency 2, twice (both carry e2e: 3 of
-    # its batches must have it, and requests sent together count once); the sweep after
-    # round 1 and the check after the last: chat, streamed and not, x 2
-    assert outcome.requests == n * 8 + 4 + 4 and not outcome.budget_exhausted
+    # a round: completions, streamed and not, x concurrency 2 (both batches carry e2e, so a
+    # round measures its noise: requests sent together count once); the sweep after round 1
+    # and the check after the last: chat, streamed and not, x 2
+    assert outcome.requests == n * 4 + 4 + 4 and not outcome.budget_exhausted
     assert [(p.bucket_index, p.round, p.requests, p.bucket_done) for p in seen] == [
-        (1, r, r * 8 + 4, r == n) for r in range(1, n + 1)
+        (1, r, r * 4 + 4, r == n) for r in range(1, n + 1)
     ]
     assert bucket.sweep is not None and bucket.check is not None
     for rnd in bucket.rounds:
-        assert [s.batch for s in rnd.samples] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert [len(v) for v in bucket.values("e2e")] == [4] * n  # one value a batch
+        assert [s.batch for s in rnd.samples] == [0, 0, 1, 1]
+    assert [len(v) for v in bucket.values("e2e")] == [2] * n  # one value a batch
     for rnd in [*bucket.rounds, bucket.sweep, bucket.check]:
-        assert len(rnd.samples) == 2 * 2 * (2 if rnd in bucket.rounds else 1)
+        assert len(rnd.samples) == 2 * 2
         for s in rnd.samples:
             assert s.output_tokens == 5 and s.prompt_tokens == 7
             if s.kind.endswith("-stream"):
@@ -83,41 +83,28 @@ async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
     assert len(bucket.sweep.samples) == len(bucket.check.samples) == 10 * 2  # x concurrency
     assert bucket.sweep.round == 1 and bucket.check.round == len(bucket.rounds)
     assert 2 <= len(bucket.rounds) <= rule.max_rounds
-    # a round: completions streamed and not (x 2), then the streamed batch twice more, for
-    # at least 3 batches with a TPOT value a round
-    assert all(len(r.samples) == (2 + 2) * 2 for r in bucket.rounds)
-    assert outcome.requests == len(bucket.rounds) * 8 + 2 * 20
+    # a round: completions streamed and not (x 2); once the window (2 rounds) has failed with
+    # no noise measured (one TPOT value a round), the streamed batch twice more
+    sizes = [len(r.samples) for r in bucket.rounds]
+    assert sizes[:2] == [2 * 2] * 2 and sizes[2:] == [(2 + 2) * 2] * (len(sizes) - 2)
+    assert outcome.requests == sum(sizes) + 2 * 20
 
 
-async def test_a_round_of_one_request_at_a_time_repeats_its_stream_for_three_values(
-    fake_url: str,
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_a_bucket_samples_three_batches_a_round_once_the_host_proves_noisy(
+    fake_url: str, concurrency: int
 ) -> None:
-    profile = _profile(
-        endpoints=["completions"], buckets=[{"prompt_tokens": 4, "concurrency": 1, "max_tokens": 5}]
-    )
-    outcome = await _run(fake_url, profile)
-    for r in outcome.buckets[0].rounds:
-        # completions streamed and not, then the streamed one twice more (fresh prompts)
-        kinds = [s.kind for s in r.samples]
-        assert kinds == ["completions-stream", "completions", *["completions-stream"] * 2]
-        assert sum(s.tpot_s is not None for s in r.samples) == 3
-    assert outcome.buckets[0].noise is not None
-
-
-async def test_a_wide_bucket_samples_three_batches_a_round_once_the_host_proves_noisy(
-    fake_url: str,
-) -> None:
-    # a neighbour's bursts: every other batch of 4 runs 5x slower, its requests all alike
-    PACE.gap = lambda calls: 0.015 if (calls // 4) % 2 else 0.003
+    # a neighbour's bursts: every other batch runs 5x slower, its requests all alike
+    PACE.gap = lambda calls: 0.015 if (calls // concurrency) % 2 else 0.003
     profile = _profile(
         endpoints=["completions"],
         stream=[True],
-        buckets=[{"prompt_tokens": 4, "concurrency": 4, "max_tokens": 5}],
+        buckets=[{"prompt_tokens": 4, "concurrency": concurrency, "max_tokens": 5}],
         convergence={"window": 3, "spread": 0.15, "min_rounds": 3, "max_rounds": 12},
     )
     [bucket] = (await _run(fake_url, profile)).buckets
     batches = [sorted({s.batch for s in r.samples}) for r in bucket.rounds]
-    # one batch a round while the fixed spread decides: its 4 requests are one moment, so
+    # one batch a round while the fixed spread decides: its requests are one moment, so
     # rounds 1-3 measure no noise and their medians (3, 15, 3 ms) fail the 15 % spread ...
     assert batches[:3] == [[0], [0], [0]]
     # ... then three a round, whose spread is the host's noise: it converges on it
@@ -126,20 +113,23 @@ async def test_a_wide_bucket_samples_three_batches_a_round_once_the_host_proves_
     assert bucket.noise is not None and bucket.noise > 0.15
 
 
-async def test_a_wide_bucket_whose_window_agrees_sends_one_batch_a_round(fake_url: str) -> None:
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_a_bucket_whose_window_agrees_sends_one_batch_a_round(
+    fake_url: str, concurrency: int
+) -> None:
     # the widest thresholds there are: any two rounds agree, whatever the host's moment
     # (a CI host's load decides nothing here; the noisy case is the test above)
     rule = {"window": 2, "spread": 10, "improvement": 1, "min_rounds": 2, "max_rounds": 4}
     profile = _profile(
         endpoints=["completions"],
         stream=[True],
-        buckets=[{"prompt_tokens": 4, "concurrency": 4, "max_tokens": 5}],
+        buckets=[{"prompt_tokens": 4, "concurrency": concurrency, "max_tokens": 5}],
         convergence=rule,
     )
     [bucket] = (await _run(fake_url, profile)).buckets
     assert bucket.converged and len(bucket.rounds) == 2
     assert [sorted({s.batch for s in r.samples}) for r in bucket.rounds] == [[0], [0]]
-    assert all(len(r.samples) == 4 for r in bucket.rounds)
+    assert all(len(r.samples) == concurrency for r in bucket.rounds)
 
 
 async def test_a_bucket_without_features_sweeps_only_the_other_endpoints(fake_url: str) -> None:
@@ -161,9 +151,10 @@ async def test_a_bucket_without_features_sweeps_only_the_other_endpoints(fake_ur
 
 
 async def test_a_server_that_keeps_slowing_down_stops_at_max_rounds(fake_url: str) -> None:
-    # triples every 8 requests, a round's worth (completions, streamed and not, x concurrency
-    # 2, twice; one endpoint, so no sweep between rounds)
-    PACE.gap = lambda calls: 0.005 * 3 ** (calls // 8)
+    # triples every 4 requests, a round's worth (completions, streamed and not, x concurrency
+    # 2: both carry e2e, so a round measures its noise and sends no more; one endpoint, so no
+    # sweep between rounds)
+    PACE.gap = lambda calls: 0.005 * 3 ** (calls // 4)
     rule = {"metric": "e2e", "window": 2, "spread": 0.5, "min_rounds": 2, "max_rounds": 3}
     outcome = await _run(fake_url, _profile(endpoints=["completions"], convergence=rule))
     [bucket] = outcome.buckets
