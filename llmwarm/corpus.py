@@ -268,9 +268,8 @@ def sampled_batches(verdict: Verdict | None) -> int:
     agree), and `MIN_ROUND_SAMPLES` from the round after its window first failed with no
     noise measured: a noisy host, or a bucket still warming, is then told apart at the cost
     of the batches it needs, and a quiet one never pays them. Narrow buckets too: one request
-    at a time is no cheaper a batch on a real model (a 512-token prompt's prefill is seconds
-    on a CPU), and its one streamed request's time per token is already the median of its
-    gaps.
+    at a time is no cheap batch on a real model (a 512-token prompt's prefill takes seconds on
+    a CPU), and a streamed request's time per token already averages its gaps.
     """
     if verdict is not None and verdict.window_full and not verdict.noise:
         return MIN_ROUND_SAMPLES
