@@ -100,7 +100,7 @@ def auto_buckets(auto: Auto, shape: EngineShape, chat: bool) -> list[Bucket]:
     chunked = shape.max_num_batched_tokens + 16
     if auto.chunked_prefill and chunked <= room and chunked not in prompts:
         rows.append((chunked, 1))
-    # optional, after the profile's own buckets: extra coverage within budget.optional_share
+    # optional, after the profile's own buckets: extra coverage as budget.optional_share allows
     return [
         Bucket(name=f"auto-p{p}-c{c}-o{auto.max_tokens}", prompt_tokens=p, concurrency=c,
                max_tokens=auto.max_tokens, optional=True, priority=-1)

@@ -63,7 +63,7 @@ class Bucket(BaseModel):
     )
     optional: bool = Field(
         default=False,
-        description="Extra coverage: warmed only within `budget.optional_share`; one that time "
+        description="Extra coverage: warmed only as `budget.optional_share` allows; one that time "
         "does not reach is `skipped` (or cut: `budget`), and neither makes the warm-up "
         "unconverged. `auto` buckets are optional.",
     )
@@ -141,9 +141,11 @@ class Budget(BaseModel):
         default=None,
         gt=0,
         le=10,
-        description="Optional buckets (`auto` ones, those marked `optional`) may take this share "
-        "of the engine's start time, after the others (none: only the limits above): a slow "
-        "start (a big model, a GPU server) buys more coverage, a fast one stays fast.",
+        description="Optional buckets (`auto` ones, those marked `optional`) run, after the "
+        "others, while the warm-up as a whole (the required buckets, which always run, and the "
+        "KV-cache fill included) is within this share of the engine's start time (none: only "
+        "the limits above): a slow start (a big model, a GPU server) buys more coverage, a fast "
+        "one stays fast, and a warm-up whose required buckets took that long already adds none.",
     )
 
 

@@ -136,8 +136,9 @@ async def rounds(
     last round (the check: still warm). `running` gives the engine's largest running count
     since its last call: read around each round, it says how many of a bucket's requests the
     engine really batched.
-    Optional buckets run within `optional_seconds`, counted from the first of them: one the
-    time does not reach is `skipped`, one it cuts `budget` (the warm-up stays converged).
+    Optional buckets run while these rounds are within `optional_seconds`, the required
+    buckets' time included (those always run): one the time does not reach is `skipped`, one
+    it cuts `budget` (the warm-up stays converged).
     """
     rule = profile.convergence
     deadline = profile.budget.max_seconds
@@ -155,18 +156,11 @@ async def rounds(
     ]
     sent = 0
     budget_exhausted = False
-    optional_from: float | None = None  # when the first optional bucket began
 
     def optional_time_out() -> bool:
-        return (
-            optional_seconds is not None
-            and optional_from is not None
-            and time.perf_counter() - optional_from >= optional_seconds
-        )
+        return optional_seconds is not None and time.perf_counter() - start >= optional_seconds
 
     for index, (bucket, result) in enumerate(zip(profile.buckets, results, strict=True), 1):
-        if bucket.optional and optional_from is None:
-            optional_from = time.perf_counter()
         cut = False
         wanted = corpus.sampled_batches(None)
         for round_ in range(1, rule.max_rounds + 1):
@@ -355,11 +349,14 @@ class WarmupRun:
                 kv.blocks_reached, kv.blocks, kv.requests, kv.seconds,
             )  # fmt: skip
         with view:
+            # the share bounds the whole warm-up: the KV-cache fill's time counts too
             share = profile.budget.optional_share
+            optional_seconds = None
+            if share is not None:
+                optional_seconds = share * self.origin.engine_start_s - (kv.seconds if kv else 0)
             outcome = await rounds(
                 client, profile, tokenizer, model, on_round=on_round,
-                running=self.engine.take_running_peak,
-                optional_seconds=None if share is None else share * self.origin.engine_start_s,
+                running=self.engine.take_running_peak, optional_seconds=optional_seconds,
             )  # fmt: skip
         live.seconds = live.elapsed()
         return outcome, kv

@@ -95,8 +95,9 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], args: argparse
         f"{' '.join(f'--model {m}' for m in args.model)} --runs {args.runs}`. `llmwarm warm` "
         "with the default profile; noisy: a busy loop on the other core, busy half of every "
         "100 ms. Alternating order; medians over the runs. Target: noisy ≤ 1.5× quiet, every "
-        "bucket converged in both. The default profile's optional (`auto`) buckets run for 5 % "
-        "of the engine's start time, which a noisy host stretches too. *Warm request*: the "
+        "bucket converged in both. The default profile's optional (`auto`) buckets run while "
+        "the warm-up as a whole is within 10 % of the engine's start time, which a noisy host "
+        "stretches too. *Warm request*: the "
         "geometric mean over the required buckets of their last round's median end-to-end "
         "latency, how much slower the host itself runs a warm request; *per request*: "
         "warm-up seconds per request sent, noisy over quiet.",

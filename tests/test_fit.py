@@ -66,7 +66,7 @@ def test_auto_buckets_without_cuda_graphs() -> None:
     # a wider batch and a longer prompt in turn, so a cut sweep covers both ranges that far
     assert names[:5] == ["auto-p16-c1-o16", "auto-p16-c2-o16", "auto-p32-c1-o16",
                          "auto-p16-c4-o16", "auto-p64-c1-o16"]  # fmt: skip
-    # optional (extra coverage within budget.optional_share), after the profile's own buckets
+    # optional (extra coverage as budget.optional_share allows), after the profile's own buckets
     assert all(b.optional and b.priority == -1 for b in resolved.buckets)
     # concurrency classes: powers of two up to max_num_seqs
     assert [b.concurrency for b in resolved.buckets if b.prompt_tokens == 16] == [
