@@ -122,13 +122,15 @@ DRIFT_MIN = 0.01
 class Verdict:
     converged: bool
     reason: str
-    noise: float | None = None  # the largest standard error of a window round median / median
+    # the largest standard error of a window round median / median; None: not measured (no
+    # round of the window had two samples)
+    noise: float | None = None
     window_full: bool = False  # enough rounds were there to judge (a "no" is then the rule's)
 
 
-def _standard_error(window: Sequence[Sequence[float]]) -> float:
+def _standard_error(window: Sequence[Sequence[float]]) -> float | None:
     """The largest standard error of a round median in the window, from the pooled robust
-    sigma of the requests about their own round's median (0 when no round has two)."""
+    sigma of the requests about their own round's median (None when no round has two)."""
     deviations: list[float] = []
     for samples in window:
         if len(samples) > 1:
@@ -137,7 +139,7 @@ def _standard_error(window: Sequence[Sequence[float]]) -> float:
             # an odd round's median is one of its samples: its own zero deviation says nothing
             deviations += own[len(samples) % 2 :]
     if not deviations:
-        return 0.0
+        return None
     sigma = 1.4826 * statistics.median(deviations)
     return 1.2533 * sigma / math.sqrt(min(len(samples) for samples in window))
 
@@ -153,11 +155,10 @@ def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
     mid = statistics.median(medians)
     if mid <= 0:
         return Verdict(False, "non-positive latency")
-    se = _standard_error(window)
-    noise = se / mid
+    measured = _standard_error(window)
+    noise = None if measured is None else measured / mid
     spread = (max(medians) - min(medians)) / mid
-    if not rule.allow_noise:
-        se = 0.0  # the fixed thresholds alone
+    se = measured if measured is not None and rule.allow_noise else 0.0  # else: fixed thresholds
     allowed = max(rule.spread, RANGE_Q * se / mid)
     if spread > allowed:
         return Verdict(False, f"spread {spread:.1%} > {allowed:.0%}", noise, window_full=True)

@@ -271,7 +271,7 @@ def sampled_batches(verdict: Verdict | None) -> int:
     at a time is no cheap batch on a real model (a 512-token prompt's prefill takes seconds on
     a CPU), and a streamed request's time per token already averages its gaps.
     """
-    if verdict is not None and verdict.window_full and not verdict.noise:
+    if verdict is not None and verdict.window_full and verdict.noise is None:
         return MIN_ROUND_SAMPLES
     return 1
 

@@ -119,7 +119,8 @@ class BucketResult(BaseModel):
     noise: float | None = Field(
         default=None,
         description="Measured noise of its last window: the largest standard error of a round "
-        "median, relative to their median (a noisy host shows here, not as non-convergence).",
+        "median, relative to their median (a noisy host shows here, not as non-convergence; "
+        "none: not measured, one batch a round on a quiet host).",
     )
     stop_reason: StopReason = Field(
         default="running",

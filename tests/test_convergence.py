@@ -241,7 +241,7 @@ def test_the_verdict_reports_the_noise_it_measured() -> None:
     rounds = [[1.0, 1.2, 0.8, 1.1, 0.9]] * 3
     verdict = check(rounds, DEFAULT)
     assert verdict.converged and verdict.noise is not None and 0.05 < verdict.noise < 0.2
-    assert check(one([1.0, 1.0, 1.0]), DEFAULT).noise == 0.0
+    assert check(one([1.0, 1.0, 1.0]), DEFAULT).noise is None  # one sample a round: unmeasured
 
 
 def test_without_noise_allowed_the_fixed_spread_alone_judges() -> None:
