@@ -19,11 +19,10 @@ vLLM's own benchmarks set a request rate. The closed loop's median TTFT is still
 
 The idle server waits (vLLM's engine blocks on its input queue), and two runs back to back
 share the host's moment: each pair's llmwarm / vLLM ratio is the comparison, their median
-(lowest–highest) the figure. Each run of a pair
-sends new prompts (a seed of its own), the same to both servers: no run finds its prompts in
-a prefix cache. The first pair, on servers nobody else has sent to, is shown apart: plain
-vLLM's is its cold start, llmwarm's comes after its warm-up. Writes the `serving` section of
-docs/benchmarks.md.
+(lowest–highest) the figure. Each run of a pair sends new prompts (a seed of its own), the
+same to both servers: no run finds its prompts in a prefix cache. The first pair, on servers
+nobody else has sent to, is shown apart: plain vLLM's is its cold start, llmwarm's comes after
+its warm-up. Writes the `serving` section of docs/benchmarks.md.
 
     python scripts/bench_serving.py --model tiny=.cache/tiny-llama --runs 6
 """
