@@ -52,3 +52,24 @@ def test_a_write_replaces_the_file_whole(tmp_path: Path) -> None:
     files.write_text(path, "new\n", "--report")
     assert path.read_text() == "new\n"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_a_written_file_has_the_mode_a_plain_write_would_give(tmp_path: Path) -> None:
+    # The defect: mkstemp's 0600 survived the rename, so a sidecar or another replica running
+    # as another UID could not read a report, learn file or bake manifest.
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "report.json"
+        files.write_text(path, "{}\n", "--report")
+        assert path.stat().st_mode & 0o777 == 0o644
+        # a file that exists keeps its own mode (an operator chmodded it)
+        path.chmod(0o640)
+        files.write_text(path, "{}\n", "--report")
+        assert path.stat().st_mode & 0o777 == 0o640
+        os.umask(0o077)
+        files.write_text(tmp_path / "private.json", "{}\n", "--report")
+        assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
