@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmwarm.errors import LlmwarmError, Problem, UsageError, from_validation
-from llmwarm.profile import shipped
+from llmwarm.profile import shipped_names
 from llmwarm.state import RunState, Stage
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ class RewarmRequest(BaseModel):
     @field_validator("profile")
     @classmethod
     def _shipped(cls, name: str | None) -> str | None:
-        if name is not None and (not name.isidentifier() or not shipped(name).is_file()):
-            raise ValueError("not a shipped profile (see llmwarm/configs)")
+        if name is not None and name not in shipped_names():
+            raise ValueError(f"not a shipped profile (one of: {', '.join(shipped_names())})")
         return name
 
 

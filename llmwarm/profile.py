@@ -384,7 +384,7 @@ def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
             f"{path}: bad extends", problems=[("extends", f"expected a path, got {parent!r}")]
         )
     base = path.parent / parent
-    if not base.exists() and parent.isidentifier() and shipped(parent).is_file():
+    if not base.exists() and parent in shipped_names():
         base = shipped(parent)  # `extends: chat`: a shipped profile
     return _merge(_read(base, (*chain, real)), data)
 
@@ -418,6 +418,12 @@ def _load_texts(file: Path) -> list[str]:
     if not texts:
         raise ProfileError("empty prompts file", problems=[("prompts.file", f"{file}: no text")])
     return texts
+
+
+def shipped_names() -> list[str]:
+    """The profiles shipped with llmwarm, by name (`default`, `long-context`, ...)."""
+    folder = resources.files("llmwarm") / "configs"
+    return sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
 
 
 def shipped(name: str) -> Path:

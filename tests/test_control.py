@@ -197,3 +197,12 @@ async def test_a_failed_rewarm_answers_with_its_error() -> None:
 def test_a_failed_report_is_not_converged() -> None:
     report = _report().model_copy(update={"error": WarmupFailure(message="engine died")})
     assert report.converged is False
+
+
+def test_every_shipped_profile_is_a_rewarm_profile() -> None:
+    # The defect: `long-context` and `structured-output` failed `str.isidentifier()`.
+    from llmwarm.profile import shipped_names
+
+    assert {"long-context", "structured-output", "default", "minimal"} <= set(shipped_names())
+    for name in shipped_names():
+        assert RewarmRequest(profile=name).profile == name
