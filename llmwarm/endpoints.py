@@ -13,6 +13,7 @@ onto it. Pure: no vLLM.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,10 @@ class Spec:
     @property
     def generates(self) -> bool:
         return self.task == "generate"
+
+    def starts(self, event: Json) -> bool:
+        """Whether a stream event shows the first token came: where TTFT stops."""
+        return (self.first_token or self.has_token)(event)
 
     @property
     def templated(self) -> bool:
@@ -228,6 +233,38 @@ def from_log_id(request_id: str) -> str | None:
         if spec.log_id and request_id.startswith(spec.log_id):
             return name
     return None
+
+
+class FirstToken:
+    """A stream's first-token event, found as its chunks go by: each `data:` event is parsed
+    until one shows the first token (`Spec.starts`: a Responses stream sends
+    `response.created` and more before any token), then nothing more is read."""
+
+    MAX_LINE = 65536  # a line longer than this is no event worth waiting for
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.found = False
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bool:
+        """Whether the first token is in what was fed so far."""
+        if self.found:
+            return True
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                continue  # `[DONE]`, or not JSON
+            if isinstance(event, dict) and self.spec.starts(event):
+                self.found, self._pending = True, b""
+                return True
+        if len(self._pending) > self.MAX_LINE:
+            self._pending = b""
+        return False
 
 
 def failed(event: Json) -> Any:

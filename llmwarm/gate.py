@@ -36,7 +36,7 @@ from starlette.requests import Request
 
 from llmwarm.control import PREFIX as CONTROL_PREFIX
 from llmwarm.coverage import TAIL_BYTES
-from llmwarm.endpoints import BY_PATH
+from llmwarm.endpoints import BY_PATH, SPECS, FirstToken
 from llmwarm.state import Phase, RunState
 
 if TYPE_CHECKING:
@@ -181,12 +181,14 @@ class Gate:
         """Pass a user's request to vLLM's app and record it in the coverage as its answer
         ends (nothing is parsed on the request's way in, nor while the answer streams). Its
         body is kept as the chunks vLLM reads (no copy), the answer's last chunks (its usage),
-        its first byte's time (TTFT of a stream) and its last's."""
+        its first token's time (TTFT of a stream, by the endpoint's own rule) and its last
+        byte's."""
         coverage = self.state.coverage
         coverage.in_flight += 1
         in_flight, start = coverage.in_flight, time.perf_counter()
         chunks: list[bytes] = []
         last: deque[bytes] = deque(maxlen=2)  # the answer's last chunks: its usage is there
+        watch = FirstToken(SPECS[endpoint])
         status, first, done = 0, 0.0, False
 
         async def observed_receive() -> Message:
@@ -213,7 +215,8 @@ class Gate:
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 if chunk := message.get("body"):
-                    first = first or time.perf_counter()
+                    if not first and watch.feed(chunk):
+                        first = time.perf_counter()
                     last.append(chunk)
                 if not message.get("more_body") and not done:
                     # The answer's last message: recorded before it goes out, so a client

@@ -82,7 +82,6 @@ def _json(req: WarmRequest, text: str, what: str) -> dict[str, Any]:
 
 async def _streamed(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sample:
     endpoint = SPECS[req.endpoint]
-    starts = endpoint.first_token or endpoint.has_token
     sent, trace = wire.tracer()
     first = last = None  # the first token's arrival, the last text event's
     events = 0  # events that carried output text (a server may send several tokens in one)
@@ -103,7 +102,7 @@ async def _streamed(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> 
                 code = error.get("code") if isinstance(error, dict) else None
                 raise _fail(req, f"error in stream: {error}", code)
             now = time.perf_counter()
-            if first is None and starts(event):
+            if first is None and endpoint.starts(event):
                 first = now
             if endpoint.has_token(event):
                 first = first if first is not None else now

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import httpx
@@ -275,3 +276,31 @@ async def test_metrics_with_a_header_that_is_not_utf8_is_no_500() -> None:
     async with client(gate_on()) as c:
         r = await c.get("/metrics", headers={b"accept": b"text/plain; q=\xff"})
     assert r.status_code == 200 and "# TYPE" in r.text
+
+
+async def test_a_responses_streams_ttft_is_its_first_token_not_its_first_event() -> None:
+    # The defect: coverage took the first non-empty chunk as the first token; a Responses
+    # stream sends `response.created` (and more) before any token, so a cold miss read as free.
+    from starlette.responses import StreamingResponse
+
+    async def events() -> AsyncIterator[bytes]:
+        for kind in ("response.created", "response.in_progress"):
+            yield f"event: {kind}\ndata: {json.dumps({'type': kind})}\n\n".encode()
+        await asyncio.sleep(0.2)  # the first token, a cold prefill later
+        delta = {"type": "response.output_text.delta", "delta": "x"}
+        yield f"data: {json.dumps(delta)}\n\n".encode()
+        done = {"type": "response.completed", "response": {"usage": {"input_tokens": 3}}}
+        yield f"data: {json.dumps(done)}\n\n".encode()
+
+    async def responses(request: Request) -> Response:
+        await request.body()
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    state = RunState(window=2)
+    state.warming(Starlette(routes=[Route("/v1/responses", responses, methods=["POST"])]))
+    state.serving()
+    body = {"model": "m", "input": "hi", "stream": True, "max_output_tokens": 4, "store": False}
+    async with client(gate_on(state)) as c:
+        assert (await c.post("/v1/responses", json=body)).status_code == 200
+    [miss] = state.coverage.misses.values()
+    assert miss.first_s is not None and miss.first_s >= 0.2
