@@ -423,7 +423,7 @@ def _load_texts(file: Path) -> list[str]:
 def shipped_names() -> list[str]:
     """The profiles shipped with llmwarm, by name (`default`, `long-context`, ...)."""
     folder = resources.files("llmwarm") / "configs"
-    return sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
+    return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
 
 
 def shipped(name: str) -> Path:
