@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 
 from llmwarm.gate import Gate
 from llmwarm.metrics import WarmupCollector, registered
+from llmwarm.report import JitEvents
 from llmwarm.state import RunState, WarmupProgress
-from tests.fakes import INNER
+from tests.fakes import INNER, report
 from tests.fakes import bucket as _bucket
 
 
@@ -58,3 +61,52 @@ async def test_gate_serves_metrics_while_loading() -> None:
             r = await client.get("/metrics")
     assert r.status_code == 200
     assert 'llmwarm_phase{llmwarm_phase="loading"} 1.0' in r.text
+
+
+def _exported(state: RunState) -> dict[str, set[str]]:
+    """Every series the collector exports for `state`: sample names (and family names) with
+    the label names each carries."""
+    found: dict[str, set[str]] = {}
+    for family in WarmupCollector(state).collect():
+        found.setdefault(family.name, set())
+        for sample in family.samples:
+            found.setdefault(sample.name, set()).update(sample.labels)
+            found[family.name].update(sample.labels)
+    return found
+
+
+# `llmwarm_name` and, where given, `{label="..."|...}` or `{label}` after it
+_NAMED = re.compile(r"\b(llmwarm_[a-z_]+)(?:\{([^}]*)\})?")
+
+
+def _documented() -> list[tuple[str, str, set[str]]]:
+    """(file, metric, labels) for every llmwarm metric the docs name."""
+    root = Path(__file__).resolve().parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md")),
+             *sorted((root / "deploy").rglob("*.md"))]  # fmt: skip
+    named = []
+    for page in pages:
+        for metric, labels in _NAMED.findall(page.read_text()):
+            keys = {part.split("=")[0].strip() for part in labels.split(",") if part.strip()}
+            named.append((page.name, metric, keys))
+    return named
+
+
+def test_every_metric_and_label_the_docs_name_is_exported() -> None:
+    # The defect: the README documented `llmwarm_cold_miss_ratio{shape}`; the label is `kind`.
+    from llmwarm.coverage import Shape
+
+    state = RunState(window=2, engine_start_s=30.0)
+    state.warmup = WarmupProgress(window=2, started=time.perf_counter() - 2)
+    state.warmup.buckets["p4-c1-o8"] = _bucket()
+    state.report = report()
+    state.jit = JitEvents(active=True, warmup=3, serving=0)
+    shape = Shape("chat", True, ("penalties",), 512, 1, 16)
+    state.coverage.record(shape, 0.2)
+    state.coverage.record(shape, 0.1)
+    exported = _exported(state)
+    documented = _documented()
+    assert len(documented) > 10  # the docs do name them
+    for page, metric, labels in documented:
+        assert metric in exported, f"{page} names {metric}, which /metrics does not export"
+        assert labels <= exported[metric], f"{page}: {metric} has no label {labels}"
