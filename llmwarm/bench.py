@@ -128,7 +128,7 @@ async def run(
             error = None
             # in a thread: the server's tokenizer is asked over a synchronous client
             first = await asyncio.to_thread(
-                corpus.batch, profile, bucket, kind, 1, tokenizer, model
+                corpus.Corpus(profile, tokenizer, model).batch, bucket, kind, 1
             )
             for round_ in range(1, repeats + 2):
                 salted = [

@@ -1,5 +1,11 @@
 """Turn a profile into concrete, deterministic warm-up requests.
 
+`Corpus` is one warm-up's requests: the profile (resolved for its engine), the tokenizer that
+sizes its prompts, the model name, and the warm-up's cache salt. Every request carries the
+salt (vLLM's `cache_salt`, which every endpoint takes): the prefix-cache blocks a warm-up fills
+can match no request but that warm-up's own, so a user never hits them, a re-warm's round 1 is
+as cold as the first warm-up's, and no cache users share has to be reset.
+
 Pure: needs only a tokenizer (for exact prompt lengths), never vLLM itself.
 """
 
@@ -155,88 +161,79 @@ def sweep_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
     return [kind for kind in kinds(profile, bucket) if kind not in repeated]
 
 
-def _body(
-    kind: Kind, prompts: list[str], bucket: Bucket, profile: Profile, model: str
-) -> dict[str, Any]:
-    endpoint = endpoints.SPECS[kind.endpoint]
-    prompt, documents = prompts[0], prompts[1:]
-    body: dict[str, Any] = {
-        "model": model, **endpoint.body(prompt, documents, bucket.max_tokens, kind.stream)
-    }  # fmt: skip
-    if endpoint.generates:
-        body["temperature"] = 0.0
-    if endpoint.ignore_eos and not features.spec(kind.feature).constrained:
-        # A warm-up must run its full decode length; a random model may emit EOS at once.
-        body["ignore_eos"] = True
-    return features.apply(kind.feature, kind.endpoint, profile.features, body)
-
-
-def batch(
-    profile: Profile,
-    bucket: Bucket,
-    kind: Kind,
-    round_: int,
-    tokenizer: Tokenizer,
-    model: str,
-    repeat: int = 0,
-) -> Batch:
-    """`concurrency` requests of one kind for one round of one bucket (`repeat`: its n-th
-    repetition within the round, with prompts of its own)."""
-    # score and rerank send a query and `documents` documents, each of the bucket's length
-    texts = 1 + (bucket.documents if endpoints.SPECS[kind.endpoint].task == "score" else 0)
-    requests = []
-    for i in range(bucket.concurrency):
-        parts = (bucket.name, round_, kind.name, i) + ((repeat,) if repeat else ())
-        rng = seeded_rng(profile.seed, *parts)
-        prompts = [
-            make_prompt(tokenizer, bucket.prompt_tokens, rng, profile.prompts.texts)
-            for _ in range(texts)
-        ]
-        requests.append(
-            WarmRequest(
-                bucket=bucket.name,
-                round=round_,
-                kind=kind.name,
-                endpoint=kind.endpoint,
-                stream=kind.stream,
-                body=_body(kind, prompts, bucket, profile, model),
-            )
-        )
-    return Batch(bucket=bucket, round=round_, kind=kind.name, requests=tuple(requests))
-
-
-def round_batches(
-    profile: Profile,
-    bucket: Bucket,
-    round_: int,
-    tokenizer: Tokenizer,
-    model: str,
-    repeat: int = 0,
-) -> list[Batch]:
-    """One round of one bucket: a batch per round kind, sent one after another."""
-    return [
-        batch(profile, bucket, kind, round_, tokenizer, model, repeat)
-        for kind in round_kinds(profile, bucket)
-    ]
-
-
 # Output tokens of a sweep (or check) request, at most: an endpoint's or a feature's own cold
 # path (its template, parser, sampler, grammar) runs at a request's start and first tokens; the
 # bucket's full decode length is what its rounds repeat.
 SWEEP_MAX_TOKENS = 8
 
 
-def sweep_requests(
-    profile: Profile, bucket: Bucket, round_: int, tokenizer: Tokenizer, model: str
-) -> list[WarmRequest]:
-    """The bucket's sweep (or check) after `round_`: every sweep kind's batch, to be sent at
-    once, each request at most `SWEEP_MAX_TOKENS` long. Empty when nothing is left to sweep."""
-    short = bucket.model_copy(update={"max_tokens": min(bucket.max_tokens, SWEEP_MAX_TOKENS)})
-    return [
-        request
-        for kind in sweep_kinds(profile, bucket)
-        for request in batch(profile, short, kind, round_, tokenizer, model).requests
-    ]
+@dataclass(frozen=True)
+class Corpus:
+    """One warm-up's requests: `profile` resolved for its engine, prompts sized by `tokenizer`,
+    `model` in every body, and `salt` as every request's `cache_salt` (None: no salt)."""
+
+    profile: Profile
+    tokenizer: Tokenizer
+    model: str
+    salt: str | None = None
+
+    def _body(self, kind: Kind, prompts: list[str], bucket: Bucket) -> dict[str, Any]:
+        endpoint = endpoints.SPECS[kind.endpoint]
+        prompt, documents = prompts[0], prompts[1:]
+        body: dict[str, Any] = {
+            "model": self.model,
+            **endpoint.body(prompt, documents, bucket.max_tokens, kind.stream),
+        }
+        if endpoint.generates:
+            body["temperature"] = 0.0
+        if endpoint.ignore_eos and not features.spec(kind.feature).constrained:
+            # A warm-up must run its full decode length; a random model may emit EOS at once.
+            body["ignore_eos"] = True
+        if self.salt is not None:
+            body["cache_salt"] = self.salt
+        return features.apply(kind.feature, kind.endpoint, self.profile.features, body)
+
+    def batch(self, bucket: Bucket, kind: Kind, round_: int, repeat: int = 0) -> Batch:
+        """`concurrency` requests of one kind for one round of one bucket (`repeat`: its n-th
+        repetition within the round, with prompts of its own)."""
+        # score and rerank send a query and `documents` documents, each of the bucket's length
+        texts = 1 + (bucket.documents if endpoints.SPECS[kind.endpoint].task == "score" else 0)
+        pool = self.profile.prompts.texts
+        requests = []
+        for i in range(bucket.concurrency):
+            parts = (bucket.name, round_, kind.name, i) + ((repeat,) if repeat else ())
+            rng = seeded_rng(self.profile.seed, *parts)
+            prompts = [
+                make_prompt(self.tokenizer, bucket.prompt_tokens, rng, pool) for _ in range(texts)
+            ]
+            requests.append(
+                WarmRequest(
+                    bucket=bucket.name,
+                    round=round_,
+                    kind=kind.name,
+                    endpoint=kind.endpoint,
+                    stream=kind.stream,
+                    body=self._body(kind, prompts, bucket),
+                )
+            )
+        return Batch(bucket=bucket, round=round_, kind=kind.name, requests=tuple(requests))
+
+    def round_batches(self, bucket: Bucket, round_: int, repeat: int = 0) -> list[Batch]:
+        """One round of one bucket: a batch per round kind, sent one after another."""
+        return [
+            self.batch(bucket, kind, round_, repeat) for kind in round_kinds(self.profile, bucket)
+        ]
+
+    def sweep_requests(self, bucket: Bucket, round_: int) -> list[WarmRequest]:
+        """The bucket's sweep (or check) after `round_`: every sweep kind's batch, to be sent
+        at once, each request at most `SWEEP_MAX_TOKENS` long. Empty when nothing is left to
+        sweep."""
+        short = bucket.model_copy(update={"max_tokens": min(bucket.max_tokens, SWEEP_MAX_TOKENS)})
+        return [
+            request
+            for kind in sweep_kinds(self.profile, bucket)
+            for request in self.batch(short, kind, round_).requests
+        ]
 
 
 class WordTokenizer:

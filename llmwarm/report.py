@@ -17,7 +17,7 @@ from llmwarm.convergence import Rule
 from llmwarm.errors import LlmwarmError, Problem
 from llmwarm.profile import Profile
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: `cache_salt` replaced `prefix_cache_reset`
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -264,8 +264,10 @@ class Report(BaseModel):
     engine_start_s: float = Field(description="Seconds from engine start to engine ready.")
     warmup_s: float = Field(description="Seconds the warm-up took.")
     requests: int = Field(description="Warm-up requests sent.")
-    prefix_cache_reset: bool = Field(
-        description="Whether vLLM's prefix cache was emptied after the warm-up."
+    cache_salt: str | None = Field(
+        default=None,
+        description="The `cache_salt` every request of this warm-up carried: its prefix-cache "
+        "blocks match no request without it (no user's), and nothing is reset after it.",
     )
     convergence: Rule = Field(description="The rule each bucket was held to.")
     on_unconverged: Literal["serve", "fail"] = Field(
@@ -337,7 +339,7 @@ class Report(BaseModel):
         outcome: Outcome,
         seconds: float,
         kv_fill: KvFillResult | None = None,
-        prefix_cache_reset: bool = False,
+        cache_salt: str | None = None,
         jit: JitEvents | None = None,
         learned: Learned | None = None,
         error: WarmupFailure | None = None,
@@ -348,7 +350,7 @@ class Report(BaseModel):
             profile=source,
             warmup_s=seconds,
             requests=outcome.requests,
-            prefix_cache_reset=prefix_cache_reset,
+            cache_salt=cache_salt,
             convergence=profile.convergence,
             budget_exhausted=outcome.budget_exhausted,
             kv_fill=kv_fill,

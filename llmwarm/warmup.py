@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 import httpx
 
 from llmwarm import convergence, corpus, engine, learn, measure
+from llmwarm.corpus import Corpus
 from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape, for_engine, with_adapters
 from llmwarm.profile import Bucket, Profile
@@ -73,23 +75,17 @@ class Progress:
 
 
 async def _round(
-    client: httpx.AsyncClient,
-    profile: Profile,
-    bucket: Bucket,
-    round_: int,
-    tokenizer: corpus.Tokenizer,
-    model: str,
-    wanted: int,
+    client: httpx.AsyncClient, requests: Corpus, bucket: Bucket, round_: int, wanted: int
 ) -> list[Sample]:
     """One round: its batches one after another, then again those that carry the metric
     (fresh prompts) until `wanted` of its batches have a value of it. Batches, not requests:
     the requests of one batch run at the same moment, and their spread says nothing of how
     the next moment differs (see `corpus.sampled_batches`)."""
-    field = f"{profile.convergence.metric}_s"
+    field = f"{requests.profile.convergence.metric}_s"
     samples: list[Sample] = []
     sent = carrying = 0  # batches sent; those with a value of the metric
     for repeat in range(wanted):
-        batches = corpus.round_batches(profile, bucket, round_, tokenizer, model, repeat)
+        batches = requests.round_batches(bucket, round_, repeat)
         if repeat:  # only what carries the metric: streamed kinds for TTFT and TPOT
             batches = [b for b in batches if field == "e2e_s" or b.requests[0].stream]
         for batch in batches:
@@ -103,26 +99,19 @@ async def _round(
 
 
 async def _sweep(
-    client: httpx.AsyncClient,
-    profile: Profile,
-    bucket: Bucket,
-    after: int,
-    tokenizer: corpus.Tokenizer,
-    model: str,
+    client: httpx.AsyncClient, requests: Corpus, bucket: Bucket, after: int
 ) -> RoundResult | None:
     """The bucket's sweep kinds (its other endpoints and its features), all at once, after
     round `after`; None when it has none."""
-    requests = corpus.sweep_requests(profile, bucket, after, tokenizer, model)
-    if not requests:
+    sweep = requests.sweep_requests(bucket, after)
+    if not sweep:
         return None
-    return RoundResult(round=after, samples=await measure.measure_all(client, requests))
+    return RoundResult(round=after, samples=await measure.measure_all(client, sweep))
 
 
 async def rounds(
     client: httpx.AsyncClient,
-    profile: Profile,
-    tokenizer: corpus.Tokenizer,
-    model: str,
+    requests: Corpus,
     *,
     on_round: Callable[[Progress], None] = lambda progress: None,
     running: Callable[[], int | None] = lambda: None,
@@ -140,6 +129,7 @@ async def rounds(
     buckets' time included (those always run): one the time does not reach is `skipped`, one
     it cuts `budget` (the warm-up stays converged).
     """
+    profile = requests.profile
     rule = profile.convergence
     deadline = profile.budget.max_seconds
     max_requests = profile.budget.max_requests
@@ -173,13 +163,13 @@ async def rounds(
                 cut = True
                 break
             running()  # from this round on
-            samples = await _round(client, profile, bucket, round_, tokenizer, model, wanted)
+            samples = await _round(client, requests, bucket, round_, wanted)
             if (peak := running()) is not None:
                 result.max_running = max(result.max_running or 0, peak)
             sent += len(samples)
             result.rounds.append(RoundResult(round=round_, samples=samples))
             if round_ == 1:
-                result.sweep = await _sweep(client, profile, bucket, 1, tokenizer, model)
+                result.sweep = await _sweep(client, requests, bucket, 1)
                 sent += len(result.sweep.samples) if result.sweep else 0
             verdict = convergence.check(result.values(rule.metric), rule)
             result.noise = verdict.noise
@@ -193,7 +183,7 @@ async def rounds(
                 break
         if result.sweep is not None and not (budget_exhausted or cut):
             last = len(result.rounds)
-            result.check = await _sweep(client, profile, bucket, last, tokenizer, model)
+            result.check = await _sweep(client, requests, bucket, last)
             sent += len(result.check.samples) if result.check else 0
         if result.converged:
             result.stop_reason = "converged"
@@ -213,18 +203,17 @@ async def rounds(
 
 async def fill_kv(
     client: httpx.AsyncClient,
-    profile: Profile,
+    requests: Corpus,
     shape: EngineShape,
-    tokenizer: corpus.Tokenizer,
-    model: str,
     *,
     on_batch: Callable[[int, int], None] = lambda done, target: None,
 ) -> KvFillResult | None:
     """Prefill `kv_fill.share` of the KV-cache blocks once, with distinct long prompts.
 
     Distinct prompts share no prefix, and the prefix cache keeps finished requests' blocks
-    until the cache is reset, so every new request lands on blocks not used before.
+    while free ones remain, so every new request lands on blocks not used before.
     """
+    profile = requests.profile
     fill = profile.kv_fill
     if fill is None or not shape.kv_blocks or not shape.block_size:
         return None
@@ -240,7 +229,7 @@ async def fill_kv(
         # No more requests than the blocks still to reach need: the last batch is trimmed.
         size = min(width, -(-(need_tokens - prefilled) // length))
         bucket = Bucket(prompt_tokens=length, concurrency=size, max_tokens=1, name="kv-fill")
-        batch = corpus.batch(profile, bucket, kind, batches, tokenizer, model)
+        batch = requests.batch(bucket, kind, batches)
         samples = await measure.measure_all(client, batch.requests)
         sent += len(samples)
         prefilled += sum(s.prompt_tokens or length for s in samples)
@@ -305,26 +294,32 @@ class WarmupRun:
                 profile, learned = learn.extend(profile, counts, shape, self.learn_file)
             live = self.state.begin_warmup(profile.convergence.window)
             await self.engine.jit_phase("warmup")  # a compile now is what a warm-up is for
+            # A salt of this run's own: its prefix-cache blocks match no other request.
+            requests = Corpus(
+                profile,
+                self.engine.tokenizer(),
+                self.origin.model,
+                f"llmwarm-{secrets.token_hex(8)}",
+            )
             try:
-                outcome, kv = await unless_dead(self.engine, self._warm(client, profile, shape))
+                outcome, kv = await unless_dead(self.engine, self._warm(client, requests, shape))
             except WarmupError as exc:
                 return Report.failed(
                     self.origin, profile=profile, source=source, trigger=trigger,
                     buckets=list(live.buckets.values()), requests=live.requests,
                     seconds=live.elapsed() or 0.0, error=exc,
                 )  # fmt: skip
-        # Warm-up prompts must leave no state behind that a user could hit.
-        reset = await self.engine.reset_prefix_cache()
         self.state.jit = await self.engine.jit_events()
         return Report.build(
             self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
-            seconds=live.seconds or 0.0, kv_fill=kv, prefix_cache_reset=reset,
+            seconds=live.seconds or 0.0, kv_fill=kv, cache_salt=requests.salt,
             jit=self.state.jit, learned=learned,
         )  # fmt: skip
 
     async def _warm(
-        self, client: httpx.AsyncClient, profile: Profile, shape: EngineShape
+        self, client: httpx.AsyncClient, requests: Corpus, shape: EngineShape
     ) -> tuple[Outcome, KvFillResult | None]:
+        profile = requests.profile
         live = self.state.warmup
         view = ProgressView(len(profile.buckets), profile.convergence.metric)
 
@@ -340,9 +335,7 @@ class WarmupRun:
         def on_fill(blocks: int, target: int) -> None:
             live.where = {"kv_fill": {"blocks": blocks, "target": target}}
 
-        tokenizer = self.engine.tokenizer()
-        model = self.origin.model
-        kv = await fill_kv(client, profile, shape, tokenizer, model, on_batch=on_fill)
+        kv = await fill_kv(client, requests, shape, on_batch=on_fill)
         if kv is not None:
             logger.info(
                 "KV-cache fill: %d of %d blocks prefilled once (%d requests, %.1f s)",
@@ -355,8 +348,8 @@ class WarmupRun:
             if share is not None:
                 optional_seconds = share * self.origin.engine_start_s - (kv.seconds if kv else 0)
             outcome = await rounds(
-                client, profile, tokenizer, model, on_round=on_round,
-                running=self.engine.take_running_peak, optional_seconds=optional_seconds,
+                client, requests, on_round=on_round, running=self.engine.take_running_peak,
+                optional_seconds=optional_seconds,
             )  # fmt: skip
         live.seconds = live.elapsed()
         return outcome, kv

@@ -62,7 +62,7 @@ def report(*buckets: BucketResult) -> Report:
         engine_start_s=30.0,
         warmup_s=2.5,
         requests=6,
-        prefix_cache_reset=True,
+        cache_salt="llmwarm-0123456789abcdef",
         convergence=Rule(window=2),
         on_unconverged="serve",
         budget_exhausted=False,
@@ -107,6 +107,7 @@ class FakeEngine:
         self.hold.set()  # set: requests pass
         self.seen = asyncio.Event()
         self.finished = 0  # generate requests answered in full
+        self.salts: list[str | None] = []  # each generate request's cache_salt
         self.running = self.peak = 0  # generate requests under way, and their most at once
         # A JIT monitor: the first request of each (path, stream) "compiles" once, counted in
         # the phase llmwarm last set.
@@ -156,9 +157,6 @@ class FakeEngine:
     def dead_reason(self) -> str:
         return "the fake EngineCore ended"
 
-    async def reset_prefix_cache(self) -> bool:
-        return True
-
     async def build_app(self, server: uvicorn.Server) -> ASGIApp:
         return Starlette(
             routes=[
@@ -194,6 +192,7 @@ class FakeEngine:
 
     async def _generate(self, request: Request) -> Response:
         body: dict[str, Any] = await request.json()
+        self.salts.append(body.get("cache_salt"))
         kind = (request.url.path, bool(body.get("stream")))
         if kind not in self._compiled:
             self._compiled.add(kind)

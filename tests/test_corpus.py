@@ -36,7 +36,7 @@ def plan(
     """Every kind of every bucket, round after round (rounds repeat only some: this covers
     the bodies of all)."""
     return [
-        corpus.batch(profile, bucket, kind, round_, tokenizer, model)
+        corpus.Corpus(profile, tokenizer, model).batch(bucket, kind, round_)
         for bucket in profile.buckets
         for round_ in range(1, rounds + 1)
         for kind in corpus.kinds(profile, bucket)
@@ -121,14 +121,15 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
     assert corpus.requests_per_sweep(profile, first) == 12
     assert corpus.requests_per_round(profile, second) == 2 * 2
     assert corpus.requests_per_sweep(profile, second) == 2 * 2
-    sweep = corpus.sweep_requests(profile, first, 1, WordTokenizer(), "m")
+    requests = corpus.Corpus(profile, WordTokenizer(), "m")
+    sweep = requests.sweep_requests(first, 1)
     assert [r.kind for r in sweep] == names[2:]
     assert {r.bucket for r in sweep} == {first.name}
     long = first.model_copy(update={"max_tokens": 64})
     # a sweep touches each cold path at a request's start: 8 output tokens at most
-    long_sweep = corpus.sweep_requests(profile, long, 1, WordTokenizer(), "m")
+    long_sweep = requests.sweep_requests(long, 1)
     assert {r.body.get("max_tokens") for r in long_sweep} == {corpus.SWEEP_MAX_TOKENS}
-    assert [r.kind for r in corpus.sweep_requests(profile, second, 1, WordTokenizer(), "m")] == [
+    assert [r.kind for r in requests.sweep_requests(second, 1)] == [
         "chat-stream", "chat-stream", "chat", "chat",
     ]  # fmt: skip
 
@@ -141,10 +142,10 @@ def test_feature_bodies_reach_the_requests() -> None:
         }
     )
     bucket = profile.buckets[0]
-    batches = corpus.round_batches(profile, bucket, 1, WordTokenizer(), "m")
+    batches = corpus.Corpus(profile, WordTokenizer(), "m").round_batches(bucket, 1)
     # without greedy, the first feature is what rounds repeat; the others go in the sweep
     assert {b.kind for b in batches} == {"completions-stream+logprobs", "completions+logprobs"}
-    sweep = corpus.sweep_requests(profile, bucket, 1, WordTokenizer(), "m")
+    sweep = corpus.Corpus(profile, WordTokenizer(), "m").sweep_requests(bucket, 1)
     bodies = {r.kind: r.body for r in [*(b.requests[0] for b in batches), *sweep]}
     assert bodies["completions+logprobs"]["logprobs"] == 5
     assert bodies["chat+logprobs"]["top_logprobs"] == 5
@@ -172,6 +173,6 @@ def test_tools_go_to_chat_only_and_end_with_their_call() -> None:
             "features": {"use": ["tools"]},
         }
     )
-    batches = corpus.round_batches(profile, profile.buckets[0], 1, WordTokenizer(), "m")
+    batches = corpus.Corpus(profile, WordTokenizer(), "m").round_batches(profile.buckets[0], 1)
     assert [b.kind for b in batches] == ["chat-stream+tools", "chat+tools"]
     assert "ignore_eos" not in batches[0].requests[0].body

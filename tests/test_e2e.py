@@ -326,8 +326,8 @@ def test_ready_reports_the_warmup(served: Served) -> None:
 
 def test_report_file(served: Served) -> None:
     report = json.loads(served.report.read_text())
-    assert report["version"] == 1 and report["model"] == "tiny"
-    assert report["prefix_cache_reset"] is True
+    assert report["version"] == 2 and report["model"] == "tiny"
+    assert report["cache_salt"].startswith("llmwarm-")
     # minimal.yaml prefills 1 % of the engine's KV-cache blocks once, before the buckets
     kv = report["kv_fill"]
     assert kv["blocks"] > 0 and kv["target_blocks"] == int(0.01 * kv["blocks"])

@@ -40,7 +40,9 @@ def _profile(*names: str) -> Profile:
 def test_unary_bodies(name: str, fields: set[str]) -> None:
     profile = _profile(name)
     (kind,) = [k for k in corpus.kinds(profile, profile.buckets[0]) if not k.stream]
-    (req,) = corpus.batch(profile, profile.buckets[0], kind, 1, WordTokenizer(), "m").requests
+    (req,) = (
+        corpus.Corpus(profile, WordTokenizer(), "m").batch(profile.buckets[0], kind, 1).requests
+    )
     assert set(req.body) == {"model", *fields}
     assert req.path == endpoints.SPECS[name].path
     if name == "responses":
@@ -60,7 +62,7 @@ async def test_each_api_is_timed_from_its_own_answers(fake_url: str, name: str) 
     profile = _profile(name)
     async with httpx.AsyncClient(base_url=fake_url) as client:
         for kind in corpus.kinds(profile, profile.buckets[0]):
-            batch = corpus.batch(profile, profile.buckets[0], kind, 1, WordTokenizer(), "m")
+            batch = corpus.Corpus(profile, WordTokenizer(), "m").batch(profile.buckets[0], kind, 1)
             (sample,) = await measure.measure_all(client, batch.requests)
             assert sample.prompt_tokens == 7 and sample.e2e_s > 0
             if endpoints.SPECS[name].generates:

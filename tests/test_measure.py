@@ -52,7 +52,7 @@ def _requests(stream: bool) -> list[corpus.WarmRequest]:
             "convergence": {"metric": "e2e"},
         }
     )
-    [batch] = corpus.round_batches(profile, profile.buckets[0], 1, WordTokenizer(), "m")
+    [batch] = corpus.Corpus(profile, WordTokenizer(), "m").round_batches(profile.buckets[0], 1)
     return list(batch.requests)
 
 

@@ -354,6 +354,26 @@ async def test_a_rewarm_reopens_the_gate_and_ready_shows_its_summary(
     await run.task
 
 
+async def test_each_warm_up_salts_its_requests_so_no_user_can_hit_its_cache(
+    running: Callable[..., Run],
+) -> None:
+    # The defect: the warm-up reset vLLM's prefix cache afterwards, which fails whenever a user
+    # request runs (a re-warm with the gate open) and evicts users' cached prompts; and its
+    # prompts were seeded the same way each time, so a re-warm's "cold" round 1 was not.
+    eng = FakeEngine()
+    run = running(eng)
+    await run.until(Stage.SERVING)
+    startup = run.life.state.report
+    answer = await run.client.post("/warmup/run", json={})
+    assert answer.status_code == 200
+    rewarm = answer.json()["cache_salt"]
+    assert startup is not None and startup.cache_salt and rewarm
+    assert startup.cache_salt != rewarm
+    assert set(eng.salts) == {startup.cache_salt, rewarm}  # every request, one per warm-up
+    await run.sigterm()
+    await run.task
+
+
 async def test_jit_monitor_events_count_as_warmup_until_the_gate_opens(
     running: Callable[..., Run],
 ) -> None:

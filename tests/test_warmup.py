@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from llmwarm import warmup
-from llmwarm.corpus import WordTokenizer
+from llmwarm.corpus import Corpus, WordTokenizer
 from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape
 from llmwarm.profile import Profile, parse_profile
@@ -25,7 +25,9 @@ def _profile(**fields: object) -> Profile:
 
 async def _run(url: str, profile: Profile, on_round=lambda p: None) -> Outcome:  # type: ignore[no-untyped-def]
     async with httpx.AsyncClient(base_url=url) as client:
-        return await warmup.rounds(client, profile, WordTokenizer(), "tiny", on_round=on_round)
+        return await warmup.rounds(
+            client, Corpus(profile, WordTokenizer(), "tiny"), on_round=on_round
+        )
 
 
 async def test_run_measures_every_request_until_converged(fake_url: str) -> None:
@@ -179,7 +181,7 @@ async def test_http_error_is_a_warmup_error_naming_the_request(fake_url: str, st
     profile = _profile(stream=[stream], convergence={"metric": "e2e"})
     async with httpx.AsyncClient(base_url=fake_url) as client:
         with pytest.raises(WarmupError) as info:
-            await warmup.rounds(client, profile, WordTokenizer(), "broken")
+            await warmup.rounds(client, Corpus(profile, WordTokenizer(), "broken"))
     assert "bucket p4-c2-o5, round 1" in info.value.message
     assert "HTTP 404" in info.value.problems[0][1]
     assert "no such model" in info.value.problems[0][1]
@@ -188,7 +190,7 @@ async def test_http_error_is_a_warmup_error_naming_the_request(fake_url: str, st
 async def test_connection_failure_is_a_warmup_error() -> None:
     async with httpx.AsyncClient(base_url="http://127.0.0.1:9") as client:
         with pytest.raises(WarmupError) as info:
-            await warmup.rounds(client, _profile(), WordTokenizer(), "tiny")
+            await warmup.rounds(client, Corpus(_profile(), WordTokenizer(), "tiny"))
     assert "ConnectError" in info.value.problems[0][1]
 
 
@@ -201,7 +203,7 @@ async def test_kv_fill_prefills_the_asked_share_of_blocks(fake_url: str) -> None
     seen: list[tuple[int, int]] = []
     async with httpx.AsyncClient(base_url=fake_url) as client:
         result = await warmup.fill_kv(
-            client, profile, shape, WordTokenizer(), "tiny",
+            client, Corpus(profile, WordTokenizer(), "tiny"), shape,
             on_batch=lambda done, target: seen.append((done, target)),
         )  # fmt: skip
     assert result is not None
@@ -219,7 +221,7 @@ async def test_kv_fill_trims_its_last_batch_to_the_blocks_still_needed(fake_url:
         max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64, kv_blocks=20, block_size=4
     )
     async with httpx.AsyncClient(base_url=fake_url) as client:
-        result = await warmup.fill_kv(client, profile, shape, WordTokenizer(), "tiny")
+        result = await warmup.fill_kv(client, Corpus(profile, WordTokenizer(), "tiny"), shape)
     assert result is not None
     assert result.requests == 6 and result.tokens_prefilled == 42
 
@@ -227,9 +229,9 @@ async def test_kv_fill_trims_its_last_batch_to_the_blocks_still_needed(fake_url:
 async def test_no_kv_fill_without_the_section_or_block_count(fake_url: str) -> None:
     shape = EngineShape(max_model_len=64, max_num_seqs=2, max_num_batched_tokens=64)
     async with httpx.AsyncClient(base_url=fake_url) as client:
-        assert await warmup.fill_kv(client, _profile(), shape, WordTokenizer(), "m") is None
+        assert await warmup.fill_kv(client, Corpus(_profile(), WordTokenizer(), "m"), shape) is None
         with_fill = _profile(kv_fill={"share": 0.5})
-        assert await warmup.fill_kv(client, with_fill, shape, WordTokenizer(), "m") is None
+        assert await warmup.fill_kv(client, Corpus(with_fill, WordTokenizer(), "m"), shape) is None
 
 
 async def test_the_engines_running_count_is_read_around_each_round_only(fake_url: str) -> None:
@@ -244,7 +246,7 @@ async def test_the_engines_running_count_is_read_around_each_round_only(fake_url
     rule = {"metric": "e2e", "window": 2, "spread": 10.0, "min_rounds": 2, "max_rounds": 2}
     async with httpx.AsyncClient(base_url=fake_url) as client:
         outcome = await warmup.rounds(
-            client, _profile(convergence=rule), WordTokenizer(), "tiny", running=running
+            client, Corpus(_profile(convergence=rule), WordTokenizer(), "tiny"), running=running
         )
     [bucket] = outcome.buckets
     assert len(taken) == 4  # before and after each of its 2 rounds; never around the sweep
@@ -269,9 +271,15 @@ async def test_optional_buckets_run_after_within_their_time_and_are_skipped_beyo
         ],
     )
     async with httpx.AsyncClient(base_url=fake_url) as client:
-        none = await warmup.rounds(client, profile, WordTokenizer(), "t", optional_seconds=0)
-        left = await warmup.rounds(client, profile, WordTokenizer(), "t", optional_seconds=0.15)
-        some = await warmup.rounds(client, profile, WordTokenizer(), "t", optional_seconds=600)
+        none = await warmup.rounds(
+            client, Corpus(profile, WordTokenizer(), "t"), optional_seconds=0
+        )
+        left = await warmup.rounds(
+            client, Corpus(profile, WordTokenizer(), "t"), optional_seconds=0.15
+        )
+        some = await warmup.rounds(
+            client, Corpus(profile, WordTokenizer(), "t"), optional_seconds=600
+        )
     # no time for them: the required bucket warmed (its 2 rounds), the optional ones skipped
     assert [b.stop_reason for b in none.buckets][1:] == ["skipped", "skipped"]
     assert [len(b.rounds) for b in none.buckets] == [2, 0, 0] and not none.budget_exhausted
