@@ -182,6 +182,28 @@ CaptureSizesOption = Annotated[
     ),
 ]
 
+AdminKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-key",
+        envvar="LLMWARM_ADMIN_KEY",
+        help="serve: the bearer token `POST /warmup/run` needs (give it from a secret through "
+        "the variable). Without one, only loopback clients (a sidecar, `kubectl exec`) may "
+        "re-warm, and none through a proxy.",
+        show_default=False,
+    ),
+]
+RewarmIntervalOption = Annotated[
+    float,
+    typer.Option(
+        "--rewarm-min-interval",
+        envvar="LLMWARM_REWARM_MIN_INTERVAL",
+        min=0,
+        help="serve: seconds from the end of one re-warm before `POST /warmup/run` starts the "
+        "next (429 with Retry-After sooner).",
+    ),
+]
+
 SERVE_HELP = """Start vLLM, warm it up, then serve: `llmwarm serve MODEL [vllm serve flags]`.
 
 The port answers 503 with Retry-After (`/health`, `/ready`, `/v1/*`) until the warm-up is done;
@@ -204,9 +226,9 @@ e.g. from an image layer or a volume.
 
 ENV_HELP = (
     "Environment: LLMWARM_PROFILE, LLMWARM_REPORT, LLMWARM_PLOT, LLMWARM_ON_UNCONVERGED, "
-    "LLMWARM_CACHE_DIR, LLMWARM_LEARN, LLMWARM_CAPTURE_SIZES_FROM_PROFILE set the options of "
-    "the same name; "
-    "a flag wins over its variable."
+    "LLMWARM_CACHE_DIR, LLMWARM_LEARN, LLMWARM_CAPTURE_SIZES_FROM_PROFILE, LLMWARM_ADMIN_KEY, "
+    "LLMWARM_REWARM_MIN_INTERVAL set the options of the same name; a flag wins over its "
+    "variable."
 )
 
 
@@ -221,6 +243,8 @@ def _command(mode: Mode) -> Callable[..., None]:
         capture_sizes_from_profile: CaptureSizesOption = False,
         cache_dir: CacheDirOption = None,
         learn: LearnOption = None,
+        admin_key: AdminKeyOption = None,
+        rewarm_min_interval: RewarmIntervalOption = 30.0,
         vllm_help: VllmHelpOption = False,
     ) -> None:
         _run(
@@ -234,6 +258,8 @@ def _command(mode: Mode) -> Callable[..., None]:
             capture_sizes_from_profile=capture_sizes_from_profile,
             cache_dir=cache_dir,
             learn_path=learn,
+            admin_key=admin_key,
+            rewarm_interval_s=rewarm_min_interval,
         )
 
     return command

@@ -1,14 +1,19 @@
-"""llmwarm's own endpoints, behind vLLM's `--api-key` (or `VLLM_API_KEY`) like `/v1/*`.
+"""llmwarm's own endpoints (`llmwarm.access` says who may call which):
 
-    GET  /warmup/report   the last warm-up report (JSON), 404 before the first one ends
-    POST /warmup/run      re-run a warm-up on the serving engine, e.g. after a LoRA adapter
-                          was loaded (every adapter listed is warmed too) or after sleep/wake.
-                          JSON body, every field optional:
-                            {"profile": "chat",     a shipped profile (default: the served one)
-                             "close_gate": false,   503 to users (and /ready) while it runs
-                             "wait": true}          answer with the report when it is done
-                          (202 at once when wait is false); 409 while one runs; 503 before
-                          the server is ready.
+    GET  /warmup/report     the last finished warm-up's report (JSON), 404 before the first;
+                            behind vLLM's `--api-key` (or `VLLM_API_KEY`) like `/v1/*`
+    GET  /warmup/coverage   live traffic against what the warm-ups made warm; the same key
+    POST /warmup/run        re-run a warm-up on the serving engine, e.g. after a LoRA adapter
+                            was loaded (every adapter listed is warmed too) or after sleep/wake.
+                            Admin only: `--admin-key` as a bearer token, or without one a
+                            loopback client (and the API key, if the server has one).
+                            JSON body, every field optional:
+                              {"profile": "chat",     a shipped profile (default: the served one)
+                               "close_gate": false,   503 to users (and /ready) while it runs
+                               "wait": true}          answer with the report when it is done
+                            (202 at once when wait is false); 409 while one runs; 429 sooner
+                            than --rewarm-min-interval after the last; 503 before the server
+                            is ready and once it stops (`llmwarm.rewarm` holds these rules).
 
 Errors name the field, never echo the request body.
 """
@@ -16,62 +21,38 @@ Errors name the field, never echo the request body.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
-from collections.abc import Callable, Coroutine, Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from llmwarm.access import Admin
 from llmwarm.errors import LlmwarmError, Problem, UsageError, from_validation
-from llmwarm.profile import shipped_names
-from llmwarm.state import RunState, Stage
+from llmwarm.rewarm import Refused, RewarmRequest, Rewarms
+from llmwarm.state import RunState
 
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
-    from llmwarm.report import Report
-
-logger = logging.getLogger(__name__)
-
 PREFIX = "/warmup/"
+RUN = "/warmup/run"
+MAX_BODY = 65536  # a re-warm request is a few fields
 # Whether a request's headers carry a valid API key (always true without --api-key).
 Authorized = Callable[[Request], bool]
 
 
-class RewarmRequest(BaseModel):
-    """The body of `POST /warmup/run`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    profile: str | None = Field(
-        default=None, description="A shipped profile name; default: the profile being served."
-    )
-    close_gate: bool = Field(
-        default=False,
-        description="Answer 503 to users (and /ready) while the re-warm runs, as at start-up.",
-    )
-    wait: bool = Field(default=True, description="Answer only when the re-warm is done.")
-
-    @field_validator("profile")
-    @classmethod
-    def _shipped(cls, name: str | None) -> str | None:
-        if name is not None and name not in shipped_names():
-            raise ValueError(f"not a shipped profile (one of: {', '.join(shipped_names())})")
-        return name
-
-
-Rewarm = Callable[[RewarmRequest], Coroutine[Any, Any, "Report"]]
-
-
-def _error(status: int, message: str, problems: Iterable[Problem] = ()) -> Response:
+def _error(
+    status: int, message: str, problems: Iterable[Problem] = (), retry_after: float | None = None
+) -> Response:
     body = {"error": message, "problems": [p.as_dict() for p in problems]}
-    return JSONResponse(body, status_code=status)
+    headers = {"retry-after": str(math.ceil(retry_after))} if retry_after is not None else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _failed(exc: BaseException) -> Response:
@@ -80,25 +61,44 @@ def _failed(exc: BaseException) -> Response:
     return _error(500, f"re-warm failed: {type(exc).__name__}")
 
 
-class Control:
-    """The `/warmup/*` endpoints and the one re-warm that may run at a time."""
+async def _body(request: Request) -> bytes | None:
+    """The body, or None when it is larger than a re-warm request can be."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
-    def __init__(self, state: RunState, authorized: Authorized, rewarm: Rewarm) -> None:
+
+class Control:
+    """The `/warmup/*` endpoints: HTTP only; `Rewarms` owns what a re-warm does."""
+
+    def __init__(
+        self, state: RunState, authorized: Authorized, rewarms: Rewarms, admin: Admin
+    ) -> None:
         self.state = state
         self.authorized = authorized
-        self.rewarm = rewarm
-        self.task: asyncio.Task[Report] | None = None
+        self.rewarms = rewarms
+        self.admin = admin
         self.app = Starlette(
             routes=[
                 Route("/warmup/report", self._get_report, methods=["GET"]),
                 Route("/warmup/coverage", self._get_coverage, methods=["GET"]),
-                Route("/warmup/run", self._run, methods=["POST"]),
+                Route(RUN, self._run, methods=["POST"]),
             ]
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.authorized(Request(scope)):
-            response: Response = _error(401, "Unauthorized")
+        refused: tuple[int, str] | None = None
+        if scope["path"] == RUN:
+            refused = self.admin.refuses(scope)
+        if (refused is None and (scope["path"] != RUN or self.admin.key is None)
+                and not self.authorized(Request(scope))):  # fmt: skip
+            refused = (401, "Unauthorized")
+        if refused is not None:
+            response = _error(*refused)
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -109,19 +109,16 @@ class Control:
         return Response(report.model_dump_json(indent=2), media_type="application/json")
 
     async def _get_coverage(self, request: Request) -> Response:
-        """Live traffic since this process started, against the last warm-up."""
+        """Live traffic since this process started, against what its warm-ups warmed."""
         return JSONResponse(self.state.coverage.summary())
 
     async def _run(self, request: Request) -> Response:
-        if self.state.stage is not Stage.SERVING:
-            return JSONResponse(
-                {"error": "a re-warm can run once the server is ready"},
-                status_code=503,
-                headers={"retry-after": "5"},
-            )
-        if self.task is not None and not self.task.done():
-            return _error(409, "a re-warm is already running")
-        raw = await request.body()
+        try:
+            raw = await _body(request)
+        except ClientDisconnect:
+            return _error(400, "the client went away")
+        if raw is None:
+            return _error(413, f"the body is larger than {MAX_BODY} bytes")
         try:
             data: Any = json.loads(raw) if raw.strip() else {}
             body = RewarmRequest.model_validate(data)
@@ -129,12 +126,12 @@ class Control:
             return _error(400, "the body is not JSON", [Problem("body", "not JSON")])
         except ValidationError as exc:
             return _error(400, "bad re-warm request", from_validation(exc, root="body", echo=False))
-        logger.info("re-warm requested (profile %s, close_gate %s)", body.profile, body.close_gate)
-        self.task = asyncio.create_task(self.rewarm(body))
-        self.task.add_done_callback(_log_failure)
+        try:
+            task = self.rewarms.start(body)
+        except Refused as refused:
+            return _error(refused.status, refused.message, retry_after=refused.retry_after)
         if not body.wait:
             return JSONResponse({"status": "started"}, status_code=202)
-        task = self.task
         try:
             # shielded: a client that hangs up does not cancel the re-warm
             report = await asyncio.shield(task)
@@ -145,16 +142,3 @@ class Control:
         except Exception as exc:
             return _failed(exc)
         return Response(report.model_dump_json(indent=2), media_type="application/json")
-
-    async def close(self) -> None:
-        """Cancel a running re-warm (the server is stopping)."""
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            with contextlib.suppress(BaseException):
-                await self.task
-
-
-def _log_failure(task: asyncio.Task[Report]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        message = exc.message if isinstance(exc, LlmwarmError) else repr(exc)
-        logger.error("re-warm failed: %s", message)

@@ -112,6 +112,14 @@ class Warmed:
             for b in profile.buckets
         )
 
+    def __or__(self, other: Warmed) -> Warmed:
+        """What two warm-ups of one engine warmed together."""
+        return Warmed(
+            self.kinds | other.kinds,
+            max(self.prompt_tokens, other.prompt_tokens),
+            max(self.concurrency, other.concurrency),
+        )
+
     def misses(self, shape: Shape) -> list[str]:
         """Why the warm-up did not cover this shape; empty: covered."""
         why = [f"kind {k} not warmed" for k in shape.kinds() if _kind_key(k) not in self.kinds]
@@ -180,13 +188,13 @@ class Miss:
 
 @dataclass
 class Coverage:
-    """Live traffic against the last warm-up, since this process started. Written by the gate
-    (each request) and the lifecycle (each warm-up); read by `/warmup/coverage`, `/metrics`
-    and the learn file."""
+    """Live traffic against what this engine's warm-ups warmed, since this process started.
+    Written by the gate (each request) and the lifecycle (each warm-up); read by
+    `/warmup/coverage`, `/metrics` and the learn file."""
 
     served: frozenset[str] = frozenset()  # the base model's names (others are adapters)
     max_running: int | None = None  # the engine's max_num_seqs: more in flight wait in queue
-    warmed: Warmed | None = None  # the last warm-up's; None: none yet
+    warmed: Warmed | None = None  # what every finished warm-up warmed; None: none yet
     history: Counter[Shape] = field(default_factory=Counter)  # from the learn file
     served_shapes: Counter[Shape] = field(default_factory=Counter)  # this process's
     covered: int = 0
@@ -223,9 +231,11 @@ class Coverage:
         miss.requests += 1
         return False
 
-    def rewarmed(self, warmed: Warmed) -> None:
-        """A warm-up finished: requests from now on are judged against it (a kind it now
-        covers at every shape seen is no longer a miss)."""
+    def warmed_more(self, warmed: Warmed) -> None:
+        """A warm-up of this engine finished: what is warm is what every finished one warmed
+        (a narrower re-warm takes nothing away), and a kind now covered at every shape seen is
+        no longer a miss."""
+        warmed = warmed if self.warmed is None else self.warmed | warmed
         self.warmed = warmed
         self._verdicts.clear()
         for kind in [k for k, m in self.misses.items() if not any(map(warmed.misses, m.shapes))]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import make_asgi_app
 from starlette.requests import Request
 
+from llmwarm.access import is_local
 from llmwarm.control import PREFIX as CONTROL_PREFIX
 from llmwarm.coverage import TAIL_BYTES
 from llmwarm.endpoints import BY_PATH, SPECS, FirstToken
@@ -92,21 +92,6 @@ def _utf8_headers(scope: Scope) -> Scope:
     return scope if len(kept) == len(headers) else {**scope, "headers": kept}
 
 
-def _is_local(scope: Scope) -> bool:
-    """The peer is this machine: loopback, a unix socket, or the server's own address (when
-    bound to one interface, the warm-up dials that address; no other host can send from it)."""
-    client = scope.get("client")
-    if client is None:  # a unix socket: only local processes can connect
-        return True
-    server = scope.get("server")
-    if server is not None and client[0] == server[0]:
-        return True
-    try:
-        return ipaddress.ip_address(client[0]).is_loopback
-    except ValueError:
-        return False
-
-
 class Gate:
     """The ASGI app that enforces readiness, as the run state says it."""
 
@@ -135,7 +120,7 @@ class Gate:
         expected = self.token.encode()
         for name, value in scope.get("headers", []):
             if name == WARMUP_HEADER.encode():
-                return hmac.compare_digest(value, expected) and _is_local(scope)
+                return hmac.compare_digest(value, expected) and is_local(scope)
         return False
 
     def _state(self, scope: Scope, phase: Phase) -> dict[str, Any]:

@@ -37,7 +37,8 @@ import httpx
 from rich.console import Console
 
 from llmwarm import __version__, caches, engine, learn, metrics
-from llmwarm.control import Control, RewarmRequest
+from llmwarm.access import Admin
+from llmwarm.control import Control
 from llmwarm.coverage import Warmed
 from llmwarm.errors import (
     EXIT_INTERRUPTED,
@@ -50,8 +51,9 @@ from llmwarm.errors import (
 from llmwarm.gate import Gate, quiet_access_log
 from llmwarm.measure import LIMITS, TIMEOUT
 from llmwarm.metrics import WarmupCollector
-from llmwarm.profile import Profile, load_profile, shipped
-from llmwarm.report import Origin, Report, Trigger, kinds_table, plot, table, write_json
+from llmwarm.profile import Profile
+from llmwarm.report import Origin, Report, kinds_table, plot, table, write_json
+from llmwarm.rewarm import Rewarms
 from llmwarm.settings import Settings
 from llmwarm.state import RunState, Stage
 from llmwarm.warmup import WarmupRun
@@ -237,7 +239,12 @@ class Lifecycle:
         authorized = engine.authorizer(args)
         self.settings = settings
         self.state = RunState(window=settings.profile.convergence.window)
-        self.control = Control(self.state, authorized, self.rewarm)
+        self.rewarms = Rewarms(
+            self.state, self._rewarm_once, self._publish, self._jit_phase,
+            served=(settings.profile, str(settings.profile_path)),
+            min_interval=settings.rewarm_interval_s,
+        )  # fmt: skip
+        self.control = Control(self.state, authorized, self.rewarms, Admin(settings.admin_key))
         self.gate = Gate(self.state, self.control, authorized)
         self.stop = asyncio.Event()
         self.started_at = datetime.now(timezone.utc)
@@ -295,7 +302,10 @@ class Lifecycle:
                     eng, self.state, self._origin(eng), self._client, learn_file
                 )
                 source = str(settings.profile_path)
-                report = await self._run_warmup(settings.profile, source, "startup")
+                report = await self._warmups(settings.profile, source, "startup")
+                await self._publish(report)
+                if report.error is not None:
+                    raise WarmupError(report.error.message, problems=report.error.problems)
                 _show_and_judge(report, settings)
                 if settings.mode == "bake":
                     assert settings.cache_dir is not None  # settings.resolve requires it
@@ -322,7 +332,7 @@ class Lifecycle:
                     watch.cancel()
                 # No re-warm may start or go on, then in-flight user requests drain.
                 self.state.stopping()
-                await self.control.close()
+                await self.rewarms.close()
                 # vLLM's --shutdown-timeout: how long in-flight requests may drain
                 grace = self.settings.vllm_args.shutdown_timeout
                 await _stop_http(self.http, self.http_task, grace=grace)
@@ -343,42 +353,27 @@ class Lifecycle:
         coverage.changed = False
         logger.info("learn file written: %s", path)
 
-    async def _run_warmup(self, profile: Profile, source: str, trigger: Trigger) -> Report:
-        """One warm-up; its report published in the state and written, also when it failed
-        (then raised as the `WarmupError` it is)."""
-        assert self._warmups is not None  # the engine runs
-        report = await self._warmups(profile, source, trigger)
+    async def _publish(self, report: Report) -> None:
+        """A warm-up's report becomes the one the server shows and writes; a finished one also
+        adds what it warmed to the coverage's warm kinds and shapes."""
         self.state.report = report
-        self.state.coverage.rewarmed(Warmed.from_report(report))
+        if report.error is None:
+            self.state.coverage.warmed_more(Warmed.from_report(report))
         if report.learned is not None:
             learned = report.learned
             logger.info(
                 "learned from %s: buckets %s; kinds %s", learned.file,
                 ", ".join(learned.buckets) or "none", ", ".join(learned.kinds) or "none",
             )  # fmt: skip
-        _write(report, self.settings)
-        if report.error is not None:
-            raise WarmupError(report.error.message, problems=report.error.problems)
-        return report
+        await asyncio.to_thread(_write, report, self.settings)  # a plot, a slow disk: off the loop
 
-    async def rewarm(self, request: RewarmRequest) -> Report:
-        """`POST /warmup/run`: warm the serving engine again, closing the gate if asked."""
-        profile, source = self.settings.profile, self.settings.profile_path
-        if request.profile is not None:
-            source = shipped(request.profile)
-            profile = load_profile(source)
-        self.state.gate_closed = request.close_gate
-        try:
-            report = await self._run_warmup(profile, str(source), "api")
-        finally:
-            self.state.gate_closed = False
-            assert self._warmups is not None  # serving: the engine runs
-            await self._warmups.engine.jit_phase("serving")
-        logger.info(
-            "re-warm done: %d requests in %.1f s, converged %s",
-            report.requests, report.warmup_s, report.converged,
-        )  # fmt: skip
-        return report
+    async def _rewarm_once(self, profile: Profile, source: str) -> Report:
+        assert self._warmups is not None  # serving: the engine runs
+        return await self._warmups(profile, source, "api")
+
+    async def _jit_phase(self, phase: str) -> None:
+        assert self._warmups is not None
+        await self._warmups.engine.jit_phase(phase)
 
     def _client(self) -> httpx.AsyncClient:
         """A client of this very server that the gate lets through while warming."""

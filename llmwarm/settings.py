@@ -32,6 +32,8 @@ class Settings:
     mode: Mode
     cache_dir: Path | None = None
     learn_path: Path | None = None  # the learn file (`llmwarm.learn`); None: no learning
+    admin_key: str | None = None  # POST /warmup/run's credential; None: loopback clients only
+    rewarm_interval_s: float = 30.0  # at least this long from one re-warm's end to the next
 
     @property
     def serve(self) -> bool:
@@ -118,6 +120,8 @@ def resolve(
     capture_sizes_from_profile: bool = False,
     cache_dir: Path | None = None,
     learn_path: Path | None = None,
+    admin_key: str | None = None,
+    rewarm_interval_s: float = 30.0,
     mode: Mode,
     prog: str,
 ) -> Settings:
@@ -158,4 +162,6 @@ def resolve(
         mode=mode,
         cache_dir=cache_dir,
         learn_path=learn_path,
+        admin_key=admin_key or None,
+        rewarm_interval_s=rewarm_interval_s,
     )

@@ -84,7 +84,7 @@ def gates() -> tuple[Any, Any]:
         state.warming(vllm_like)
         state.serving()
         state.coverage.served = frozenset({"m"})
-        state.coverage.rewarmed(Warmed.of([(64, 2, ["chat-stream", "completions"])]))
+        state.coverage.warmed_more(Warmed.of([(64, 2, ["chat-stream", "completions"])]))
         made.append(Gate(state, coverage=on))
     return made[0], made[1]
 

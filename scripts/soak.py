@@ -185,7 +185,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "llmwarm", "serve", args.model, *ENGINE_FLAGS,
            "--port", str(port), "--served-model-name", "soak", "--profile",
-           str(ROOT / "llmwarm" / "configs" / "minimal.yaml"), "--report", os.devnull]  # fmt: skip
+           str(ROOT / "llmwarm" / "configs" / "minimal.yaml"), "--report", os.devnull,
+           "--rewarm-min-interval", "0"]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with ready_server(cmd, url, "/ready", env, args.log) as ready_s:

@@ -130,6 +130,8 @@ ENV = {
     "LLMWARM_CACHE_DIR": "/tmp/env-cache",
     "LLMWARM_CAPTURE_SIZES_FROM_PROFILE": "true",
     "LLMWARM_LEARN": "/tmp/env-learned.json",
+    "LLMWARM_ADMIN_KEY": "env-admin",
+    "LLMWARM_REWARM_MIN_INTERVAL": "7.5",
 }
 
 
@@ -147,6 +149,8 @@ def test_the_environment_configures_every_option(resolved: dict[str, Any]) -> No
         "cache_dir": Path("/tmp/env-cache"),
         "capture_sizes_from_profile": True,
         "learn_path": Path("/tmp/env-learned.json"),
+        "admin_key": "env-admin",
+        "rewarm_interval_s": 7.5,
     }
 
 

@@ -1,58 +1,80 @@
-"""The /warmup/* endpoints and the API-key rules of the gate, on a fake engine app."""
+"""The /warmup/* endpoints, who may call them, and the rules of re-warms, on a fake engine app."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import httpx
+import pytest
 from starlette.requests import Request
 
-from llmwarm.control import Control, Rewarm, RewarmRequest
+from llmwarm.access import Admin
+from llmwarm.control import Control
 from llmwarm.errors import ProfileError, WarmupError
 from llmwarm.gate import Gate
+from llmwarm.profile import Profile
 from llmwarm.report import Report, WarmupFailure
+from llmwarm.rewarm import RewarmRequest, Rewarms
 from llmwarm.state import RunState
-from tests.fakes import INNER
+from tests.fakes import INNER, MINIMAL_PROFILE
 from tests.fakes import report as _report
 
 KEY = {"authorization": "Bearer sesame"}
+ADMIN = {"authorization": "Bearer admin-7c1e"}
+OUTSIDE = ("203.0.113.9", 40000)  # a client on another host
+LOOPBACK = ("127.0.0.1", 40000)
 
 
 def _authorized(request: Request) -> bool:
     return request.headers.get("authorization") == KEY["authorization"]
 
 
-async def _no_rewarm(request: RewarmRequest) -> Report:
+async def _no_rewarm(profile: Profile, source: str) -> Report:
     raise AssertionError("no re-warm expected")
 
 
 class Served:
-    """A gate and its control endpoints on one run state, warming."""
+    """A gate, its control endpoints and the re-warm owner on one run state, warming. `warm`
+    stands in for a warm-up of the engine; `published` lists what was published."""
 
-    def __init__(self) -> None:
+    def __init__(self, admin_key: str | None = "admin-7c1e", interval: float = 0.0) -> None:
         self.state = RunState(window=2)
-        self.rewarm: Rewarm = _no_rewarm
-        self.control = Control(self.state, _authorized, lambda r: self.rewarm(r))
+        self.warm: Callable[[Profile, str], Awaitable[Report]] = _no_rewarm
+        self.published: list[Report] = []
+        self.jit: list[str] = []
+        self.rewarms = Rewarms(
+            self.state, lambda p, s: self.warm(p, s), self._publish, self._jit,
+            served=(Profile.model_validate({"auto": {}}), str(MINIMAL_PROFILE)),
+            min_interval=interval,
+        )  # fmt: skip
+        self.control = Control(self.state, _authorized, self.rewarms, Admin(admin_key))
         self.gate = Gate(self.state, self.control, _authorized)
         self.state.warming(INNER)
         self.state.warmup.where = {"bucket": 1, "buckets": 2, "round": 1}
+
+    async def _publish(self, report: Report) -> None:
+        self.published.append(report)
+
+    async def _jit(self, phase: str) -> None:
+        self.jit.append(phase)
 
     def open(self, summary_of: Report | None = None) -> None:
         self.state.report = summary_of or self.state.report
         self.state.serving()
 
 
-def _served() -> tuple[Gate, Served]:
-    served = Served()
+def _served(admin_key: str | None = "admin-7c1e") -> tuple[Gate, Served]:
+    served = Served(admin_key)
     return served.gate, served
 
 
-def client(gate: Gate) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=gate, client=("203.0.113.9", 40000))
+def client(gate: Gate, peer: tuple[str, int] = OUTSIDE) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=gate, client=peer)
     return httpx.AsyncClient(transport=transport, base_url="http://llmwarm")
 
 
-async def test_every_warmup_endpoint_is_401_without_the_key_in_every_phase() -> None:
+async def test_every_warmup_endpoint_is_401_without_its_key_in_every_phase() -> None:
     gate, control = _served()
     control.state.report = _report()
     for open_it in (False, True):
@@ -64,6 +86,47 @@ async def test_every_warmup_endpoint_is_401_without_the_key_in_every_phase() -> 
                 run = await c.post("/warmup/run", headers=headers, json={})
                 assert got.status_code == run.status_code == 401, control.state.phase
                 assert got.json()["error"] == "Unauthorized"
+            # the API key reads; only the admin key re-warms
+            assert (await c.get("/warmup/report", headers=KEY)).status_code == 200
+            assert (await c.post("/warmup/run", headers=KEY, json={})).status_code == 401
+
+
+@pytest.mark.parametrize("peer", [OUTSIDE, LOOPBACK])
+async def test_without_an_admin_key_only_a_loopback_client_may_rewarm(
+    peer: tuple[str, int],
+) -> None:
+    # The defect: any client that reached the port (with --api-key: any API user) could call
+    # POST /warmup/run, and `{"close_gate": true}` in a loop keeps /ready at 503 on every
+    # replica: one client takes a fleet out of its Service.
+    gate, served = _served(admin_key=None)
+    served.open()
+    served.warm = lambda p, s: asyncio.sleep(0, _report())
+    proxied = {**KEY, "x-forwarded-for": "198.51.100.7"}
+    async with client(gate, peer) as c:
+        run = await c.post("/warmup/run", headers=KEY, json={"close_gate": True})
+        through_a_proxy = await c.post("/warmup/run", headers=proxied, json={})
+        without_the_api_key = await c.post("/warmup/run", json={})
+    if peer == LOOPBACK:
+        assert run.status_code == 200  # a sidecar, `kubectl exec`
+        assert through_a_proxy.status_code == 403  # a local proxy forwards everyone
+    else:
+        assert run.status_code == through_a_proxy.status_code == 403
+        assert "loopback" in run.json()["error"]
+    assert without_the_api_key.status_code in (401, 403)
+    assert len(served.published) == (1 if peer == LOOPBACK else 0)
+
+
+async def test_the_admin_key_rewarms_from_anywhere_and_the_api_key_does_not() -> None:
+    gate, served = _served()
+    served.open()
+    served.warm = lambda p, s: asyncio.sleep(0, _report())
+    async with client(gate) as c:
+        by_admin = await c.post("/warmup/run", headers=ADMIN, json={})
+        by_user = await c.post("/warmup/run", headers=KEY, json={})
+        wrong = await c.post("/warmup/run", headers={"authorization": "Bearer admin-7c1f"})
+        report = await c.get("/warmup/report", headers=ADMIN)  # the admin key reads nothing
+    assert by_admin.status_code == 200
+    assert by_user.status_code == wrong.status_code == report.status_code == 401
 
 
 async def test_probe_answers_say_only_the_phase_without_the_key() -> None:
@@ -96,77 +159,184 @@ async def test_report_is_404_until_a_warmup_ends_then_the_report() -> None:
 async def test_run_is_503_until_serving() -> None:
     gate, _ = _served()
     async with client(gate) as c:
-        r = await c.post("/warmup/run", headers=KEY, json={})
+        r = await c.post("/warmup/run", headers=ADMIN, json={})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
 
 
 async def test_run_waits_for_the_rewarm_and_returns_its_report() -> None:
-    gate, control = _served()
-    control.open()
-    asked: list[RewarmRequest] = []
+    gate, served = _served()
+    served.open()
+    asked: list[tuple[Profile, str]] = []
+    closed: list[bool] = []
 
-    async def rewarm(request: RewarmRequest) -> Report:
-        asked.append(request)
+    async def warm(profile: Profile, source: str) -> Report:
+        asked.append((profile, source))
+        closed.append(served.state.gate_closed)
         return _report().model_copy(update={"trigger": "api"})
 
-    control.rewarm = rewarm
+    served.warm = warm
     async with client(gate) as c:
-        r = await c.post("/warmup/run", headers=KEY, json={"close_gate": True, "profile": "chat"})
-        empty = await c.post("/warmup/run", headers=KEY)  # no body: all defaults
+        r = await c.post("/warmup/run", headers=ADMIN, json={"close_gate": True, "profile": "chat"})
+        empty = await c.post("/warmup/run", headers=ADMIN)  # no body: all defaults
     assert r.status_code == empty.status_code == 200 and r.json()["trigger"] == "api"
-    assert asked == [
-        RewarmRequest(close_gate=True, profile="chat"),
-        RewarmRequest(),
-    ]
+    assert [source.rsplit("/", 1)[-1] for _, source in asked] == ["chat.yaml", "minimal.yaml"]
+    assert closed == [True, False] and served.state.gate_closed is False
+    assert len(served.published) == 2 and served.jit == ["serving", "serving"]
 
 
 async def test_run_without_wait_is_202_and_a_second_run_meanwhile_409() -> None:
-    gate, control = _served()
-    control.open()
+    gate, served = _served()
+    served.open()
     release = asyncio.Event()
 
-    async def rewarm(request: RewarmRequest) -> Report:
+    async def warm(profile: Profile, source: str) -> Report:
         await release.wait()
         return _report()
 
-    control.rewarm = rewarm
+    served.warm = warm
     async with client(gate) as c:
-        started = await c.post("/warmup/run", headers=KEY, json={"wait": False})
-        again = await c.post("/warmup/run", headers=KEY, json={"wait": False})
+        started = await c.post("/warmup/run", headers=ADMIN, json={"wait": False})
+        again = await c.post("/warmup/run", headers=ADMIN, json={"wait": False})
         release.set()
-        assert control.control.task is not None
-        await control.control.task
-        after = await c.post("/warmup/run", headers=KEY, json={"wait": False})
+        assert served.rewarms.task is not None
+        await served.rewarms.task
+        after = await c.post("/warmup/run", headers=ADMIN, json={"wait": False})
     assert started.status_code == 202 and started.json() == {"status": "started"}
     assert again.status_code == 409
     assert after.status_code == 202
-    await control.control.close()
+    await served.rewarms.close()
+
+
+def _slow_body(body: bytes, arrived: asyncio.Event) -> Callable[[], Awaitable[dict[str, object]]]:
+    """An ASGI `receive` whose body comes only once `arrived` is set (headers long before)."""
+
+    async def receive() -> dict[str, object]:
+        await arrived.wait()
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def _scope() -> dict[str, object]:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/warmup/run", "raw_path": b"/warmup/run",
+        "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8000),
+        "headers": [(b"authorization", ADMIN["authorization"].encode())], "client": OUTSIDE,
+    }  # fmt: skip
+
+
+async def test_two_posts_whose_bodies_arrive_late_start_one_rewarm() -> None:
+    # The defect: the 409 check ran before the body was read and the task was made after it;
+    # two POSTs whose bodies came after their headers both passed, and two warm-ups drove the
+    # engine at once (the first to end reopened a gate the other had closed).
+    gate, served = _served()
+    served.open()
+    running = 0
+    most = 0
+    release = asyncio.Event()
+
+    async def warm(profile: Profile, source: str) -> Report:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        return _report()
+
+    served.warm = warm
+    arrived = asyncio.Event()
+    answers: list[list[dict[str, object]]] = [[], []]
+
+    async def post(i: int) -> None:
+        async def send(message: dict[str, object]) -> None:
+            answers[i].append(message)
+
+        receive = _slow_body(b'{"close_gate": true}', arrived)
+        await gate(_scope(), receive, send)  # type: ignore[arg-type]
+
+    posts = [asyncio.create_task(post(i)) for i in range(2)]
+    await asyncio.sleep(0.05)  # both are in, headers read, waiting for their bodies
+    arrived.set()
+    while served.rewarms.task is None:
+        await asyncio.sleep(0.005)
+    release.set()
+    await asyncio.gather(*posts)
+    statuses = sorted(
+        int(str(m["status"])) for a in answers for m in a if m["type"] == "http.response.start"
+    )
+    assert statuses == [200, 409] and most == 1
+    await served.rewarms.close()
+
+
+async def test_a_post_whose_body_arrives_after_the_stop_starts_nothing() -> None:
+    # The defect: a POST whose body was still arriving when SIGTERM landed started a re-warm
+    # after the stop had cancelled the running ones; its failed report overwrote --report.
+    gate, served = _served()
+    served.open()
+    arrived = asyncio.Event()
+    answer: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        answer.append(message)
+
+    post = asyncio.create_task(gate(_scope(), _slow_body(b"{}", arrived), send))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    served.state.stopping()
+    await served.rewarms.close()
+    arrived.set()
+    await post
+    assert [m["status"] for m in answer if m["type"] == "http.response.start"] == [503]
+    assert served.rewarms.task is None and served.published == []
+
+
+async def test_rewarms_are_at_most_one_per_interval() -> None:
+    served = Served(interval=60.0)
+    served.open()
+    served.warm = lambda p, s: asyncio.sleep(0, _report())
+    async with client(served.gate) as c:
+        first = await c.post("/warmup/run", headers=ADMIN, json={})
+        second = await c.post("/warmup/run", headers=ADMIN, json={})
+    assert first.status_code == 200
+    assert second.status_code == 429 and 59 <= int(second.headers["retry-after"]) <= 60
+    assert "--rewarm-min-interval" in second.json()["error"]
+
+
+async def test_a_failed_rewarm_is_not_published() -> None:
+    # The defect: a re-warm that failed in round 1 became the report users saw and what
+    # coverage counted as warm, and its partial report overwrote --report.
+    gate, served = _served()
+    served.open(_report())
+    failed = _report().model_copy(update={"error": WarmupFailure(message="HTTP 500")})
+    served.warm = lambda p, s: asyncio.sleep(0, failed)
+    async with client(gate) as c:
+        r = await c.post("/warmup/run", headers=ADMIN, json={"close_gate": True})
+    assert r.status_code == 500 and r.json()["error"] == "HTTP 500"
+    assert served.published == [] and served.state.gate_closed is False
+    assert served.jit == ["serving"]
 
 
 async def test_bad_bodies_name_the_field_and_never_echo_it() -> None:
     gate, control = _served()
     control.open()
-
-    async def rewarm(request: RewarmRequest) -> Report:
-        raise AssertionError("a bad body must not start a re-warm")
-
-    control.rewarm = rewarm
     secret = "user-secret-9f3a"
     async with client(gate) as c:
         answers = {
-            "unknown field": await c.post("/warmup/run", headers=KEY, json={secret: 1}),
-            "bad type": await c.post("/warmup/run", headers=KEY, json={"close_gate": secret}),
-            "no such profile": await c.post("/warmup/run", headers=KEY, json={"profile": secret}),
+            "unknown field": await c.post("/warmup/run", headers=ADMIN, json={secret: 1}),
+            "bad type": await c.post("/warmup/run", headers=ADMIN, json={"close_gate": secret}),
+            "no such profile": await c.post("/warmup/run", headers=ADMIN, json={"profile": secret}),
             "path as profile": await c.post(
-                "/warmup/run", headers=KEY, json={"profile": "../../etc/passwd"}
+                "/warmup/run", headers=ADMIN, json={"profile": "../../etc/passwd"}
             ),
-            "not json": await c.post("/warmup/run", headers=KEY, content=f"{{{secret}"),
-            "not an object": await c.post("/warmup/run", headers=KEY, json=[secret]),
+            "not json": await c.post("/warmup/run", headers=ADMIN, content=f"{{{secret}"),
+            "not an object": await c.post("/warmup/run", headers=ADMIN, json=[secret]),
         }
+        too_big = await c.post("/warmup/run", headers=ADMIN, content=b" " * 100_000)
     for what, r in answers.items():
         assert r.status_code == 400, what
         assert secret not in r.text, what
         assert r.json()["problems"], what
+    assert too_big.status_code == 413
     assert answers["bad type"].json()["problems"][0]["where"] == "close_gate"
     assert answers["no such profile"].json()["problems"][0]["where"] == "profile"
 
@@ -175,17 +345,17 @@ async def test_a_failed_rewarm_answers_with_its_error() -> None:
     gate, control = _served()
     control.open()
 
-    async def warmup_fails(request: RewarmRequest) -> Report:
+    async def warmup_fails(profile: Profile, source: str) -> Report:
         raise WarmupError("warm-up request failed", problems=[("bucket b", "HTTP 500")])
 
-    async def profile_does_not_fit(request: RewarmRequest) -> Report:
+    async def profile_does_not_fit(profile: Profile, source: str) -> Report:
         raise ProfileError("profile does not fit", problems=[("features.use", "needs lora")])
 
     async with client(gate) as c:
-        control.rewarm = warmup_fails
-        failed = await c.post("/warmup/run", headers=KEY)
-        control.rewarm = profile_does_not_fit
-        misfit = await c.post("/warmup/run", headers=KEY)
+        control.warm = warmup_fails
+        failed = await c.post("/warmup/run", headers=ADMIN)
+        control.warm = profile_does_not_fit
+        misfit = await c.post("/warmup/run", headers=ADMIN)
     assert failed.status_code == 500
     assert failed.json() == {
         "error": "warm-up request failed",

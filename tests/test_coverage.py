@@ -129,7 +129,7 @@ def test_a_rewarm_that_covers_a_miss_drops_it() -> None:
         {"endpoints": ["chat"], "buckets": [{"prompt_tokens": 16, "concurrency": 1,
          "max_tokens": 8}], "features": {"use": ["greedy", "n"]}}
     )  # fmt: skip
-    coverage.rewarmed(Warmed.from_profile(profile))
+    coverage.warmed_more(Warmed.from_profile(profile))
     assert coverage.misses == {} and coverage.record(missed, 0.1) is True
 
 
@@ -149,3 +149,13 @@ def test_kind_names_match_the_corpus() -> None:
     assert Shape("completions", False, ("stop",), 16, 1, 16).kinds() == [
         corpus.Kind("completions", False, "stop").name
     ]
+
+
+def test_a_narrower_warm_up_takes_nothing_away_from_what_is_warm() -> None:
+    # The defect: a re-warm with the `minimal` profile became what was warm, so kinds the
+    # start-up warm-up had made warm counted as misses.
+    coverage = Coverage()
+    coverage.warmed_more(Warmed.of([(512, 8, ["chat-stream+logprobs", "completions"])]))
+    coverage.warmed_more(Warmed.of([(16, 1, ["completions"])]))
+    assert coverage.record(Shape("chat", True, ("logprobs",), 512, 8, 16), 0.1) is True
+    assert coverage.warmed == Warmed(frozenset({"chat-stream+logprobs", "completions"}), 512, 8)

@@ -46,6 +46,9 @@ pytestmark = pytest.mark.e2e
 
 API_KEY = "e2e-key-7c1d"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
+ADMIN_KEY = "e2e-admin-3b9f"  # POST /warmup/run's, given as LLMWARM_ADMIN_KEY
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+LOAD_AFTER_READY = 20  # user requests answered 200 after /ready, before the tests look
 # In every body the load sends: no answer of llmwarm's, nor its report, may echo it.
 SECRET = "user-secret-5be0"
 
@@ -111,6 +114,18 @@ def _user_load(served: Served, done: threading.Event, workers: int = 4) -> None:
     asyncio.run(main())
 
 
+def _until_answered_after_ready(served: Served, load: threading.Thread) -> None:
+    """Until `LOAD_AFTER_READY` user requests sent after /ready was 200 were answered."""
+    assert served.ready_at is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and load.is_alive():
+        after = [a for a in list(served.load) if a.sent > served.ready_at and a.status == 200]
+        if len(after) >= LOAD_AFTER_READY:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"fewer than {LOAD_AFTER_READY} user requests answered after ready")
+
+
 def _poll_until_ready(served: Served) -> None:
     """Probe like a load balancer (and a forger) until /ready is 200."""
     probes = [
@@ -157,16 +172,18 @@ def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "--api-key", API_KEY,
         "--enable-log-requests",  # the engine logs each request id it runs
         "--shutdown-timeout", "20",  # in-flight requests drain at SIGTERM
+        "--rewarm-min-interval", "0",  # the re-warm test sends two in a row
     ]  # fmt: skip
+    env = {**engine_env(), "LLMWARM_ADMIN_KEY": ADMIN_KEY}
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env())
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     s = Served(proc=proc, url=f"http://127.0.0.1:{port}", report=tmp / "report.json", log=log)
     done = threading.Event()
     load = threading.Thread(target=_user_load, args=(s, done), daemon=True)
     load.start()
     try:
         _poll_until_ready(s)
-        time.sleep(5)  # the load goes on well after ready
+        _until_answered_after_ready(s, load)  # the load goes on well after ready
         done.set()
         load.join(90)
         assert not load.is_alive(), "a user request hung"
@@ -308,6 +325,9 @@ def test_api_key_guards_vllm_and_llmwarm_endpoints(served: Served) -> None:
         assert c.get("/v1/models").status_code == 401  # vLLM's own guard
         assert c.get("/warmup/report").status_code == 401
         assert c.post("/warmup/run", json={}).status_code == 401
+        # the API key reads llmwarm's endpoints; only the admin key re-warms
+        assert c.post("/warmup/run", json={}, headers=AUTH).status_code == 401
+        assert c.get("/warmup/report", headers=ADMIN).status_code == 401
         assert c.get("/ready").json() == {"status": "ready"}  # no key: the phase only
         keyed = c.get("/warmup/report", headers=AUTH)
         assert c.get("/metrics").status_code == 200  # open to scrapers, as in vLLM
@@ -430,7 +450,7 @@ def test_bench_against_the_warm_server(served: Served, tmp_path: Path) -> None:
 def test_rewarm_on_demand_closes_the_gate_when_asked(served: Served) -> None:
     phases: list[str] = []
     with httpx.Client(base_url=served.url, timeout=60, headers=AUTH) as c:
-        started = c.post("/warmup/run", json={"close_gate": True, "wait": False})
+        started = c.post("/warmup/run", json={"close_gate": True, "wait": False}, headers=ADMIN)
         assert started.status_code == 202, started.text
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -443,7 +463,8 @@ def test_rewarm_on_demand_closes_the_gate_when_asked(served: Served) -> None:
                 assert user.status_code in (503, 200), user.text  # 200: it just reopened
             time.sleep(0.05)
         report = c.get("/warmup/report").json()
-        again = c.post("/warmup/run", json={})  # gate open meanwhile; wait for the report
+        # gate open meanwhile; wait for the report
+        again = c.post("/warmup/run", json={}, headers=ADMIN)
     assert "warming" in phases and phases[-1] == "ready", phases
     assert report["trigger"] == "api" and report["error"] is None and report["requests"] > 0
     assert again.status_code == 200 and again.json()["trigger"] == "api"
