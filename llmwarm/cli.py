@@ -32,8 +32,9 @@ app = typer.Typer(
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 2 bad input; 3 the engine could not start; 4 the warm-up failed; "
-    "5 the engine died while serving; 6 not converged with --on-unconverged fail; "
-    "7 (bench) the server cannot be reached; 130 interrupted before ready."
+    "5 serving ended unasked (the engine died, or the HTTP server stopped); 6 not converged "
+    "with --on-unconverged fail; 7 (bench) the server cannot be reached; 130 interrupted "
+    "before ready."
 )
 
 # MODEL and every `vllm serve` flag are handed, untouched, to vLLM's own parser.

@@ -1,35 +1,32 @@
-"""The vLLM adapter: the only module that imports vLLM.
+"""The vLLM adapter's engine half: vLLM's command line, configuration and `AsyncLLM`.
 
-vLLM's internal API moves between releases; everything llmwarm needs from it is here, written
-against vLLM 0.32 (`vllm.entrypoints.launchers`). Its own argument parser owns every
-`vllm serve` flag; its own app builder and app state make the OpenAI server that users hit.
+vLLM's internal API moves between releases; everything llmwarm needs from it is here and in
+`llmwarm.frontend` (its HTTP half), written against vLLM 0.32. Its own argument parser owns
+every `vllm serve` flag; `start_engine` builds and shuts down its `AsyncLLM`, and `Engine` is
+what the lifecycle and the warm-up see of it (`EngineClient`; the tests run a fake one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
-import socket
 import sys
 import threading
 import time
 from argparse import Namespace
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 import psutil
-import uvicorn
 
-from llmwarm import jitmon, lifeline
+from llmwarm import frontend, jitmon, lifeline
 from llmwarm.endpoints import SPECS
 from llmwarm.errors import (
     EngineDied,
-    PortInUse,
     Problem,
     StartupError,
     VllmArgsError,
@@ -39,13 +36,11 @@ from llmwarm.fit import EngineShape
 from llmwarm.report import JitEvents
 
 if TYPE_CHECKING:
-    from llmwarm.corpus import Tokenizer
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
-    from starlette.requests import Request
     from starlette.types import ASGIApp
     from vllm.v1.engine.async_llm import AsyncLLM
+
+    from llmwarm.corpus import Tokenizer
+    from llmwarm.frontend import VllmStop
 
 logger = logging.getLogger(__name__)
 
@@ -131,27 +126,6 @@ def _refuse_unsupported(args: Namespace) -> None:
             raise VllmArgsError(f"{flag} is not supported by llmwarm", problems=[(flag, why)])
 
 
-def api_keys(args: Namespace) -> list[str]:
-    """The API keys vLLM's server accepts: --api-key, else VLLM_API_KEY (as vLLM decides)."""
-    from vllm import envs
-
-    return [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
-
-
-def authorizer(args: Namespace) -> Callable[[Request], bool]:
-    """Whether a request carries one of the API keys, checked exactly as vLLM checks `/v1/*`.
-
-    Always true when the server has no key.
-    """
-    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
-
-    keys = api_keys(args)
-    if not keys:
-        return lambda request: True
-    check = AuthenticationMiddleware(app=None, tokens=keys)
-    return lambda request: bool(check.verify_token(request.headers))
-
-
 def model_name(args: Namespace) -> str:
     """The name clients use in the `model` field."""
     return str(args.served_model_name[0] if args.served_model_name else args.model)
@@ -160,28 +134,6 @@ def model_name(args: Namespace) -> str:
 def served_names(args: Namespace) -> list[str]:
     """Every name the base model answers to (any other `model` is an adapter)."""
     return [str(n) for n in args.served_model_name] if args.served_model_name else [args.model]
-
-
-def bind(args: Namespace) -> tuple[str, socket.socket]:
-    """Bind the HTTP socket before the engine loads, as `vllm serve` does."""
-    from vllm.entrypoints.launchers.launcher import setup_server
-
-    try:
-        listen: tuple[str, socket.socket] = setup_server(args, reuse_port=False)
-        return listen
-    except OSError as exc:
-        where = args.uds or f"{args.host or '0.0.0.0'}:{args.port}"
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(
-                f"cannot listen on {where}: address already in use",
-                problems=[("--uds" if args.uds else "--port", f"{where} is already in use")],
-            ) from None
-        raise PortInUse(
-            f"cannot listen on {where}: {exc.strerror}",
-            problems=[("--uds" if args.uds else "--host/--port", str(exc))],
-        ) from None
-    except (KeyError, ValueError) as exc:
-        raise VllmArgsError("bad vLLM arguments", problems=[("vllm flags", str(exc))]) from None
 
 
 def _flag(loc: tuple[int | str, ...]) -> str:
@@ -231,7 +183,7 @@ class EngineClient(Protocol):
     def tokenizer(self) -> Tokenizer: ...
     def is_dead(self) -> bool: ...
     def dead_reason(self) -> str: ...
-    async def build_app(self, server: uvicorn.Server) -> ASGIApp: ...
+    async def build_app(self, stop: VllmStop) -> ASGIApp: ...
     def app_lifespan(self, app: ASGIApp) -> AbstractAsyncContextManager[None]: ...
     def config_hash(self) -> str: ...
     async def jit_phase(self, phase: str) -> None: ...
@@ -335,24 +287,13 @@ class Engine:
     def dead_reason(self) -> str:
         return str(self.llm.dead_error) or "the EngineCore process ended"
 
-    async def build_app(self, server: uvicorn.Server) -> ASGIApp:
-        """vLLM's OpenAI-compatible app with its state, exactly as `vllm serve` builds it."""
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.app import build_app as vllm_build_app
+    async def build_app(self, stop: VllmStop) -> ASGIApp:
+        """vLLM's OpenAI-compatible app on this engine (`frontend.vllm_app`)."""
+        return await frontend.vllm_app(self.llm, self.args, self.tasks, stop)
 
-        tasks: Any = self.tasks
-        app = vllm_build_app(self.args, tasks, self.llm.model_config)
-        await init_app_state(self.llm, app.state, self.args, tasks)
-        app.state.server = server  # vLLM's error handlers read it
-        return cast("ASGIApp", app)
-
-    @asynccontextmanager
-    async def app_lifespan(self, app: ASGIApp) -> AsyncIterator[None]:
-        """vLLM's app lifespan (stats logging, GC freeze, clean-up), run when the app goes
-        live."""
-        fastapi_app = cast("FastAPI", app)
-        async with fastapi_app.router.lifespan_context(fastapi_app):
-            yield
+    def app_lifespan(self, app: ASGIApp) -> AbstractAsyncContextManager[None]:
+        """vLLM's app lifespan (`frontend.vllm_lifespan`)."""
+        return frontend.vllm_lifespan(app)
 
     def config_hash(self) -> str:
         """vLLM's hash of the configuration that shapes the compiled graph (keys its caches)."""
@@ -533,45 +474,6 @@ def shape_from_args(args: Namespace) -> EngineShape:
             "vLLM rejected the configuration", problems=_config_problems(exc)
         ) from exc
     return _shape(config, args)
-
-
-def http_server(app: ASGIApp, args: Namespace) -> uvicorn.Server:
-    """A uvicorn server configured from vLLM's frontend flags, installing no signal handlers."""
-    from vllm import envs
-    from vllm.entrypoints.launchers.launcher import NoSignalServer
-    from vllm.entrypoints.launchers.utils.constants import (
-        H11_MAX_HEADER_COUNT_DEFAULT,
-        H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT,
-    )
-    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
-
-    kwargs: dict[str, Any] = {}
-    log_config = get_uvicorn_log_config(args)
-    if log_config is not None:
-        kwargs["log_config"] = log_config
-    config = uvicorn.Config(
-        app,
-        lifespan="off",  # vLLM's app lifespan runs when the gate opens, not at bind time
-        log_level=args.uvicorn_log_level,
-        access_log=not args.disable_uvicorn_access_log,
-        timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
-        ssl_keyfile=args.ssl_keyfile,
-        ssl_certfile=args.ssl_certfile,
-        ssl_ca_certs=args.ssl_ca_certs,
-        ssl_cert_reqs=args.ssl_cert_reqs,
-        ssl_ciphers=args.ssl_ciphers,
-        **kwargs,
-    )
-    config.h11_max_incomplete_event_size = (
-        args.h11_max_incomplete_event_size or H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT
-    )
-    # Read by vLLM's patched h11 protocol; uvicorn's Config does not declare it.
-    config.h11_max_header_count = (  # type: ignore[attr-defined]
-        args.h11_max_header_count or H11_MAX_HEADER_COUNT_DEFAULT
-    )
-    config.load()
-    server: uvicorn.Server = NoSignalServer(config)
-    return server
 
 
 def _device() -> str:

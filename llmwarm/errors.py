@@ -10,6 +10,7 @@
     ├── StartupError          the vLLM engine could not be started: exit 3
     ├── WarmupError           a warm-up request failed, or the engine died warming: exit 4
     ├── EngineDied            the engine died while serving: exit 5
+    ├── ServerStopped         the HTTP server stopped while serving, unasked: exit 5
     ├── Unconverged           a bucket did not converge and the policy is `fail`: exit 6
     ├── Unreachable           `llmwarm bench`: the server cannot be reached or asked: exit 7
     └── Interrupted           SIGINT/SIGTERM before the server was ready: exit 130
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_STARTUP_FAILURE = 3
 EXIT_WARMUP_FAILURE = 4
-EXIT_ENGINE_DIED = 5
+EXIT_ENGINE_DIED = 5  # or the HTTP server stopped: serving ended unasked
 EXIT_UNCONVERGED = 6
 EXIT_UNREACHABLE = 7
 EXIT_INTERRUPTED = 130
@@ -135,6 +136,12 @@ class WarmupError(LlmwarmError):
 
 class EngineDied(LlmwarmError):
     """The engine died while serving."""
+
+    exit_code = EXIT_ENGINE_DIED
+
+
+class ServerStopped(LlmwarmError):
+    """The HTTP server stopped while serving, though no one asked it to."""
 
     exit_code = EXIT_ENGINE_DIED
 

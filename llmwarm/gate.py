@@ -10,8 +10,9 @@ forge its way past; once ready it hands every request to vLLM's app. `/metrics` 
 gated: it is read-only, and it shows the warm-up's progress. `/warmup/*` goes to llmwarm's own
 endpoints (`llmwarm.control`) in every phase.
 
-The warm-up's own requests (hundreds) stay out of uvicorn's access log (`quiet_access_log`);
-the report counts them. User requests are logged as vLLM logs them.
+The warm-up's own requests (hundreds) come through a private listener of their own, with no
+access log (`llmwarm.frontend`); the report counts them. User requests are logged as vLLM logs
+them.
 
 With an API key (vLLM's `--api-key`), the probe answers (`/ready`, 503 bodies) say only the
 phase to a caller without the key; the warm-up's progress and summary need the key.
@@ -19,15 +20,13 @@ phase to a caller without the key; the warm-up's progress and summary need the k
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import make_asgi_app
@@ -50,30 +49,6 @@ logger = logging.getLogger(__name__)
 # Seconds a client should wait before trying again, by phase: loading takes a minute or
 # more, warming tens of seconds.
 RETRY_AFTER = {Phase.LOADING: 10, Phase.WARMING: 5, Phase.STOPPING: 5}
-
-
-# True inside the task that serves one of llmwarm's own warm-up requests. uvicorn writes the
-# access-log line from that task (when the app sends the response start), so a filter sees it.
-_WARMUP_REQUEST: ContextVar[bool] = ContextVar("llmwarm_warmup_request", default=False)
-
-
-class _QuietWarmup(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _WARMUP_REQUEST.get()
-
-
-_QUIET_WARMUP = _QuietWarmup()
-
-
-@contextlib.contextmanager
-def quiet_access_log() -> Iterator[None]:
-    """Meanwhile, uvicorn's access log leaves out the requests the gate knows as warm-up."""
-    access = logging.getLogger("uvicorn.access")
-    access.addFilter(_QUIET_WARMUP)
-    try:
-        yield
-    finally:
-        access.removeFilter(_QUIET_WARMUP)
 
 
 def _utf8_headers(scope: Scope) -> Scope:
@@ -116,7 +91,8 @@ class Gate:
         return {WARMUP_HEADER: self.token}
 
     # --- ASGI -------------------------------------------------------------------------
-    def _is_warmup(self, scope: Scope) -> bool:
+    def is_warmup(self, scope: Scope) -> bool:
+        """The request carries this process's warm-up token and comes from this machine."""
         expected = self.token.encode()
         for name, value in scope.get("headers", []):
             if name == WARMUP_HEADER.encode():
@@ -148,9 +124,7 @@ class Gate:
         if scope["type"] == "http" and scope["path"].startswith("/metrics"):
             # Read-only; lets a scraper watch the warm-up (llmwarm_phase and friends).
             return await (app or self.metrics_app)(_utf8_headers(scope), receive, send)
-        warmup = self._is_warmup(scope)
-        if warmup:
-            _WARMUP_REQUEST.set(True)
+        warmup = self.is_warmup(scope)
         passes = phase in (Phase.READY, Phase.STOPPING) or (phase is Phase.WARMING and warmup)
         if passes and app is not None:
             if self.coverage and not warmup and scope["type"] == "http":

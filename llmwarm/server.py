@@ -1,6 +1,6 @@
 """The lifecycle of one llmwarm process, in explicit stages (`llmwarm.state.Stage`):
 
-    bind the port (503 from the first moment)
+    bind the port (503 from the first moment; `llmwarm.frontend`)
     starting   start the vLLM engine; the gate answers "loading"
     warming    build vLLM's OpenAI app on that engine and warm it up over real HTTP through
                that app (`llmwarm.warmup`); the gate lets only the warm-up through
@@ -25,10 +25,9 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from argparse import Namespace
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -36,19 +35,22 @@ from typing import TYPE_CHECKING
 import httpx
 from rich.console import Console
 
-from llmwarm import __version__, caches, engine, learn, metrics
+from llmwarm import __version__, caches, engine, frontend, learn, metrics
 from llmwarm.access import Admin
 from llmwarm.control import Control
-from llmwarm.coverage import Warmed
+from llmwarm.coverage import Coverage, Warmed
 from llmwarm.errors import (
     EXIT_INTERRUPTED,
+    EngineDied,
     Interrupted,
+    ServerStopped,
     Unconverged,
     WarmupError,
     WriteError,
     render,
 )
-from llmwarm.gate import Gate, quiet_access_log
+from llmwarm.frontend import Frontend
+from llmwarm.gate import Gate
 from llmwarm.measure import LIMITS, TIMEOUT
 from llmwarm.metrics import WarmupCollector
 from llmwarm.profile import Profile
@@ -59,7 +61,6 @@ from llmwarm.state import RunState, Stage
 from llmwarm.warmup import WarmupRun
 
 if TYPE_CHECKING:
-    import uvicorn
     from starlette.types import ASGIApp
 
 logger = logging.getLogger(__name__)
@@ -123,59 +124,33 @@ def _signals(stop: asyncio.Event) -> Iterator[None]:
         interrupt_on_signals()  # asyncio put back the defaults: a late signal kills no more
 
 
-def _base_url(sock: socket.socket, args: Namespace) -> tuple[str, httpx.AsyncHTTPTransport]:
-    """Where the warm-up client reaches this very server, with no cap on connections."""
-    if sock.family == socket.AF_UNIX:
-        return "http://localhost", httpx.AsyncHTTPTransport(uds=sock.getsockname(), limits=LIMITS)
-    host, port = sock.getsockname()[:2]
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    if ":" in host:
-        host = f"[{host}]"
-    scheme = "https" if args.ssl_certfile else "http"
-    # verify=False: the certificate names the public host, not the loopback we dial.
-    return f"{scheme}://{host}:{port}", httpx.AsyncHTTPTransport(verify=False, limits=LIMITS)
-
-
-def listen_url(sock: socket.socket, args: Namespace) -> str:
-    if sock.family == socket.AF_UNIX:
-        return f"unix:{sock.getsockname()}"
-    host, port = sock.getsockname()[:2]
-    scheme = "https" if args.ssl_certfile else "http"
-    return f"{scheme}://{host}:{port}"
-
-
-async def _stop_http(http: uvicorn.Server, task: asyncio.Task[None], grace: int) -> None:
-    """Stop the HTTP server, giving in-flight requests `grace` seconds, then cancelling them.
-
-    Always before the engine stops: a request handler must never outlive the engine.
-    """
-    if not task.done():
-        if grace > 0:
-            http.config.timeout_graceful_shutdown = grace
-        else:
-            http.force_exit = True  # no wait at all; the handlers are cancelled below
-        http.should_exit = True
-        await task
-    # Whatever uvicorn gave up on, cancel, and let it unwind (abort its engine request).
-    handlers = list(http.server_state.tasks)
-    for handler in handlers:
-        handler.cancel()
-    if handlers:
-        await asyncio.wait(handlers, timeout=5)
-
-
 async def _serve_until_stopped(
-    stop: asyncio.Event, http_task: asyncio.Task[None], eng: engine.EngineClient
+    stop: asyncio.Event, http: Frontend, eng: engine.EngineClient
 ) -> None:
-    stopped = asyncio.create_task(stop.wait())
-    dead = asyncio.create_task(engine.wait_dead(eng))
+    """Until a signal asks to stop; `EngineDied` once the engine dies (or vLLM's own error
+    handler finds it dead), `ServerStopped` if the HTTP server ends unasked: never exit 0."""
+    assert http.task is not None  # serving
+    waits = {
+        asyncio.create_task(stop.wait()),
+        asyncio.create_task(engine.wait_dead(eng)),
+        asyncio.create_task(http.vllm_stop.asked.wait()),
+    }
     try:
-        await asyncio.wait({stopped, dead, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({*waits, http.task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stopped.cancel()
-        dead.cancel()
-    if dead.done() and not dead.cancelled() and not stop.is_set():
-        dead.result()  # raises EngineDied
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    if stop.is_set():
+        return  # asked to stop: drain, whatever else happened meanwhile
+    if eng.is_dead() or http.vllm_stop.asked.is_set():
+        raise EngineDied(
+            f"the vLLM engine died: {eng.dead_reason()}",
+            problems=[("engine", "the EngineCore process ended; see the log above")],
+        )
+    raise ServerStopped(
+        "the HTTP server stopped while serving", problems=[("http", "see the log above")]
+    )
 
 
 async def _watch_jit(eng: engine.EngineClient, state: RunState, every: float = 10.0) -> None:
@@ -188,11 +163,13 @@ async def _watch_jit(eng: engine.EngineClient, state: RunState, every: float = 1
             state.jit = await eng.jit_events()
 
 
-async def _keep_learning(write: Callable[[], None], every: float = learn.WRITE_EVERY_S) -> None:
+async def _keep_learning(
+    write: Callable[[], Awaitable[None]], every: float = learn.WRITE_EVERY_S
+) -> None:
     """While serving, write the learn file from time to time (when traffic changed it)."""
     while True:
         await asyncio.sleep(every)
-        write()
+        await write()
 
 
 def _write(report: Report, settings: Settings) -> None:
@@ -232,11 +209,9 @@ def _show_and_judge(report: Report, settings: Settings) -> None:
 class Lifecycle:
     """One process's run: start, warm, publish, serve, stop. It alone writes the run state."""
 
-    http_task: asyncio.Task[None]  # set by `run`
-
     def __init__(self, settings: Settings, start: StartEngine = engine.start_engine) -> None:
         args = settings.vllm_args
-        authorized = engine.authorizer(args)
+        authorized = frontend.authorizer(args)
         self.settings = settings
         self.state = RunState(window=settings.profile.convergence.window)
         self.rewarms = Rewarms(
@@ -251,25 +226,14 @@ class Lifecycle:
         self._start = start
         self._warmups: WarmupRun | None = None  # once the engine runs
         self.state.coverage.served = frozenset(engine.served_names(args))
-        self._learn_writable = False
-        if settings.learn_path is not None:
-            self.state.coverage.history, self._learn_writable = learn.read(settings.learn_path)
-            if self.state.coverage.history:
-                logger.info(
-                    "learn file %s: %d requests in %d shapes",
-                    settings.learn_path, sum(self.state.coverage.history.values()),
-                    len(self.state.coverage.history),
-                )  # fmt: skip
-        _, self.sock = engine.bind(args)
-        self.http = engine.http_server(self.gate, args)
+        self._learn_writable = _read_learned(settings, self.state.coverage)
+        self.http = Frontend(self.gate, args)
 
     async def run(self) -> Report:
         """Run to the end: serve until a signal (`serve`), or warm and return (`warm`)."""
-        args = self.settings.vllm_args
-        self.http_task = asyncio.create_task(self.http.serve(sockets=[self.sock]))
-        logger.info("listening on %s (503 until warm)", listen_url(self.sock, args))
-        collector = WarmupCollector(self.state)
-        with _signals(self.stop), metrics.registered(collector), quiet_access_log():
+        self.http.start()
+        logger.info("listening on %s (503 until warm)", self.http.listen_url)
+        with _signals(self.stop), metrics.registered(WarmupCollector(self.state)):
             life = asyncio.create_task(self._live())
             stopped = asyncio.create_task(self.stop.wait())
             try:
@@ -283,8 +247,8 @@ class Lifecycle:
                 return await life
             finally:
                 stopped.cancel()
-                await _stop_http(self.http, self.http_task, grace=0)
-                self.sock.close()
+                await self.http.stop(grace=0)
+                self.http.close()
 
     async def _live(self) -> Report:
         settings = self.settings
@@ -294,15 +258,16 @@ class Lifecycle:
             if settings.cache_dir is not None and settings.mode != "bake":
                 caches.check(settings.cache_dir, self._manifest(eng))
             try:
-                app = await eng.build_app(self.http)
+                app = await eng.build_app(self.http.vllm_stop)
                 self.state.warming(app)
                 self.state.coverage.max_running = eng.shape().max_num_seqs
                 learn_file = str(settings.learn_path) if settings.learn_path else None
                 self._warmups = WarmupRun(
                     eng, self.state, self._origin(eng), self._client, learn_file
                 )
-                source = str(settings.profile_path)
-                report = await self._warmups(settings.profile, source, "startup")
+                report = await self._warmups(
+                    settings.profile, str(settings.profile_path), "startup"
+                )
                 await self._publish(report)
                 if report.error is not None:
                     raise WarmupError(report.error.message, problems=report.error.problems)
@@ -315,18 +280,32 @@ class Lifecycle:
                 return report
             finally:
                 # Interrupted, failed or done: no request may reach the engine after this.
-                await _stop_http(self.http, self.http_task, grace=0)
+                await self.http.stop(grace=0)
+
+    async def _warm_at_start(self, eng: engine.EngineClient) -> Report:
+        """The start-up warm-up, published; raised as a `WarmupError` if it failed, as
+        `Unconverged` if the policy says so."""
+        settings = self.settings
+        self.state.coverage.max_running = eng.shape().max_num_seqs
+        learn_file = str(settings.learn_path) if settings.learn_path else None
+        self._warmups = WarmupRun(eng, self.state, self._origin(eng), self._client, learn_file)
+        report = await self._warmups(settings.profile, str(settings.profile_path), "startup")
+        await self._publish(report)
+        if report.error is not None:
+            raise WarmupError(report.error.message, problems=report.error.problems)
+        _show_and_judge(report, settings)
+        return report
 
     async def _serve(self, eng: engine.EngineClient, app: ASGIApp) -> None:
         async with eng.app_lifespan(app):
             await eng.jit_phase("serving")  # from now on a compile is a user's spike
             self.state.serving()
-            logger.info("warm: serving on %s", listen_url(self.sock, self.settings.vllm_args))
+            logger.info("warm: serving on %s", self.http.listen_url)
             watches = [asyncio.create_task(_watch_jit(eng, self.state))]
             if self._learn_writable:
                 watches.append(asyncio.create_task(_keep_learning(self._write_learned)))
             try:
-                await _serve_until_stopped(self.stop, self.http_task, eng)
+                await _serve_until_stopped(self.stop, self.http, eng)
             finally:
                 for watch in watches:
                     watch.cancel()
@@ -334,23 +313,24 @@ class Lifecycle:
                 self.state.stopping()
                 await self.rewarms.close()
                 # vLLM's --shutdown-timeout: how long in-flight requests may drain
-                grace = self.settings.vllm_args.shutdown_timeout
-                await _stop_http(self.http, self.http_task, grace=grace)
+                await self.http.stop(grace=self.settings.vllm_args.shutdown_timeout)
                 if self._learn_writable:
-                    self._write_learned()
+                    await self._write_learned()
 
-    def _write_learned(self) -> None:
-        """The learn file, when traffic changed it; a failed write is logged (serving goes
-        on, the next write tries again)."""
+    async def _write_learned(self) -> None:
+        """The learn file, when traffic changed it (in a thread: a slow disk, an fsync); a
+        failed write is logged (serving goes on, the next write tries again)."""
         coverage, path = self.state.coverage, self.settings.learn_path
         if path is None or not coverage.changed:
             return
+        coverage.changed = False
+        shapes = coverage.all_shapes()
         try:
-            learn.write(path, coverage.all_shapes(), self.settings.model)
+            await asyncio.to_thread(learn.write, path, shapes, self.settings.model)
         except WriteError as exc:
+            coverage.changed = True
             logger.error("%s", "\n".join(render(exc.message, exc.problems)))
             return
-        coverage.changed = False
         logger.info("learn file written: %s", path)
 
     async def _publish(self, report: Report) -> None:
@@ -376,14 +356,13 @@ class Lifecycle:
         await self._warmups.engine.jit_phase(phase)
 
     def _client(self) -> httpx.AsyncClient:
-        """A client of this very server that the gate lets through while warming."""
-        args = self.settings.vllm_args
+        """A client of the private warm-up listener, which the gate lets through while
+        warming."""
         headers = dict(self.gate.headers)
-        if keys := engine.api_keys(args):
+        if keys := frontend.api_keys(self.settings.vllm_args):
             headers["authorization"] = f"Bearer {keys[0]}"
-        base_url, transport = _base_url(self.sock, args)
         return httpx.AsyncClient(
-            base_url=base_url, headers=headers, timeout=TIMEOUT, transport=transport
+            base_url=self.http.warmup_url, headers=headers, timeout=TIMEOUT, limits=LIMITS
         )
 
     def _origin(self, eng: engine.EngineClient) -> Origin:
@@ -407,6 +386,19 @@ class Lifecycle:
             device=eng.device,
             torch_version=eng.torch_version,
         )
+
+
+def _read_learned(settings: Settings, coverage: Coverage) -> bool:
+    """The learn file's counts into `coverage.history`; whether the file may be written."""
+    if settings.learn_path is None:
+        return False
+    coverage.history, writable = learn.read(settings.learn_path)
+    if coverage.history:
+        logger.info(
+            "learn file %s: %d requests in %d shapes", settings.learn_path,
+            sum(coverage.history.values()), len(coverage.history),
+        )  # fmt: skip
+    return writable
 
 
 def run_sync(settings: Settings) -> Report:

@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +26,7 @@ from llmwarm import endpoints
 from llmwarm.convergence import Rule
 from llmwarm.corpus import Tokenizer, WordTokenizer
 from llmwarm.fit import EngineShape
+from llmwarm.frontend import VllmStop
 from llmwarm.report import BucketResult, JitEvents, Report, RoundResult, Sample
 
 # --- reports ---------------------------------------------------------------------------------
@@ -106,6 +106,7 @@ class FakeEngine:
         self.hold = asyncio.Event()
         self.hold.set()  # set: requests pass
         self.seen = asyncio.Event()
+        self.vllm_stop = VllmStop()  # the one the lifecycle hands to its app
         self.finished = 0  # generate requests answered in full
         self.salts: list[str | None] = []  # each generate request's cache_salt
         self.running = self.peak = 0  # generate requests under way, and their most at once
@@ -157,7 +158,8 @@ class FakeEngine:
     def dead_reason(self) -> str:
         return "the fake EngineCore ended"
 
-    async def build_app(self, server: uvicorn.Server) -> ASGIApp:
+    async def build_app(self, stop: VllmStop) -> ASGIApp:
+        self.vllm_stop = stop
         return Starlette(
             routes=[
                 *(
@@ -192,6 +194,9 @@ class FakeEngine:
 
     async def _generate(self, request: Request) -> Response:
         body: dict[str, Any] = await request.json()
+        if self.dead:  # as vLLM's error handler: 500, and it asks its server to stop
+            self.vllm_stop.should_exit = True
+            return JSONResponse({"error": {"message": "EngineDeadError"}}, status_code=500)
         self.salts.append(body.get("cache_salt"))
         kind = (request.url.path, bool(body.get("stream")))
         if kind not in self._compiled:

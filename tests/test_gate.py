@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ from starlette.routing import Route
 
 from llmwarm.access import Admin
 from llmwarm.control import Control
-from llmwarm.gate import WARMUP_HEADER, Gate, quiet_access_log
+from llmwarm.gate import WARMUP_HEADER, Gate
 from llmwarm.profile import Profile
 from llmwarm.report import Report
 from llmwarm.rewarm import Rewarms
@@ -134,30 +133,6 @@ async def test_live_is_200_in_every_phase() -> None:
             r = await c.get("/live")
             seen.append((r.status_code, r.json()["status"]))
     assert seen == [(200, "loading"), (200, "warming"), (200, "ready"), (200, "stopping")]
-
-
-async def test_warmup_requests_stay_out_of_the_access_log(caplog: pytest.LogCaptureFixture) -> None:
-    access = logging.getLogger("uvicorn.access")
-
-    async def logs(request: Request) -> Response:
-        # as uvicorn does: the access line comes from the request's own task
-        access.info("%s", request.url.path)
-        return Response()
-
-    gate = gate_on()
-    gate.state.warming(Starlette(routes=[Route("/{p:path}", logs, methods=["POST"])]))
-    async with client(gate) as c:
-        with caplog.at_level(logging.INFO, logger="uvicorn.access"):
-            with quiet_access_log():
-                # a task a request, as uvicorn runs them
-                await asyncio.create_task(c.post("/v1/completions", headers=gate.headers))
-                gate.state.serving()
-                await asyncio.create_task(c.post("/v1/chat/completions"))  # a user's
-                await asyncio.create_task(c.post("/v1/responses", headers=gate.headers))
-            # once the lifecycle is over, the filter is gone
-            await asyncio.create_task(c.post("/v1/messages", headers=gate.headers))
-    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
-    assert lines == ["/v1/chat/completions", "/v1/messages"]
 
 
 # --- fuzzed: whatever a client sends, in every phase ---------------------------------------------

@@ -149,7 +149,7 @@ class Run:
     def __init__(self, life: Lifecycle, eng: FakeEngine) -> None:
         self.life, self.eng = life, eng
         self.task: asyncio.Task[Report] = asyncio.create_task(life.run())
-        host, port = life.sock.getsockname()[:2]
+        host, port = life.http.sock.getsockname()[:2]
         self.client = httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10)
 
     async def until(self, stage: Stage) -> None:
@@ -299,6 +299,26 @@ async def test_engine_death_while_serving_is_engine_died(running: Callable[..., 
     assert eng.shut_down
 
 
+async def test_an_engine_death_a_request_finds_first_is_exit_5_not_0(
+    running: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The defect: vLLM's error handler set `should_exit` on the uvicorn server llmwarm had
+    # handed it; uvicorn stopped within 0.1 s, before the engine watchdog's next look (0.5 s),
+    # and serving ended as if asked: exit 0, and `Restart=on-failure` never restarted it.
+    watchdog = engine.wait_dead
+    monkeypatch.setattr(engine, "wait_dead", lambda eng: watchdog(eng, interval=3600))
+    eng = FakeEngine()
+    run = running(eng)
+    await run.until(Stage.SERVING)
+    eng.die()
+    body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
+    answer = await run.client.post("/v1/completions", json=body)
+    assert answer.status_code == 500  # vLLM's answer; and it asked its server to stop
+    with pytest.raises(EngineDied):
+        await asyncio.wait_for(run.task, 10)
+    assert eng.shut_down
+
+
 async def test_sigterm_during_a_gate_closing_rewarm_drains_not_interrupts(
     running: Callable[..., Run],
 ) -> None:
@@ -350,6 +370,42 @@ async def test_a_rewarm_reopens_the_gate_and_ready_shows_its_summary(
     after = (await run.client.get("/ready")).json()
     assert after["status"] == "ready"
     assert after["warmup_s"] == round(answer.json()["warmup_s"], 3) != before["warmup_s"]
+    await run.sigterm()
+    await run.task
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def test_the_warm_up_has_a_listener_of_its_own_out_of_the_access_log(
+    running: Callable[..., Run],
+) -> None:
+    access = _Lines()  # uvicorn's own log config keeps its access log from the root logger
+    eng = FakeEngine()
+    run = running(eng)
+    await run.until(Stage.SERVING)
+    logging.getLogger("uvicorn.access").addHandler(access)
+    try:
+        body = {"model": "fake/model", "prompt": "hi", "max_tokens": 3}
+        assert (await run.client.post("/v1/completions", json=body)).status_code == 200
+        answer = await run.client.post("/warmup/run", json={"profile": "minimal"})
+    finally:
+        logging.getLogger("uvicorn.access").removeHandler(access)
+    assert answer.status_code == 200 and answer.json()["requests"] > 0
+    assert eng.finished > answer.json()["requests"]
+    # the user's request and the re-warm's POST, none of the re-warm's own requests
+    assert len(access.lines) == 2 and "/v1/completions" in access.lines[0], access.lines
+    # the private listener answers the warm-up's token only
+    async with httpx.AsyncClient(base_url=run.life.http.warmup_url) as private:
+        refused = await private.post("/v1/completions", json=body)
+        ready = await private.get("/ready")
+    assert refused.status_code == ready.status_code == 403
     await run.sigterm()
     await run.task
 
@@ -563,7 +619,7 @@ async def test_200_trickling_connections_stall_neither_the_warm_up_nor_the_gate(
     eng.holding()  # the warm-up waits at its first request until the slow clients are in
     run = running(eng)
     await run.seen()
-    host, port = run.life.sock.getsockname()[:2]
+    host, port = run.life.http.sock.getsockname()[:2]
     slow: list[asyncio.StreamWriter] = []
     for _ in range(200):  # slowloris: a request's head, one byte at a time, never finished
         _, writer = await asyncio.open_connection(host, port)
