@@ -175,10 +175,10 @@ CaptureSizesOption = Annotated[
     typer.Option(
         "--capture-sizes-from-profile",
         envvar="LLMWARM_CAPTURE_SIZES_FROM_PROFILE",
-        help="GPU: give vLLM --cudagraph-capture-sizes in tokens that cover every step the "
-        "profile warms (decode: concurrency x (1 + speculative tokens); prefill: concurrency x "
-        "prompt, up to --max-num-batched-tokens) under vLLM's default grid, so no warmed shape "
-        "runs without a graph. Conflicts with --cudagraph-capture-sizes, "
+        help="GPU: give vLLM at most 51 --cudagraph-capture-sizes, in tokens, for the steps the "
+        "profile (and the learn file) warms (decode: concurrency x (1 + speculative tokens); "
+        "prefill: concurrency x prompt, up to --max-num-batched-tokens), so no warmed step runs "
+        "without a graph and others pad little. Conflicts with --cudagraph-capture-sizes, "
         "--max-cudagraph-capture-size and --enforce-eager.",
     ),
 ]

@@ -10,7 +10,6 @@ Pure: no vLLM (`llmwarm.engine` builds the shape).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from llmwarm import endpoints
@@ -57,30 +56,6 @@ def concurrency_classes(shape: EngineShape, limit: int) -> list[int]:
         return wanted
     padded = {next((s for s in sizes if s >= c), c) for c in wanted}
     return sorted(padded)
-
-
-def capture_sizes(
-    buckets: Sequence[Bucket], max_num_batched_tokens: int, spec_tokens: int = 0
-) -> list[int]:
-    """CUDA-graph capture sizes that give every step of these buckets a graph.
-
-    vLLM's capture sizes count *tokens* in a step, for decode graphs and for the mixed prefill
-    (piecewise) graphs alike, and a step runs on the smallest captured size at least as large
-    (padded) or, past the largest, without a graph. So: each bucket's decode step (concurrency
-    x (1 + speculative tokens)), its prefill (concurrency x prompt tokens, and one prompt
-    alone), each capped at `max_num_batched_tokens` (a step never holds more), exactly; and
-    under the largest of them vLLM's own default grid (1, 2, 4, multiples of 8 to 256, of 16
-    beyond), so steps between two classes pad little.
-    """
-    query = 1 + spec_tokens
-    decode = {b.concurrency * query for b in buckets}
-    prefill = {min(n, max_num_batched_tokens) for b in buckets
-               for n in (b.prompt_tokens, b.concurrency * b.prompt_tokens)}  # fmt: skip
-    needed = {n for n in decode | prefill if n <= max_num_batched_tokens}
-    top = max(needed)
-    grid = [n for n in (1, 2, 4) if n <= top]
-    grid += list(range(8, min(top + 1, 256), 8)) + list(range(256, top + 1, 16))
-    return sorted(needed | set(grid))
 
 
 def auto_buckets(auto: Auto, shape: EngineShape, chat: bool) -> list[Bucket]:

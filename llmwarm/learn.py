@@ -120,6 +120,19 @@ def read(path: Path) -> tuple[Counter[Shape], bool]:
     return shapes_from(s.model_dump() for s in data.shapes), True
 
 
+def size_classes(path: Path) -> Counter[tuple[int, int]]:
+    """Requests per (prompt, concurrency) class in a learn file; empty if it has none or
+    cannot be read (`read` deals with a bad file when the server starts)."""
+    try:
+        data = LearnFile.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValidationError):
+        return Counter()
+    classes: Counter[tuple[int, int]] = Counter()
+    for row in data.shapes:
+        classes[(row.prompt_tokens, row.concurrency)] += row.requests
+    return classes
+
+
 def read_many(paths: list[Path]) -> Counter[Shape]:
     """Many replicas' files summed (`profile from-coverage`); a bad one is an error here."""
     total: Counter[Shape] = Counter()

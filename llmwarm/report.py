@@ -187,6 +187,18 @@ class JitEvents(BaseModel):
     serving: int = Field(description="Events after the gate opened: what they missed.")
 
 
+class CaptureSizes(BaseModel):
+    """The CUDA-graph capture sizes `--capture-sizes-from-profile` gave vLLM (`llmwarm.graphs`):
+    each a graph captured at every start, so their count is the capture's cost."""
+
+    sizes: list[int] = Field(description="Tokens per captured step, ascending.")
+    default_count: int = Field(description="How many vLLM's default would capture here.")
+    padding: float = Field(
+        description="The profile's steps' mean padding up to their graph, relative (0.05: 5 % "
+        "more tokens computed than the step holds), weighted by how often each occurs."
+    )
+
+
 class KvFillResult(BaseModel):
     """What the KV-cache fill phase reached."""
 
@@ -233,6 +245,7 @@ class Origin:
     started_at: datetime
     engine_start_s: float
     on_unconverged: Literal["serve", "fail"]
+    capture_sizes: CaptureSizes | None = None
 
 
 @dataclass
@@ -289,6 +302,12 @@ class Report(BaseModel):
     learned: Learned | None = Field(
         default=None,
         description="What the profile was extended with from live traffic (`--learn`).",
+    )
+    capture_sizes: CaptureSizes | None = Field(
+        default=None,
+        description="The CUDA-graph capture sizes llmwarm gave vLLM "
+        "(`--capture-sizes-from-profile`), their count against vLLM's default, and the padding "
+        "the warmed steps pay.",
     )
     error: WarmupFailure | None = Field(
         default=None,

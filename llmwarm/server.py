@@ -373,6 +373,7 @@ class Lifecycle:
             started_at=self.started_at,
             engine_start_s=eng.start_s,
             on_unconverged=self.settings.on_unconverged,
+            capture_sizes=self.settings.capture,
         )
 
     def _manifest(self, eng: engine.EngineClient) -> caches.Manifest:

@@ -6,6 +6,7 @@ parser takes MODEL and every `vllm serve` flag.
 
 from __future__ import annotations
 
+import logging
 import os
 from argparse import Namespace
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ from typing import Literal
 from llmwarm import caches, engine, learn
 from llmwarm.errors import ModelNotFound, UsageError
 from llmwarm.profile import Profile, load_profile, shipped
+from llmwarm.report import CaptureSizes
+
+logger = logging.getLogger(__name__)
 
 OnUnconverged = Literal["serve", "fail"]
 # serve: warm, then serve; warm: warm and exit; bake: warm into --cache-dir and exit.
@@ -34,6 +38,7 @@ class Settings:
     learn_path: Path | None = None  # the learn file (`llmwarm.learn`); None: no learning
     admin_key: str | None = None  # POST /warmup/run's credential; None: loopback clients only
     rewarm_interval_s: float = 30.0  # at least this long from one re-warm's end to the next
+    capture: CaptureSizes | None = None  # the CUDA-graph sizes given to vLLM, if llmwarm chose
 
     @property
     def serve(self) -> bool:
@@ -82,14 +87,14 @@ def check_output_path(path: Path | None, option: str) -> None:
         )
 
 
-def apply_capture_sizes(args: Namespace, profile: Profile) -> None:
-    """Give vLLM CUDA-graph capture sizes, in tokens, that cover every step the profile warms.
-
-    `fit.capture_sizes`: each bucket's decode step (x (1 + speculative tokens)) and prefill,
-    under vLLM's own default grid, so no shape the profile warms runs without a graph (vLLM's
-    default stops at 512 tokens) and steps between two classes pad little. GPU only: the CPU
-    platform clears capture sizes. Refused with flags that size or switch off graphs themselves.
-    """
+def apply_capture_sizes(
+    args: Namespace, profile: Profile, learn_path: Path | None = None
+) -> CaptureSizes:
+    """Give vLLM CUDA-graph capture sizes, in tokens, for the steps the profile (and the learn
+    file) warms, at most `graphs.MAX_SIZES` of them (`llmwarm.graphs`): no warmed step runs
+    without a graph (vLLM's default stops at 512 tokens), and steps between two classes pad
+    little. GPU only: the CPU platform clears capture sizes. Refused with flags that size or
+    switch off graphs themselves."""
     for flag, given in (
         ("--cudagraph-capture-sizes", args.cudagraph_capture_sizes is not None),
         ("--max-cudagraph-capture-size", args.max_cudagraph_capture_size is not None),
@@ -100,14 +105,25 @@ def apply_capture_sizes(args: Namespace, profile: Profile) -> None:
                 "two sources of CUDA-graph capture sizes",
                 problems=[("--capture-sizes-from-profile", f"conflicts with {flag}")],
             )
-    from llmwarm.fit import auto_buckets, capture_sizes
+    from llmwarm import graphs
+    from llmwarm.fit import auto_buckets
 
     shape = engine.shape_from_args(args)
     buckets = list(profile.buckets)
     if profile.auto is not None:
         buckets += auto_buckets(profile.auto, shape, chat=True)
     spec = (args.speculative_config or {}).get("num_speculative_tokens") or 0
-    args.cudagraph_capture_sizes = capture_sizes(buckets, shape.max_num_batched_tokens, spec)
+    learned = learn.size_classes(learn_path) if learn_path is not None else None
+    steps = graphs.steps(buckets, shape.max_num_batched_tokens, spec, learned)
+    default = graphs.vllm_default(shape.max_num_seqs, shape.max_num_batched_tokens, spec)
+    plan = graphs.plan(steps, len(default), spec_tokens=spec)
+    args.cudagraph_capture_sizes = plan.sizes
+    logger.info(
+        "--capture-sizes-from-profile: %d CUDA graphs up to %d tokens (vLLM's default: %d up "
+        "to %d); the warmed steps pad %.1f %% on average", len(plan.sizes), plan.sizes[-1],
+        len(default), default[-1] if default else 0, 100 * plan.padding,
+    )  # fmt: skip
+    return plan
 
 
 def resolve(
@@ -147,8 +163,9 @@ def resolve(
     check_output_path(learn_path, "--learn")
     args = engine.parse_args(vllm_argv, prog)
     check_model(args.model)
+    capture = None
     if capture_sizes_from_profile:
-        apply_capture_sizes(args, profile)
+        capture = apply_capture_sizes(args, profile, learn_path)
     if mode != "serve":
         # `warm` serves nobody: its warm-up talks to a private loopback port.
         args.host, args.port, args.uds = "127.0.0.1", 0, None
@@ -163,5 +180,6 @@ def resolve(
         cache_dir=cache_dir,
         learn_path=learn_path,
         admin_key=admin_key or None,
+        capture=capture,
         rewarm_interval_s=rewarm_interval_s,
     )

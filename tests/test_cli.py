@@ -303,6 +303,7 @@ def _gpu_capture_sizes(args: Any) -> tuple[list[int], int]:
 def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
     tmp_path: Path, tiny_model: Path
 ) -> None:
+    from llmwarm import graphs
     from llmwarm.settings import resolve
 
     profile = tmp_path / "wide.yaml"
@@ -316,33 +317,51 @@ def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
     spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3,
                        "prompt_lookup_max": 4, "prompt_lookup_min": 2})  # fmt: skip
 
-    def sizes(*more: str) -> tuple[list[int], list[int], int]:
+    def sizes(*more: str) -> tuple[list[int], list[int], int, Any]:
         settings = resolve(
             [str(tiny_model), *flags, *more], profile_path=profile, report_path=None,
             plot_path=None, on_unconverged="serve", capture_sizes_from_profile=True,
             mode="serve", prog="llmwarm serve",
         )  # fmt: skip
         ours = settings.vllm_args.cudagraph_capture_sizes
-        return (ours, *_gpu_capture_sizes(settings.vllm_args))
+        return (ours, *_gpu_capture_sizes(settings.vllm_args), settings.capture)
 
-    ours, kept, budget = sizes()
+    ours, kept, budget, capture = sizes()
     assert budget == 1024
-    # vLLM keeps every size: its graphs are exactly these
-    assert kept == ours
+    # vLLM keeps every size: its graphs are exactly these, and no more than its default count
+    assert kept == ours == capture.sizes and len(ours) <= graphs.MAX_SIZES
     # tokens, not requests: decode steps 1 and 96, prefills 16, 1024 (96 x 16 = 1536, capped
-    # at max_num_batched_tokens), 300 and 900; under them vLLM's grid (1, 2, 4, 8, 16, ...)
+    # at max_num_batched_tokens), 300 and 900, each exactly: no padding
     assert {1, 96, 16, 300, 900, 1024} <= set(ours) and max(ours) == 1024
-    assert {2, 4, 8, 24, 248, 256, 272} <= set(ours)
+    assert capture.padding == 0
     # vLLM's default (no sizes given) stops at 2 x max_num_seqs = 256 tokens: the 300- and
-    # 900-token prefills and the 1024-token one would run without a graph
+    # 900-token prefills and the 1024-token one would run without a graph; llmwarm's model of
+    # that default is vLLM's own
     default, _ = _gpu_capture_sizes(resolve(
         [str(tiny_model), *flags], profile_path=profile, report_path=None, plot_path=None,
         on_unconverged="serve", mode="serve", prog="llmwarm serve",
     ).vllm_args)  # fmt: skip
-    assert max(default) == 256
-    # with 3 speculative tokens a decode step of 96 requests is 96 x 4 = 384 tokens
-    ours, kept, _ = sizes("--speculative-config", spec)
+    assert max(default) == 256 and default == graphs.vllm_default(128, 1024)
+    assert capture.default_count == len(default)
+    # with 3 speculative tokens a decode step of 96 requests is 96 x 4 = 384 tokens, and every
+    # size is a multiple of 4 (vLLM dispatches a uniform decode batch only to such a size)
+    ours, kept, _, capture = sizes("--speculative-config", spec)
     assert 384 in ours and 4 in ours and kept == ours
+    assert all(size % 4 == 0 for size in ours)
+
+
+def test_vllms_default_capture_sizes_are_modelled_as_vllm_makes_them(tiny_model: Path) -> None:
+    from llmwarm import engine, graphs
+
+    for seqs, budget, spec in ((256, 8192, 0), (8, 2048, 0), (256, 8192, 3), (32, 64, 1)):
+        flags = ["--max-num-seqs", str(seqs), "--max-num-batched-tokens", str(budget)]
+        if spec:
+            flags += ["--speculative-config", json.dumps(
+                {"method": "ngram", "num_speculative_tokens": spec, "prompt_lookup_max": 4,
+                 "prompt_lookup_min": 2})]  # fmt: skip
+        args = engine.parse_args([str(tiny_model), "--max-model-len", "512", *flags], "test")
+        vllms, _ = _gpu_capture_sizes(args)
+        assert graphs.vllm_default(seqs, budget, spec) == vllms, (seqs, budget, spec)
 
 
 def test_capture_sizes_from_profile_conflicts_with_the_vllm_flag(tiny_model: Path) -> None:
