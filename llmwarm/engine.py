@@ -338,6 +338,25 @@ def pause(point: str) -> None:
         time.sleep(5)
 
 
+def count_jit_events(args: Namespace) -> bool:
+    """Give vLLM llmwarm's JIT-monitor counter as `--worker-extension-cls` (it counts events
+    by llmwarm's phase; not part of vLLM's config hash), where every worker can load it:
+    an engine on this node alone. Workers on other nodes (`--nnodes`, a Ray cluster) may not
+    have llmwarm installed, and vLLM would fail where plain vLLM starts: there the counter is
+    off unless the user passes it, and the log says how. Whether it was given."""
+    if args.worker_extension_cls:
+        return False  # the user's own (or llmwarm's, given on purpose)
+    multi_node = (args.nnodes or 1) > 1 or args.distributed_executor_backend == "ray"
+    if multi_node:
+        logger.info(
+            "vLLM JIT-monitor counting is off: workers on other nodes may not have llmwarm; "
+            "pass --worker-extension-cls %s where every node has it", jitmon.QUALNAME,
+        )  # fmt: skip
+        return False
+    args.worker_extension_cls = jitmon.QUALNAME
+    return True
+
+
 def _build(args: Namespace, cancelled: threading.Event, running: RunningPeak) -> AsyncLLM:
     """Build the engine (in a thread): config, process spawn, handshake. Gives up at the next
     step once `cancelled` is set."""
@@ -346,9 +365,7 @@ def _build(args: Namespace, cancelled: threading.Event, running: RunningPeak) ->
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    if not args.worker_extension_cls:
-        # counts vLLM's JIT-monitor events by llmwarm's phase (not part of the config hash)
-        args.worker_extension_cls = jitmon.QUALNAME
+    count_jit_events(args)
     engine_args = AsyncEngineArgs.from_cli_args(args)
     propagate_flash_late_interaction(args, engine_args)
     try:

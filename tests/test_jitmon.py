@@ -49,3 +49,25 @@ def test_without_a_monitor_the_counts_say_inactive(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(jit_monitor, "_active", False)  # the CPU worker never activates it
     assert jitmon.events()["active"] is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "given"),
+    [
+        ((), True),  # one node: every worker can load it
+        (("--nnodes", "2", "--node-rank", "0", "--tensor-parallel-size", "2"), False),
+        (("--distributed-executor-backend", "ray"), False),  # a Ray cluster spans nodes
+        (("--worker-extension-cls", "my.Extension"), False),  # the user's own stays
+    ],
+)
+def test_the_counter_is_given_only_where_every_worker_can_load_it(
+    flags: tuple[str, ...], given: bool
+) -> None:
+    # The defect: it was injected on every worker; on a multi-node engine, nodes without
+    # llmwarm installed failed to start where plain vLLM would.
+    from llmwarm import engine
+
+    args = engine.parse_args(["fake/model", *flags], "test")
+    before = args.worker_extension_cls
+    assert engine.count_jit_events(args) is given
+    assert args.worker_extension_cls == (jitmon.QUALNAME if given else before)
