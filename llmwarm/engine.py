@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 import sys
@@ -252,6 +253,7 @@ class Engine:
         self.start_s = start_s
         self.tasks = tasks  # what the model serves: generate, embed, classify, ...
         self.running = running or RunningPeak()
+        self._tokenizer: Tokenizer | None = None
         self.vllm_version = vllm_version()
         self.device = _device()
         self.torch_version = _torch_version()
@@ -273,13 +275,18 @@ class Engine:
         )
 
     def tokenizer(self) -> Tokenizer:
-        tok = self.llm.tokenizer
-        if tok is None:
-            raise StartupError(
-                "the engine has no tokenizer (--skip-tokenizer-init?); llmwarm needs one for "
-                "prompts"
-            )
-        return cast("Tokenizer", tok)
+        """A copy of the model's tokenizer, llmwarm's own: the warm-up tokenizes in a thread,
+        and vLLM's frontend uses its own in threads too (a Rust tokenizer used by two threads
+        at once can fail with "Already borrowed")."""
+        if self._tokenizer is None:
+            tok = self.llm.tokenizer
+            if tok is None:
+                raise StartupError(
+                    "the engine has no tokenizer (--skip-tokenizer-init?); llmwarm needs one "
+                    "for prompts"
+                )
+            self._tokenizer = cast("Tokenizer", copy.deepcopy(tok))
+        return self._tokenizer
 
     def is_dead(self) -> bool:
         return bool(self.llm.errored and not self.llm.is_running)

@@ -85,7 +85,8 @@ async def _round(
     samples: list[Sample] = []
     sent = carrying = 0  # batches sent; those with a value of the metric
     for repeat in range(wanted):
-        batches = requests.round_batches(bucket, round_, repeat)
+        # made in a thread: tokenizing a wide batch of long prompts took the loop for a second
+        batches = await asyncio.to_thread(requests.round_batches, bucket, round_, repeat)
         if repeat:  # only what carries the metric: streamed kinds for TTFT and TPOT
             batches = [b for b in batches if field == "e2e_s" or b.requests[0].stream]
         for batch in batches:
@@ -103,7 +104,7 @@ async def _sweep(
 ) -> RoundResult | None:
     """The bucket's sweep kinds (its other endpoints and its features), all at once, after
     round `after`; None when it has none."""
-    sweep = requests.sweep_requests(bucket, after)
+    sweep = await asyncio.to_thread(requests.sweep_requests, bucket, after)
     if not sweep:
         return None
     return RoundResult(round=after, samples=await measure.measure_all(client, sweep))
@@ -229,7 +230,7 @@ async def fill_kv(
         # No more requests than the blocks still to reach need: the last batch is trimmed.
         size = min(width, -(-(need_tokens - prefilled) // length))
         bucket = Bucket(prompt_tokens=length, concurrency=size, max_tokens=1, name="kv-fill")
-        batch = requests.batch(bucket, kind, batches)
+        batch = await asyncio.to_thread(requests.batch, bucket, kind, batches)
         samples = await measure.measure_all(client, batch.requests)
         sent += len(samples)
         prefilled += sum(s.prompt_tokens or length for s in samples)

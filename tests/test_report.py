@@ -50,7 +50,7 @@ def test_json_round_trip_with_computed_medians(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     write_json(make_report(), path)
     data = json.loads(path.read_text())
-    assert data["version"] == 1 and data["converged"] is True
+    assert data["version"] == 2 and data["converged"] is True
     assert data["convergence"]["window"] == 2 and data["on_unconverged"] == "serve"
     assert data["buckets"][0]["converged_at"] == 3
     assert data["buckets"][0]["rounds"][0]["ttft_median_s"] == 0.5
