@@ -19,7 +19,6 @@ end to end otherwise) over the median of its later ones. Pure: no vLLM, no HTTP.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from collections import Counter, deque
@@ -136,14 +135,11 @@ def _usage(tail: bytes, which: str) -> int | None:
 
 
 def classify(
-    endpoint: str, body: bytes, tail: bytes, in_flight: int, served: frozenset[str]
+    endpoint: str, data: Any, tail: bytes, in_flight: int, served: frozenset[str]
 ) -> Shape | None:
-    """A served request as a `Shape`: `body` its JSON, `tail` the end of its answer (where the
-    usage is). None when the body is not a JSON object."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
+    """A served request as a `Shape`: `data` its parsed body (long strings may stand as
+    placeholders: `llmwarm.skeleton`), `tail` the end of its answer (where the usage is). None
+    when the body is not a JSON object."""
     if not isinstance(data, dict):
         return None
     seen = fromlog.from_body(data)
@@ -204,10 +200,10 @@ class Coverage:
     changed: bool = False  # since the learn file was last written
     _verdicts: dict[Shape, list[str]] = field(default_factory=dict)  # misses(), per warm-up
 
-    def classify(self, endpoint: str, body: bytes, tail: bytes, in_flight: int) -> Shape | None:
+    def classify(self, endpoint: str, data: Any, tail: bytes, in_flight: int) -> Shape | None:
         """A served request as a `Shape` (`classify`), in flight counted up to what runs."""
         running = min(in_flight, self.max_running) if self.max_running else in_flight
-        return classify(endpoint, body, tail, running, self.served)
+        return classify(endpoint, data, tail, running, self.served)
 
     def record(self, shape: Shape, latency_s: float) -> bool:
         """One served request; whether the warm-up covered it."""

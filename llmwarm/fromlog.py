@@ -23,6 +23,7 @@ from typing import Any
 
 from llmwarm import endpoints, features
 from llmwarm.errors import ProfileError
+from llmwarm.skeleton import text_length
 
 CHARS_PER_TOKEN = 4
 DEFAULT_PROMPT_TOKENS = 128  # when a log line tells no prompt length
@@ -46,8 +47,9 @@ class Observed:
     timestamp: float | None = None
 
 
-def _text(body: dict[str, Any]) -> str:
-    """The prompt text of a request body, whatever its API (chat parts: their text)."""
+def _text_chars(body: dict[str, Any]) -> int:
+    """The length of a request body's prompt text, whatever its API (chat parts: their text;
+    a string the gate's `Skeleton` skipped: its length)."""
     parts: list[Any] = []
     for message in body.get("messages") or []:
         content = message.get("content") if isinstance(message, dict) else None
@@ -58,7 +60,8 @@ def _text(body: dict[str, Any]) -> str:
     for key in ("prompt", "input", "query", "queries", "documents", "text_1", "text_2"):
         value = body.get(key)
         parts += value if isinstance(value, list) else [value]
-    return " ".join(p for p in parts if isinstance(p, str))
+    texts = [text_length(p) for p in parts if isinstance(p, str)]
+    return sum(texts) + max(0, len(texts) - 1)
 
 
 def from_body(body: dict[str, Any]) -> Observed:
@@ -69,7 +72,7 @@ def from_body(body: dict[str, Any]) -> Observed:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         tokens = len(prompt)  # token ids
     else:
-        tokens = max(1, math.ceil(len(_text(body)) / CHARS_PER_TOKEN))
+        tokens = max(1, math.ceil(_text_chars(body) / CHARS_PER_TOKEN))
     max_tokens = (
         body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
     )

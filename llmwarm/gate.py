@@ -36,6 +36,7 @@ from llmwarm.access import is_local
 from llmwarm.control import PREFIX as CONTROL_PREFIX
 from llmwarm.coverage import TAIL_BYTES
 from llmwarm.endpoints import BY_PATH, SPECS, FirstToken
+from llmwarm.skeleton import Skeleton
 from llmwarm.state import Phase, RunState
 
 if TYPE_CHECKING:
@@ -138,14 +139,14 @@ class Gate:
         self, app: ASGIApp, endpoint: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """Pass a user's request to vLLM's app and record it in the coverage as its answer
-        ends (nothing is parsed on the request's way in, nor while the answer streams). Its
-        body is kept as the chunks vLLM reads (no copy), the answer's last chunks (its usage),
+        ends. Its body is read as vLLM reads it, all but its long strings (`Skeleton`: a 5 MB
+        image costs no more than a short prompt), the answer's last chunks (its usage),
         its first token's time (TTFT of a stream, by the endpoint's own rule) and its last
         byte's."""
         coverage = self.state.coverage
         coverage.in_flight += 1
         in_flight, start = coverage.in_flight, time.perf_counter()
-        chunks: list[bytes] = []
+        body = Skeleton()
         last: deque[bytes] = deque(maxlen=2)  # the answer's last chunks: its usage is there
         watch = FirstToken(SPECS[endpoint])
         status, first, done = 0, 0.0, False
@@ -153,7 +154,7 @@ class Gate:
         async def observed_receive() -> Message:
             message = await receive()
             if message["type"] == "http.request":
-                chunks.append(message.get("body", b""))
+                body.feed(message.get("body", b""))
             return message
 
         def record(end: float) -> None:
@@ -161,7 +162,7 @@ class Gate:
                 return
             try:
                 tail = b"".join(last)[-TAIL_BYTES:]
-                shape = coverage.classify(endpoint, b"".join(chunks), tail, in_flight)
+                shape = coverage.classify(endpoint, body.parse(), tail, in_flight)
                 if shape is not None:
                     latency = (first or end) - start if shape.stream else end - start
                     coverage.record(shape, latency)

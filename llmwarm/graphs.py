@@ -41,9 +41,7 @@ def _grid(top: int) -> list[int]:
     return grid + list(range(8, min(top + 1, 256), 8)) + list(range(256, top + 1, 16))
 
 
-def vllm_default(
-    max_num_seqs: int, max_num_batched_tokens: int, spec_tokens: int = 0
-) -> list[int]:
+def vllm_default(max_num_seqs: int, max_num_batched_tokens: int, spec_tokens: int = 0) -> list[int]:
     """The sizes vLLM 0.32 captures when none are given (`VllmConfig._set_cudagraph_sizes` on
     a GPU other than data-centre Blackwell, no dynamic speculative decoding): its grid up to
     min(2 x max_num_seqs x query, 512, max_num_batched_tokens), that budget itself if it fits,

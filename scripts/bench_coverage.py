@@ -134,6 +134,8 @@ def over_http(requests: int, ports: tuple[int, int]) -> dict[str, dict[str, dict
 
 async def in_process(requests: int) -> dict[str, Any]:
     """The gate as an ASGI call (no socket), on and off interleaved; and classify + record."""
+    from llmwarm.skeleton import Skeleton
+
     on, off = gates()
     bodies = {"/v1/chat/completions": json.dumps(CHAT).encode(),
               "/v1/completions": json.dumps(COMPLETION).encode()}  # fmt: skip
@@ -166,7 +168,9 @@ async def in_process(requests: int) -> dict[str, Any]:
     record: list[float] = []
     for _ in range(requests):
         start = time.perf_counter()
-        shape = coverage.classify("chat", bodies["/v1/chat/completions"], tail, 1)
+        body = Skeleton()
+        body.feed(bodies["/v1/chat/completions"])
+        shape = coverage.classify("chat", body.parse(), tail, 1)
         assert shape is not None
         coverage.record(shape, 0.01)
         record.append(time.perf_counter() - start)

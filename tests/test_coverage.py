@@ -10,11 +10,20 @@ import pytest
 from llmwarm import corpus
 from llmwarm.coverage import Coverage, Shape, Warmed, classify
 from llmwarm.profile import parse_profile
+from llmwarm.skeleton import Skeleton
 from tests.fakes import bucket, report
 
 
-def _body(**fields: object) -> bytes:
-    return json.dumps({"model": "m", **fields}).encode()
+def _read(raw: bytes) -> object:
+    """A body as the gate reads it (`Skeleton`), in small chunks."""
+    skeleton = Skeleton()
+    for i in range(0, len(raw), 7):
+        skeleton.feed(raw[i : i + 7])
+    return skeleton.parse()
+
+
+def _body(**fields: object) -> object:
+    return _read(json.dumps({"model": "m", **fields}).encode())
 
 
 USAGE = b'{"id":"x","choices":[],"usage":{"prompt_tokens":300,"completion_tokens":20}}'
@@ -47,7 +56,19 @@ def test_another_model_name_is_an_adapter_and_pooling_has_no_output() -> None:
 
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b""])
 def test_a_body_that_is_not_a_json_object_is_not_classified(body: bytes) -> None:
-    assert classify("chat", body, b"", 1, frozenset()) is None
+    assert classify("chat", _read(body), b"", 1, frozenset()) is None
+
+
+def test_a_5_mb_image_is_an_image_request_of_its_texts_length() -> None:
+    image = "data:image/png;base64," + "A" * 5_000_000
+    body = _body(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "x" * 1000},
+                   {"type": "image_url", "image_url": {"url": image}}]}],
+        max_tokens=16, stream=True,
+    )  # fmt: skip
+    shape = classify("chat", body, b"", 1, frozenset({"m"}))  # no usage: from the text
+    assert shape is not None and shape.features == ("image",)
+    assert shape.prompt_tokens == 256  # 1,000 characters of text; the image is not text
 
 
 def _warmed() -> Warmed:
