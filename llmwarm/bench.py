@@ -146,7 +146,7 @@ async def run(
             results.append(
                 KindResult(
                     bucket=bucket.name,
-                    kind=kind.name,
+                    kind=str(kind),
                     first_s=medians[0] if medians and error is None else None,
                     steady_s=statistics.median(medians[1:])
                     if error is None and medians[1:]

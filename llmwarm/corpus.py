@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 from llmwarm import endpoints, features
 from llmwarm.convergence import MIN_ROUND_SAMPLES, Verdict
+from llmwarm.features import Feature
+from llmwarm.kinds import PLAIN, Kind
 from llmwarm.profile import Bucket, Profile
 
 _SYLLABLES = (
@@ -34,29 +36,21 @@ class Tokenizer(Protocol):
 
 
 @dataclass(frozen=True)
-class Kind:
-    """One kind of request: endpoint x streaming x feature."""
-
-    endpoint: str
-    stream: bool
-    feature: str = "greedy"
-
-    @property
-    def name(self) -> str:
-        base = f"{self.endpoint}-stream" if self.stream else self.endpoint
-        return base if self.feature == "greedy" else f"{base}+{self.feature}"
-
-
-@dataclass(frozen=True)
 class WarmRequest:
     """One HTTP request of the warm-up, and where it belongs."""
 
     bucket: str
     round: int
-    kind: str
-    endpoint: str
-    stream: bool
+    kind: Kind
     body: dict[str, Any] = field(hash=False)
+
+    @property
+    def endpoint(self) -> str:
+        return self.kind.endpoint
+
+    @property
+    def stream(self) -> bool:
+        return self.kind.stream
 
     @property
     def path(self) -> str:
@@ -69,7 +63,7 @@ class Batch:
 
     bucket: Bucket
     round: int
-    kind: str
+    kind: Kind
     requests: tuple[WarmRequest, ...]
 
 
@@ -118,21 +112,23 @@ def make_prompt(
     return text
 
 
-def _kinds(profile: Profile, names: Sequence[str], endpoint_names: Sequence[str]) -> list[Kind]:
+def _kinds(
+    profile: Profile, chosen: Sequence[Feature], endpoint_names: Sequence[str]
+) -> list[Kind]:
     out = []
-    for feature in names:
+    for feature in chosen:
         for endpoint in endpoint_names:
             modes = profile.stream if endpoints.SPECS[endpoint].streamable else [False]
             out += [
-                Kind(endpoint, stream, feature)
+                Kind.of(endpoint, stream, feature)
                 for stream in modes
-                if features.spec(feature).takes(endpoint, stream)
+                if feature.spec.takes(endpoint, stream)
             ]
     return out
 
 
-def _features(profile: Profile, bucket: Bucket) -> list[str]:
-    return profile.features.kinds() if bucket.name in profile.feature_buckets() else ["greedy"]
+def _features(profile: Profile, bucket: Bucket) -> list[Feature]:
+    return profile.features.features() if bucket.name in profile.feature_buckets() else [PLAIN]
 
 
 def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
@@ -145,7 +141,7 @@ def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
 
 def round_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
     """The kinds every round of this bucket repeats until its latency settles: the first
-    endpoint (that takes it) with the bucket's first feature (`greedy`, unless the profile's
+    endpoint (that takes it) with the bucket's first feature (plain, unless the profile's
     features leave it out), in each streaming mode. What must settle is the engine's latency
     at the bucket's shape, which every endpoint shares; an endpoint's or a feature's own cold
     path is paid once (`sweep_kinds`)."""
@@ -188,7 +184,7 @@ class Corpus:
         }
         if endpoint.generates:
             body["temperature"] = 0.0
-        if endpoint.ignore_eos and not features.spec(kind.feature).constrained:
+        if endpoint.ignore_eos and not kind.feature.spec.constrained:
             # A warm-up must run its full decode length; a random model may emit EOS at once.
             body["ignore_eos"] = True
         if self.salt is not None:
@@ -203,7 +199,7 @@ class Corpus:
         pool = self.profile.prompts.texts
         requests = []
         for i in range(bucket.concurrency):
-            parts = (bucket.name, round_, kind.name, i) + ((repeat,) if repeat else ())
+            parts = (bucket.name, round_, kind, i) + ((repeat,) if repeat else ())
             rng = seeded_rng(self.profile.seed, *parts)
             prompts = [
                 make_prompt(self.tokenizer, bucket.prompt_tokens, rng, pool) for _ in range(texts)
@@ -212,13 +208,11 @@ class Corpus:
                 WarmRequest(
                     bucket=bucket.name,
                     round=round_,
-                    kind=kind.name,
-                    endpoint=kind.endpoint,
-                    stream=kind.stream,
+                    kind=kind,
                     body=self._body(kind, prompts, bucket),
                 )
             )
-        return Batch(bucket=bucket, round=round_, kind=kind.name, requests=tuple(requests))
+        return Batch(bucket=bucket, round=round_, kind=kind, requests=tuple(requests))
 
     def round_batches(self, bucket: Bucket, round_: int, repeat: int = 0) -> list[Batch]:
         """One round of one bucket: a batch per round kind, sent one after another."""

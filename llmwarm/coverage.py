@@ -1,10 +1,10 @@
 """Live traffic in the warm-up's own terms: which requests the warm-up covered, and what the
 misses cost the users who sent them.
 
-Each user request that passes the open gate is described as a `Shape`: its endpoint, stream,
-features (the detectors `profile from-log` uses: one feature table), adapter, and power-of-two
-classes of its prompt tokens (from the answer's usage), output tokens and requests in flight at
-its arrival. Never its text.
+Each user request that passes the open gate is described as a `Shape`: its kind
+(`llmwarm.kinds`: endpoint, stream, features by the detectors `profile from-log` uses, one
+feature table, and its adapter), and power-of-two classes of its prompt tokens (from the
+answer's usage), output tokens and requests in flight at its arrival. Never its text.
 
 A request is **covered** when the last warm-up (`Warmed`) sent every kind it needs (its
 endpoint and streaming mode with each of its features: `chat-stream+logprobs`; with none, the
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmwarm import corpus, endpoints, fromlog
+from llmwarm.features import Feature
+from llmwarm.kinds import Kind
 
 if TYPE_CHECKING:
     from llmwarm.profile import Profile
@@ -45,50 +47,32 @@ _USAGE = {
 class Shape:
     """One kind of request at one size class, as live traffic or a learn file shows it."""
 
-    endpoint: str
-    stream: bool
-    features: tuple[str, ...]  # sorted feature kinds (`lora:NAME`, `image`); empty: plain
+    kind: Kind  # its features as live traffic shows them: an image with no size
     prompt_tokens: int  # class
     concurrency: int  # class of the requests in flight at arrival
     max_tokens: int  # class
 
     @property
-    def kind(self) -> str:
-        """As the warm-up names kinds: `chat-stream+logprobs`, several features joined."""
-        base = corpus.Kind(self.endpoint, self.stream).name
-        return "+".join([base, *self.features])
-
-    @property
     def name(self) -> str:
         return f"{self.kind} p{self.prompt_tokens}-c{self.concurrency}-o{self.max_tokens}"
-
-    def kinds(self) -> list[str]:
-        """The warm-up kinds it needs: one per feature, or the plain (greedy) kind."""
-        return [
-            corpus.Kind(self.endpoint, self.stream, f).name for f in self.features or ["greedy"]
-        ]
-
-
-def _kind_key(name: str) -> str:
-    # An image of any size covers an image request (the size is not read from live traffic).
-    return re.sub(r"\+image:\S+$", "+image", name)
 
 
 @dataclass(frozen=True)
 class Warmed:
-    """What a warm-up sent: its kinds, and the widest shape any bucket reached."""
+    """What a warm-up sent: its kinds (an image of any size covers an image request), and the
+    widest shape any bucket reached."""
 
-    kinds: frozenset[str]
+    kinds: frozenset[Kind]
     prompt_tokens: int
     concurrency: int
 
     @classmethod
-    def of(cls, buckets: Iterable[tuple[int, int, Iterable[str]]]) -> Warmed:
-        """From (prompt tokens, concurrency, kind names) per bucket that ran."""
-        kinds: set[str] = set()
+    def of(cls, buckets: Iterable[tuple[int, int, Iterable[Kind]]]) -> Warmed:
+        """From (prompt tokens, concurrency, kinds) per bucket that ran."""
+        kinds: set[Kind] = set()
         prompt = concurrency = 0
-        for p, c, names in buckets:
-            kinds |= {_kind_key(n) for n in names}
+        for p, c, sent in buckets:
+            kinds |= {k.general() for k in sent}
             prompt, concurrency = max(prompt, p), max(concurrency, c)
         return cls(frozenset(kinds), prompt, concurrency)
 
@@ -107,8 +91,7 @@ class Warmed:
     def from_profile(cls, profile: Profile) -> Warmed:
         """What a profile (resolved for its engine) will send."""
         return cls.of(
-            (b.prompt_tokens, b.concurrency, [k.name for k in corpus.kinds(profile, b)])
-            for b in profile.buckets
+            (b.prompt_tokens, b.concurrency, corpus.kinds(profile, b)) for b in profile.buckets
         )
 
     def __or__(self, other: Warmed) -> Warmed:
@@ -121,7 +104,7 @@ class Warmed:
 
     def misses(self, shape: Shape) -> list[str]:
         """Why the warm-up did not cover this shape; empty: covered."""
-        why = [f"kind {k} not warmed" for k in shape.kinds() if _kind_key(k) not in self.kinds]
+        why = [f"kind {k} not warmed" for k in shape.kind.singles() if k not in self.kinds]
         if shape.prompt_tokens > fromlog.size_class(self.prompt_tokens):
             why.append(f"prompt class {shape.prompt_tokens} above the warmed {self.prompt_tokens}")
         if shape.concurrency > fromlog.size_class(self.concurrency, low=1):
@@ -143,17 +126,15 @@ def classify(
     if not isinstance(data, dict):
         return None
     seen = fromlog.from_body(data)
-    feats = set(seen.features)
+    feats = {Feature(name) for name in seen.features}
     model = data.get("model")
     if isinstance(model, str) and served and model not in served:
-        feats.add(f"lora:{model}")  # a model name the server serves besides the base: an adapter
+        feats.add(Feature("lora", model))  # a name served besides the base's: an adapter
     prompt = _usage(tail, "prompt") or seen.prompt_tokens or fromlog.DEFAULT_PROMPT_TOKENS
     output = seen.max_tokens if isinstance(seen.max_tokens, int) else _usage(tail, "output")
     spec = endpoints.SPECS[endpoint]
     return Shape(
-        endpoint=endpoint,
-        stream=bool(seen.stream) and spec.streamable,
-        features=tuple(sorted(f for f in feats if f != "greedy")),
+        kind=Kind(endpoint, bool(seen.stream) and spec.streamable, tuple(feats)),
         prompt_tokens=fromlog.size_class(prompt),
         concurrency=fromlog.size_class(in_flight, low=1),
         max_tokens=fromlog.size_class(output or 16) if spec.generates else 1,
@@ -195,7 +176,7 @@ class Coverage:
     served_shapes: Counter[Shape] = field(default_factory=Counter)  # this process's
     covered: int = 0
     uncovered: int = 0
-    misses: dict[str, Miss] = field(default_factory=dict)  # by the request's kind
+    misses: dict[Kind, Miss] = field(default_factory=dict)  # by the request's kind
     in_flight: int = 0  # user requests under way (the gate counts them)
     changed: bool = False  # since the learn file was last written
     _verdicts: dict[Shape, list[str]] = field(default_factory=dict)  # misses(), per warm-up
@@ -246,7 +227,7 @@ class Coverage:
         total = self.covered + self.uncovered
         misses = [
             {
-                "kind": kind,
+                "kind": str(kind),
                 "why": miss.why,
                 "shapes": sorted(s.name.split(" ", 1)[1] for s in miss.shapes),
                 "requests": miss.requests,
@@ -264,7 +245,7 @@ class Coverage:
             "warmed": None
             if self.warmed is None
             else {
-                "kinds": sorted(self.warmed.kinds),
+                "kinds": sorted(map(str, self.warmed.kinds)),
                 "prompt_tokens": self.warmed.prompt_tokens,
                 "concurrency": self.warmed.concurrency,
             },
@@ -284,9 +265,8 @@ def shapes_from(rows: Iterable[Mapping[str, Any]]) -> Counter[Shape]:
     """Counts from validated learn-file rows."""
     counts: Counter[Shape] = Counter()
     for row in rows:
-        shape = Shape(
-            row["endpoint"], row["stream"], tuple(sorted(row["features"])),
-            row["prompt_tokens"], row["concurrency"], row["max_tokens"],
-        )  # fmt: skip
-        counts[shape] += row["requests"]
+        kind = Kind(row["endpoint"], row["stream"], tuple(map(Feature.parse, row["features"])))
+        counts[Shape(kind, row["prompt_tokens"], row["concurrency"], row["max_tokens"])] += row[
+            "requests"
+        ]
     return counts

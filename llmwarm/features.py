@@ -230,7 +230,7 @@ SPECS: dict[str, Spec] = {
             "image",
             "image (chat with one image of each size in `images`, as a data URL; the model "
             "must take images)",
-            build=lambda f, e: {},  # per size: `image:WxH` kinds, see `apply()`
+            build=lambda f, e: {},  # per size: `image:WxH`, see `apply()`
             in_body=lambda b: any(
                 isinstance(part, Mapping) and part.get("type") in ("image_url", "image")
                 for m in b.get("messages") or []
@@ -242,7 +242,7 @@ SPECS: dict[str, Spec] = {
         Spec(
             "lora",
             "lora (each adapter in `lora`)",
-            build=lambda f, e: {},  # per adapter: `lora:NAME` kinds, see `spec()`
+            build=lambda f, e: {},  # per adapter: `lora:NAME`, see `apply()`
             in_log=lambda log: log.lora.strip() != "None",
             endpoints=None,
         ),
@@ -250,12 +250,42 @@ SPECS: dict[str, Spec] = {
 }
 
 
-def spec(kind: str) -> Spec:
-    """The spec of a feature kind (`lora:NAME` is the `lora` feature, `image:WxH` `image`)."""
-    name = kind.split(":", 1)[0]
-    if name not in SPECS:
-        raise ValueError(f"unknown feature {kind!r}")
-    return SPECS[name]
+# Features that take an argument: the adapter's name, the image's size (`image` alone, in
+# live traffic: an image of any size).
+_ARGUMENT = {"lora": "an adapter name", "image": "WIDTHxHEIGHT"}
+
+
+@dataclass(frozen=True, order=True)
+class Feature:
+    """One feature as a request kind carries it: its name, and its argument where it takes
+    one. One string form (`logprobs`, `lora:sql`, `image:224x224`) and one parser."""
+
+    name: str
+    arg: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in SPECS:
+            raise ValueError(f"unknown feature {self.name!r} (known: {', '.join(SPECS)})")
+        if self.arg is not None and (self.name not in _ARGUMENT or not self.arg):
+            raise ValueError(f"feature {self.name!r} takes no argument (got {self.arg!r})")
+        if self.name == "lora" and self.arg is None:
+            raise ValueError("feature 'lora' needs an adapter name: lora:NAME")
+
+    def __str__(self) -> str:
+        return self.name if self.arg is None else f"{self.name}:{self.arg}"
+
+    @classmethod
+    def parse(cls, text: str) -> Feature:
+        name, colon, arg = text.partition(":")
+        return cls(name, arg if colon else None)
+
+    @property
+    def spec(self) -> Spec:
+        return SPECS[self.name]
+
+    def general(self) -> Feature:
+        """The feature whatever its image's size (live traffic does not tell it)."""
+        return Feature("image") if self.name == "image" else self
 
 
 def _known(name: str) -> str:
@@ -354,32 +384,28 @@ class Features(BaseModel):
             raise ValueError(f"not a valid regular expression: {exc}") from None
         return pattern
 
-    def kinds(self) -> list[str]:
-        """Feature kinds in order; `lora` becomes one kind per adapter (`lora:NAME`)."""
-        names: list[str] = []
-        for feature in self.use:
-            if feature == "lora":
-                names += [f"lora:{adapter}" for adapter in self.lora]
-            elif feature == "image":
-                names += [f"image:{size}" for size in self.images]
+    def features(self) -> list[Feature]:
+        """The features to send, each its own request kind, in order: `lora` one per adapter
+        (`lora:NAME`), `image` one per size (`image:WxH`)."""
+        out: list[Feature] = []
+        for name in self.use:
+            if name == "lora":
+                out += [Feature("lora", adapter) for adapter in self.lora]
+            elif name == "image":
+                out += [Feature("image", size) for size in self.images]
             else:
-                names.append(feature)
-        return names
+                out.append(Feature(name))
+        return out
 
 
-def body(kind: str, endpoint: str, features: Features) -> Body:
-    """Request-body fields for one feature kind on one endpoint."""
-    if kind.startswith("lora:"):
-        return {"model": kind.removeprefix("lora:")}
-    return spec(kind).build(features, endpoint)
-
-
-def apply(kind: str, endpoint: str, features: Features, request: Body) -> Body:
-    """A request body with one feature kind applied."""
-    if kind.startswith("image:"):
-        size = kind.removeprefix("image:")
-        return {**request, "messages": with_image(request["messages"], size)}
-    return {**request, **body(kind, endpoint, features)}
+def apply(feature: Feature, endpoint: str, features: Features, request: Body) -> Body:
+    """A request body with one feature applied (`features`: the profile's settings)."""
+    if feature.name == "image":
+        assert feature.arg is not None  # the warm-up sends a size
+        return {**request, "messages": with_image(request["messages"], feature.arg)}
+    if feature.name == "lora":
+        return {**request, "model": feature.arg}
+    return {**request, **feature.spec.build(features, endpoint)}
 
 
 def with_image(messages: list[dict[str, Any]], size: str) -> list[dict[str, Any]]:

@@ -164,7 +164,7 @@ class Gate:
                 tail = b"".join(last)[-TAIL_BYTES:]
                 shape = coverage.classify(endpoint, body.parse(), tail, in_flight)
                 if shape is not None:
-                    latency = (first or end) - start if shape.stream else end - start
+                    latency = (first or end) - start if shape.kind.stream else end - start
                     coverage.record(shape, latency)
             except Exception:  # never a user's request's problem
                 logger.exception("could not record a request in the coverage")

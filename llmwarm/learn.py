@@ -24,9 +24,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from llmwarm import features, files, fromlog
+from llmwarm import files, fromlog
 from llmwarm.coverage import Shape, Warmed, shapes_from
 from llmwarm.errors import ProfileError
+from llmwarm.features import Feature
 from llmwarm.fit import CHAT_TEMPLATE_ALLOWANCE, EngineShape, for_engine
 from llmwarm.profile import Bucket, EndpointName, Profile
 from llmwarm.report import Learned
@@ -39,10 +40,9 @@ WRITE_EVERY_S = 60.0
 MAX_LEARNED_BUCKETS = 4
 
 
-def _feature(kind: str) -> str:
-    if not kind.startswith("lora:"):
-        features.spec(kind)  # raises ValueError on an unknown feature
-    return kind
+def _feature(text: str) -> str:
+    Feature.parse(text)  # raises ValueError naming what is off
+    return text
 
 
 class LearnedShape(BaseModel):
@@ -73,9 +73,9 @@ class LearnFile(BaseModel):
 def rows(counts: Counter[Shape]) -> list[LearnedShape]:
     return [
         LearnedShape(
-            endpoint=s.endpoint,
-            stream=s.stream,
-            features=list(s.features),
+            endpoint=s.kind.endpoint,
+            stream=s.kind.stream,
+            features=[str(f) for f in s.kind.features],
             prompt_tokens=s.prompt_tokens,
             concurrency=s.concurrency,
             max_tokens=s.max_tokens,
@@ -182,20 +182,18 @@ def _with_shape(profile: Profile, shape: Shape, engine: EngineShape) -> tuple[Pr
         )  # fmt: skip
         buckets.append(bucket)
     use, adapters = list(profile.features.use), list(profile.features.lora)
-    for kind in shape.features:
-        name = kind.split(":", 1)[0]
-        if name not in use:
-            use.append(name)
-        if kind.startswith("lora:") and kind[5:] not in adapters:
-            adapters.append(kind[5:])
-    crossed = profile.feature_buckets() | ({bucket.name} if shape.features else set())
+    kind = shape.kind
+    for feature in kind.features:
+        if feature.name not in use:
+            use.append(feature.name)
+        if feature.name == "lora" and feature.arg not in adapters:
+            adapters.append(str(feature.arg))
+    crossed = profile.feature_buckets() | ({bucket.name} if kind.features else set())
     chosen = profile.endpoint_names()
     update: dict[str, Any] = {
         "buckets": buckets,
-        "endpoints": chosen if shape.endpoint in chosen else [*chosen, shape.endpoint],
-        "stream": profile.stream
-        if shape.stream in profile.stream
-        else [*profile.stream, shape.stream],
+        "endpoints": chosen if kind.endpoint in chosen else [*chosen, kind.endpoint],
+        "stream": [*profile.stream, *([] if kind.stream in profile.stream else [kind.stream])],
         "features": profile.features.model_copy(
             update={
                 "use": use,
@@ -229,7 +227,7 @@ def extend(
         profile = candidate
         if bucket.name not in added and bucket.name.startswith("learned-"):
             added.append(bucket.name)
-    kinds = sorted(Warmed.from_profile(profile).kinds - base.kinds)
+    kinds = sorted(map(str, Warmed.from_profile(profile).kinds - base.kinds))
     if not added and not kinds:
         return profile, None
     return profile, Learned(file=source, buckets=added, kinds=kinds)
@@ -250,12 +248,14 @@ def profile_from(
     seen: Counter[str] = Counter()
     for shape, n in counts.items():
         classes[(shape.prompt_tokens, shape.concurrency, shape.max_tokens)] += n
-        for kind in shape.features:
-            seen[kind.split(":", 1)[0]] += n
+        for feature in shape.kind.features:
+            seen[feature.name] += n
     data, covered = fromlog.profile_data(
-        classes, seen, {s.endpoint for s in counts}, {s.stream for s in counts}, coverage
+        classes, seen, {s.kind.endpoint for s in counts}, {s.kind.stream for s in counts}, coverage
     )
-    adapters = sorted({k[5:] for s in counts for k in s.features if k.startswith("lora:")})
+    adapters = sorted(
+        str(f.arg) for f in {f for s in counts for f in s.kind.features} if f.name == "lora"
+    )
     if adapters:
         data["features"]["use"].append("lora")
         data["features"]["lora"] = adapters

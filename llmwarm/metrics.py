@@ -119,7 +119,7 @@ class WarmupCollector(Collector):
         )
         for kind, miss in coverage.misses.items():
             if miss.ratio is not None:
-                ratio.add_metric([kind], miss.ratio)
+                ratio.add_metric([str(kind)], miss.ratio)
         yield ratio
 
 

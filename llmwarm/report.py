@@ -15,6 +15,7 @@ from rich.table import Table
 from llmwarm import files
 from llmwarm.convergence import Rule
 from llmwarm.errors import LlmwarmError, Problem
+from llmwarm.kinds import Kind, KindField
 from llmwarm.profile import Profile
 
 REPORT_VERSION = 2  # 2: `cache_salt` replaced `prefix_cache_reset`
@@ -28,7 +29,10 @@ def _median(values: list[float | None]) -> float | None:
 class Sample(BaseModel):
     """One warm-up request as the client saw it."""
 
-    kind: str = Field(description="Endpoint and streaming mode, e.g. `chat-stream`.")
+    kind: KindField = Field(
+        description="Its request kind: endpoint, streaming mode and feature, e.g. "
+        "`chat-stream+logprobs` (`llmwarm.kinds`)."
+    )
     ttft_s: float | None = Field(
         description="Time to first token (streamed requests only; none where no event showed "
         "it: a Responses API stream whose output had no text)."
@@ -258,7 +262,7 @@ class Outcome:
 
 
 class KindSummary(BaseModel):
-    kind: str
+    kind: KindField
     cold_e2e_s: float = Field(
         description="Median end-to-end latency in round 1 (a feature's kind: in the sweep)."
     )
@@ -327,8 +331,8 @@ class Report(BaseModel):
     def kinds(self) -> list[KindSummary]:
         """Per request kind (endpoint x streaming x feature): round 1 against the warm rounds;
         a feature's kinds, its sweep against its check."""
-        cold: dict[str, list[float]] = {}
-        warm: dict[str, list[float]] = {}
+        cold: dict[Kind, list[float]] = {}
+        warm: dict[Kind, list[float]] = {}
         window = self.convergence.window
         for b in self.buckets:
             # Features: the sweep against the check (both sent at once, so comparable).
@@ -475,7 +479,7 @@ def plan_table(profile: Profile, source: str) -> Table:
         per_round, per_sweep = requests_per_round(profile, b), requests_per_sweep(profile, b)
         low += per_round * max(rule.min_rounds, rule.window) + 2 * per_sweep
         high += per_round * rule.max_rounds + 2 * per_sweep
-        names = [k.name for k in kinds(profile, b)]
+        names = [str(k) for k in kinds(profile, b)]
         shown = ", ".join(names) if len(names) <= 4 else f"{len(names)}: {', '.join(names[:3])} …"
         t.add_row(
             b.name, str(b.prompt_tokens), str(b.concurrency), str(b.max_tokens), str(b.priority),
@@ -487,7 +491,8 @@ def plan_table(profile: Profile, source: str) -> Table:
                   "engine: pass --model", "", "", "")  # fmt: skip
     t.caption = (
         f"{low}–{high} requests ({max(rule.min_rounds, rule.window)}–{rule.max_rounds} rounds a "
-        f"bucket, until {rule.metric} converges); features: {', '.join(profile.features.kinds())}"
+        f"bucket, until {rule.metric} converges); features: "
+        f"{', '.join(map(str, profile.features.features()))}"
         f" on {', '.join(sorted(profile.feature_buckets())) or '-'}, each kind sent at once after "
         "round 1 and again after the last round (features x2)"
     )
@@ -502,7 +507,9 @@ def kinds_table(report: Report) -> Table:
     t.add_column("e2e warm", justify="right")
     t.add_column("cold/warm", justify="right")
     for k in report.kinds:
-        t.add_row(k.kind, _ms(k.cold_e2e_s), _ms(k.warm_e2e_s), _ratio(k.cold_e2e_s, k.warm_e2e_s))
+        t.add_row(
+            str(k.kind), _ms(k.cold_e2e_s), _ms(k.warm_e2e_s), _ratio(k.cold_e2e_s, k.warm_e2e_s)
+        )
     return t
 
 

@@ -27,6 +27,7 @@ from llmwarm import convergence, corpus, engine, learn, measure
 from llmwarm.corpus import Corpus
 from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape, for_engine, with_adapters
+from llmwarm.kinds import Kind
 from llmwarm.profile import Bucket, Profile
 from llmwarm.progress import ProgressView
 from llmwarm.report import (
@@ -222,7 +223,7 @@ async def fill_kv(
     target = int(fill.share * shape.kv_blocks)
     need_tokens = target * shape.block_size
     width = min(fill.concurrency, shape.max_num_seqs)
-    kind = corpus.Kind(profile.endpoint_names()[0], stream=False)  # the first served one
+    kind = Kind(profile.endpoint_names()[0])  # the first served one, plain
     start = time.perf_counter()
     prefilled = sent = batches = 0
     while prefilled < need_tokens:

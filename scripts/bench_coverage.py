@@ -76,6 +76,7 @@ async def vllm_like(scope: Scope, receive: Receive, send: Send) -> None:
 def gates() -> tuple[Any, Any]:
     from llmwarm.coverage import Warmed
     from llmwarm.gate import Gate
+    from llmwarm.kinds import Kind
     from llmwarm.state import RunState
 
     made = []
@@ -84,7 +85,8 @@ def gates() -> tuple[Any, Any]:
         state.warming(vllm_like)
         state.serving()
         state.coverage.served = frozenset({"m"})
-        state.coverage.warmed_more(Warmed.of([(64, 2, ["chat-stream", "completions"])]))
+        warmed = [Kind.parse("chat-stream"), Kind("completions")]
+        state.coverage.warmed_more(Warmed.of([(64, 2, warmed)]))
         made.append(Gate(state, coverage=on))
     return made[0], made[1]
 

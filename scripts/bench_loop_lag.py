@@ -144,7 +144,7 @@ async def gate_lag(seconds: float, rounds: int) -> dict[str, Any]:
 
 async def _ready(client: httpx.AsyncClient) -> bool:
     try:
-        return (await client.get("/live")).json()["status"] == "ready"
+        return bool((await client.get("/live")).json()["status"] == "ready")
     except httpx.TransportError:
         return False  # not listening yet
 

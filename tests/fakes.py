@@ -25,15 +25,24 @@ from starlette.types import ASGIApp
 from llmwarm import endpoints
 from llmwarm.convergence import Rule
 from llmwarm.corpus import Tokenizer, WordTokenizer
+from llmwarm.coverage import Shape
 from llmwarm.fit import EngineShape
 from llmwarm.frontend import VllmStop
+from llmwarm.kinds import Kind
 from llmwarm.report import BucketResult, JitEvents, Report, RoundResult, Sample
 
 # --- reports ---------------------------------------------------------------------------------
 
 
 def sample(kind: str, e2e: float, ttft: float | None = None, tpot: float | None = None) -> Sample:
-    return Sample(kind=kind, ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, prompt_tokens=4, output_tokens=8)
+    return Sample(
+        kind=Kind.parse(kind), ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, prompt_tokens=4, output_tokens=8
+    )
+
+
+def shape(kind: str, prompt_tokens: int, concurrency: int, max_tokens: int) -> Shape:
+    """A live request's shape: its kind's string form (`chat-stream+logprobs`) and classes."""
+    return Shape(Kind.parse(kind), prompt_tokens, concurrency, max_tokens)
 
 
 def bucket(converged_at: int | None = 3) -> BucketResult:
@@ -43,9 +52,18 @@ def bucket(converged_at: int | None = 3) -> BucketResult:
         concurrency=1,
         max_tokens=8,
         rounds=[
-            RoundResult(round=1, samples=[sample("c-stream", 0.9, 0.5, 0.05), sample("c", 0.7)]),
-            RoundResult(round=2, samples=[sample("c-stream", 0.2, 0.1, 0.02), sample("c", 0.3)]),
-            RoundResult(round=3, samples=[sample("c-stream", 0.1, 0.1, 0.01), sample("c", 0.1)]),
+            RoundResult(
+                round=1,
+                samples=[sample("completions-stream", 0.9, 0.5, 0.05), sample("completions", 0.7)],
+            ),
+            RoundResult(
+                round=2,
+                samples=[sample("completions-stream", 0.2, 0.1, 0.02), sample("completions", 0.3)],
+            ),
+            RoundResult(
+                round=3,
+                samples=[sample("completions-stream", 0.1, 0.1, 0.01), sample("completions", 0.1)],
+            ),
         ],
         converged_at=converged_at,
         stop_reason="converged" if converged_at else "max_rounds",

@@ -54,7 +54,7 @@ def test_prompts_have_exact_token_counts(tokenizer: corpus.Tokenizer) -> None:
 def test_plan_order_and_shape() -> None:
     batches = plan(PROFILE, WordTokenizer(), "tiny")
     # bucket-major, then round, then the four request kinds
-    assert [(b.bucket.name, b.round, b.kind) for b in batches[:5]] == [
+    assert [(b.bucket.name, b.round, str(b.kind)) for b in batches[:5]] == [
         ("p12-c3-o5", 1, "completions-stream"),
         ("p12-c3-o5", 1, "completions"),
         ("p12-c3-o5", 1, "chat-stream"),
@@ -102,10 +102,10 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
         }
     )
     first, second = profile.buckets
-    assert [k.name for k in corpus.kinds(profile, second)] == [
+    assert [str(k) for k in corpus.kinds(profile, second)] == [
         "completions-stream", "completions", "chat-stream", "chat",
     ]  # fmt: skip
-    names = [k.name for k in corpus.kinds(profile, first)]
+    names = [str(k) for k in corpus.kinds(profile, first)]
     assert names[:4] == ["completions-stream", "completions", "chat-stream", "chat"]
     assert "completions+logprobs" in names and "chat-stream+logprobs" in names
     # vLLM refuses prompt_logprobs on a stream
@@ -114,8 +114,8 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
     assert len(names) == 4 + 4 + 2 + 4
     # every round repeats the first endpoint, plain, in each streaming mode; every other
     # endpoint and feature goes in a sweep and a check
-    assert [k.name for k in corpus.round_kinds(profile, first)] == names[:2]
-    assert [k.name for k in corpus.sweep_kinds(profile, first)] == names[2:]
+    assert [str(k) for k in corpus.round_kinds(profile, first)] == names[:2]
+    assert [str(k) for k in corpus.sweep_kinds(profile, first)] == names[2:]
     # a round's requests: each of them once (a noisy host's rounds repeat the streamed kind)
     assert corpus.requests_per_round(profile, first) == 2
     assert corpus.requests_per_sweep(profile, first) == 12
@@ -123,13 +123,13 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
     assert corpus.requests_per_sweep(profile, second) == 2 * 2
     requests = corpus.Corpus(profile, WordTokenizer(), "m")
     sweep = requests.sweep_requests(first, 1)
-    assert [r.kind for r in sweep] == names[2:]
+    assert [str(r.kind) for r in sweep] == names[2:]
     assert {r.bucket for r in sweep} == {first.name}
     long = first.model_copy(update={"max_tokens": 64})
     # a sweep touches each cold path at a request's start: 8 output tokens at most
     long_sweep = requests.sweep_requests(long, 1)
     assert {r.body.get("max_tokens") for r in long_sweep} == {corpus.SWEEP_MAX_TOKENS}
-    assert [r.kind for r in requests.sweep_requests(second, 1)] == [
+    assert [str(r.kind) for r in requests.sweep_requests(second, 1)] == [
         "chat-stream", "chat-stream", "chat", "chat",
     ]  # fmt: skip
 
@@ -144,9 +144,9 @@ def test_feature_bodies_reach_the_requests() -> None:
     bucket = profile.buckets[0]
     batches = corpus.Corpus(profile, WordTokenizer(), "m").round_batches(bucket, 1)
     # without greedy, the first feature is what rounds repeat; the others go in the sweep
-    assert {b.kind for b in batches} == {"completions-stream+logprobs", "completions+logprobs"}
+    assert {str(b.kind) for b in batches} == {"completions-stream+logprobs", "completions+logprobs"}
     sweep = corpus.Corpus(profile, WordTokenizer(), "m").sweep_requests(bucket, 1)
-    bodies = {r.kind: r.body for r in [*(b.requests[0] for b in batches), *sweep]}
+    bodies = {str(r.kind): r.body for r in [*(b.requests[0] for b in batches), *sweep]}
     assert bodies["completions+logprobs"]["logprobs"] == 5
     assert bodies["chat+logprobs"]["top_logprobs"] == 5
     assert bodies["chat+logprobs"]["ignore_eos"] is True
@@ -174,5 +174,5 @@ def test_tools_go_to_chat_only_and_end_with_their_call() -> None:
         }
     )
     batches = corpus.Corpus(profile, WordTokenizer(), "m").round_batches(profile.buckets[0], 1)
-    assert [b.kind for b in batches] == ["chat-stream+tools", "chat+tools"]
+    assert [str(b.kind) for b in batches] == ["chat-stream+tools", "chat+tools"]
     assert "ignore_eos" not in batches[0].requests[0].body

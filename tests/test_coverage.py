@@ -8,10 +8,12 @@ import json
 import pytest
 
 from llmwarm import corpus
-from llmwarm.coverage import Coverage, Shape, Warmed, classify
-from llmwarm.profile import parse_profile
+from llmwarm.coverage import Coverage, Warmed, classify
+from llmwarm.kinds import Kind
+from llmwarm.profile import Profile, parse_profile
 from llmwarm.skeleton import Skeleton
 from tests.fakes import bucket, report
+from tests.fakes import shape as _shape
 
 
 def _read(raw: bytes) -> object:
@@ -33,9 +35,9 @@ def test_a_request_is_described_in_the_warm_ups_own_terms() -> None:
     body = _body(messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=20,
                  logprobs=True, top_logprobs=2, temperature=0.7)  # fmt: skip
     shape = classify("chat", body, b"data: " + USAGE + b"\n\ndata: [DONE]\n\n", 3, frozenset({"m"}))
-    assert shape == Shape("chat", True, ("logprobs", "sampling"), 512, 4, 32)
-    assert shape.kind == "chat-stream+logprobs+sampling"
-    assert shape.kinds() == ["chat-stream+logprobs", "chat-stream+sampling"]
+    assert shape == _shape("chat-stream+logprobs+sampling", 512, 4, 32)
+    assert str(shape.kind) == "chat-stream+logprobs+sampling"
+    assert list(map(str, shape.kind.singles())) == ["chat-stream+logprobs", "chat-stream+sampling"]
     assert shape.name == "chat-stream+logprobs+sampling p512-c4-o32"
 
 
@@ -43,15 +45,14 @@ def test_without_usage_the_prompt_length_is_estimated_from_its_text() -> None:
     body = _body(prompt="x" * 400, max_tokens=5)
     shape = classify("completions", body, b'{"choices":[]}', 1, frozenset({"m"}))
     assert shape is not None and shape.prompt_tokens == 128  # 400 chars at ~4 a token
-    assert shape.features == () and shape.kinds() == ["completions"]
+    assert shape.kind == Kind("completions") and shape.kind.singles() == [Kind("completions")]
 
 
 def test_another_model_name_is_an_adapter_and_pooling_has_no_output() -> None:
     lora = classify("completions", _body(model="sql", prompt="x"), USAGE, 1, frozenset({"m"}))
-    assert lora is not None and lora.features == ("lora:sql",)
-    assert lora.kinds() == ["completions+lora:sql"]
+    assert lora is not None and lora.kind == Kind.parse("completions+lora:sql")
     embed = classify("embeddings", _body(input="x"), USAGE, 1, frozenset({"m"}))
-    assert embed is not None and (embed.stream, embed.max_tokens) == (False, 1)
+    assert embed is not None and (embed.kind.stream, embed.max_tokens) == (False, 1)
 
 
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b""])
@@ -67,7 +68,7 @@ def test_a_5_mb_image_is_an_image_request_of_its_texts_length() -> None:
         max_tokens=16, stream=True,
     )  # fmt: skip
     shape = classify("chat", body, b"", 1, frozenset({"m"}))  # no usage: from the text
-    assert shape is not None and shape.features == ("image",)
+    assert shape is not None and shape.kind == Kind.parse("chat-stream+image")
     assert shape.prompt_tokens == 256  # 1,000 characters of text; the image is not text
 
 
@@ -88,16 +89,16 @@ def _warmed() -> Warmed:
 def test_covered_means_every_kind_warmed_and_the_shape_within_the_warmed_range() -> None:
     warmed = _warmed()
     assert warmed.prompt_tokens == 200 and warmed.concurrency == 4
-    plain = Shape("chat", True, (), 256, 4, 16)  # 256: the class of the 200-token bucket
+    plain = _shape("chat-stream", 256, 4, 16)  # 256: the class of the 200-token bucket
     assert warmed.misses(plain) == []
-    assert warmed.misses(Shape("chat", False, ("logprobs",), 16, 1, 16)) == []
-    assert warmed.misses(Shape("chat", False, ("image",), 16, 1, 16)) == []  # any size
-    assert warmed.misses(Shape("chat", True, ("logprobs", "n"), 512, 8, 16)) == [
+    assert warmed.misses(_shape("chat+logprobs", 16, 1, 16)) == []
+    assert warmed.misses(_shape("chat+image", 16, 1, 16)) == []  # any size
+    assert warmed.misses(_shape("chat-stream+logprobs+n", 512, 8, 16)) == [
         "kind chat-stream+n not warmed",
         "prompt class 512 above the warmed 200",
         "8 in flight above the warmed 4",
     ]
-    assert warmed.misses(Shape("responses", True, (), 16, 1, 16)) == [
+    assert warmed.misses(_shape("responses-stream", 16, 1, 16)) == [
         "kind responses-stream not warmed"
     ]
 
@@ -105,15 +106,15 @@ def test_covered_means_every_kind_warmed_and_the_shape_within_the_warmed_range()
 def test_the_warmed_kinds_of_a_report_are_those_it_sent() -> None:
     ran, cut = bucket(), bucket().model_copy(update={"prompt_tokens": 999, "rounds": []})
     warmed = Warmed.from_report(report(ran, cut))
-    assert warmed.kinds == frozenset({"c-stream", "c"})
+    assert warmed.kinds == {Kind.parse("completions-stream"), Kind("completions")}
     # a bucket the budget cut before its first round warmed nothing
     assert (warmed.prompt_tokens, warmed.concurrency) == (ran.prompt_tokens, ran.concurrency)
 
 
 def test_a_miss_costs_its_first_request_over_the_median_of_its_later_ones() -> None:
     coverage = Coverage(warmed=_warmed())
-    covered = Shape("chat", True, (), 16, 1, 16)
-    missed = Shape("chat", True, ("n",), 16, 1, 16)
+    covered = _shape("chat-stream", 16, 1, 16)
+    missed = _shape("chat-stream+n", 16, 1, 16)
     assert coverage.record(covered, 0.01) is True
     for latency in (0.9, 0.1, 0.3, 0.2):
         assert coverage.record(missed, latency) is False
@@ -131,8 +132,8 @@ def test_a_miss_costs_its_first_request_over_the_median_of_its_later_ones() -> N
 
 def test_a_kinds_misses_at_several_shapes_are_one_miss_with_every_reason() -> None:
     coverage = Coverage(warmed=_warmed())
-    coverage.record(Shape("chat", True, ("n",), 16, 1, 16), 0.4)
-    coverage.record(Shape("chat", True, ("n",), 1024, 1, 16), 0.2)
+    coverage.record(_shape("chat-stream+n", 16, 1, 16), 0.4)
+    coverage.record(_shape("chat-stream+n", 1024, 1, 16), 0.2)
     [miss] = coverage.summary()["uncovered_by_requests"]
     assert miss["shapes"] == ["p1024-c1-o16", "p16-c1-o16"]
     assert miss["why"] == [
@@ -144,7 +145,7 @@ def test_a_kinds_misses_at_several_shapes_are_one_miss_with_every_reason() -> No
 
 def test_a_rewarm_that_covers_a_miss_drops_it() -> None:
     coverage = Coverage(warmed=_warmed())
-    missed = Shape("chat", True, ("n",), 16, 1, 16)
+    missed = _shape("chat-stream+n", 16, 1, 16)
     coverage.record(missed, 0.5)
     profile = parse_profile(
         {"endpoints": ["chat"], "buckets": [{"prompt_tokens": 16, "concurrency": 1,
@@ -156,7 +157,7 @@ def test_a_rewarm_that_covers_a_miss_drops_it() -> None:
 
 def test_before_any_warm_up_nothing_is_covered() -> None:
     coverage = Coverage()
-    assert coverage.record(Shape("chat", False, (), 16, 1, 16), 0.1) is False
+    assert coverage.record(_shape("chat", 16, 1, 16), 0.1) is False
     assert coverage.summary()["uncovered_by_requests"][0]["why"] == ["no warm-up yet"]
 
 
@@ -166,17 +167,26 @@ def test_in_flight_counts_up_to_what_the_engine_runs_at_once() -> None:
     assert shape is not None and shape.concurrency == 4
 
 
-def test_kind_names_match_the_corpus() -> None:
-    assert Shape("completions", False, ("stop",), 16, 1, 16).kinds() == [
-        corpus.Kind("completions", False, "stop").name
-    ]
+def test_a_live_kind_needs_the_corpus_kind_of_each_of_its_features() -> None:
+    live = _shape("completions+stop", 16, 1, 16).kind
+    [sent] = [k for k in corpus.kinds(_profile_with("stop"), _profile_with("stop").buckets[0])
+              if k.feature.name == "stop" and not k.stream]  # fmt: skip
+    assert live.singles() == [sent]
+
+
+def _profile_with(feature: str) -> Profile:
+    return parse_profile(
+        {"endpoints": ["completions"], "features": {"use": [feature]},
+         "buckets": [{"prompt_tokens": 16, "concurrency": 1, "max_tokens": 8}]}
+    )  # fmt: skip
 
 
 def test_a_narrower_warm_up_takes_nothing_away_from_what_is_warm() -> None:
     # The defect: a re-warm with the `minimal` profile became what was warm, so kinds the
     # start-up warm-up had made warm counted as misses.
     coverage = Coverage()
-    coverage.warmed_more(Warmed.of([(512, 8, ["chat-stream+logprobs", "completions"])]))
-    coverage.warmed_more(Warmed.of([(16, 1, ["completions"])]))
-    assert coverage.record(Shape("chat", True, ("logprobs",), 512, 8, 16), 0.1) is True
-    assert coverage.warmed == Warmed(frozenset({"chat-stream+logprobs", "completions"}), 512, 8)
+    logprobs, plain = Kind.parse("chat-stream+logprobs"), Kind("completions")
+    coverage.warmed_more(Warmed.of([(512, 8, [logprobs, plain])]))
+    coverage.warmed_more(Warmed.of([(16, 1, [plain])]))
+    assert coverage.record(_shape("chat-stream+logprobs", 512, 8, 16), 0.1) is True
+    assert coverage.warmed == Warmed(frozenset({logprobs, plain}), 512, 8)

@@ -11,6 +11,7 @@ import pytest
 from llmwarm import corpus, endpoints, measure
 from llmwarm.corpus import WarmRequest, WordTokenizer
 from llmwarm.errors import WarmupError
+from llmwarm.kinds import Kind
 from llmwarm.profile import Profile, parse_profile
 
 
@@ -53,7 +54,7 @@ def test_unary_bodies(name: str, fields: set[str]) -> None:
 
 def test_pooling_endpoints_never_stream() -> None:
     profile = _profile("embeddings", "chat")
-    names = [k.name for k in corpus.kinds(profile, profile.buckets[0])]
+    names = [str(k) for k in corpus.kinds(profile, profile.buckets[0])]
     assert names == ["embeddings", "chat-stream", "chat"]
 
 
@@ -96,8 +97,7 @@ async def test_a_stream_that_sends_all_text_in_one_event_has_no_tpot() -> None:
             200, content=body.encode(), headers={"content-type": "text/event-stream"}
         )
 
-    req = WarmRequest(bucket="b", round=1, kind="messages-stream", endpoint="messages",
-                      stream=True, body={})  # fmt: skip
+    req = WarmRequest(bucket="b", round=1, kind=Kind.parse("messages-stream"), body={})
     async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
         sample = await measure.measure(c, req)
     assert sample.ttft_s is not None and sample.ttft_s > 0
@@ -137,8 +137,7 @@ async def test_an_output_with_no_text_still_has_its_first_token_timed(
     name: str, events: list[dict[str, Any]]
 ) -> None:
     # CI saw it: a random model's Messages stream that ended at once (no ignore_eos there)
-    req = WarmRequest(bucket="b", round=1, kind=f"{name}-stream", endpoint=name, stream=True,
-                      body={})  # fmt: skip
+    req = WarmRequest(bucket="b", round=1, kind=Kind.parse(f"{name}-stream"), body={})
     async with httpx.AsyncClient(transport=_sse_server(events), base_url="http://x") as c:
         sample = await measure.measure(c, req)
     assert sample.ttft_s is not None and 0 < sample.ttft_s <= sample.e2e_s
@@ -153,8 +152,7 @@ async def test_a_responses_stream_with_no_text_shows_no_first_token() -> None:
         {"type": "response.completed",
          "response": {"id": "r", "usage": {"input_tokens": 9, "output_tokens": 1}}},
     ]  # fmt: skip
-    req = WarmRequest(bucket="b", round=1, kind="responses-stream", endpoint="responses",
-                      stream=True, body={})  # fmt: skip
+    req = WarmRequest(bucket="b", round=1, kind=Kind.parse("responses-stream"), body={})
     async with httpx.AsyncClient(transport=_sse_server(events), base_url="http://x") as c:
         sample = await measure.measure(c, req)
     assert sample.ttft_s is None and sample.e2e_s > 0
@@ -174,8 +172,7 @@ async def test_an_answer_that_is_not_json_is_a_warm_up_failure_naming_it(
 ) -> None:
     # a proxy's HTML error page, a server that is not vLLM: a failure report, not a traceback
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=content))
-    req = WarmRequest(bucket="b", round=1, kind="completions", endpoint="completions",
-                      stream=stream, body={})  # fmt: skip
+    req = WarmRequest(bucket="b", round=1, kind=Kind("completions", stream), body={})
     async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
         with pytest.raises(WarmupError) as info:
             await measure.measure(c, req)
@@ -198,8 +195,7 @@ async def test_a_failure_vllm_asks_to_retry_is_sent_once_more(status: int) -> No
         sent.append(request)
         return answers.pop(0)
 
-    req = WarmRequest(bucket="b", round=1, kind="completions", endpoint="completions",
-                      stream=False, body={})  # fmt: skip
+    req = WarmRequest(bucket="b", round=1, kind=Kind("completions"), body={})
     async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
         sample = await measure.measure(c, req)
     assert len(sent) == 2 and (sample.prompt_tokens, sample.output_tokens) == (9, 1)
@@ -215,8 +211,7 @@ async def test_twice_is_a_failure_and_a_client_error_is_never_retried(
         sent.append(request)
         return httpx.Response(status, json={"error": {"message": "no"}})
 
-    req = WarmRequest(bucket="b", round=1, kind="completions", endpoint="completions",
-                      stream=False, body={})  # fmt: skip
+    req = WarmRequest(bucket="b", round=1, kind=Kind("completions"), body={})
     async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
         with pytest.raises(WarmupError, match="warm-up request failed"):
             await measure.measure(c, req)

@@ -5,7 +5,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from llmwarm.features import DEFAULT_SCHEMA, Features, body
+from llmwarm.features import DEFAULT_SCHEMA, Feature, Features, apply
+
+
+def body(feature: str, endpoint: str, features: Features) -> dict[str, Any]:
+    """The body fields one feature adds on one endpoint."""
+    return apply(Feature.parse(feature), endpoint, features, {})
 
 
 @pytest.mark.parametrize(
@@ -40,7 +45,7 @@ def test_regex_and_grammar_use_the_configured_text() -> None:
 
 def test_lora_expands_to_one_kind_per_adapter() -> None:
     features = Features(use=["greedy", "lora", "logprobs"], lora=["a", "b"])
-    assert features.kinds() == ["greedy", "lora:a", "lora:b", "logprobs"]
+    assert list(map(str, features.features())) == ["greedy", "lora:a", "lora:b", "logprobs"]
 
 
 @pytest.mark.parametrize(
@@ -58,9 +63,14 @@ def test_bad_features(fields: dict[str, object], says: str) -> None:
         Features.model_validate(fields)
 
 
-def test_unknown_feature_body() -> None:
-    with pytest.raises(ValueError, match="unknown feature"):
-        body("telepathy", "chat", Features())
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [("telepathy", "unknown feature 'telepathy'"), ("logprobs:5", "takes no argument"),
+     ("lora", "needs an adapter name"), ("lora:", "takes no argument")],
+)  # fmt: skip
+def test_a_feature_that_is_not_one_says_what_is_off(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        Feature.parse(text)
 
 
 def test_tools_is_a_named_tool_call() -> None:
@@ -78,10 +88,10 @@ def test_images_are_one_kind_per_size_and_real_pngs() -> None:
     from llmwarm.features import apply, image_data_url, in_body
 
     features = Features(use=["greedy", "image"], images=["64x48", "300x200"])
-    assert features.kinds() == ["greedy", "image:64x48", "image:300x200"]
+    assert list(map(str, features.features())) == ["greedy", "image:64x48", "image:300x200"]
     messages = [{"role": "user", "content": "describe"}]
     request: dict[str, Any] = {"messages": messages, "max_tokens": 4}
-    with_image = apply("image:300x200", "chat", features, request)
+    with_image = apply(Feature.parse("image:300x200"), "chat", features, request)
     text, image = with_image["messages"][0]["content"]
     assert text == {"type": "text", "text": "describe"}
     url = image["image_url"]["url"]

@@ -42,7 +42,10 @@ def test_lora_needs_lora_enabled_and_known_adapters() -> None:
         for_engine(profile, shape)
     assert info.value.problems == [("features.lora", "no such adapter (--lora-modules): chat")]
     shape = EngineShape(**{**SHAPE.__dict__, "lora_enabled": True, "lora": ["sql", "chat"]})
-    assert for_engine(profile, shape).features.kinds() == ["lora:sql", "lora:chat"]
+    assert list(map(str, for_engine(profile, shape).features.features())) == [
+        "lora:sql",
+        "lora:chat",
+    ]
 
 
 def test_with_adapters_warms_every_listed_adapter_once() -> None:
@@ -50,7 +53,7 @@ def test_with_adapters_warms_every_listed_adapter_once() -> None:
     assert with_adapters(plain, []) is plain
     both = with_adapters(plain, ["sql", "chat"])
     assert both.features.use == ["greedy", "lora"]
-    assert both.features.kinds() == ["greedy", "lora:sql", "lora:chat"]
+    assert list(map(str, both.features.features())) == ["greedy", "lora:sql", "lora:chat"]
     named = parse_profile({"buckets": [BUCKET], "features": {"use": ["lora"], "lora": ["sql"]}})
     assert with_adapters(named, ["chat", "sql"]).features.lora == ["sql", "chat"]
 

@@ -19,13 +19,14 @@ from llmwarm.fit import EngineShape, for_engine
 from llmwarm.profile import load_profile, parse_profile
 from tests.conftest import serving
 from tests.fakes import MINIMAL_PROFILE
+from tests.fakes import shape as _shape
 
 ENGINE = EngineShape(
     max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512,
     endpoints=frozenset(endpoints.GENERATE),
 )  # fmt: skip
-PENALTIES = Shape("chat", True, ("penalties",), 512, 1, 16)
-WIDE = Shape("completions", False, (), 16, 8, 8)
+PENALTIES = _shape("chat-stream+penalties", 512, 1, 16)
+WIDE = _shape("completions", 16, 8, 8)
 
 
 def test_a_learn_file_round_trips(tmp_path: Path) -> None:
@@ -60,7 +61,7 @@ def test_a_bad_learn_file_is_set_aside_with_a_warning_never_lost(
 
 def test_the_profile_learns_the_shapes_it_would_miss() -> None:
     profile = for_engine(load_profile(MINIMAL_PROFILE), ENGINE)
-    covered = Shape("completions", True, (), 16, 1, 8)
+    covered = _shape("completions-stream", 16, 1, 8)
     counts = Counter({PENALTIES: 5, WIDE: 2, covered: 50})
     assert Warmed.from_profile(profile).misses(covered) == []
     extended, learned = learn.extend(profile, counts, ENGINE, "learned.json")
@@ -77,7 +78,7 @@ def test_the_profile_learns_the_shapes_it_would_miss() -> None:
 
 def test_a_shape_the_engine_cannot_take_is_left_out() -> None:
     profile = for_engine(load_profile(MINIMAL_PROFILE), ENGINE)
-    adapter = Shape("chat", False, ("lora:gone",), 16, 1, 8)  # no LoRA on this engine
+    adapter = _shape("chat+lora:gone", 16, 1, 8)  # no LoRA on this engine
     extended, learned = learn.extend(profile, Counter({adapter: 9}), ENGINE, "f")
     assert learned is None and extended == profile
 
@@ -86,14 +87,14 @@ def test_at_most_a_few_buckets_are_learned() -> None:
     profile = for_engine(load_profile(MINIMAL_PROFILE), ENGINE)
     names = ["sampling", "penalties", "n", "stop", "json_object", "regex"]
     # most requested first, each longer than the last: every one needs a bucket of its own
-    many = Counter({Shape("completions", False, (f,), 128 << i, 1, 8): 10 - i
+    many = Counter({_shape("completions", 128 << i, 1, 8): 10 - i
                     for i, f in enumerate(names)})  # fmt: skip
     _, learned = learn.extend(profile, many, ENGINE, "f")
     assert learned is not None and len(learned.buckets) == learn.MAX_LEARNED_BUCKETS
 
 
 def test_a_learned_prompt_is_clamped_to_the_engine(tmp_path: Path) -> None:
-    long = Shape("completions", False, (), 1024, 1, 16)  # served, so at most max_model_len
+    long = _shape("completions", 1024, 1, 16)  # served, so at most max_model_len
     profile = for_engine(load_profile(MINIMAL_PROFILE), ENGINE)
     extended, learned = learn.extend(profile, Counter({long: 1}), ENGINE, "f")
     assert learned is not None
@@ -109,8 +110,9 @@ def _write(path: Path, counts: Counter[Shape]) -> Path:
 
 def test_from_coverage_merges_the_files_of_a_fleet(tmp_path: Path) -> None:
     one = _write(tmp_path / "a.json", Counter({PENALTIES: 30, WIDE: 1}))
-    two = _write(tmp_path / "b.json", Counter({PENALTIES: 10, Shape("chat", False,
-                                               ("lora:sql",), 16, 1, 8): 60}))  # fmt: skip
+    two = _write(
+        tmp_path / "b.json", Counter({PENALTIES: 10, _shape("chat+lora:sql", 16, 1, 8): 60})
+    )
     result = CliRunner().invoke(app, ["profile", "from-coverage", str(one), str(two),
                                       "--coverage", "0.9"])  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -13,6 +13,7 @@ from llmwarm.report import JitEvents
 from llmwarm.state import RunState, WarmupProgress
 from tests.fakes import INNER, report
 from tests.fakes import bucket as _bucket
+from tests.fakes import shape as _shape
 
 
 def _scrape(state: RunState) -> str:
@@ -94,14 +95,13 @@ def _documented() -> list[tuple[str, str, set[str]]]:
 
 def test_every_metric_and_label_the_docs_name_is_exported() -> None:
     # The defect: the README documented `llmwarm_cold_miss_ratio{shape}`; the label is `kind`.
-    from llmwarm.coverage import Shape
 
     state = RunState(window=2, engine_start_s=30.0)
     state.warmup = WarmupProgress(window=2, started=time.perf_counter() - 2)
     state.warmup.buckets["p4-c1-o8"] = _bucket()
     state.report = report()
     state.jit = JitEvents(active=True, warmup=3, serving=0)
-    shape = Shape("chat", True, ("penalties",), 512, 1, 16)
+    shape = _shape("chat-stream+penalties", 512, 1, 16)
     state.coverage.record(shape, 0.2)
     state.coverage.record(shape, 0.1)
     exported = _exported(state)

@@ -32,12 +32,12 @@ def test_requests_sent_together_are_one_sample_of_the_rule() -> None:
     # a round of three batches: two requests at once in a neighbour's burst, then two in a
     # quiet moment, then one; the rule gets one value a batch (its median), not five
     at_once = [
-        sample("c-stream", 0.4, 0.1, 0.035).model_copy(update={"batch": 0}),
-        sample("c-stream", 0.4, 0.1, 0.033).model_copy(update={"batch": 0}),
-        sample("c", 0.2).model_copy(update={"batch": 1}),  # no TPOT: no value of it
-        sample("c-stream", 0.2, 0.1, 0.017).model_copy(update={"batch": 2}),
-        sample("c-stream", 0.2, 0.1, 0.019).model_copy(update={"batch": 2}),
-        sample("c-stream", 0.2, 0.1, 0.018).model_copy(update={"batch": 3}),
+        sample("completions-stream", 0.4, 0.1, 0.035).model_copy(update={"batch": 0}),
+        sample("completions-stream", 0.4, 0.1, 0.033).model_copy(update={"batch": 0}),
+        sample("completions", 0.2).model_copy(update={"batch": 1}),  # no TPOT: no value of it
+        sample("completions-stream", 0.2, 0.1, 0.017).model_copy(update={"batch": 2}),
+        sample("completions-stream", 0.2, 0.1, 0.019).model_copy(update={"batch": 2}),
+        sample("completions-stream", 0.2, 0.1, 0.018).model_copy(update={"batch": 3}),
     ]
     b = bucket().model_copy(update={"rounds": [RoundResult(round=1, samples=at_once)]})
     assert b.values("tpot") == [[pytest.approx(0.034), pytest.approx(0.018), 0.018]]
@@ -98,9 +98,10 @@ def test_summary_is_short() -> None:
 
 def test_a_features_cold_is_its_sweep_and_its_warm_its_check() -> None:
     b = bucket()
-    b.sweep = RoundResult(round=1, samples=[sample("c+logprobs", 0.8), sample("c+logprobs", 0.6)])
-    b.check = RoundResult(round=3, samples=[sample("c+logprobs", 0.2)])
-    kinds = {k.kind: k for k in make_report(b).kinds}
-    assert kinds["c+logprobs"].cold_e2e_s == 0.7 and kinds["c+logprobs"].warm_e2e_s == 0.2
+    logprobs = "completions+logprobs"
+    b.sweep = RoundResult(round=1, samples=[sample(logprobs, 0.8), sample(logprobs, 0.6)])
+    b.check = RoundResult(round=3, samples=[sample(logprobs, 0.2)])
+    kinds = {str(k.kind): k for k in make_report(b).kinds}
+    assert kinds[logprobs].cold_e2e_s == 0.7 and kinds[logprobs].warm_e2e_s == 0.2
     # the plain kinds keep round 1 against the last window (window 2: rounds 2 and 3)
-    assert kinds["c"].cold_e2e_s == 0.7 and kinds["c"].warm_e2e_s == 0.2
+    assert kinds["completions"].cold_e2e_s == 0.7 and kinds["completions"].warm_e2e_s == 0.2

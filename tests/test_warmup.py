@@ -55,15 +55,15 @@ async def test_run_measures_every_request_until_converged(fake_url: str) -> None
         assert len(rnd.samples) == 2 * 2
         for s in rnd.samples:
             assert s.output_tokens == 5 and s.prompt_tokens == 7
-            if s.kind.endswith("-stream"):
+            if s.kind.stream:
                 assert s.ttft_s is not None and s.tpot_s is not None
                 assert s.tpot_s > 0 and s.ttft_s > 0
                 assert s.e2e_s >= s.ttft_s + 4 * s.tpot_s
             else:
                 assert s.ttft_s is None and s.tpot_s is None
             assert s.e2e_s > 0
-    assert {s.kind for s in bucket.rounds[0].samples} == {"completions", "completions-stream"}
-    assert {s.kind for s in bucket.sweep.samples} == {"chat", "chat-stream"}
+    assert {str(s.kind) for s in bucket.rounds[0].samples} == {"completions", "completions-stream"}
+    assert {str(s.kind) for s in bucket.sweep.samples} == {"chat", "chat-stream"}
     assert bucket.max_in_flight == 2
 
 
@@ -76,12 +76,12 @@ async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
     [bucket] = outcome.buckets
     repeated = {"completions-stream", "completions"}
     # every round repeats the first endpoint, plain, whatever round it converged at
-    assert all({s.kind for s in r.samples} == repeated for r in bucket.rounds)
+    assert all({str(s.kind) for s in r.samples} == repeated for r in bucket.rounds)
     assert bucket.sweep is not None and bucket.check is not None
     plain = {*repeated, "chat-stream", "chat"}
     once = {"chat-stream", "chat"} | {f"{k}+{f}" for k in plain for f in ("logprobs", "stop")}
-    assert {s.kind for s in bucket.sweep.samples} == once
-    assert {s.kind for s in bucket.check.samples} == once
+    assert {str(s.kind) for s in bucket.sweep.samples} == once
+    assert {str(s.kind) for s in bucket.check.samples} == once
     assert len(bucket.sweep.samples) == len(bucket.check.samples) == 10 * 2  # x concurrency
     assert bucket.sweep.round == 1 and bucket.check.round == len(bucket.rounds)
     assert 2 <= len(bucket.rounds) <= rule.max_rounds
@@ -145,11 +145,11 @@ async def test_a_bucket_without_features_sweeps_only_the_other_endpoints(fake_ur
     outcome = await _run(fake_url, profile)
     featured, plain = outcome.buckets
     assert featured.sweep is not None and plain.sweep is not None and plain.check is not None
-    assert {s.kind for s in featured.sweep.samples} == {
+    assert {str(s.kind) for s in featured.sweep.samples} == {
         "chat-stream", "chat", "completions-stream+logprobs", "completions+logprobs",
         "chat-stream+logprobs", "chat+logprobs",
     }  # fmt: skip
-    assert {s.kind for s in plain.sweep.samples} == {"chat-stream", "chat"}
+    assert {str(s.kind) for s in plain.sweep.samples} == {"chat-stream", "chat"}
 
 
 async def test_a_server_that_keeps_slowing_down_stops_at_max_rounds(fake_url: str) -> None:
