@@ -255,13 +255,17 @@ SPECS: dict[str, Spec] = {
 _ARGUMENT = {"lora": "an adapter name", "image": "WIDTHxHEIGHT"}
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class Feature:
     """One feature as a request kind carries it: its name, and its argument where it takes
     one. One string form (`logprobs`, `lora:sql`, `image:224x224`) and one parser."""
 
     name: str
     arg: str | None = None
+
+    def __lt__(self, other: Feature) -> bool:
+        return (self.name, self.arg or "") < (other.name, other.arg or "")
 
     def __post_init__(self) -> None:
         if self.name not in SPECS:
