@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -10,17 +11,29 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.progress import Progress as Bar
 
 if TYPE_CHECKING:
-    from llmwarm.warmup import Progress as RoundDone
+    from llmwarm.report import BucketResult
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the warm-up is, after each round."""
+
+    bucket_index: int  # 1-based
+    buckets: int
+    bucket: BucketResult  # live: it grows as later rounds run
+    round: int  # the round just done
+    requests: int  # sent so far
+    bucket_done: bool  # converged, or its last allowed round
 
 
 class ProgressView:
@@ -30,12 +43,12 @@ class ProgressView:
         self.console = console or Console(stderr=True)
         self.buckets = buckets
         self.metric = metric
-        self.bar: Progress | None = None
+        self.bar: Bar | None = None
         self.task: TaskID | None = None
 
     def __enter__(self) -> ProgressView:
         if self.console.is_terminal:
-            self.bar = Progress(
+            self.bar = Bar(
                 TextColumn("[bold]warming[/]"),
                 BarColumn(),
                 MofNCompleteColumn(),
@@ -59,7 +72,7 @@ class ProgressView:
         if self.bar is not None:
             self.bar.stop()
 
-    def update(self, p: RoundDone) -> None:
+    def update(self, p: Progress) -> None:
         b = p.bucket
         series = b.series(self.metric)
         latest = f"{series[-1] * 1000:.2f} ms" if series else "-"

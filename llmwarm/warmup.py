@@ -29,7 +29,7 @@ from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape, for_engine, with_adapters
 from llmwarm.kinds import Kind
 from llmwarm.profile import Bucket, Profile
-from llmwarm.progress import ProgressView
+from llmwarm.progress import Progress, ProgressView
 from llmwarm.report import (
     BucketResult,
     KvFillResult,
@@ -61,18 +61,6 @@ async def served_adapters(client: httpx.AsyncClient, model: str) -> list[str]:
             "cannot list the served LoRA adapters", problems=[("GET /v1/models", str(exc))]
         ) from None
     return [m["id"] for m in listed if m.get("parent") and m["id"] != model]
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where the warm-up is, after each round."""
-
-    bucket_index: int  # 1-based
-    buckets: int
-    bucket: BucketResult  # live: it grows as later rounds run
-    round: int  # the round just done
-    requests: int  # sent so far
-    bucket_done: bool  # converged, or its last allowed round
 
 
 async def _round(

@@ -6,8 +6,7 @@ import logging
 import pytest
 from rich.console import Console
 
-from llmwarm.progress import ProgressView
-from llmwarm.warmup import Progress
+from llmwarm.progress import Progress, ProgressView
 from tests.fakes import bucket as _bucket
 
 

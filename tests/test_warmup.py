@@ -10,6 +10,7 @@ from llmwarm.corpus import Corpus, WordTokenizer
 from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape
 from llmwarm.profile import Profile, parse_profile
+from llmwarm.progress import Progress
 from llmwarm.report import Outcome
 from tests.fakes import PACE, bucket, report
 
@@ -31,7 +32,7 @@ async def _run(url: str, profile: Profile, on_round=lambda p: None) -> Outcome: 
 
 
 async def test_run_measures_every_request_until_converged(fake_url: str) -> None:
-    seen: list[warmup.Progress] = []
+    seen: list[Progress] = []
     # whole-request latency of a steady server: 5 tokens 10 ms apart, every round
     rule = {"metric": "e2e", "window": 2, "spread": 0.5, "min_rounds": 2, "max_rounds": 10}
     outcome = await _run(fake_url, _profile(convergence=rule), on_round=seen.append)
