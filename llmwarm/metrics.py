@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import (
@@ -33,7 +34,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from llmwarm.state import Phase, RunState
+from llmwarm.state import Phase, RunState, WarmupProgress
+
+if TYPE_CHECKING:
+    from llmwarm.coverage import Coverage
+    from llmwarm.report import JitEvents
 
 
 class WarmupCollector(Collector):
@@ -42,85 +47,99 @@ class WarmupCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         state = self.state
-        live = state.warmup
         yield StateSetMetricFamily(
             "llmwarm_phase",
             "The llmwarm phase this server is in.",
             value={phase.value: phase is state.phase for phase in Phase},
         )
-        if state.engine_start_s is not None:
-            yield GaugeMetricFamily(
-                "llmwarm_engine_start_seconds",
-                "Seconds from engine start to engine ready.",
-                value=state.engine_start_s,
-            )
-        elapsed = live.elapsed()
-        if elapsed is not None:
-            yield GaugeMetricFamily(
-                "llmwarm_warmup_seconds", "Seconds of warm-up, so far or in all.", value=elapsed
-            )
-            yield GaugeMetricFamily(
-                "llmwarm_warmup_requests", "Warm-up requests sent.", value=live.requests
-            )
-        rounds = GaugeMetricFamily(
-            "llmwarm_bucket_rounds", "Warm-up rounds run per bucket.", labels=["bucket"]
-        )
-        converged = GaugeMetricFamily(
-            "llmwarm_bucket_converged", "1 once a bucket's latency converged.", labels=["bucket"]
-        )
-        ttft = GaugeMetricFamily(
-            "llmwarm_bucket_warm_ttft_seconds",
-            "Warm median time to first token per bucket.",
-            labels=["bucket"],
-        )
-        tpot = GaugeMetricFamily(
-            "llmwarm_bucket_warm_tpot_seconds",
-            "Warm median time per output token per bucket.",
-            labels=["bucket"],
-        )
-        for name, bucket in live.buckets.items():
-            rounds.add_metric([name], len(bucket.rounds))
-            converged.add_metric([name], 1.0 if bucket.converged else 0.0)
-            for family, metric in ((ttft, "ttft"), (tpot, "tpot")):
-                value = bucket.warm(metric, live.window)
-                if value is not None:
-                    family.add_metric([name], value)
-        yield from (rounds, converged, ttft, tpot)
+        yield from _warmup(state)
+        yield from _buckets(state.warmup)
         if state.jit is not None:
-            yield GaugeMetricFamily(
-                "llmwarm_jit_monitor_active",
-                "1 if vLLM's JIT monitor runs (GPU workers).",
-                value=1.0 if state.jit.active else 0.0,
-            )
-            events = CounterMetricFamily(
-                "llmwarm_jit_events",
-                "vLLM JIT-monitor events (kernel compiles, autotuning) by llmwarm phase: during "
-                "the warm-ups (caught) and after the gate opened (missed).",
-                labels=["phase"],
-            )
-            events.add_metric(["warmup"], state.jit.warmup)
-            events.add_metric(["serving"], state.jit.serving)
-            yield events
-        coverage = state.coverage
-        requests = CounterMetricFamily(
-            "llmwarm_requests",
-            "User requests to an endpoint, by whether the last warm-up covered their kind and "
-            "shape (GET /warmup/coverage says why not).",
-            labels=["covered"],
+            yield from _jit(state.jit)
+        yield from _coverage(state.coverage)
+
+
+def _warmup(state: RunState) -> Iterable[Metric]:
+    if state.engine_start_s is not None:
+        yield GaugeMetricFamily(
+            "llmwarm_engine_start_seconds",
+            "Seconds from engine start to engine ready.",
+            value=state.engine_start_s,
         )
-        requests.add_metric(["true"], coverage.covered)
-        requests.add_metric(["false"], coverage.uncovered)
-        yield requests
-        ratio = GaugeMetricFamily(
-            "llmwarm_cold_miss_ratio",
-            "Per uncovered request kind: its first request's latency (TTFT for streams, end to "
-            "end otherwise) over the median of its later ones.",
-            labels=["kind"],
+    elapsed = state.warmup.elapsed()
+    if elapsed is not None:
+        yield GaugeMetricFamily(
+            "llmwarm_warmup_seconds", "Seconds of warm-up, so far or in all.", value=elapsed
         )
-        for kind, miss in coverage.misses.items():
-            if miss.ratio is not None:
-                ratio.add_metric([str(kind)], miss.ratio)
-        yield ratio
+        yield GaugeMetricFamily(
+            "llmwarm_warmup_requests", "Warm-up requests sent.", value=state.warmup.requests
+        )
+
+
+def _buckets(live: WarmupProgress) -> Iterable[Metric]:
+    rounds = GaugeMetricFamily(
+        "llmwarm_bucket_rounds", "Warm-up rounds run per bucket.", labels=["bucket"]
+    )
+    converged = GaugeMetricFamily(
+        "llmwarm_bucket_converged", "1 once a bucket's latency converged.", labels=["bucket"]
+    )
+    ttft = GaugeMetricFamily(
+        "llmwarm_bucket_warm_ttft_seconds",
+        "Warm median time to first token per bucket.",
+        labels=["bucket"],
+    )
+    tpot = GaugeMetricFamily(
+        "llmwarm_bucket_warm_tpot_seconds",
+        "Warm median time per output token per bucket.",
+        labels=["bucket"],
+    )
+    for name, bucket in list(live.buckets.items()):
+        rounds.add_metric([name], len(bucket.rounds))
+        converged.add_metric([name], 1.0 if bucket.converged else 0.0)
+        for family, metric in ((ttft, "ttft"), (tpot, "tpot")):
+            value = bucket.warm(metric, live.window)
+            if value is not None:
+                family.add_metric([name], value)
+    yield from (rounds, converged, ttft, tpot)
+
+
+def _jit(jit: JitEvents) -> Iterable[Metric]:
+    yield GaugeMetricFamily(
+        "llmwarm_jit_monitor_active",
+        "1 if vLLM's JIT monitor runs (GPU workers).",
+        value=1.0 if jit.active else 0.0,
+    )
+    events = CounterMetricFamily(
+        "llmwarm_jit_events",
+        "vLLM JIT-monitor events (kernel compiles, autotuning) by llmwarm phase: during "
+        "the warm-ups (caught) and after the gate opened (missed).",
+        labels=["phase"],
+    )
+    events.add_metric(["warmup"], jit.warmup)
+    events.add_metric(["serving"], jit.serving)
+    yield events
+
+
+def _coverage(coverage: Coverage) -> Iterable[Metric]:
+    requests = CounterMetricFamily(
+        "llmwarm_requests",
+        "User requests to an endpoint, by whether the warm-ups covered their kind and shape "
+        "(GET /warmup/coverage says why not).",
+        labels=["covered"],
+    )
+    requests.add_metric(["true"], coverage.covered)
+    requests.add_metric(["false"], coverage.uncovered)
+    yield requests
+    ratio = GaugeMetricFamily(
+        "llmwarm_cold_miss_ratio",
+        "Per uncovered request kind: its first request's latency (TTFT for streams, end to "
+        "end otherwise) over the median of its later ones.",
+        labels=["kind"],
+    )
+    for kind, miss in list(coverage.misses.items()):
+        if miss.ratio is not None:
+            ratio.add_metric([str(kind)], miss.ratio)
+    yield ratio
 
 
 @contextlib.contextmanager

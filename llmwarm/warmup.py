@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
 import httpx
@@ -119,48 +119,68 @@ async def rounds(
     buckets' time included (those always run): one the time does not reach is `skipped`, one
     it cuts `budget` (the warm-up stays converged).
     """
-    profile = requests.profile
-    rule = profile.convergence
-    deadline = profile.budget.max_seconds
-    max_requests = profile.budget.max_requests
-    start = time.perf_counter()
-    results = [
-        BucketResult(
-            name=b.name,
-            prompt_tokens=b.prompt_tokens,
-            concurrency=b.concurrency,
-            max_tokens=b.max_tokens,
-            optional=b.optional,
-        )
-        for b in profile.buckets
-    ]
-    sent = 0
-    budget_exhausted = False
+    return await _Rounds(client, requests, on_round, running, optional_seconds).run()
 
-    def optional_time_out() -> bool:
-        return optional_seconds is not None and time.perf_counter() - start >= optional_seconds
 
-    for index, (bucket, result) in enumerate(zip(profile.buckets, results, strict=True), 1):
-        cut = False
+@dataclass
+class _Rounds:
+    """One warm-up's rounds: what `rounds` runs, and what it has counted so far."""
+
+    client: httpx.AsyncClient
+    requests: Corpus
+    on_round: Callable[[Progress], None]
+    running: Callable[[], int | None]
+    optional_seconds: float | None
+    sent: int = 0
+    budget_exhausted: bool = False
+    start: float = field(default_factory=time.perf_counter)
+
+    async def run(self) -> Outcome:
+        buckets = self.requests.profile.buckets
+        results = [
+            BucketResult(
+                name=b.name, prompt_tokens=b.prompt_tokens, concurrency=b.concurrency,
+                max_tokens=b.max_tokens, optional=b.optional,
+            )
+            for b in buckets
+        ]  # fmt: skip
+        for index, (bucket, result) in enumerate(zip(buckets, results, strict=True), 1):
+            cut = await self._bucket(
+                bucket, result, Progress(index, len(buckets), result, 0, 0, False)
+            )
+            await self._finish(bucket, result, cut)
+        return Outcome(buckets=results, requests=self.sent, budget_exhausted=self.budget_exhausted)
+
+    def _out_of_budget(self) -> bool:
+        budget = self.requests.profile.budget
+        elapsed = time.perf_counter() - self.start
+        out_of_time = budget.max_seconds is not None and elapsed >= budget.max_seconds
+        out_of_requests = budget.max_requests is not None and self.sent >= budget.max_requests
+        self.budget_exhausted |= out_of_time or out_of_requests
+        return self.budget_exhausted
+
+    def _optional_cut(self, bucket: Bucket) -> bool:
+        limit = self.optional_seconds
+        return bucket.optional and limit is not None and time.perf_counter() - self.start >= limit
+
+    async def _bucket(self, bucket: Bucket, result: BucketResult, where: Progress) -> bool:
+        """Its rounds until it converges (or a limit); whether the optional time cut it."""
+        rule = self.requests.profile.convergence
         wanted = corpus.sampled_batches(None)
         for round_ in range(1, rule.max_rounds + 1):
-            out_of_time = deadline is not None and time.perf_counter() - start >= deadline
-            out_of_requests = max_requests is not None and sent >= max_requests
-            if out_of_time or out_of_requests:
-                budget_exhausted = True
-                break
-            if bucket.optional and optional_time_out():
-                cut = True
-                break
-            running()  # from this round on
-            samples = await _round(client, requests, bucket, round_, wanted)
-            if (peak := running()) is not None:
+            if self._out_of_budget():
+                return False
+            if self._optional_cut(bucket):
+                return True
+            self.running()  # from this round on
+            samples = await _round(self.client, self.requests, bucket, round_, wanted)
+            if (peak := self.running()) is not None:
                 result.max_running = max(result.max_running or 0, peak)
-            sent += len(samples)
+            self.sent += len(samples)
             result.rounds.append(RoundResult(round=round_, samples=samples))
             if round_ == 1:
-                result.sweep = await _sweep(client, requests, bucket, 1)
-                sent += len(result.sweep.samples) if result.sweep else 0
+                result.sweep = await _sweep(self.client, self.requests, bucket, 1)
+                self.sent += len(result.sweep.samples) if result.sweep else 0
             verdict = convergence.check(result.values(rule.metric), rule)
             result.noise = verdict.noise
             wanted = max(wanted, corpus.sampled_batches(verdict))
@@ -168,18 +188,22 @@ async def rounds(
             if verdict.converged:
                 result.converged_at = round_
             done = verdict.converged or round_ == rule.max_rounds
-            on_round(Progress(index, len(results), result, round_, sent, done))
+            self.on_round(replace(where, round=round_, requests=self.sent, bucket_done=done))
             if verdict.converged:
                 break
-        if result.sweep is not None and not (budget_exhausted or cut):
+        return False
+
+    async def _finish(self, bucket: Bucket, result: BucketResult, cut: bool) -> None:
+        """The check (its sweep again) unless a limit stopped it, and why its rounds ended."""
+        if result.sweep is not None and not (self.budget_exhausted or cut):
             last = len(result.rounds)
-            result.check = await _sweep(client, requests, bucket, last)
-            sent += len(result.check.samples) if result.check else 0
+            result.check = await _sweep(self.client, self.requests, bucket, last)
+            self.sent += len(result.check.samples) if result.check else 0
         if result.converged:
             result.stop_reason = "converged"
         elif cut and not result.rounds:
             result.stop_reason = "skipped"
-        elif cut or budget_exhausted:
+        elif cut or self.budget_exhausted:
             result.stop_reason = "budget"
         else:
             result.stop_reason = "max_rounds"
@@ -188,7 +212,6 @@ async def rounds(
                 "bucket %s asked for %d requests at once; at most %d were in flight",
                 bucket.name, bucket.concurrency, result.max_in_flight,
             )  # fmt: skip
-    return Outcome(buckets=results, requests=sent, budget_exhausted=budget_exhausted)
 
 
 async def fill_kv(
