@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -256,7 +257,7 @@ class Lifecycle:
             self.state.engine_start_s = eng.start_s
             logger.info("engine started in %.1f s; warming up", eng.start_s)
             if settings.cache_dir is not None and settings.mode != "bake":
-                caches.check(settings.cache_dir, self._manifest(eng))
+                caches.check(settings.cache_dir, _manifest(settings, eng))
             try:
                 app = await eng.build_app(self.http.vllm_stop)
                 self.state.warming(app)
@@ -274,7 +275,7 @@ class Lifecycle:
                 _show_and_judge(report, settings)
                 if settings.mode == "bake":
                     assert settings.cache_dir is not None  # settings.resolve requires it
-                    caches.bake(settings.cache_dir, self._manifest(eng))
+                    caches.bake(settings.cache_dir, _manifest(settings, eng))
                 if settings.serve:
                     await self._serve(eng, app)
                 return report
@@ -302,8 +303,9 @@ class Lifecycle:
             self.state.serving()
             logger.info("warm: serving on %s", self.http.listen_url)
             watches = [asyncio.create_task(_watch_jit(eng, self.state))]
+            learned = functools.partial(_write_learned, self.state.coverage, self.settings)
             if self._learn_writable:
-                watches.append(asyncio.create_task(_keep_learning(self._write_learned)))
+                watches.append(asyncio.create_task(_keep_learning(learned)))
             try:
                 await _serve_until_stopped(self.stop, self.http, eng)
             finally:
@@ -315,23 +317,7 @@ class Lifecycle:
                 # vLLM's --shutdown-timeout: how long in-flight requests may drain
                 await self.http.stop(grace=self.settings.vllm_args.shutdown_timeout)
                 if self._learn_writable:
-                    await self._write_learned()
-
-    async def _write_learned(self) -> None:
-        """The learn file, when traffic changed it (in a thread: a slow disk, an fsync); a
-        failed write is logged (serving goes on, the next write tries again)."""
-        coverage, path = self.state.coverage, self.settings.learn_path
-        if path is None or not coverage.changed:
-            return
-        coverage.changed = False
-        shapes = coverage.all_shapes()
-        try:
-            await asyncio.to_thread(learn.write, path, shapes, self.settings.model)
-        except WriteError as exc:
-            coverage.changed = True
-            logger.error("%s", "\n".join(render(exc.message, exc.problems)))
-            return
-        logger.info("learn file written: %s", path)
+                    await learned()
 
     async def _publish(self, report: Report) -> None:
         """A warm-up's report becomes the one the server shows and writes; a finished one also
@@ -356,43 +342,64 @@ class Lifecycle:
         await self._warmups.engine.jit_phase(phase)
 
     def _client(self) -> httpx.AsyncClient:
-        """A client of the private warm-up listener, which the gate lets through while
-        warming."""
         headers = dict(self.gate.headers)
         if keys := frontend.api_keys(self.settings.vllm_args):
             headers["authorization"] = f"Bearer {keys[0]}"
-        # verify=False: plain HTTP on loopback, and loading the CA bundle for a TLS context
-        # that is never used held the serving loop 60 ms at every warm-up's start
-        return httpx.AsyncClient(
-            base_url=self.http.warmup_url,
-            headers=headers,
-            timeout=TIMEOUT,
-            limits=LIMITS,
-            verify=False,
-        )
+        return _warmup_client(self.http.warmup_url, headers)
 
     def _origin(self, eng: engine.EngineClient) -> Origin:
-        return Origin(
-            llmwarm_version=__version__,
-            vllm_version=eng.vllm_version,
-            model=self.settings.model,
-            started_at=self.started_at,
-            engine_start_s=eng.start_s,
-            on_unconverged=self.settings.on_unconverged,
-            capture_sizes=self.settings.capture,
-        )
+        return _origin(self.settings, self.started_at, eng)
 
-    def _manifest(self, eng: engine.EngineClient) -> caches.Manifest:
-        """The running engine's manifest: what a bake of it records."""
-        return caches.Manifest(
-            llmwarm_version=__version__,
-            vllm_version=eng.vllm_version,
-            model=self.settings.model,
-            config_hash=eng.config_hash(),
-            engine_start_s=eng.start_s,
-            device=eng.device,
-            torch_version=eng.torch_version,
-        )
+
+def _warmup_client(url: str, headers: dict[str, str]) -> httpx.AsyncClient:
+    """A client of the private warm-up listener, which the gate lets through while warming.
+    verify=False: plain HTTP on loopback, and loading the CA bundle for a TLS context that is
+    never used held the serving loop 60 ms at every warm-up's start."""
+    return httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=TIMEOUT, limits=LIMITS, verify=False
+    )
+
+
+def _origin(settings: Settings, started_at: datetime, eng: engine.EngineClient) -> Origin:
+    return Origin(
+        llmwarm_version=__version__,
+        vllm_version=eng.vllm_version,
+        model=settings.model,
+        started_at=started_at,
+        engine_start_s=eng.start_s,
+        on_unconverged=settings.on_unconverged,
+        capture_sizes=settings.capture,
+    )
+
+
+def _manifest(settings: Settings, eng: engine.EngineClient) -> caches.Manifest:
+    """The running engine's manifest: what a bake of it records."""
+    return caches.Manifest(
+        llmwarm_version=__version__,
+        vllm_version=eng.vllm_version,
+        model=settings.model,
+        config_hash=eng.config_hash(),
+        engine_start_s=eng.start_s,
+        device=eng.device,
+        torch_version=eng.torch_version,
+    )
+
+
+async def _write_learned(coverage: Coverage, settings: Settings) -> None:
+    """The learn file, when traffic changed it (in a thread: a slow disk, an fsync); a failed
+    write is logged (serving goes on, the next write tries again)."""
+    path = settings.learn_path
+    if path is None or not coverage.changed:
+        return
+    coverage.changed = False
+    shapes = coverage.all_shapes()
+    try:
+        await asyncio.to_thread(learn.write, path, shapes, settings.model)
+    except WriteError as exc:
+        coverage.changed = True
+        logger.error("%s", "\n".join(render(exc.message, exc.problems)))
+        return
+    logger.info("learn file written: %s", path)
 
 
 def _read_learned(settings: Settings, coverage: Coverage) -> bool:
