@@ -101,14 +101,14 @@ def _configure_logging() -> None:
 
 def _run(ctx: typer.Context, *, mode: Mode, vllm_help: bool, **options: Any) -> None:
     # Imported here so `--help`, `--version` and profile errors never wait on vLLM.
-    from llmwarm import engine, server, settings
+    from llmwarm import server, settings, vllm_args
 
     prog = f"llmwarm {ctx.info_name}"
     _configure_logging()
     server.interrupt_on_signals()  # until the event loop's handlers take over
     try:
         if vllm_help:
-            typer.echo(engine.vllm_help(prog))
+            typer.echo(vllm_args.vllm_help(prog))
             return
         resolved = settings.resolve(ctx.args, mode=mode, prog=prog, **options)
         server.run_sync(resolved)
@@ -373,16 +373,16 @@ def profile_show(
     ] = None,
 ) -> None:
     """Show the expanded plan: buckets in run order, request kinds, request counts."""
+    from llmwarm.display import plan_table
     from llmwarm.fit import for_engine
     from llmwarm.profile import load_profile
-    from llmwarm.report import plan_table
 
     try:
         profile = load_profile(file)
         if model is not None:
-            from llmwarm import engine, settings
+            from llmwarm import engine, settings, vllm_args
 
-            args = engine.parse_args([model, *ctx.args], "llmwarm profile show")
+            args = vllm_args.parse_args([model, *ctx.args], "llmwarm profile show")
             settings.check_model(args.model)
             profile = for_engine(profile, engine.shape_from_args(args))
         elif ctx.args:

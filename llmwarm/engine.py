@@ -1,9 +1,10 @@
-"""The vLLM adapter's engine half: vLLM's command line, configuration and `AsyncLLM`.
+"""The vLLM adapter's engine: vLLM's configuration and its `AsyncLLM`.
 
-vLLM's internal API moves between releases; everything llmwarm needs from it is here and in
-`llmwarm.frontend` (its HTTP half), written against vLLM 0.32. Its own argument parser owns
-every `vllm serve` flag; `start_engine` builds and shuts down its `AsyncLLM`, and `Engine` is
-what the lifecycle and the warm-up see of it (`EngineClient`; the tests run a fake one).
+vLLM's internal API moves between releases; everything llmwarm needs from it is in the adapter,
+written against vLLM 0.32: `llmwarm.vllm_args` (its command line), this module and
+`llmwarm.frontend` (its HTTP side). `start_engine` builds and shuts down the `AsyncLLM`, and
+`Engine` is what the lifecycle and the warm-up see of it (`EngineClient`; the tests run a fake
+one).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 import psutil
 
-from llmwarm import frontend, jitmon, lifeline
+from llmwarm import frontend, jitmon, lifeline, vllm_args
 from llmwarm.endpoints import SPECS
 from llmwarm.errors import (
     EngineDied,
@@ -48,93 +49,6 @@ logger = logging.getLogger(__name__)
 
 class _Abandoned(Exception):
     """The engine build was cancelled; its result is not wanted."""
-
-
-def _parser(prog: str) -> Any:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    class Parser(FlexibleArgumentParser):  # type: ignore[misc]
-        # argparse would print and sys.exit(2); llmwarm renders errors in its CLI instead.
-        def error(self, message: str) -> NoReturn:
-            flag, _, detail = message.partition(": ")
-            if flag.startswith("argument "):  # "argument --max-model-len: invalid ..."
-                problem = (flag.removeprefix("argument ").split("/")[0], detail)
-            else:
-                problem = ("vllm flags", message)
-            raise VllmArgsError("bad vLLM arguments", problems=[problem])
-
-    return make_arg_parser(Parser(prog=prog, description="vLLM flags accepted by llmwarm"))
-
-
-def vllm_help(prog: str) -> str:
-    """vLLM's own help for every flag `llmwarm serve` passes through."""
-    return str(_parser(prog).format_help())
-
-
-def parse_args(argv: list[str], prog: str) -> Namespace:
-    """Parse `MODEL [vllm serve flags]` with vLLM's own parser and checks."""
-    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-
-    cli_env_setup()
-    args: Namespace = _parser(prog).parse_args(argv)
-    if args.model_tag is not None:
-        args.model = args.model_tag
-    elif not any(a == "--model" or a.startswith("--model=") for a in argv):
-        # vLLM would quietly fetch its default model; llmwarm serves what it is told to
-        raise VllmArgsError(
-            "no model given", problems=[("MODEL", "missing: llmwarm serve MODEL [vllm flags]")]
-        )
-    try:
-        validate_parsed_serve_args(args)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise VllmArgsError(
-            "bad vLLM arguments", problems=[("vllm flags", str(exc).removeprefix("Error: "))]
-        ) from None
-    _refuse_unsupported(args)
-    return args
-
-
-_ONE_SERVER = "llmwarm runs one in-process API server in front of the engine"
-_ONE_ENGINE = (
-    "llmwarm warms one engine through its one API server; with data parallelism vLLM's load "
-    "balancer would spread each bucket over the engines and none would see its shape. Run one "
-    "llmwarm replica per engine (--data-parallel-size 1, --tensor-parallel-size as needed) "
-    "behind your load balancer"
-)
-
-
-def _refuse_unsupported(args: Namespace) -> None:
-    """The `vllm serve` modes llmwarm does not run, each refused naming its flag."""
-    from vllm import envs
-
-    for flag, unsupported, why in (
-        ("--headless", args.headless, _ONE_SERVER),
-        ("--grpc", getattr(args, "grpc", False), _ONE_SERVER),
-        ("--api-server-count", args.api_server_count not in (None, 1), _ONE_SERVER),
-        ("VLLM_USE_RUST_FRONTEND", envs.VLLM_USE_RUST_FRONTEND, _ONE_SERVER),
-        ("--data-parallel-multi-port-external-lb",
-         getattr(args, "data_parallel_multi_port_external_lb", False), _ONE_ENGINE),
-        ("--data-parallel-hybrid-lb", args.data_parallel_hybrid_lb, _ONE_ENGINE),
-        ("--data-parallel-external-lb", args.data_parallel_external_lb, _ONE_ENGINE),
-        ("--data-parallel-rank", args.data_parallel_rank is not None, _ONE_ENGINE),
-        ("--data-parallel-start-rank",
-         getattr(args, "data_parallel_start_rank", None) is not None, _ONE_ENGINE),
-        ("--data-parallel-size", (args.data_parallel_size or 1) > 1, _ONE_ENGINE),
-    ):  # fmt: skip
-        if unsupported:
-            raise VllmArgsError(f"{flag} is not supported by llmwarm", problems=[(flag, why)])
-
-
-def model_name(args: Namespace) -> str:
-    """The name clients use in the `model` field."""
-    return str(args.served_model_name[0] if args.served_model_name else args.model)
-
-
-def served_names(args: Namespace) -> list[str]:
-    """Every name the base model answers to (any other `model` is an adapter)."""
-    return [str(n) for n in args.served_model_name] if args.served_model_name else [args.model]
 
 
 def _flag(loc: tuple[int | str, ...]) -> str:
@@ -345,25 +259,6 @@ def pause(point: str) -> None:
         time.sleep(5)
 
 
-def count_jit_events(args: Namespace) -> bool:
-    """Give vLLM llmwarm's JIT-monitor counter as `--worker-extension-cls` (it counts events
-    by llmwarm's phase; not part of vLLM's config hash), where every worker can load it:
-    an engine on this node alone. Workers on other nodes (`--nnodes`, a Ray cluster) may not
-    have llmwarm installed, and vLLM would fail where plain vLLM starts: there the counter is
-    off unless the user passes it, and the log says how. Whether it was given."""
-    if args.worker_extension_cls:
-        return False  # the user's own (or llmwarm's, given on purpose)
-    multi_node = (args.nnodes or 1) > 1 or args.distributed_executor_backend == "ray"
-    if multi_node:
-        logger.info(
-            "vLLM JIT-monitor counting is off: workers on other nodes may not have llmwarm; "
-            "pass --worker-extension-cls %s where every node has it", jitmon.QUALNAME,
-        )  # fmt: skip
-        return False
-    args.worker_extension_cls = jitmon.QUALNAME
-    return True
-
-
 def _build(args: Namespace, cancelled: threading.Event, running: RunningPeak) -> AsyncLLM:
     """Build the engine (in a thread): config, process spawn, handshake. Gives up at the next
     step once `cancelled` is set."""
@@ -372,7 +267,7 @@ def _build(args: Namespace, cancelled: threading.Event, running: RunningPeak) ->
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    count_jit_events(args)
+    vllm_args.count_jit_events(args)
     engine_args = AsyncEngineArgs.from_cli_args(args)
     propagate_flash_late_interaction(args, engine_args)
     try:

@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING
 import httpx
 from rich.console import Console
 
-from llmwarm import __version__, caches, engine, frontend, learn, metrics
+from llmwarm import __version__, caches, engine, frontend, learn, metrics, vllm_args
 from llmwarm.access import Admin
 from llmwarm.control import Control
 from llmwarm.coverage import Coverage, Warmed
+from llmwarm.display import kinds_table, plot, table
 from llmwarm.errors import (
     EXIT_INTERRUPTED,
     EngineDied,
@@ -55,7 +56,7 @@ from llmwarm.gate import Gate
 from llmwarm.measure import LIMITS, TIMEOUT
 from llmwarm.metrics import WarmupCollector
 from llmwarm.profile import Profile
-from llmwarm.report import Origin, Report, kinds_table, plot, table, write_json
+from llmwarm.report import Origin, Report, write_json
 from llmwarm.rewarm import Rewarms
 from llmwarm.settings import Settings
 from llmwarm.state import RunState, Stage
@@ -226,7 +227,7 @@ class Lifecycle:
         self.started_at = datetime.now(timezone.utc)
         self._start = start
         self._warmups: WarmupRun | None = None  # once the engine runs
-        self.state.coverage.served = frozenset(engine.served_names(args))
+        self.state.coverage.served = frozenset(vllm_args.served_names(args))
         self._learn_writable = _read_learned(settings, self.state.coverage)
         self.http = Frontend(self.gate, args)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from llmwarm import caches, engine, learn
+from llmwarm import caches, engine, learn, vllm_args
 from llmwarm.errors import ModelNotFound, UsageError
 from llmwarm.profile import Profile, load_profile, shipped
 from llmwarm.report import CaptureSizes
@@ -46,7 +46,7 @@ class Settings:
 
     @property
     def model(self) -> str:
-        return engine.model_name(self.vllm_args)
+        return vllm_args.model_name(self.vllm_args)
 
 
 def check_model(model: str) -> None:
@@ -161,7 +161,7 @@ def resolve(
         caches.use(cache_dir)  # before vLLM is imported: its processes inherit it
         learn_path = learn_path or cache_dir / learn.FILE_NAME
     check_output_path(learn_path, "--learn")
-    args = engine.parse_args(vllm_argv, prog)
+    args = vllm_args.parse_args(vllm_argv, prog)
     check_model(args.model)
     capture = None
     if capture_sizes_from_profile:

@@ -351,7 +351,7 @@ def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
 
 
 def test_vllms_default_capture_sizes_are_modelled_as_vllm_makes_them(tiny_model: Path) -> None:
-    from llmwarm import engine, graphs
+    from llmwarm import graphs, vllm_args
 
     for seqs, budget, spec in ((256, 8192, 0), (8, 2048, 0), (256, 8192, 3), (32, 64, 1)):
         flags = ["--max-num-seqs", str(seqs), "--max-num-batched-tokens", str(budget)]
@@ -359,7 +359,7 @@ def test_vllms_default_capture_sizes_are_modelled_as_vllm_makes_them(tiny_model:
             flags += ["--speculative-config", json.dumps(
                 {"method": "ngram", "num_speculative_tokens": spec, "prompt_lookup_max": 4,
                  "prompt_lookup_min": 2})]  # fmt: skip
-        args = engine.parse_args([str(tiny_model), "--max-model-len", "512", *flags], "test")
+        args = vllm_args.parse_args([str(tiny_model), "--max-model-len", "512", *flags], "test")
         vllms, _ = _gpu_capture_sizes(args)
         assert graphs.vllm_default(seqs, budget, spec) == vllms, (seqs, budget, spec)
 

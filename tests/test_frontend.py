@@ -17,14 +17,15 @@ from typing import Any
 
 import pytest
 
-from llmwarm import engine, frontend
+from llmwarm import frontend
+from llmwarm.vllm_args import parse_args
 from tests.fakes import INNER
 
 
 @pytest.fixture(scope="module")
 def vllm_args() -> Callable[..., Any]:
     def parse(*flags: str) -> Any:
-        return engine.parse_args(["fake/model", *flags], "test")
+        return parse_args(["fake/model", *flags], "test")
 
     return parse
 

@@ -65,9 +65,9 @@ def test_the_counter_is_given_only_where_every_worker_can_load_it(
 ) -> None:
     # The defect: it was injected on every worker; on a multi-node engine, nodes without
     # llmwarm installed failed to start where plain vLLM would.
-    from llmwarm import engine
+    from llmwarm import vllm_args
 
-    args = engine.parse_args(["fake/model", *flags], "test")
+    args = vllm_args.parse_args(["fake/model", *flags], "test")
     before = args.worker_extension_cls
-    assert engine.count_jit_events(args) is given
+    assert vllm_args.count_jit_events(args) is given
     assert args.worker_extension_cls == (jitmon.QUALNAME if given else before)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from llmwarm.report import Report, RoundResult, plot, table, write_json
+from llmwarm.display import plot, table
+from llmwarm.report import Report, RoundResult, write_json
 from tests.fakes import bucket, sample
 from tests.fakes import report as make_report
 

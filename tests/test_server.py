@@ -30,6 +30,7 @@ from llmwarm.report import Report
 from llmwarm.server import Lifecycle
 from llmwarm.settings import Settings
 from llmwarm.state import Phase, Stage
+from llmwarm.vllm_args import parse_args
 from llmwarm.warmup import unless_dead
 from tests.fakes import MINIMAL_PROFILE, FakeEngine
 
@@ -122,7 +123,7 @@ def vllm_args() -> Callable[..., Any]:
 
     def parse(*flags: str) -> Any:
         argv = ["fake/model", "--host", "127.0.0.1", "--port", "0", *flags]
-        return engine.parse_args(argv, "test")
+        return parse_args(argv, "test")
 
     return parse
 
