@@ -48,10 +48,16 @@ def ready_server(
             proc.kill()
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def write_section(page: Path, name: str, body: str) -> None:
     """Put `body` between `<!-- NAME:start -->` and `<!-- NAME:end -->`, appending the
-    markers at the end of the page the first time; the rest of the page is kept."""
+    markers at the end of the page the first time; the rest of the page is kept. Paths inside
+    this checkout are written as a user types them from its root (`.cache/tiny-llama`), never
+    as this machine's absolute paths."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    body = body.replace(f"{ROOT}/", "")
     block = f"{start}\n{body.strip()}\n{end}"
     text = page.read_text(encoding="utf-8") if page.exists() else ""
     if start in text and end in text:

@@ -170,11 +170,11 @@ def test_flags_win_over_the_environment(resolved: dict[str, Any], tmp_path: Path
     assert resolved["cache_dir"] == tmp_path
 
 
-def test_the_help_and_readme_list_every_variable() -> None:
+def test_the_help_and_the_docs_list_every_variable() -> None:
     from llmwarm.cli import ENV_HELP
     from tests.conftest import ROOT, llmwarm_env_vars
 
     known = {v for v in llmwarm_env_vars() if v.startswith("LLMWARM_")}  # bench: OPENAI_API_KEY
     assert set(re.findall(r"LLMWARM_\w+", ENV_HELP)) == known
-    readme = (ROOT / "README.md").read_text()
-    assert {v for v in known if f"`{v}`" not in readme} == set()
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    assert {v for v in known if f"`{v}`" not in page} == set()
