@@ -82,6 +82,14 @@ def _watch() -> None:
     ).start()  # fmt: skip
 
 
+def watch_parent() -> None:
+    """In a helper process llmwarm started itself (its warm-up client): end once it is gone."""
+    parent = os.getppid()
+    threading.Thread(
+        target=_until_gone, args=(parent, parent), name="llmwarm-lifeline", daemon=True
+    ).start()
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -33,11 +33,11 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-import httpx
 from rich.console import Console
 
 from llmwarm import __version__, caches, engine, frontend, learn, metrics, vllm_args
 from llmwarm.access import Admin
+from llmwarm.client import ClientProcess
 from llmwarm.control import Control
 from llmwarm.coverage import Coverage, Warmed
 from llmwarm.display import kinds_table, plot, table
@@ -53,7 +53,6 @@ from llmwarm.errors import (
 )
 from llmwarm.frontend import Frontend
 from llmwarm.gate import Gate
-from llmwarm.measure import LIMITS, TIMEOUT
 from llmwarm.metrics import WarmupCollector
 from llmwarm.profile import Profile
 from llmwarm.report import Origin, Report, write_json
@@ -230,10 +229,12 @@ class Lifecycle:
         self.state.coverage.served = frozenset(vllm_args.served_names(args))
         self._learn_writable = _read_learned(settings, self.state.coverage)
         self.http = Frontend(self.gate, args)
+        self.client = _warmup_client(self.http.warmup_url, self.gate, args)
 
     async def run(self) -> Report:
         """Run to the end: serve until a signal (`serve`), or warm and return (`warm`)."""
         self.http.start()
+        self.client.start()  # its spawn beside the engine's start, not on the warm-up's clock
         logger.info("listening on %s (503 until warm)", self.http.listen_url)
         with _signals(self.stop), metrics.registered(WarmupCollector(self.state)):
             life = asyncio.create_task(self._live())
@@ -251,6 +252,7 @@ class Lifecycle:
                 stopped.cancel()
                 await self.http.stop(grace=0)
                 self.http.close()
+                self.client.close()
 
     async def _live(self) -> Report:
         settings = self.settings
@@ -262,18 +264,7 @@ class Lifecycle:
             try:
                 app = await eng.build_app(self.http.vllm_stop)
                 self.state.warming(app)
-                self.state.coverage.max_running = eng.shape().max_num_seqs
-                learn_file = str(settings.learn_path) if settings.learn_path else None
-                self._warmups = WarmupRun(
-                    eng, self.state, self._origin(eng), self._client, learn_file
-                )
-                report = await self._warmups(
-                    settings.profile, str(settings.profile_path), "startup"
-                )
-                await self._publish(report)
-                if report.error is not None:
-                    raise WarmupError(report.error.message, problems=report.error.problems)
-                _show_and_judge(report, settings)
+                report = await self._warm_at_start(eng)
                 if settings.mode == "bake":
                     assert settings.cache_dir is not None  # settings.resolve requires it
                     caches.bake(settings.cache_dir, _manifest(settings, eng))
@@ -290,7 +281,7 @@ class Lifecycle:
         settings = self.settings
         self.state.coverage.max_running = eng.shape().max_num_seqs
         learn_file = str(settings.learn_path) if settings.learn_path else None
-        self._warmups = WarmupRun(eng, self.state, self._origin(eng), self._client, learn_file)
+        self._warmups = WarmupRun(eng, self.state, self._origin(eng), self.client, learn_file)
         report = await self._warmups(settings.profile, str(settings.profile_path), "startup")
         await self._publish(report)
         if report.error is not None:
@@ -342,23 +333,17 @@ class Lifecycle:
         assert self._warmups is not None
         await self._warmups.engine.jit_phase(phase)
 
-    def _client(self) -> httpx.AsyncClient:
-        headers = dict(self.gate.headers)
-        if keys := frontend.api_keys(self.settings.vllm_args):
-            headers["authorization"] = f"Bearer {keys[0]}"
-        return _warmup_client(self.http.warmup_url, headers)
-
     def _origin(self, eng: engine.EngineClient) -> Origin:
         return _origin(self.settings, self.started_at, eng)
 
 
-def _warmup_client(url: str, headers: dict[str, str]) -> httpx.AsyncClient:
-    """A client of the private warm-up listener, which the gate lets through while warming.
-    verify=False: plain HTTP on loopback, and loading the CA bundle for a TLS context that is
-    never used held the serving loop 60 ms at every warm-up's start."""
-    return httpx.AsyncClient(
-        base_url=url, headers=headers, timeout=TIMEOUT, limits=LIMITS, verify=False
-    )
+def _warmup_client(url: str, gate: Gate, args: Namespace) -> ClientProcess:
+    """The warm-up's client, of the private warm-up listener (which the gate lets through
+    while warming), in a process of its own (`llmwarm.client`)."""
+    headers = dict(gate.headers)
+    if keys := frontend.api_keys(args):
+        headers["authorization"] = f"Bearer {keys[0]}"
+    return ClientProcess(url, headers)
 
 
 def _origin(settings: Settings, started_at: datetime, eng: engine.EngineClient) -> Origin:

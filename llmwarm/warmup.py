@@ -21,9 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
-import httpx
-
-from llmwarm import convergence, corpus, engine, learn, measure
+from llmwarm import convergence, corpus, engine, learn
+from llmwarm.client import Client
 from llmwarm.corpus import Corpus
 from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape, for_engine, with_adapters
@@ -49,14 +48,12 @@ _T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 
-async def served_adapters(client: httpx.AsyncClient, model: str) -> list[str]:
+async def served_adapters(client: Client, model: str) -> list[str]:
     """The LoRA adapters the server lists now (`/v1/models` entries with a parent: the base
     model), including those loaded at run time with `/v1/load_lora_adapter`."""
     try:
-        resp = await client.get("/v1/models")
-        resp.raise_for_status()
-        listed = resp.json()["data"]
-    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        listed = (await client.get_json("/v1/models"))["data"]
+    except (WarmupError, KeyError, TypeError) as exc:
         raise WarmupError(
             "cannot list the served LoRA adapters", problems=[("GET /v1/models", str(exc))]
         ) from None
@@ -64,7 +61,7 @@ async def served_adapters(client: httpx.AsyncClient, model: str) -> list[str]:
 
 
 async def _round(
-    client: httpx.AsyncClient, requests: Corpus, bucket: Bucket, round_: int, wanted: int
+    client: Client, requests: Corpus, bucket: Bucket, round_: int, wanted: int
 ) -> list[Sample]:
     """One round: its batches one after another, then again those that carry the metric
     (fresh prompts) until `wanted` of its batches have a value of it. Batches, not requests:
@@ -79,7 +76,7 @@ async def _round(
         if repeat:  # only what carries the metric: streamed kinds for TTFT and TPOT
             batches = [b for b in batches if field == "e2e_s" or b.requests[0].stream]
         for batch in batches:
-            got = await measure.measure_all(client, batch.requests)
+            got = await client.measure_all(batch.requests)
             samples += [s.model_copy(update={"batch": sent}) for s in got]
             sent += 1
             carrying += any(getattr(s, field) is not None for s in got)
@@ -89,18 +86,18 @@ async def _round(
 
 
 async def _sweep(
-    client: httpx.AsyncClient, requests: Corpus, bucket: Bucket, after: int
+    client: Client, requests: Corpus, bucket: Bucket, after: int
 ) -> RoundResult | None:
     """The bucket's sweep kinds (its other endpoints and its features), all at once, after
     round `after`; None when it has none."""
     sweep = await asyncio.to_thread(requests.sweep_requests, bucket, after)
     if not sweep:
         return None
-    return RoundResult(round=after, samples=await measure.measure_all(client, sweep))
+    return RoundResult(round=after, samples=await client.measure_all(sweep))
 
 
 async def rounds(
-    client: httpx.AsyncClient,
+    client: Client,
     requests: Corpus,
     *,
     on_round: Callable[[Progress], None] = lambda progress: None,
@@ -126,7 +123,7 @@ async def rounds(
 class _Rounds:
     """One warm-up's rounds: what `rounds` runs, and what it has counted so far."""
 
-    client: httpx.AsyncClient
+    client: Client
     requests: Corpus
     on_round: Callable[[Progress], None]
     running: Callable[[], int | None]
@@ -215,7 +212,7 @@ class _Rounds:
 
 
 async def fill_kv(
-    client: httpx.AsyncClient,
+    client: Client,
     requests: Corpus,
     shape: EngineShape,
     *,
@@ -243,7 +240,7 @@ async def fill_kv(
         size = min(width, -(-(need_tokens - prefilled) // length))
         bucket = Bucket(prompt_tokens=length, concurrency=size, max_tokens=1, name="kv-fill")
         batch = await asyncio.to_thread(requests.batch, bucket, kind, batches)
-        samples = await measure.measure_all(client, batch.requests)
+        samples = await client.measure_all(batch.requests)
         sent += len(samples)
         prefilled += sum(s.prompt_tokens or length for s in samples)
         on_batch(min(target, prefilled // shape.block_size), target)
@@ -281,12 +278,13 @@ async def unless_dead(eng: engine.EngineClient, work: Awaitable[_T]) -> _T:
 
 @dataclass
 class WarmupRun:
-    """Warm-ups of one started engine, each through a fresh client of its own server."""
+    """Warm-ups of one started engine, through one client of its own server (its own
+    process: `llmwarm.client`)."""
 
     engine: engine.EngineClient
     state: RunState
     origin: Origin
-    client: Callable[[], httpx.AsyncClient]
+    client: Client
     learn_file: str | None = None  # extend each profile with the shapes live traffic needed
 
     async def __call__(self, profile: Profile, source: str, trigger: Trigger) -> Report:
@@ -295,33 +293,32 @@ class WarmupRun:
         A profile that does not fit the engine raises `ProfileError` before any request.
         """
         shape = self.engine.shape()
-        async with self.client() as client:
-            if trigger == "api":  # also every adapter loaded since (/v1/load_lora_adapter)
-                adapters = await served_adapters(client, self.origin.model)
-                shape = replace(shape, lora=adapters)
-                profile = with_adapters(profile, adapters)
-            profile = for_engine(profile, shape)
-            learned = None
-            if self.learn_file is not None:
-                counts = self.state.coverage.all_shapes()
-                profile, learned = learn.extend(profile, counts, shape, self.learn_file)
-            live = self.state.begin_warmup(profile.convergence.window)
-            await self.engine.jit_phase("warmup")  # a compile now is what a warm-up is for
-            # A salt of this run's own: its prefix-cache blocks match no other request.
-            requests = Corpus(
-                profile,
-                self.engine.tokenizer(),
-                self.origin.model,
-                f"llmwarm-{secrets.token_hex(8)}",
-            )
-            try:
-                outcome, kv = await unless_dead(self.engine, self._warm(client, requests, shape))
-            except WarmupError as exc:
-                return Report.failed(
-                    self.origin, profile=profile, source=source, trigger=trigger,
-                    buckets=list(live.buckets.values()), requests=live.requests,
-                    seconds=live.elapsed() or 0.0, error=exc,
-                )  # fmt: skip
+        if trigger == "api":  # also every adapter loaded since (/v1/load_lora_adapter)
+            adapters = await served_adapters(self.client, self.origin.model)
+            shape = replace(shape, lora=adapters)
+            profile = with_adapters(profile, adapters)
+        profile = for_engine(profile, shape)
+        learned = None
+        if self.learn_file is not None:
+            counts = self.state.coverage.all_shapes()
+            profile, learned = learn.extend(profile, counts, shape, self.learn_file)
+        live = self.state.begin_warmup(profile.convergence.window)
+        await self.engine.jit_phase("warmup")  # a compile now is what a warm-up is for
+        # A salt of this run's own: its prefix-cache blocks match no other request.
+        requests = Corpus(
+            profile,
+            self.engine.tokenizer(),
+            self.origin.model,
+            f"llmwarm-{secrets.token_hex(8)}",
+        )
+        try:
+            outcome, kv = await unless_dead(self.engine, self._warm(requests, shape))
+        except WarmupError as exc:
+            return Report.failed(
+                self.origin, profile=profile, source=source, trigger=trigger,
+                buckets=list(live.buckets.values()), requests=live.requests,
+                seconds=live.elapsed() or 0.0, error=exc,
+            )  # fmt: skip
         self.state.jit = await self.engine.jit_events()
         return Report.build(
             self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
@@ -330,7 +327,7 @@ class WarmupRun:
         )  # fmt: skip
 
     async def _warm(
-        self, client: httpx.AsyncClient, requests: Corpus, shape: EngineShape
+        self, requests: Corpus, shape: EngineShape
     ) -> tuple[Outcome, KvFillResult | None]:
         profile = requests.profile
         live = self.state.warmup
@@ -348,7 +345,7 @@ class WarmupRun:
         def on_fill(blocks: int, target: int) -> None:
             live.where = {"kv_fill": {"blocks": blocks, "target": target}}
 
-        kv = await fill_kv(client, requests, shape, on_batch=on_fill)
+        kv = await fill_kv(self.client, requests, shape, on_batch=on_fill)
         if kv is not None:
             logger.info(
                 "KV-cache fill: %d of %d blocks prefilled once (%d requests, %.1f s)",
@@ -361,7 +358,8 @@ class WarmupRun:
             if share is not None:
                 optional_seconds = share * self.origin.engine_start_s - (kv.seconds if kv else 0)
             outcome = await rounds(
-                client, requests, on_round=on_round, running=self.engine.take_running_peak,
+                self.client, requests, on_round=on_round,
+                running=self.engine.take_running_peak,
                 optional_seconds=optional_seconds,
             )  # fmt: skip
         live.seconds = live.elapsed()

@@ -11,25 +11,52 @@ import asyncio
 import contextlib
 import json
 from argparse import Namespace
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from llmwarm import endpoints
+from llmwarm import endpoints, measure
 from llmwarm.convergence import Rule
-from llmwarm.corpus import Tokenizer, WordTokenizer
+from llmwarm.corpus import Tokenizer, WarmRequest, WordTokenizer
 from llmwarm.coverage import Shape
 from llmwarm.fit import EngineShape
 from llmwarm.frontend import VllmStop
 from llmwarm.kinds import Kind
 from llmwarm.report import BucketResult, JitEvents, Report, RoundResult, Sample
+
+# --- the warm-up's client, in this process ----------------------------------------------------
+
+
+class LocalClient:
+    """`llmwarm.client.Client` in this process: for the tests of what the warm-up does with
+    what it measures (rounds, sweeps, the KV fill); `ClientProcess` is tested on its own."""
+
+    def __init__(self, base_url: str) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=measure.TIMEOUT,
+                                      limits=measure.LIMITS)  # fmt: skip
+
+    async def __aenter__(self) -> LocalClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def measure_all(self, requests: Sequence[WarmRequest]) -> list[Sample]:
+        return await measure.measure_all(self.http, requests)
+
+    async def get_json(self, path: str) -> Any:
+        response = await self.http.get(path)
+        response.raise_for_status()
+        return response.json()
+
 
 # --- reports ---------------------------------------------------------------------------------
 

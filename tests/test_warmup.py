@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from llmwarm import warmup
@@ -12,7 +11,7 @@ from llmwarm.fit import EngineShape
 from llmwarm.profile import Profile, parse_profile
 from llmwarm.progress import Progress
 from llmwarm.report import Outcome
-from tests.fakes import PACE, bucket, report
+from tests.fakes import PACE, LocalClient, bucket, report
 
 
 def _profile(**fields: object) -> Profile:
@@ -25,7 +24,7 @@ def _profile(**fields: object) -> Profile:
 
 
 async def _run(url: str, profile: Profile, on_round=lambda p: None) -> Outcome:  # type: ignore[no-untyped-def]
-    async with httpx.AsyncClient(base_url=url) as client:
+    async with LocalClient(url) as client:
         return await warmup.rounds(
             client, Corpus(profile, WordTokenizer(), "tiny"), on_round=on_round
         )
@@ -183,7 +182,7 @@ async def test_budget_cuts_the_warmup_and_says_so(fake_url: str) -> None:
 @pytest.mark.parametrize("stream", [True, False])
 async def test_http_error_is_a_warmup_error_naming_the_request(fake_url: str, stream: bool) -> None:
     profile = _profile(stream=[stream], convergence={"metric": "e2e"})
-    async with httpx.AsyncClient(base_url=fake_url) as client:
+    async with LocalClient(fake_url) as client:
         with pytest.raises(WarmupError) as info:
             await warmup.rounds(client, Corpus(profile, WordTokenizer(), "broken"))
     assert "bucket p4-c2-o5, round 1" in info.value.message
@@ -192,7 +191,7 @@ async def test_http_error_is_a_warmup_error_naming_the_request(fake_url: str, st
 
 
 async def test_connection_failure_is_a_warmup_error() -> None:
-    async with httpx.AsyncClient(base_url="http://127.0.0.1:9") as client:
+    async with LocalClient("http://127.0.0.1:9") as client:
         with pytest.raises(WarmupError) as info:
             await warmup.rounds(client, Corpus(_profile(), WordTokenizer(), "tiny"))
     assert "ConnectError" in info.value.problems[0][1]
@@ -205,7 +204,7 @@ async def test_kv_fill_prefills_the_asked_share_of_blocks(fake_url: str) -> None
         max_model_len=64, max_num_seqs=2, max_num_batched_tokens=64, kv_blocks=20, block_size=4
     )
     seen: list[tuple[int, int]] = []
-    async with httpx.AsyncClient(base_url=fake_url) as client:
+    async with LocalClient(fake_url) as client:
         result = await warmup.fill_kv(
             client, Corpus(profile, WordTokenizer(), "tiny"), shape,
             on_batch=lambda done, target: seen.append((done, target)),
@@ -224,7 +223,7 @@ async def test_kv_fill_trims_its_last_batch_to_the_blocks_still_needed(fake_url:
     shape = EngineShape(
         max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64, kv_blocks=20, block_size=4
     )
-    async with httpx.AsyncClient(base_url=fake_url) as client:
+    async with LocalClient(fake_url) as client:
         result = await warmup.fill_kv(client, Corpus(profile, WordTokenizer(), "tiny"), shape)
     assert result is not None
     assert result.requests == 6 and result.tokens_prefilled == 42
@@ -232,7 +231,7 @@ async def test_kv_fill_trims_its_last_batch_to_the_blocks_still_needed(fake_url:
 
 async def test_no_kv_fill_without_the_section_or_block_count(fake_url: str) -> None:
     shape = EngineShape(max_model_len=64, max_num_seqs=2, max_num_batched_tokens=64)
-    async with httpx.AsyncClient(base_url=fake_url) as client:
+    async with LocalClient(fake_url) as client:
         assert await warmup.fill_kv(client, Corpus(_profile(), WordTokenizer(), "m"), shape) is None
         with_fill = _profile(kv_fill={"share": 0.5})
         assert await warmup.fill_kv(client, Corpus(with_fill, WordTokenizer(), "m"), shape) is None
@@ -248,7 +247,7 @@ async def test_the_engines_running_count_is_read_around_each_round_only(fake_url
         return value
 
     rule = {"metric": "e2e", "window": 2, "spread": 10.0, "min_rounds": 2, "max_rounds": 2}
-    async with httpx.AsyncClient(base_url=fake_url) as client:
+    async with LocalClient(fake_url) as client:
         outcome = await warmup.rounds(
             client, Corpus(_profile(convergence=rule), WordTokenizer(), "tiny"), running=running
         )
@@ -274,7 +273,7 @@ async def test_optional_buckets_run_after_within_their_time_and_are_skipped_beyo
             {"prompt_tokens": 16, "concurrency": 1, "max_tokens": 5, "optional": True},
         ],
     )
-    async with httpx.AsyncClient(base_url=fake_url) as client:
+    async with LocalClient(fake_url) as client:
         none = await warmup.rounds(
             client, Corpus(profile, WordTokenizer(), "t"), optional_seconds=0
         )

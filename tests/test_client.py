@@ -1,0 +1,75 @@
+"""The warm-up's client in a process of its own, against the paced fake server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psutil
+import pytest
+
+from llmwarm.client import ClientProcess
+from llmwarm.corpus import Corpus, WarmRequest, WordTokenizer
+from llmwarm.errors import WarmupError
+from llmwarm.profile import parse_profile
+from tests.fakes import PACE
+
+PROFILE = parse_profile(
+    {"endpoints": ["completions", "chat"], "stream": [True, False],
+     "buckets": [{"prompt_tokens": 8, "concurrency": 3, "max_tokens": 4}]}
+)  # fmt: skip
+
+
+def _batch(model: str = "m") -> list[WarmRequest]:
+    requests = Corpus(PROFILE, WordTokenizer(), model)
+    bucket = PROFILE.buckets[0]
+    return [r for b in requests.round_batches(bucket, 1) for r in b.requests]
+
+
+async def test_a_batch_is_measured_there_and_its_samples_come_back(fake_url: str) -> None:
+    client = ClientProcess(fake_url, {})
+    client.start()
+    try:
+        requests = _batch()
+        samples = await client.measure_all(requests)
+        assert [s.kind for s in samples] == [r.kind for r in requests]
+        streamed = [s for s in samples if s.kind.stream]
+        assert streamed and all(s.ttft_s and s.tpot_s for s in streamed)
+        assert all(s.e2e_s > 0 and s.output_tokens == 4 for s in samples)
+        assert max(s.in_flight or 0 for s in samples) >= 3  # a batch is sent at once
+    finally:
+        client.close()
+
+
+async def test_a_failed_request_is_the_same_warmup_error_here(fake_url: str) -> None:
+    client = ClientProcess(fake_url, {})
+    try:
+        with pytest.raises(WarmupError) as info:
+            await client.measure_all(_batch("broken"))
+        assert "HTTP 404" in info.value.problems[0].message
+        assert info.value.problems[0].where.startswith("bucket ")
+        # the process serves on after a failure
+        assert len(await client.measure_all(_batch())) == 6
+    finally:
+        client.close()
+
+
+async def test_a_cancelled_batch_ends_the_process_and_the_next_call_starts_anew(
+    fake_url: str,
+) -> None:
+    client = ClientProcess(fake_url, {})
+    client.start()
+    first = client._process
+    try:
+        PACE.gap = lambda calls: 1.0  # long enough to be cancelled under way
+        batch = asyncio.create_task(client.measure_all(_batch()))
+        await asyncio.sleep(0.5)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        assert first is not None and not first.is_alive()
+        PACE.gap = lambda calls: 0.001
+        assert len(await client.measure_all(_batch())) == 6
+        assert client._process is not first
+    finally:
+        client.close()
+    assert not psutil.pid_exists(first.pid) or psutil.Process(first.pid).status() == "zombie"
