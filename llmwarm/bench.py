@@ -16,6 +16,7 @@ import dataclasses
 import statistics
 from collections.abc import Sequence
 
+import aiohttp
 import httpx
 from pydantic import BaseModel, Field, computed_field
 from rich.table import Table
@@ -113,7 +114,7 @@ async def served_model(client: httpx.AsyncClient) -> str | None:
 
 
 async def run(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     profile: Profile,
     model: str,
     repeats: int,
@@ -138,7 +139,7 @@ async def run(
                     for r in first.requests
                 ]
                 try:
-                    samples = await measure.measure_all(client, salted)
+                    samples = await measure.measure_all(session, salted)
                 except WarmupError as exc:
                     error = exc.problems[0][1] if exc.problems else exc.message
                     break
@@ -170,9 +171,10 @@ async def probe(
     offers one, every request kind of the probe profile."""
     url = url.rstrip("/")
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(
-        base_url=url, headers=headers, timeout=measure.TIMEOUT, limits=measure.LIMITS
-    ) as client:
+    async with (
+        httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client,
+        measure.session(url, headers) as session,
+    ):
         listed = await served_model(client)  # also: is anything there at all?
         name = model or listed
         if name is None:
@@ -184,7 +186,7 @@ async def probe(
             profile = profile.model_copy(update={"endpoints": await served_endpoints(client)})
         tokenizer = tokenizer_for(url, name, headers)
         try:
-            return await run(client, profile, name, repeats, url, tokenizer)
+            return await run(session, profile, name, repeats, url, tokenizer)
         finally:
             if isinstance(tokenizer, ServerTokenizer):
                 tokenizer.client.close()

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
+import aiohttp
 
 from llmwarm import lifeline
 from llmwarm.errors import WarmupError
@@ -58,11 +58,7 @@ async def _serve(conn: Connection, base_url: str, headers: dict[str, str]) -> No
     from llmwarm import measure
 
     loop = asyncio.get_running_loop()
-    # verify=False: plain HTTP to the private loopback listener, no CA bundle to load
-    async with httpx.AsyncClient(
-        base_url=base_url, headers=headers, timeout=measure.TIMEOUT, limits=measure.LIMITS,
-        verify=False,
-    ) as client:  # fmt: skip
+    async with measure.session(base_url, headers) as session:
         while True:
             message = await loop.run_in_executor(None, conn.recv)
             if message is None:
@@ -70,14 +66,13 @@ async def _serve(conn: Connection, base_url: str, headers: dict[str, str]) -> No
             kind, payload = message
             try:
                 if kind == "batch":
-                    answer: Any = await measure.measure_all(client, payload)
+                    answer: Any = await measure.measure_all(session, payload)
                 else:  # "get"
-                    response = await client.get(payload)
-                    response.raise_for_status()
-                    answer = response.json()
+                    async with session.get(payload, raise_for_status=True) as response:
+                        answer = await response.json()
             except WarmupError as exc:
                 conn.send(("failed", (exc.message, exc.problems)))
-            except (httpx.HTTPError, ValueError) as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
                 conn.send(("failed", (f"{kind} {payload!r:.80}", [("client", repr(exc))])))
             else:
                 conn.send(("ok", answer))

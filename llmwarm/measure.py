@@ -1,6 +1,9 @@
 """Send one warm-up request (or a batch at once) and time it as a client sees it.
 
-Used by the warm-up and by `llmwarm bench`; HTTP only, no vLLM.
+Used by the warm-up (in its client process: `llmwarm.client`) and by `llmwarm bench`; HTTP
+only, no vLLM. The client is aiohttp's, as in vLLM's own serving benchmark: at 128 streams
+httpx's pure-Python stream parsing and connection pool took 3.5 times its CPU, on a host where
+the client shares the cores with the server it measures.
 """
 
 from __future__ import annotations
@@ -9,45 +12,69 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
-import httpx
+import aiohttp
 
 from llmwarm.corpus import WarmRequest
 from llmwarm.endpoints import SPECS, failed
 from llmwarm.errors import WarmupError
 from llmwarm.report import Sample
 
-# A cold engine may compile for a long time before its first token; never give up on that.
 logger = logging.getLogger(__name__)
 
-TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=600.0)
-# No cap on connections: httpx's default (100) would hold a bucket of 256 to 100 in flight.
-LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+# A cold engine may compile for a long time before its first token; never give up on that.
+TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
+
+
+def session(base_url: str, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
+    """A client of `base_url` for `measure` and `measure_all`: no cap on connections (a
+    bucket of 256 has 256 in flight), each request's time on the wire traced (`Wire`)."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_headers_sent)
+    return aiohttp.ClientSession(
+        base_url=base_url, headers=headers, timeout=TIMEOUT, trace_configs=[trace],
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+    )  # fmt: skip
+
+
+async def _headers_sent(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: Any
+) -> None:
+    if isinstance(on_wire := context.trace_request_ctx, _OnWire):
+        on_wire.sent()
 
 
 class Wire:
-    """How many requests of one batch are on the wire at once, as httpcore traces them: from
-    sending a request's headers to its response's close. A request still waiting for a pooled
-    connection is not on the wire, so this is what the server really had in flight."""
+    """How many requests of one batch are on the wire at once: from sending a request's
+    headers to its response's end. A request still opening its connection is not on the wire,
+    so this is what the server really had in flight."""
 
     def __init__(self) -> None:
         self.now = 0
 
-    def tracer(self) -> tuple[list[int], Callable[[str, Any], Awaitable[None]]]:
-        """For one request: a cell that will hold the count when it went on the wire (itself
-        included), and the httpcore trace callback that fills it."""
-        seen: list[int] = []
+    def request(self) -> _OnWire:
+        return _OnWire(self)
 
-        async def trace(event: str, info: Any) -> None:
-            if event.endswith(".send_request_headers.started"):
-                self.now += 1
-                seen.append(self.now)
-            elif event.endswith((".response_closed.complete", ".response_closed.failed")):
-                self.now -= 1
 
-        return seen, trace
+class _OnWire:
+    """One request's time on its batch's wire: `count` is how many were on it when it went
+    on (itself included)."""
+
+    def __init__(self, wire: Wire) -> None:
+        self.wire, self.on = wire, False
+        self.count: int | None = None
+
+    def sent(self) -> None:
+        self.wire.now += 1
+        self.on, self.count = True, self.wire.now
+
+    def done(self) -> None:
+        if self.on:
+            self.wire.now -= 1
+            self.on = False
 
 
 # vLLM answers a request-level internal error (finish_reason "error": a multimodal cache that
@@ -68,34 +95,33 @@ def _fail(req: WarmRequest, what: str, status: Any = None) -> WarmupError:
     )
 
 
-def _json(req: WarmRequest, text: str, what: str) -> dict[str, Any]:
+def _json(req: WarmRequest, raw: bytes, what: str) -> dict[str, Any]:
     """A JSON object from the server, or a `WarmupError` saying what came instead (a proxy's
     HTML error page, a server that is not vLLM)."""
     try:
-        data = json.loads(text)
+        data = json.loads(raw)
     except ValueError:
-        raise _fail(req, f"{what} is not JSON: {text[:200]!r}") from None
+        raise _fail(req, f"{what} is not JSON: {raw[:200]!r}") from None
     if not isinstance(data, dict):
-        raise _fail(req, f"{what} is not a JSON object: {text[:200]!r}")
+        raise _fail(req, f"{what} is not a JSON object: {raw[:200]!r}")
     return data
 
 
-async def _streamed(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sample:
+async def _streamed(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnWire) -> Sample:
     endpoint = SPECS[req.endpoint]
-    sent, trace = wire.tracer()
     first = last = None  # the first token's arrival, the last text event's
     events = 0  # events that carried output text (a server may send several tokens in one)
     prompt_tokens = output_tokens = None
     start = time.perf_counter()
-    async with client.stream("POST", req.path, json=req.body, extensions={"trace": trace}) as resp:
-        if resp.status_code != 200:
-            body = (await resp.aread()).decode(errors="replace")[:300]
-            raise _fail(req, f"HTTP {resp.status_code}: {body}", resp.status_code)
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
+    async with session.post(req.path, json=req.body, trace_request_ctx=on_wire) as resp:
+        if resp.status != 200:
+            body = (await resp.read()).decode(errors="replace")[:300]
+            raise _fail(req, f"HTTP {resp.status}: {body}", resp.status)
+        async for line in resp.content:  # one line at a time, as it arrives
+            if not line.startswith(b"data:"):
                 continue  # blank lines, `event:` names (the event's data says its type too)
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 break
             event = _json(req, data, "a stream event")
             if (error := failed(event)) is not None:
@@ -130,18 +156,19 @@ async def _streamed(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> 
         e2e_s=end - start,
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
-        in_flight=sent[0] if sent else None,
+        in_flight=on_wire.count,
     )
 
 
-async def _unary(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sample:
-    sent, trace = wire.tracer()
+async def _unary(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnWire) -> Sample:
     start = time.perf_counter()
-    resp = await client.post(req.path, json=req.body, extensions={"trace": trace})
+    async with session.post(req.path, json=req.body, trace_request_ctx=on_wire) as resp:
+        raw = await resp.read()
     end = time.perf_counter()
-    if resp.status_code != 200:
-        raise _fail(req, f"HTTP {resp.status_code}: {resp.text[:300]}", resp.status_code)
-    prompt_tokens, output_tokens = SPECS[req.endpoint].usage(_json(req, resp.text, "the answer"))
+    if resp.status != 200:
+        text = raw.decode(errors="replace")[:300]
+        raise _fail(req, f"HTTP {resp.status}: {text}", resp.status)
+    prompt_tokens, output_tokens = SPECS[req.endpoint].usage(_json(req, raw, "the answer"))
     return Sample(
         kind=req.kind,
         ttft_s=None,
@@ -149,38 +176,48 @@ async def _unary(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sam
         e2e_s=end - start,
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
-        in_flight=sent[0] if sent else None,
+        in_flight=on_wire.count,
     )
 
 
-async def _send(client: httpx.AsyncClient, req: WarmRequest, wire: Wire) -> Sample:
+async def _send(session: aiohttp.ClientSession, req: WarmRequest, wire: Wire) -> Sample:
+    on_wire = wire.request()
     try:
-        return await (_streamed(client, req, wire) if req.stream else _unary(client, req, wire))
-    except httpx.HTTPError as exc:
+        if req.stream:
+            return await _streamed(session, req, on_wire)
+        return await _unary(session, req, on_wire)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:  # ValueError: a
+        # line longer than aiohttp's reader takes
         raise _fail(req, f"{type(exc).__name__}: {exc}") from None
+    finally:
+        on_wire.done()
 
 
-async def measure(client: httpx.AsyncClient, req: WarmRequest, wire: Wire | None = None) -> Sample:
+async def measure(
+    session: aiohttp.ClientSession, req: WarmRequest, wire: Wire | None = None
+) -> Sample:
     """Send one request and time it from the client's side (`wire`: the batch it is part of).
     A failure vLLM asks a client to retry is sent once more (its sample is the second's)."""
     wire = wire or Wire()
     try:
-        return await _send(client, req, wire)
+        return await _send(session, req, wire)
     except _Retryable as exc:
         logger.warning(
             "%s: %s; sending it again, as vLLM asks of a client", exc.message, exc.problems[0][1]
         )
     try:
-        return await _send(client, req, wire)
+        return await _send(session, req, wire)
     except _Retryable as exc:
         raise WarmupError(exc.message, problems=exc.problems) from None
 
 
-async def measure_all(client: httpx.AsyncClient, requests: Sequence[WarmRequest]) -> list[Sample]:
+async def measure_all(
+    session: aiohttp.ClientSession, requests: Sequence[WarmRequest]
+) -> list[Sample]:
     """Send requests at once; all their samples, or the first failure (the others cancelled,
     so none of them runs on into what is measured next)."""
     wire = Wire()
-    tasks = [asyncio.create_task(measure(client, r, wire)) for r in requests]
+    tasks = [asyncio.create_task(measure(session, r, wire)) for r in requests]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:

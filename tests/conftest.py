@@ -10,16 +10,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
 import httpx
 import psutil
 import pytest
 import typer
 import uvicorn
 from dockerfile_parse import DockerfileParser
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from typer.testing import CliRunner
 
 from llmwarm import lifeline
@@ -218,6 +223,20 @@ async def on_loopback(app: ASGIApp) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@contextlib.asynccontextmanager
+async def answering(handler: Handler) -> AsyncIterator[aiohttp.ClientSession]:
+    """A measuring client (`measure.session`) of a server on loopback where `handler` answers
+    every request."""
+    from llmwarm import measure
+
+    app = Starlette(routes=[Route("/{path:path}", handler, methods=["GET", "POST"])])
+    async with on_loopback(app) as url, measure.session(url) as session:
+        yield session
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -40,22 +39,21 @@ class LocalClient:
     what it measures (rounds, sweeps, the KV fill); `ClientProcess` is tested on its own."""
 
     def __init__(self, base_url: str) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=measure.TIMEOUT,
-                                      limits=measure.LIMITS)  # fmt: skip
+        self.base_url = base_url
 
     async def __aenter__(self) -> LocalClient:
+        self.session = measure.session(self.base_url)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.http.aclose()
+        await self.session.close()
 
     async def measure_all(self, requests: Sequence[WarmRequest]) -> list[Sample]:
-        return await measure.measure_all(self.http, requests)
+        return await measure.measure_all(self.session, requests)
 
     async def get_json(self, path: str) -> Any:
-        response = await self.http.get(path)
-        response.raise_for_status()
-        return response.json()
+        async with self.session.get(path, raise_for_status=True) as response:
+            return await response.json()
 
 
 # --- reports ---------------------------------------------------------------------------------

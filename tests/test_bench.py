@@ -7,11 +7,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
-from llmwarm import bench, corpus
+from llmwarm import bench, corpus, measure
 from llmwarm.errors import Unreachable
 from llmwarm.profile import parse_profile
-from tests.conftest import invoke
+from tests.conftest import answering, invoke
 from tests.fakes import PACE, _unary
 
 PROBE = parse_profile(
@@ -27,7 +29,7 @@ PROBE = parse_profile(
 async def test_first_against_steady_per_kind_and_refusals_reported(fake_url: str) -> None:
     # the first request of each kind is slow, later ones fast
     PACE.gap = lambda calls: 0.03 if calls < 2 or 6 <= calls < 8 else 0.005
-    async with httpx.AsyncClient(base_url=fake_url) as client:
+    async with measure.session(fake_url) as client:
         report = await bench.run(client, PROBE, "tiny", repeats=2, url=fake_url)
     greedy, logprobs, grammar = report.kinds
     assert (greedy.kind, logprobs.kind, grammar.kind) == (
@@ -47,13 +49,13 @@ async def test_repeats_send_the_first_prompts_again_with_a_salt_of_their_own() -
     # repeat is served from the prefix cache the first one filled.
     sent: list[dict[str, object]] = []
 
-    def server(request: httpx.Request) -> httpx.Response:
-        sent.append(json.loads(request.content))
+    async def server(request: Request) -> Response:
+        sent.append(json.loads(await request.body()))
         usage = {"prompt_tokens": 8, "completion_tokens": 3}
-        return httpx.Response(200, json=_unary(request.url.path, 3, usage))
+        return JSONResponse(_unary(request.url.path, 3, usage))
 
     probe = PROBE.model_copy(update={"stream": [False]})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
+    async with answering(server) as c:
         report = await bench.run(c, probe, "tiny", repeats=2, url="http://x")
     assert [k.kind for k in report.kinds] == ["chat", "chat+logprobs", "chat+grammar"]
     assert len(sent) == 3 * 3 * 2  # kinds x (first + 2 repeats) x concurrency

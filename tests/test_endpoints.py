@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from llmwarm import corpus, endpoints, measure
 from llmwarm.corpus import WarmRequest, WordTokenizer
 from llmwarm.errors import WarmupError
 from llmwarm.kinds import Kind
 from llmwarm.profile import Profile, parse_profile
+from tests.conftest import Handler, answering
 
 
 def _profile(*names: str) -> Profile:
@@ -61,7 +63,7 @@ def test_pooling_endpoints_never_stream() -> None:
 @pytest.mark.parametrize("name", list(endpoints.SPECS))
 async def test_each_api_is_timed_from_its_own_answers(fake_url: str, name: str) -> None:
     profile = _profile(name)
-    async with httpx.AsyncClient(base_url=fake_url) as client:
+    async with measure.session(fake_url) as client:
         for kind in corpus.kinds(profile, profile.buckets[0]):
             batch = corpus.Corpus(profile, WordTokenizer(), "m").batch(profile.buckets[0], kind, 1)
             (sample,) = await measure.measure_all(client, batch.requests)
@@ -92,26 +94,24 @@ async def test_a_stream_that_sends_all_text_in_one_event_has_no_tpot() -> None:
     ]
     body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
 
-    def server(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            200, content=body.encode(), headers={"content-type": "text/event-stream"}
-        )
+    async def server(request: Request) -> Response:
+        return Response(body.encode(), media_type="text/event-stream")
 
     req = WarmRequest(bucket="b", round=1, kind=Kind.parse("messages-stream"), body={})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
+    async with answering(server) as c:
         sample = await measure.measure(c, req)
     assert sample.ttft_s is not None and sample.ttft_s > 0
     assert sample.tpot_s is None
     assert (sample.prompt_tokens, sample.output_tokens) == (9, 8)
 
 
-def _sse_server(events: list[dict[str, Any]]) -> httpx.MockTransport:
+def _sse_server(events: list[dict[str, Any]]) -> Handler:
     body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-    return httpx.MockTransport(
-        lambda request: httpx.Response(
-            200, content=body.encode(), headers={"content-type": "text/event-stream"}
-        )
-    )
+
+    async def server(request: Request) -> Response:
+        return Response(body.encode(), media_type="text/event-stream")
+
+    return server
 
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 1}
@@ -138,7 +138,7 @@ async def test_an_output_with_no_text_still_has_its_first_token_timed(
 ) -> None:
     # CI saw it: a random model's Messages stream that ended at once (no ignore_eos there)
     req = WarmRequest(bucket="b", round=1, kind=Kind.parse(f"{name}-stream"), body={})
-    async with httpx.AsyncClient(transport=_sse_server(events), base_url="http://x") as c:
+    async with answering(_sse_server(events)) as c:
         sample = await measure.measure(c, req)
     assert sample.ttft_s is not None and 0 < sample.ttft_s <= sample.e2e_s
     assert sample.tpot_s is None  # one token: no decode time
@@ -153,7 +153,7 @@ async def test_a_responses_stream_with_no_text_shows_no_first_token() -> None:
          "response": {"id": "r", "usage": {"input_tokens": 9, "output_tokens": 1}}},
     ]  # fmt: skip
     req = WarmRequest(bucket="b", round=1, kind=Kind.parse("responses-stream"), body={})
-    async with httpx.AsyncClient(transport=_sse_server(events), base_url="http://x") as c:
+    async with answering(_sse_server(events)) as c:
         sample = await measure.measure(c, req)
     assert sample.ttft_s is None and sample.e2e_s > 0
     assert (sample.prompt_tokens, sample.output_tokens) == (9, 1)
@@ -171,9 +171,11 @@ async def test_an_answer_that_is_not_json_is_a_warm_up_failure_naming_it(
     stream: bool, content: bytes, said: str
 ) -> None:
     # a proxy's HTML error page, a server that is not vLLM: a failure report, not a traceback
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=content))
+    async def server(request: Request) -> Response:
+        return Response(content)
+
     req = WarmRequest(bucket="b", round=1, kind=Kind("completions", stream), body={})
-    async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
+    async with answering(server) as c:
         with pytest.raises(WarmupError) as info:
             await measure.measure(c, req)
     [(where, what)] = info.value.problems
@@ -187,16 +189,16 @@ COMPLETION = {"choices": [{"text": "x"}], "usage": {"prompt_tokens": 9, "complet
 async def test_a_failure_vllm_asks_to_retry_is_sent_once_more(status: int) -> None:
     # vLLM answers a request-level internal error (e.g. its multimodal cache drifted between
     # frontend and engine: seen in CI on the vision model) with 500/503, to be sent again
-    answers = [httpx.Response(status, json={"error": {"message": "Internal server error"}}),
-               httpx.Response(200, json=COMPLETION)]  # fmt: skip
-    sent: list[httpx.Request] = []
+    answers = [JSONResponse({"error": {"message": "Internal server error"}}, status),
+               JSONResponse(COMPLETION)]  # fmt: skip
+    sent: list[Request] = []
 
-    def server(request: httpx.Request) -> httpx.Response:
+    async def server(request: Request) -> Response:
         sent.append(request)
         return answers.pop(0)
 
     req = WarmRequest(bucket="b", round=1, kind=Kind("completions"), body={})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
+    async with answering(server) as c:
         sample = await measure.measure(c, req)
     assert len(sent) == 2 and (sample.prompt_tokens, sample.output_tokens) == (9, 1)
 
@@ -205,14 +207,14 @@ async def test_a_failure_vllm_asks_to_retry_is_sent_once_more(status: int) -> No
 async def test_twice_is_a_failure_and_a_client_error_is_never_retried(
     status: int, tries: int
 ) -> None:
-    sent: list[httpx.Request] = []
+    sent: list[Request] = []
 
-    def server(request: httpx.Request) -> httpx.Response:
+    async def server(request: Request) -> Response:
         sent.append(request)
-        return httpx.Response(status, json={"error": {"message": "no"}})
+        return JSONResponse({"error": {"message": "no"}}, status)
 
     req = WarmRequest(bucket="b", round=1, kind=Kind("completions"), body={})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as c:
+    async with answering(server) as c:
         with pytest.raises(WarmupError, match="warm-up request failed"):
             await measure.measure(c, req)
     assert len(sent) == tries

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import httpx
+import aiohttp
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -18,7 +18,7 @@ from llmwarm.profile import parse_profile
 from tests.conftest import on_loopback
 from tests.fakes import answer
 
-WIDE = 150  # more than httpx's default pool (100 connections)
+WIDE = 150  # more than a client's default pool (100 connections in aiohttp and httpx)
 
 
 @pytest.fixture
@@ -57,11 +57,11 @@ def _requests(stream: bool) -> list[corpus.WarmRequest]:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-async def test_a_batch_wider_than_httpx_default_pool_is_all_in_flight_at_once(
+async def test_a_batch_wider_than_a_default_pool_is_all_in_flight_at_once(
     barrier_url: str, stream: bool
 ) -> None:
-    async with httpx.AsyncClient(base_url=barrier_url, limits=measure.LIMITS) as client:
-        # with httpx's default limits the 101st request would wait for a connection forever
+    async with measure.session(barrier_url) as client:
+        # with a default pool the 101st request would wait for a connection forever
         samples = await asyncio.wait_for(measure.measure_all(client, _requests(stream)), 60)
     assert len(samples) == WIDE
     counts = sorted(s.in_flight for s in samples if s.in_flight is not None)
@@ -70,8 +70,8 @@ async def test_a_batch_wider_than_httpx_default_pool_is_all_in_flight_at_once(
 
 
 async def test_a_capped_pool_never_gets_the_batch_in_flight(barrier_url: str) -> None:
-    capped = httpx.Limits(max_connections=100)
-    async with httpx.AsyncClient(base_url=barrier_url, limits=capped) as client:
+    capped = aiohttp.TCPConnector(limit=100)  # aiohttp's default
+    async with aiohttp.ClientSession(base_url=barrier_url, connector=capped) as client:
         work = measure.measure_all(client, _requests(False))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(work, 3)

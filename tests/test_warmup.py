@@ -194,7 +194,7 @@ async def test_connection_failure_is_a_warmup_error() -> None:
     async with LocalClient("http://127.0.0.1:9") as client:
         with pytest.raises(WarmupError) as info:
             await warmup.rounds(client, Corpus(_profile(), WordTokenizer(), "tiny"))
-    assert "ConnectError" in info.value.problems[0][1]
+    assert "ClientConnectorError" in info.value.problems[0][1]
 
 
 async def test_kv_fill_prefills_the_asked_share_of_blocks(fake_url: str) -> None:
