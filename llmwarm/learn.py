@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,7 +37,7 @@ from llmwarm.report import Learned
 logger = logging.getLogger(__name__)
 
 LEARN_VERSION: Literal[1] = 1
-FILE_NAME = "learned.json"  # inside --cache-dir
+DIR_NAME = "learned"  # inside a writable --cache-dir: a file per replica
 WRITE_EVERY_S = 60.0
 MAX_LEARNED_BUCKETS = 4
 
@@ -101,35 +103,68 @@ def _set_aside(path: Path, why: str) -> bool:
     return True
 
 
-def read(path: Path) -> tuple[Counter[Shape], bool]:
-    """The counts a learn file holds, and whether it may be written. Never raises: a bad
-    file is a warning, set aside."""
+def own_file(path: Path) -> Path:
+    """The file this replica writes: `path` itself, or in a learn directory (`--learn DIR/`,
+    a fleet's) one named after this host (a pod's name)."""
+    return path / f"{socket.gethostname()}.json" if path.is_dir() else path
+
+
+def _load(path: Path) -> tuple[Counter[Shape] | None, str]:
+    """A learn file's counts (none if there is no file), or why it is not one."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Counter(), True
+        return Counter(), ""
     except (OSError, UnicodeDecodeError) as exc:
-        why = f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
-        return Counter(), _set_aside(path, why)
+        return None, f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
     try:
         data = LearnFile.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"])) or "file"
-        return Counter(), _set_aside(path, f"not a learn file ({where}: {first['msg']})")
-    return shapes_from(s.model_dump() for s in data.shapes), True
+        return None, f"not a learn file ({where}: {first['msg']})"
+    return shapes_from(s.model_dump() for s in data.shapes), ""
+
+
+def read(path: Path) -> History:
+    """What the learn file (or every file of a learn directory: a fleet's) holds, and whether
+    this replica's own file may be written. Never raises: its own bad file is set aside with a
+    warning, another replica's is left out with one."""
+    own = own_file(path)
+    others = sorted(p for p in path.glob("*.json") if p != own) if path.is_dir() else []
+    mine, why = _load(own)
+    writable = True
+    if mine is None:
+        writable, mine = _set_aside(own, why), Counter()
+    history = Counter(mine)
+    for other in others:
+        counts, why = _load(other)
+        if counts is None:
+            logger.warning("learn file %s: %s; left out", other, why)
+            continue
+        history += counts
+    return History(history, mine, writable, 1 + len(others))
+
+
+@dataclass(frozen=True)
+class History:
+    """What a start read: every file's counts, its own file's, whether that may be written,
+    and how many files there were."""
+
+    counts: Counter[Shape]
+    own: Counter[Shape]
+    writable: bool
+    files: int
 
 
 def size_classes(path: Path) -> Counter[tuple[int, int]]:
-    """Requests per (prompt, concurrency) class in a learn file; empty if it has none or
-    cannot be read (`read` deals with a bad file when the server starts)."""
-    try:
-        data = LearnFile.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValidationError):
-        return Counter()
+    """Requests per (prompt, concurrency) class in a learn file or directory; empty if there
+    are none or they cannot be read (`read` deals with a bad file when the server starts)."""
     classes: Counter[tuple[int, int]] = Counter()
-    for row in data.shapes:
-        classes[(row.prompt_tokens, row.concurrency)] += row.requests
+    for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
+        counts, _ = _load(file)
+        for shape, n in (counts or {}).items():
+            classes[(shape.prompt_tokens, shape.concurrency)] += n
     return classes
 
 

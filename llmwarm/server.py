@@ -259,15 +259,15 @@ class Lifecycle:
         async with self._start(settings.vllm_args) as eng:
             self.state.engine_start_s = eng.start_s
             logger.info("engine started in %.1f s; warming up", eng.start_s)
-            if settings.cache_dir is not None and settings.mode != "bake":
-                caches.check(settings.cache_dir, _manifest(settings, eng))
+            if settings.cache is not None and settings.mode != "bake":
+                settings.cache.check(_manifest(settings, eng))
             try:
                 app = await eng.build_app(self.http.vllm_stop)
                 self.state.warming(app)
                 report = await self._warm_at_start(eng)
-                if settings.mode == "bake":
-                    assert settings.cache_dir is not None  # settings.resolve requires it
-                    caches.bake(settings.cache_dir, _manifest(settings, eng))
+                if settings.cache is not None:  # (a bake publishes whatever is there)
+                    manifest, bake = _manifest(settings, eng), settings.mode == "bake"
+                    await asyncio.to_thread(settings.cache.publish, manifest, force=bake)
                 if settings.serve:
                     await self._serve(eng, app)
                 return report
@@ -378,9 +378,9 @@ async def _write_learned(coverage: Coverage, settings: Settings) -> None:
     if path is None or not coverage.changed:
         return
     coverage.changed = False
-    shapes = coverage.all_shapes()
+    shapes = coverage.own_shapes()
     try:
-        await asyncio.to_thread(learn.write, path, shapes, settings.model)
+        await asyncio.to_thread(learn.write, learn.own_file(path), shapes, settings.model)
     except WriteError as exc:
         coverage.changed = True
         logger.error("%s", "\n".join(render(exc.message, exc.problems)))
@@ -389,16 +389,17 @@ async def _write_learned(coverage: Coverage, settings: Settings) -> None:
 
 
 def _read_learned(settings: Settings, coverage: Coverage) -> bool:
-    """The learn file's counts into `coverage.history`; whether the file may be written."""
+    """The learn files' counts into the coverage; whether this replica's own may be written."""
     if settings.learn_path is None:
         return False
-    coverage.history, writable = learn.read(settings.learn_path)
-    if coverage.history:
+    read = learn.read(settings.learn_path)
+    coverage.history, coverage.own = read.counts, read.own
+    if read.counts:
         logger.info(
-            "learn file %s: %d requests in %d shapes", settings.learn_path,
-            sum(coverage.history.values()), len(coverage.history),
+            "learn files %s (%d): %d requests in %d shapes", settings.learn_path, read.files,
+            sum(read.counts.values()), len(read.counts),
         )  # fmt: skip
-    return writable
+    return read.writable
 
 
 def run_sync(settings: Settings) -> Report:

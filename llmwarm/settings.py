@@ -34,8 +34,8 @@ class Settings:
     plot_path: Path | None
     on_unconverged: OnUnconverged
     mode: Mode
-    cache_dir: Path | None = None
-    learn_path: Path | None = None  # the learn file (`llmwarm.learn`); None: no learning
+    cache: caches.Cache | None = None  # --cache-dir, opened: its live copy in use
+    learn_path: Path | None = None  # the learn file or directory (`llmwarm.learn`); None: off
     admin_key: str | None = None  # POST /warmup/run's credential; None: loopback clients only
     rewarm_interval_s: float = 30.0  # at least this long from one re-warm's end to the next
     capture: CaptureSizes | None = None  # the CUDA-graph sizes given to vLLM, if llmwarm chose
@@ -84,6 +84,19 @@ def check_output_path(path: Path | None, option: str) -> None:
         raise UsageError(
             f"{option} {path}: cannot write into {parent}",
             problems=[(option, f"{parent} does not exist or is not writable")],
+        )
+
+
+def check_learn_path(path: Path | None) -> None:
+    """A learn file must be writable; a learn directory (a fleet's) too."""
+    if path is None:
+        return
+    if not path.is_dir():
+        check_output_path(path, "--learn")
+    elif not os.access(path, os.W_OK):
+        raise UsageError(
+            f"--learn {path} is not writable",
+            problems=[("--learn", f"{path}: this replica writes its own file there")],
         )
 
 
@@ -156,16 +169,22 @@ def resolve(
             f"--plot {plot_path}: the plot is a PNG",
             problems=[("--plot", f"{plot_path.name!r} does not end in .png")],
         )
-    if cache_dir is not None:
-        cache_dir = caches.prepare(cache_dir)
-        caches.use(cache_dir)  # before vLLM is imported: its processes inherit it
-        learn_path = learn_path or cache_dir / learn.FILE_NAME
-    check_output_path(learn_path, "--learn")
-    args = vllm_args.parse_args(vllm_argv, prog)
-    check_model(args.model)
-    capture = None
-    if capture_sizes_from_profile:
-        capture = apply_capture_sizes(args, profile, learn_path)
+    # before vLLM is imported: its processes inherit where the caches are
+    cache = caches.Cache.open(cache_dir) if cache_dir is not None else None
+    try:
+        if learn_path is None and cache is not None and cache.writable:
+            learn_path = cache.shared / learn.DIR_NAME  # a fleet's: a file per replica
+            learn_path.mkdir(exist_ok=True)
+        check_learn_path(learn_path)
+        args = vllm_args.parse_args(vllm_argv, prog)
+        check_model(args.model)
+        capture = None
+        if capture_sizes_from_profile:
+            capture = apply_capture_sizes(args, profile, learn_path)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
     if mode != "serve":
         # `warm` serves nobody: its warm-up talks to a private loopback port.
         args.host, args.port, args.uds = "127.0.0.1", 0, None
@@ -177,7 +196,7 @@ def resolve(
         plot_path=plot_path,
         on_unconverged=on_unconverged,
         mode=mode,
-        cache_dir=cache_dir,
+        cache=cache,
         learn_path=learn_path,
         admin_key=admin_key or None,
         capture=capture,

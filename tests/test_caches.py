@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,12 +58,17 @@ def test_a_users_aot_setting_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
 
 
-def test_prepare_creates_the_directory_and_refuses_a_file(tmp_path: Path) -> None:
-    made = caches.prepare(tmp_path / "a" / "b")
-    assert made.is_dir() and made.is_absolute()
+def test_open_creates_the_directory_and_refuses_a_file(tmp_path: Path) -> None:
+    cache = caches.Cache.open(tmp_path / "a" / "b")
+    try:
+        assert cache.shared.is_dir() and cache.shared.is_absolute() and cache.baked is None
+        assert os.environ["VLLM_CACHE_ROOT"] == str(cache.live / "vllm")  # never the shared
+    finally:
+        cache.close()
+    assert not cache.live.exists()
     (tmp_path / "f").write_text("x")
     with pytest.raises(UsageError) as info:
-        caches.prepare(tmp_path / "f")
+        caches.Cache.open(tmp_path / "f")
     assert info.value.problems[0][0] == "--cache-dir"
 
 
@@ -99,8 +107,9 @@ def test_another_device_or_torch_is_a_warning_naming_the_difference(
     caches.write_manifest(tmp_path, h100)
     assert caches.differences(h100, h100) is None
     l4 = _manifest(device="NVIDIA L4 (compute capability 8.9)", torch_version="2.14.1")
+    cache = caches.Cache(tmp_path, tmp_path, True, h100)
     with caplog.at_level("WARNING", logger="llmwarm.caches"):
-        caches.check(tmp_path, l4)
+        cache.check(l4)
     assert (
         "baked on 'NVIDIA H100 (compute capability 9.0)', now 'NVIDIA L4 (compute capability "
         "8.9)'; baked with torch '2.13.0', now '2.14.1'"
@@ -178,3 +187,105 @@ def test_the_help_and_the_docs_list_every_variable() -> None:
     assert set(re.findall(r"LLMWARM_\w+", ENV_HELP)) == known
     page = (ROOT / "docs" / "getting-started.md").read_text()
     assert {v for v in known if f"`{v}`" not in page} == set()
+
+
+def _bake_by_hand(directory: Path, manifest: caches.Manifest, text: str = "v1") -> None:
+    for sub, name in (("vllm", "graph.py"), ("inductor", "kernel.so")):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+        (directory / sub / name).write_text(text)
+    caches.write_manifest(directory, manifest)
+
+
+def test_a_baked_directory_is_copied_in_and_never_written(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    _bake_by_hand(shared, _manifest())
+    before = {p: p.read_text() for p in shared.rglob("*") if p.is_file()}
+    before[shared / caches.LOCK] = ""  # how replicas take turns: the one file it may add
+    cache = caches.Cache.open(shared)
+    try:
+        assert (
+            cache.baked is not None and (cache.live / "inductor" / "kernel.so").read_text() == "v1"
+        )
+        (cache.live / "vllm" / "graph.py").write_text("compiled again")  # vLLM writes its copy
+        assert cache.publish(_manifest()) is False  # it matches: nothing to publish
+    finally:
+        cache.close()
+    assert {p: p.read_text() for p in shared.rglob("*") if p.is_file()} == before
+
+
+def test_publish_fills_an_empty_directory_and_keeps_another_engines_caches(
+    tmp_path: Path,
+) -> None:
+    cache = caches.Cache.open(tmp_path / "shared")
+    try:
+        _bake_by_hand(cache.live, _manifest(), text="mine")
+        (cache.live / caches.MANIFEST).unlink()
+        assert cache.publish(_manifest()) is True
+        assert (cache.shared / "vllm" / "graph.py").read_text() == "mine"
+        assert caches.read_manifest(cache.shared) is not None
+        # another engine's caches are not replaced by a serving replica, only by a bake
+        other = _manifest(config_hash="fff000")
+        assert cache.publish(other) is False
+        assert cache.publish(other, force=True) is True
+        assert caches.read_manifest(cache.shared).config_hash == "fff000"  # type: ignore[union-attr]
+        assert [p.name for p in cache.shared.iterdir() if p.name.startswith(".")] == [caches.LOCK]
+    finally:
+        cache.close()
+
+
+def test_a_reader_never_copies_half_of_a_publish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Replicas starting while another publishes: the reader waits for the publish (a shared
+    # lock against its exclusive one) and copies what the new manifest vouches for.
+    shared = tmp_path / "shared"
+    _bake_by_hand(shared, _manifest(), text="old")
+    writer = caches.Cache.open(shared)
+    _bake_by_hand(writer.live, _manifest(), text="new")
+    halfway, go_on = threading.Event(), threading.Event()
+    copy = shutil.copytree
+
+    def slow_copy(src: Path, dst: Path, **kwargs: Any) -> Any:
+        done = copy(src, dst, **kwargs)
+        if ".staging-" in str(dst) and not halfway.is_set():
+            halfway.set()  # one tree copied, the manifest gone, the other tree not yet
+            go_on.wait(30)
+        return done
+
+    monkeypatch.setattr(shutil, "copytree", slow_copy)
+    publishing = threading.Thread(
+        target=writer.publish, args=(_manifest(),), kwargs={"force": True}
+    )
+    publishing.start()
+    assert halfway.wait(30)
+    opened: list[caches.Cache] = []
+    reading = threading.Thread(target=lambda: opened.append(caches.Cache.open(shared)))
+    reading.start()
+    reading.join(0.3)
+    assert reading.is_alive()  # it waits for the publish
+    go_on.set()
+    publishing.join(30)
+    reading.join(30)
+    [reader] = opened
+    try:
+        texts = {p.read_text() for p in reader.live.rglob("*") if p.is_file()}
+        assert texts == {"new"}, texts  # all of the new bake, nothing of the old
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_read_only_directory_is_read_and_nothing_is_written(
+    small_fs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _bake_by_hand(small_fs, _manifest())
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    with caplog.at_level("INFO", logger="llmwarm.caches"):
+        cache = caches.Cache.open(small_fs)
+    try:
+        assert not cache.writable and cache.baked is not None
+        assert (cache.live / "vllm" / "graph.py").read_text() == "v1"
+        assert cache.publish(_manifest(config_hash="fff000"), force=True) is False
+        assert "is read-only" in caplog.text
+    finally:
+        cache.close()

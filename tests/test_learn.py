@@ -31,9 +31,10 @@ WIDE = _shape("completions", 16, 8, 8)
 
 def test_a_learn_file_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "learned.json"
-    assert learn.read(path) == (Counter(), True)  # none yet: an empty summary, written later
+    assert learn.read(path) == learn.History(Counter(), Counter(), True, 1)  # none yet
     learn.write(path, Counter({PENALTIES: 3, WIDE: 1}), "tiny")
-    assert learn.read(path) == (Counter({PENALTIES: 3, WIDE: 1}), True)
+    counts = Counter({PENALTIES: 3, WIDE: 1})
+    assert learn.read(path) == learn.History(counts, counts, True, 1)
     data = json.loads(path.read_text())
     assert data["model"] == "tiny" and data["shapes"][0]["requests"] == 3
 
@@ -53,10 +54,28 @@ def test_a_bad_learn_file_is_set_aside_with_a_warning_never_lost(
     path = tmp_path / "learned.json"
     path.write_bytes(content)
     with caplog.at_level(logging.WARNING, logger="llmwarm"):
-        assert learn.read(path) == (Counter(), True)
+        assert learn.read(path) == learn.History(Counter(), Counter(), True, 1)
     [aside] = tmp_path.glob("learned.json.bad-*")
     assert aside.read_bytes() == content and not path.exists()
     assert str(path) in caplog.text and str(aside) in caplog.text
+
+
+def test_a_fleets_learn_directory_is_read_whole_and_written_a_file_per_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The defect: every replica wrote the same learned.json every minute; the last writer won
+    # and the other replicas' traffic was lost.
+    monkeypatch.setattr("socket.gethostname", lambda: "llmwarm-7d9f-abc12")
+    learn.write(tmp_path / "llmwarm-7d9f-xyz34.json", Counter({PENALTIES: 30}), "tiny")
+    learn.write(tmp_path / "llmwarm-7d9f-abc12.json", Counter({WIDE: 2}), "tiny")
+    (tmp_path / "llmwarm-old.json").write_text("{not json")  # another's bad file: left out
+    with caplog.at_level(logging.WARNING, logger="llmwarm"):
+        read = learn.read(tmp_path)
+    assert read.counts == Counter({PENALTIES: 30, WIDE: 2}) and read.files == 3
+    assert read.own == Counter({WIDE: 2}) and read.writable
+    assert "llmwarm-old.json" in caplog.text and (tmp_path / "llmwarm-old.json").exists()
+    assert learn.own_file(tmp_path) == tmp_path / "llmwarm-7d9f-abc12.json"
+    assert learn.size_classes(tmp_path) == Counter({(512, 1): 30, (16, 8): 2})
 
 
 def test_the_profile_learns_the_shapes_it_would_miss() -> None:
