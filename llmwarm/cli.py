@@ -146,8 +146,10 @@ CacheDirOption = Annotated[
     typer.Option(
         "--cache-dir",
         envvar="LLMWARM_CACHE_DIR",
-        help="Keep vLLM's compile caches (torch.compile/AOT, inductor, Triton, FlashInfer, "
-        "CUDA JIT) here: `bake` fills it, `serve` and `warm` start from it. Created if missing.",
+        help="vLLM's compile caches (torch.compile/AOT, inductor, Triton, FlashInfer, CUDA "
+        "JIT), baked once by `bake`: `serve` and `warm` start from a copy of them (in TMPDIR; "
+        "the directory may be read-only, and a fleet may share it) and publish theirs into it "
+        "when nothing matching is there. Created if missing.",
         file_okay=False,
         show_default=False,
     ),
@@ -159,8 +161,8 @@ LearnOption = Annotated[
         envvar="LLMWARM_LEARN",
         help="Keep a summary of the request shapes served here (counts, lengths, features; "
         "never text), written from time to time and at shutdown; each start warms the shapes "
-        "in it that the profile misses. Default: learned.json in --cache-dir, if given.",
-        dir_okay=False,
+        "in it that the profile misses. A directory (a fleet's): a file per replica, named "
+        "after its host, every one read at start. Default: learned/ in a writable --cache-dir.",
         show_default=False,
     ),
 ]

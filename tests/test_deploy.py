@@ -124,3 +124,31 @@ def test_images_run_llmwarm_serve_like_the_vllm_image(name: str) -> None:
         assert base == f"vllm/vllm-openai:v{pin}"
     else:  # the project's own set-up with the `cpu` extra
         assert env["LLMWARM_EXTRAS"] == "cpu" and re.search(r"^cpu = ", pyproject, re.M)
+
+
+def test_a_fleet_shares_the_baked_cache_read_only_and_learns_a_file_per_replica() -> None:
+    deployment = _kind("Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    c = _container()
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    # the baked cache: mounted read-only; the live copy goes to TMPDIR, on a pod-local volume
+    cache = mounts[env["LLMWARM_CACHE_DIR"]]
+    assert cache.get("readOnly") is True
+    assert volumes[cache["name"]]["persistentVolumeClaim"]["readOnly"] is True
+    assert "emptyDir" in volumes[mounts[env["TMPDIR"]]["name"]]
+    # learn files: a directory of their own on a shared volume, apart from the cache
+    learned = mounts[env["LLMWARM_LEARN"]]
+    assert learned["name"] != cache["name"] and not learned.get("readOnly")
+    claim = volumes[learned["name"]]["persistentVolumeClaim"]["claimName"]
+    assert _kind("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    # a rollout never goes below the current capacity, and a drain takes one at a time
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    budget = _kind("PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= (
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert budget["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+    # the admin key comes from a secret, never a literal
+    assert "valueFrom" in {e["name"]: e for e in c["env"]}["LLMWARM_ADMIN_KEY"]
