@@ -68,8 +68,7 @@ def bind(args: Namespace) -> tuple[str, socket.socket]:
     from vllm.entrypoints.launchers.launcher import setup_server
 
     try:
-        listen: tuple[str, socket.socket] = setup_server(args, reuse_port=False)
-        return listen
+        url, sock = setup_server(args, reuse_port=False)
     except OSError as exc:
         where = args.uds or f"{args.host or '0.0.0.0'}:{args.port}"
         if exc.errno == errno.EADDRINUSE:
@@ -83,6 +82,10 @@ def bind(args: Namespace) -> tuple[str, socket.socket]:
         ) from None
     except (KeyError, ValueError) as exc:
         raise VllmArgsError("bad vLLM arguments", problems=[("vllm flags", str(exc))]) from None
+    if not args.uds and not args.port:
+        # vLLM's URL names the flag's port; asked for any (`warm`), name the one bound
+        url = f"{url.rsplit(':', 1)[0]}:{sock.getsockname()[1]}"
+    return url, sock
 
 
 def serve_http_kwargs(args: Namespace) -> dict[str, Any]:

@@ -86,3 +86,15 @@ def test_the_public_server_gets_vllms_tls_and_header_limits(vllm_args: Callable[
     server = frontend._server(INNER, public)
     assert server.config.h11_max_header_count == 77  # type: ignore[attr-defined]
     assert server.config.lifespan == "off"
+
+
+def test_the_url_it_logs_names_the_port_it_bound_when_asked_for_any(
+    vllm_args: Callable[..., Any],
+) -> None:
+    # `warm` and the tests bind port 0; vLLM's setup_server builds its URL from the flag
+    url, sock = frontend.bind(vllm_args("--host", "127.0.0.1", "--port", "0"))
+    try:
+        assert url == f"http://127.0.0.1:{sock.getsockname()[1]}"
+        assert not url.endswith(":0")
+    finally:
+        sock.close()
