@@ -101,7 +101,7 @@ def _configure_logging() -> None:
 
 def _run(ctx: typer.Context, *, mode: Mode, vllm_help: bool, **options: Any) -> None:
     # Imported here so `--help`, `--version` and profile errors never wait on vLLM.
-    from llmwarm import server, settings, vllm_args
+    from llmwarm import engine, server, settings, vllm_args
 
     prog = f"llmwarm {ctx.info_name}"
     _configure_logging()
@@ -112,7 +112,10 @@ def _run(ctx: typer.Context, *, mode: Mode, vllm_help: bool, **options: Any) -> 
             return
         resolved = settings.resolve(ctx.args, mode=mode, prog=prog, **options)
         try:
-            server.run_sync(resolved)
+            if vllm_args.headless(resolved.vllm_args):
+                engine.run_headless(resolved.vllm_args)
+            else:
+                server.run_sync(resolved)
         finally:
             if resolved.cache is not None:
                 resolved.cache.close()

@@ -35,6 +35,9 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+DP_RANK_HEADER = "X-data-parallel-rank"  # read by vLLM's OpenAI serving (`_get_data_parallel_rank`)
+
+
 @dataclass(frozen=True)
 class WarmRequest:
     """One HTTP request of the warm-up, and where it belongs."""
@@ -43,6 +46,12 @@ class WarmRequest:
     round: int
     kind: Kind
     body: dict[str, Any] = field(hash=False)
+    rank: int | None = None  # the data-parallel rank it must run on (None: any)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Its own headers: the rank it is pinned to, as vLLM's router reads it."""
+        return {} if self.rank is None else {DP_RANK_HEADER: str(self.rank)}
 
     @property
     def endpoint(self) -> str:
@@ -168,12 +177,14 @@ SWEEP_MAX_TOKENS = 8
 @dataclass(frozen=True)
 class Corpus:
     """One warm-up's requests: `profile` resolved for its engine, prompts sized by `tokenizer`,
-    `model` in every body, and `salt` as every request's `cache_salt` (None: no salt)."""
+    `model` in every body, `salt` as every request's `cache_salt` (None: no salt), every
+    request pinned to data-parallel rank `rank` (None: wherever vLLM puts it)."""
 
     profile: Profile
     tokenizer: Tokenizer
     model: str
     salt: str | None = None
+    rank: int | None = None
 
     def _body(self, kind: Kind, prompts: list[str], bucket: Bucket) -> dict[str, Any]:
         endpoint = endpoints.SPECS[kind.endpoint]
@@ -210,6 +221,7 @@ class Corpus:
                     round=round_,
                     kind=kind,
                     body=self._body(kind, prompts, bucket),
+                    rank=self.rank,
                 )
             )
         return Batch(bucket=bucket, round=round_, kind=kind, requests=tuple(requests))

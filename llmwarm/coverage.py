@@ -19,6 +19,8 @@ end to end otherwise) over the median of its later ones. Pure: no vLLM, no HTTP.
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 import statistics
 from collections import Counter, deque
@@ -78,14 +80,15 @@ class Warmed:
 
     @classmethod
     def from_report(cls, report: Report) -> Warmed:
-        rows = []
+        """What its buckets sent; under data parallelism, what every rank was sent (a user's
+        request may land on any of them: the ranks count as one server)."""
+        rows: dict[int | None, list[tuple[int, int, set[Kind]]]] = {}
         for b in report.buckets:
             done = [*b.rounds, *([b.sweep] if b.sweep else []), *([b.check] if b.check else [])]
-            if done:
-                rows.append(
-                    (b.prompt_tokens, b.concurrency, {s.kind for r in done for s in r.samples})
-                )
-        return cls.of(rows)
+            sent = {s.kind for r in done for s in r.samples}
+            rows.setdefault(b.rank, []).append((b.prompt_tokens, b.concurrency, sent))
+        per_rank = [cls.of(r for r in ranked if r[2]) for ranked in rows.values()]
+        return functools.reduce(operator.and_, per_rank) if per_rank else cls.of([])
 
     @classmethod
     def from_profile(cls, profile: Profile) -> Warmed:
@@ -100,6 +103,14 @@ class Warmed:
             self.kinds | other.kinds,
             max(self.prompt_tokens, other.prompt_tokens),
             max(self.concurrency, other.concurrency),
+        )
+
+    def __and__(self, other: Warmed) -> Warmed:
+        """What two engines were both warmed at."""
+        return Warmed(
+            self.kinds & other.kinds,
+            min(self.prompt_tokens, other.prompt_tokens),
+            min(self.concurrency, other.concurrency),
         )
 
     def misses(self, shape: Shape) -> list[str]:

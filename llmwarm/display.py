@@ -41,7 +41,7 @@ def table(report: Report) -> Table:
     window = report.convergence.window
     for b in report.buckets:
         verdict = f"round {b.converged_at}" if b.converged else f"no ({b.stop_reason})"
-        cells = [b.name, str(len(b.rounds)), verdict]
+        cells = [b.key, str(len(b.rounds)), verdict]
         for metric in ("ttft", "tpot", "e2e"):
             cells += [_ms(b.first(metric)), _ms(b.warm(metric, window))]
         cells.append(_ratio(b.first("e2e"), b.warm("e2e", window)))
@@ -113,7 +113,7 @@ def plot(report: Report, path: Path, option: str = "--plot") -> None:
         for b in report.buckets:
             rounds = [r.round for r in b.rounds if getattr(r, METRIC_FIELDS[metric]) is not None]
             values = [v * 1000 for v in b.series(metric)]
-            (line,) = ax.plot(rounds, values, marker="o", markersize=3, label=b.name)
+            (line,) = ax.plot(rounds, values, marker="o", markersize=3, label=b.key)
             if b.converged_at is not None and b.converged_at in rounds:
                 at = rounds.index(b.converged_at)
                 ax.plot(rounds[at], values[at], marker="*", markersize=14, color=line.get_color())

@@ -224,18 +224,30 @@ class Engine:
     def _counts_jit(self) -> bool:
         return bool(self.args.worker_extension_cls == jitmon.QUALNAME)
 
+    async def _every_worker(self, method: str, *args: Any) -> list[Any]:
+        """Call `method` on every worker of every engine this server fronts: vLLM's own
+        `collective_rpc` answers with the first engine's workers only under data parallelism."""
+        core = self.llm.engine_core
+        _, balanced = _dp_ranks(self.llm.vllm_config.parallel_config)
+        if balanced:  # vLLM's load-balancing client: an engine a rank
+            per_engine = await core.call_utility_all_async(
+                "collective_rpc", method, None, args, None
+            )
+            return [worker for workers in per_engine for worker in workers]
+        return list(await self.llm.collective_rpc(method, args=args))
+
     async def jit_phase(self, phase: str) -> None:
         """Tell the workers' JIT-monitor counter (`llmwarm.jitmon`) what llmwarm is doing:
         `warmup` (events counted, never raised) or `serving` (the user's mode applies)."""
         if self._counts_jit:
-            await self.llm.collective_rpc("llmwarm_jit_phase", args=(phase,))
+            await self._every_worker("llmwarm_jit_phase", phase)
 
     async def jit_events(self) -> JitEvents | None:
         """The monitor's events by phase (the most any one worker saw); None without the
         counter (the user gave their own --worker-extension-cls)."""
         if not self._counts_jit:
             return None
-        seen = await self.llm.collective_rpc("llmwarm_jit_events")
+        seen = await self._every_worker("llmwarm_jit_events")
         return JitEvents(
             active=any(w["active"] for w in seen),
             warmup=max(w["warmup"] for w in seen),
@@ -352,6 +364,27 @@ async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
         engine.shutdown(timeout=engine.vllm_config.shutdown_timeout)
 
 
+def run_headless(args: Namespace) -> None:
+    """A secondary node (`--headless`): vLLM's own headless engines, and no API server, so
+    nothing to warm or gate here: the llmwarm in front of the head node's API server warms
+    these ranks through it (each request pinned to its rank). vLLM handles SIGTERM and SIGINT
+    here; its processes end with this one whatever ends it (`llmwarm.lifeline`)."""
+    from vllm.entrypoints.cli.serve import run_headless as vllm_headless
+
+    lifeline.arm()
+    args.api_server_count = 0
+    logger.info(
+        "--headless: this node runs engines only; the llmwarm on the head node "
+        "(--data-parallel-address) warms their ranks and gates its API server on them"
+    )
+    try:
+        vllm_headless(args)
+    except (ValueError, TypeError) as exc:  # vLLM's own checks of a headless configuration
+        raise VllmArgsError(
+            "vLLM rejected the headless configuration", problems=_config_problems(exc)
+        ) from exc
+
+
 def served_endpoints(tasks: tuple[str, ...], model_config: Any) -> frozenset[str]:
     """The endpoints vLLM registers for a model with these tasks, decided as its own router
     registration decides (`vllm.entrypoints.launchers.api_server.routers`)."""
@@ -365,8 +398,20 @@ def served_endpoints(tasks: tuple[str, ...], model_config: Any) -> frozenset[str
     return frozenset(served)
 
 
+def _dp_ranks(parallel: Any) -> tuple[tuple[int, ...], bool]:
+    """The data-parallel ranks this API server fronts, and whether it balances over them
+    (then a request can name its rank, `X-data-parallel-rank`, as vLLM's router reads it)."""
+    size = int(parallel.data_parallel_size)
+    if size <= 1:
+        return (), False
+    if parallel.data_parallel_external_lb:  # one API server per rank: its own
+        return (int(parallel.data_parallel_rank),), False
+    return tuple(range(size)), True  # every rank, on this node or a headless one
+
+
 def _shape(config: Any, args: Namespace) -> EngineShape:
     compilation = config.compilation_config
+    ranks, pinned = _dp_ranks(config.parallel_config)
     return EngineShape(
         max_model_len=int(config.model_config.max_model_len),
         max_num_seqs=int(config.scheduler_config.max_num_seqs),
@@ -374,8 +419,11 @@ def _shape(config: Any, args: Namespace) -> EngineShape:
         cudagraph_capture_sizes=sorted(compilation.cudagraph_capture_sizes or []),
         lora=[module.name for module in args.lora_modules or []],
         lora_enabled=config.lora_config is not None,
-        kv_blocks=config.cache_config.num_gpu_blocks,
+        # vLLM sums the blocks of every engine it fronts; a warm-up fills one rank at a time
+        kv_blocks=(config.cache_config.num_gpu_blocks or 0) // max(1, len(ranks)) or None,
         block_size=config.cache_config.block_size,
+        dp_ranks=ranks,
+        dp_pinned=pinned,
     )
 
 

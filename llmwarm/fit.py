@@ -37,6 +37,15 @@ class EngineShape:
     # the endpoints vLLM serves this model on (from its tasks); empty: not known (no engine)
     endpoints: frozenset[str] = frozenset()
     multimodal: bool = False  # the model takes images
+    # Data parallelism: the DP ranks this API server warms (empty: no data parallelism), and
+    # whether a request must name its rank (`X-data-parallel-rank`: vLLM's internal load
+    # balancer fronts every rank; with external load balancing a server fronts its own only)
+    dp_ranks: tuple[int, ...] = ()
+    dp_pinned: bool = False
+
+    def ranks(self) -> list[int | None]:
+        """The ranks a warm-up goes through, one after another (None: the one engine)."""
+        return list(self.dp_ranks) or [None]
 
 
 def _doubling(low: int, high: int) -> list[int]:

@@ -113,7 +113,9 @@ async def _streamed(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _
     events = 0  # events that carried output text (a server may send several tokens in one)
     prompt_tokens = output_tokens = None
     start = time.perf_counter()
-    async with session.post(req.path, json=req.body, trace_request_ctx=on_wire) as resp:
+    async with session.post(
+        req.path, json=req.body, headers=req.headers, trace_request_ctx=on_wire
+    ) as resp:
         if resp.status != 200:
             body = (await resp.read()).decode(errors="replace")[:300]
             raise _fail(req, f"HTTP {resp.status}: {body}", resp.status)
@@ -162,7 +164,9 @@ async def _streamed(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _
 
 async def _unary(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnWire) -> Sample:
     start = time.perf_counter()
-    async with session.post(req.path, json=req.body, trace_request_ctx=on_wire) as resp:
+    async with session.post(
+        req.path, json=req.body, headers=req.headers, trace_request_ctx=on_wire
+    ) as resp:
         raw = await resp.read()
     end = time.perf_counter()
     if resp.status != 200:

@@ -6,7 +6,10 @@ A collector reads the live state when scraped, so nothing is counted twice:
     llmwarm_engine_start_seconds                                    engine start to engine ready
     llmwarm_warmup_seconds                                          warm-up so far / in all
     llmwarm_warmup_requests                                         warm-up requests sent
-    llmwarm_bucket_rounds{bucket}                                   rounds run
+    llmwarm_warmups_total{trigger="startup|api",                    warm-ups ended
+                          outcome="converged|unconverged|failed"}
+    llmwarm_bucket_rounds{bucket[,rank]}                            rounds run (rank: under
+                                                                    data parallelism)
     llmwarm_bucket_converged{bucket}                                1 once converged
     llmwarm_bucket_warm_ttft_seconds{bucket}                        warm median TTFT
     llmwarm_bucket_warm_tpot_seconds{bucket}                        warm median TPOT
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import (
@@ -34,6 +37,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from llmwarm.report import Trigger
 from llmwarm.state import Phase, RunState, WarmupProgress
 
 if TYPE_CHECKING:
@@ -60,6 +64,16 @@ class WarmupCollector(Collector):
 
 
 def _warmup(state: RunState) -> Iterable[Metric]:
+    ended = CounterMetricFamily(
+        "llmwarm_warmups",
+        "Warm-ups ended, by trigger (startup, api: a re-warm) and outcome (converged, "
+        "unconverged, failed).",
+        labels=["trigger", "outcome"],
+    )
+    for trigger in get_args(Trigger):
+        for outcome in ("converged", "unconverged", "failed"):
+            ended.add_metric([trigger, outcome], state.warmups[(trigger, outcome)])
+    yield ended
     if state.engine_start_s is not None:
         yield GaugeMetricFamily(
             "llmwarm_engine_start_seconds",
@@ -77,29 +91,34 @@ def _warmup(state: RunState) -> Iterable[Metric]:
 
 
 def _buckets(live: WarmupProgress) -> Iterable[Metric]:
+    buckets = list(live.buckets.values())
+    # under data parallelism `rank` too: the rank (vLLM's `engine` label) the bucket ran on
+    ranked = any(b.rank is not None for b in buckets)
+    labels = ["bucket", "rank"] if ranked else ["bucket"]
     rounds = GaugeMetricFamily(
-        "llmwarm_bucket_rounds", "Warm-up rounds run per bucket.", labels=["bucket"]
+        "llmwarm_bucket_rounds", "Warm-up rounds run per bucket.", labels=labels
     )
     converged = GaugeMetricFamily(
-        "llmwarm_bucket_converged", "1 once a bucket's latency converged.", labels=["bucket"]
+        "llmwarm_bucket_converged", "1 once a bucket's latency converged.", labels=labels
     )
     ttft = GaugeMetricFamily(
         "llmwarm_bucket_warm_ttft_seconds",
         "Warm median time to first token per bucket.",
-        labels=["bucket"],
+        labels=labels,
     )
     tpot = GaugeMetricFamily(
         "llmwarm_bucket_warm_tpot_seconds",
         "Warm median time per output token per bucket.",
-        labels=["bucket"],
+        labels=labels,
     )
-    for name, bucket in list(live.buckets.items()):
-        rounds.add_metric([name], len(bucket.rounds))
-        converged.add_metric([name], 1.0 if bucket.converged else 0.0)
+    for bucket in buckets:
+        values = [bucket.name, str(bucket.rank)] if ranked else [bucket.name]
+        rounds.add_metric(values, len(bucket.rounds))
+        converged.add_metric(values, 1.0 if bucket.converged else 0.0)
         for family, metric in ((ttft, "ttft"), (tpot, "tpot")):
             value = bucket.warm(metric, live.window)
             if value is not None:
-                family.add_metric([name], value)
+                family.add_metric(values, value)
     yield from (rounds, converged, ttft, tpot)
 
 

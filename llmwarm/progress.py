@@ -81,11 +81,11 @@ class ProgressView:
             self.bar.update(
                 self.task,
                 completed=p.bucket_index - (0 if p.bucket_done else 1),
-                description=f"bucket {p.bucket_index}/{p.buckets} {b.name} round "
+                description=f"bucket {p.bucket_index}/{p.buckets} {b.key} round "
                 f"{p.round} ({self.metric} {latest}) {state}",
             )
         else:
             logger.info(
                 "warm-up bucket %d/%d %s round %d: %s median %s %s",
-                p.bucket_index, p.buckets, b.name, p.round, self.metric, latest, state,
+                p.bucket_index, p.buckets, b.key, p.round, self.metric, latest, state,
             )  # fmt: skip

@@ -92,6 +92,11 @@ class Learned(BaseModel):
 
 class BucketResult(BaseModel):
     name: str
+    rank: int | None = Field(
+        default=None,
+        description="The data-parallel rank its requests ran on (vLLM's `engine` label); "
+        "none without data parallelism.",
+    )
     prompt_tokens: int
     concurrency: int
     max_tokens: int
@@ -136,6 +141,11 @@ class BucketResult(BaseModel):
     @property
     def converged(self) -> bool:
         return self.converged_at is not None
+
+    @property
+    def key(self) -> str:
+        """Its name, with its rank under data parallelism (`short@rank1`)."""
+        return self.name if self.rank is None else f"{self.name}@rank{self.rank}"
 
     @property
     def required(self) -> bool:
@@ -205,7 +215,7 @@ class CaptureSizes(BaseModel):
 class KvFillResult(BaseModel):
     """What the KV-cache fill phase reached."""
 
-    blocks: int = Field(description="KV-cache blocks the engine has.")
+    blocks: int = Field(description="KV-cache blocks the engine has (every rank's, summed).")
     block_size: int = Field(description="Tokens per block.")
     target_blocks: int = Field(description="Blocks the profile asked to prefill once.")
     blocks_reached: int = Field(
@@ -215,6 +225,14 @@ class KvFillResult(BaseModel):
     tokens_prefilled: int
     requests: int
     seconds: float
+
+    @staticmethod
+    def add(a: KvFillResult | None, b: KvFillResult | None) -> KvFillResult | None:
+        """Two fills together (of two data-parallel ranks, each with its KV cache)."""
+        if a is None or b is None:
+            return a or b
+        summed = {f: getattr(a, f) + getattr(b, f) for f in KvFillResult.model_fields}
+        return KvFillResult(**{**summed, "block_size": a.block_size})
 
 
 def _problem(value: Any) -> Any:
@@ -407,7 +425,7 @@ class Report(BaseModel):
 
     @property
     def unconverged(self) -> list[str]:
-        return [b.name for b in self.buckets if b.required and not b.converged]
+        return [b.key for b in self.buckets if b.required and not b.converged]
 
     def summary(self) -> dict[str, object]:
         """A short form for `/ready`."""

@@ -177,6 +177,11 @@ def resolve(
             learn_path.mkdir(exist_ok=True)
         check_learn_path(learn_path)
         args = vllm_args.parse_args(vllm_argv, prog)
+        if mode != "serve" and vllm_args.headless(args):
+            raise UsageError(
+                f"--headless runs engines for another node's API server: not for {mode}",
+                problems=[("--headless", f"use llmwarm serve --headless, not llmwarm {mode}")],
+            )
         check_model(args.model)
         capture = None
         if capture_sizes_from_profile:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,8 @@ class RunState:
     # Live traffic against the last warm-up: the gate records each user request in it.
     coverage: Coverage = field(default_factory=Coverage)
     warmup: WarmupProgress = field(init=False)
+    # Warm-ups ended, by (trigger, outcome): `converged`, `unconverged` or `failed`.
+    warmups: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.warmup = WarmupProgress(self.window)
@@ -92,6 +95,11 @@ class RunState:
     def summary(self) -> dict[str, Any]:
         """The last warm-up's short form, for `/ready`."""
         return self.report.summary() if self.report is not None else {}
+
+    def warmup_ended(self, report: Report) -> None:
+        """Count a finished warm-up (published or not: a failed re-warm is not)."""
+        outcome = "failed" if report.error else "converged" if report.converged else "unconverged"
+        self.warmups[(report.trigger, outcome)] += 1
 
     # --- transitions, by the lifecycle -------------------------------------------------
     def warming(self, app: ASGIApp) -> None:

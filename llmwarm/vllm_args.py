@@ -60,35 +60,46 @@ def parse_args(argv: list[str], prog: str) -> Namespace:
     return args
 
 
-_ONE_SERVER = "llmwarm runs one in-process API server in front of the engine"
-_ONE_ENGINE = (
-    "llmwarm warms one engine through its one API server; with data parallelism vLLM's load "
-    "balancer would spread each bucket over the engines and none would see its shape. Run one "
-    "llmwarm replica per engine (--data-parallel-size 1, --tensor-parallel-size as needed) "
-    "behind your load balancer"
+_ONE_SERVER = (
+    "llmwarm runs one in-process API server in front of the engine (under data parallelism "
+    "it fronts every rank and warms each in turn)"
+)
+_PER_NODE = (
+    "with an API server per node in front of that node's ranks (hybrid load balancing), vLLM "
+    "routes a pinned request by its index among the node's engines, not by its rank; use "
+    "--data-parallel-size N with --headless secondary nodes (one server warms every rank), or "
+    "--data-parallel-external-lb with one llmwarm per rank"
 )
 
 
 def _refuse_unsupported(args: Namespace) -> None:
-    """The `vllm serve` modes llmwarm does not run, each refused naming its flag."""
+    """The `vllm serve` modes llmwarm does not run, each refused naming its flag.
+
+    Data parallelism runs: one API server in front of every rank (vLLM's internal load
+    balancer, `--data-parallel-size N`, ranks on this node or `--headless` ones), one per rank
+    (`--data-parallel-external-lb` / `--data-parallel-rank`), and `--headless` nodes.
+    """
     from vllm import envs
 
+    headless = bool(args.headless)
+    start_rank = getattr(args, "data_parallel_start_rank", None) is not None
     for flag, unsupported, why in (
-        ("--headless", args.headless, _ONE_SERVER),
         ("--grpc", getattr(args, "grpc", False), _ONE_SERVER),
-        ("--api-server-count", args.api_server_count not in (None, 1), _ONE_SERVER),
+        ("--api-server-count", args.api_server_count not in (None, 0 if headless else 1),
+         _ONE_SERVER),
         ("VLLM_USE_RUST_FRONTEND", envs.VLLM_USE_RUST_FRONTEND, _ONE_SERVER),
         ("--data-parallel-multi-port-external-lb",
-         getattr(args, "data_parallel_multi_port_external_lb", False), _ONE_ENGINE),
-        ("--data-parallel-hybrid-lb", args.data_parallel_hybrid_lb, _ONE_ENGINE),
-        ("--data-parallel-external-lb", args.data_parallel_external_lb, _ONE_ENGINE),
-        ("--data-parallel-rank", args.data_parallel_rank is not None, _ONE_ENGINE),
-        ("--data-parallel-start-rank",
-         getattr(args, "data_parallel_start_rank", None) is not None, _ONE_ENGINE),
-        ("--data-parallel-size", (args.data_parallel_size or 1) > 1, _ONE_ENGINE),
+         getattr(args, "data_parallel_multi_port_external_lb", False), _ONE_SERVER),
+        ("--data-parallel-hybrid-lb", args.data_parallel_hybrid_lb, _PER_NODE),
+        ("--data-parallel-start-rank", start_rank and not headless, _PER_NODE),
     ):  # fmt: skip
         if unsupported:
             raise VllmArgsError(f"{flag} is not supported by llmwarm", problems=[(flag, why)])
+
+
+def headless(args: Namespace) -> bool:
+    """A secondary node: vLLM's engines and no API server (nothing to warm or gate here)."""
+    return bool(args.headless)
 
 
 def model_name(args: Namespace) -> str:
@@ -109,7 +120,17 @@ def count_jit_events(args: Namespace) -> bool:
     off unless the user passes it, and the log says how. Whether it was given."""
     if args.worker_extension_cls:
         return False  # the user's own (or llmwarm's, given on purpose)
-    multi_node = (args.nnodes or 1) > 1 or args.distributed_executor_backend == "ray"
+    dp_size = args.data_parallel_size or 1
+    remote_ranks = (  # one server in front of ranks on --headless nodes
+        not (args.data_parallel_external_lb or args.data_parallel_rank is not None)
+        and (args.data_parallel_size_local or dp_size) < dp_size
+    )
+    multi_node = (
+        (args.nnodes or 1) > 1
+        or args.distributed_executor_backend == "ray"
+        or args.data_parallel_backend == "ray"
+        or remote_ranks
+    )
     if multi_node:
         logger.info(
             "vLLM JIT-monitor counting is off: workers on other nodes may not have llmwarm; "

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
@@ -103,8 +103,12 @@ async def rounds(
     on_round: Callable[[Progress], None] = lambda progress: None,
     running: Callable[[], int | None] = lambda: None,
     optional_seconds: float | None = None,
+    ranks: Sequence[int | None] = (None,),
+    pinned: bool = False,
 ) -> Outcome:
-    """Warm bucket by bucket, round by round, until each converges (or the limits hit).
+    """Warm bucket by bucket, round by round, until each converges (or the limits hit);
+    under data parallelism, rank by rank (`ranks`), each request pinned to its rank when the
+    server balances over them (`pinned`; see `EngineShape.dp_ranks`).
 
     A round repeats the bucket's first endpoint, plain (its shape must settle), with as many
     batches that carry the metric as `corpus.sampled_batches` says; its other endpoints and
@@ -116,7 +120,9 @@ async def rounds(
     buckets' time included (those always run): one the time does not reach is `skipped`, one
     it cuts `budget` (the warm-up stays converged).
     """
-    return await _Rounds(client, requests, on_round, running, optional_seconds).run()
+    return await _Rounds(
+        client, requests, on_round, running, optional_seconds, list(ranks), pinned
+    ).run()
 
 
 @dataclass
@@ -128,24 +134,26 @@ class _Rounds:
     on_round: Callable[[Progress], None]
     running: Callable[[], int | None]
     optional_seconds: float | None
+    ranks: list[int | None]
+    pinned: bool
     sent: int = 0
     budget_exhausted: bool = False
     start: float = field(default_factory=time.perf_counter)
 
     async def run(self) -> Outcome:
-        buckets = self.requests.profile.buckets
+        buckets = [(rank, b) for rank in self.ranks for b in self.requests.profile.buckets]
         results = [
             BucketResult(
-                name=b.name, prompt_tokens=b.prompt_tokens, concurrency=b.concurrency,
-                max_tokens=b.max_tokens, optional=b.optional,
+                name=b.name, rank=rank, prompt_tokens=b.prompt_tokens,
+                concurrency=b.concurrency, max_tokens=b.max_tokens, optional=b.optional,
             )
-            for b in buckets
+            for rank, b in buckets
         ]  # fmt: skip
-        for index, (bucket, result) in enumerate(zip(buckets, results, strict=True), 1):
-            cut = await self._bucket(
-                bucket, result, Progress(index, len(buckets), result, 0, 0, False)
-            )
-            await self._finish(bucket, result, cut)
+        for index, ((rank, bucket), result) in enumerate(zip(buckets, results, strict=True), 1):
+            requests = replace(self.requests, rank=rank if self.pinned else None)
+            where = Progress(index, len(buckets), result, 0, 0, False)
+            cut = await self._bucket(requests, bucket, result, where)
+            await self._finish(requests, bucket, result, cut)
         return Outcome(buckets=results, requests=self.sent, budget_exhausted=self.budget_exhausted)
 
     def _out_of_budget(self) -> bool:
@@ -160,9 +168,11 @@ class _Rounds:
         limit = self.optional_seconds
         return bucket.optional and limit is not None and time.perf_counter() - self.start >= limit
 
-    async def _bucket(self, bucket: Bucket, result: BucketResult, where: Progress) -> bool:
+    async def _bucket(
+        self, requests: Corpus, bucket: Bucket, result: BucketResult, where: Progress
+    ) -> bool:
         """Its rounds until it converges (or a limit); whether the optional time cut it."""
-        rule = self.requests.profile.convergence
+        rule = requests.profile.convergence
         wanted = corpus.sampled_batches(None)
         for round_ in range(1, rule.max_rounds + 1):
             if self._out_of_budget():
@@ -170,18 +180,18 @@ class _Rounds:
             if self._optional_cut(bucket):
                 return True
             self.running()  # from this round on
-            samples = await _round(self.client, self.requests, bucket, round_, wanted)
+            samples = await _round(self.client, requests, bucket, round_, wanted)
             if (peak := self.running()) is not None:
                 result.max_running = max(result.max_running or 0, peak)
             self.sent += len(samples)
             result.rounds.append(RoundResult(round=round_, samples=samples))
             if round_ == 1:
-                result.sweep = await _sweep(self.client, self.requests, bucket, 1)
+                result.sweep = await _sweep(self.client, requests, bucket, 1)
                 self.sent += len(result.sweep.samples) if result.sweep else 0
             verdict = convergence.check(result.values(rule.metric), rule)
             result.noise = verdict.noise
             wanted = max(wanted, corpus.sampled_batches(verdict))
-            logger.debug("bucket %s round %d: %s", bucket.name, round_, verdict.reason)
+            logger.debug("bucket %s round %d: %s", result.key, round_, verdict.reason)
             if verdict.converged:
                 result.converged_at = round_
             done = verdict.converged or round_ == rule.max_rounds
@@ -190,11 +200,13 @@ class _Rounds:
                 break
         return False
 
-    async def _finish(self, bucket: Bucket, result: BucketResult, cut: bool) -> None:
+    async def _finish(
+        self, requests: Corpus, bucket: Bucket, result: BucketResult, cut: bool
+    ) -> None:
         """The check (its sweep again) unless a limit stopped it, and why its rounds ended."""
         if result.sweep is not None and not (self.budget_exhausted or cut):
             last = len(result.rounds)
-            result.check = await _sweep(self.client, self.requests, bucket, last)
+            result.check = await _sweep(self.client, requests, bucket, last)
             self.sent += len(result.check.samples) if result.check else 0
         if result.converged:
             result.stop_reason = "converged"
@@ -207,7 +219,7 @@ class _Rounds:
         if result.max_in_flight is not None and result.max_in_flight < bucket.concurrency:
             logger.warning(
                 "bucket %s asked for %d requests at once; at most %d were in flight",
-                bucket.name, bucket.concurrency, result.max_in_flight,
+                result.key, bucket.concurrency, result.max_in_flight,
             )  # fmt: skip
 
 
@@ -314,30 +326,34 @@ class WarmupRun:
         try:
             outcome, kv = await unless_dead(self.engine, self._warm(requests, shape))
         except WarmupError as exc:
-            return Report.failed(
+            report = Report.failed(
                 self.origin, profile=profile, source=source, trigger=trigger,
                 buckets=list(live.buckets.values()), requests=live.requests,
                 seconds=live.elapsed() or 0.0, error=exc,
             )  # fmt: skip
-        self.state.jit = await self.engine.jit_events()
-        return Report.build(
-            self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
-            seconds=live.seconds or 0.0, kv_fill=kv, cache_salt=requests.salt,
-            jit=self.state.jit, learned=learned,
-        )  # fmt: skip
+        else:
+            self.state.jit = await self.engine.jit_events()
+            report = Report.build(
+                self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
+                seconds=live.seconds or 0.0, kv_fill=kv, cache_salt=requests.salt,
+                jit=self.state.jit, learned=learned,
+            )  # fmt: skip
+        self.state.warmup_ended(report)
+        return report
 
     async def _warm(
         self, requests: Corpus, shape: EngineShape
     ) -> tuple[Outcome, KvFillResult | None]:
         profile = requests.profile
         live = self.state.warmup
-        view = ProgressView(len(profile.buckets), profile.convergence.metric)
+        ranks = shape.ranks()
+        view = ProgressView(len(profile.buckets) * len(ranks), profile.convergence.metric)
 
         def on_round(p: Progress) -> None:
-            live.buckets[p.bucket.name] = p.bucket
+            live.buckets[p.bucket.key] = p.bucket
             live.requests = p.requests
             live.where = {
-                "bucket": p.bucket_index, "buckets": p.buckets, "name": p.bucket.name,
+                "bucket": p.bucket_index, "buckets": p.buckets, "name": p.bucket.key,
                 "round": p.round, "requests": p.requests,
             }  # fmt: skip
             view.update(p)
@@ -345,7 +361,10 @@ class WarmupRun:
         def on_fill(blocks: int, target: int) -> None:
             live.where = {"kv_fill": {"blocks": blocks, "target": target}}
 
-        kv = await fill_kv(self.client, requests, shape, on_batch=on_fill)
+        kv = None
+        for rank in ranks:  # each rank's KV cache is its own
+            pinned = replace(requests, rank=rank if shape.dp_pinned else None)
+            kv = KvFillResult.add(kv, await fill_kv(self.client, pinned, shape, on_batch=on_fill))
         if kv is not None:
             logger.info(
                 "KV-cache fill: %d of %d blocks prefilled once (%d requests, %.1f s)",
@@ -360,7 +379,7 @@ class WarmupRun:
             outcome = await rounds(
                 self.client, requests, on_round=on_round,
                 running=self.engine.take_running_peak,
-                optional_seconds=optional_seconds,
+                optional_seconds=optional_seconds, ranks=ranks, pinned=shape.dp_pinned,
             )  # fmt: skip
         live.seconds = live.elapsed()
         return outcome, kv

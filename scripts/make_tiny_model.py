@@ -1,9 +1,13 @@
 """Build a deterministic tiny random Llama that vLLM can load, with no model hub.
 
-Usage: python scripts/make_tiny_model.py [--vision | --classifier] OUT_DIR
+Usage: python scripts/make_tiny_model.py [--vision | --classifier | --moe] OUT_DIR
 
 --classifier builds the same tiny Llama as a cross-encoder (LlamaForSequenceClassification,
 one label), which vLLM serves on /classify, /score and /rerank (and /pooling).
+
+--moe builds a tiny Mixtral instead (4 experts, 2 a token, the same tokenizer): a
+mixture-of-experts model, which vLLM requires for data parallelism with an external load
+balancer (one API server per rank, as wide-EP deployments run).
 
 --vision builds a tiny random Idefics3 instead (a SigLIP-like vision encoder before the same
 tiny Llama): a vision-language model that vLLM's CPU build loads. LLaVA, PaliGemma, Qwen2-VL
@@ -210,14 +214,41 @@ def build_classifier(out: Path) -> None:
     LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
 
 
-BUILDERS = {"": build, "--vision": build_vision, "--classifier": build_classifier}
+def build_moe(out: Path) -> None:
+    """The tiny Llama's shape as a Mixtral: 4 experts, 2 of them a token."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    fast = _tokenizer([])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    llama = _llama_config(fast)
+    config = MixtralConfig(
+        **{k: getattr(llama, k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+            "bos_token_id", "eos_token_id")},
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        torch_dtype="float32",
+    )  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(out, safe_serialization=True)
+
+
+BUILDERS = {
+    "": build, "--vision": build_vision, "--classifier": build_classifier, "--moe": build_moe,
+}  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
     kinds = [a for a in argv if a in BUILDERS]
     args = [a for a in argv if a not in BUILDERS]
     if len(args) != 1 or len(kinds) > 1:
-        print("usage: make_tiny_model.py [--vision | --classifier] OUT_DIR", file=sys.stderr)
+        print(
+            "usage: make_tiny_model.py [--vision | --classifier | --moe] OUT_DIR", file=sys.stderr
+        )
         return 2
     kind = kinds[0] if kinds else ""
     out = Path(args[0])

@@ -73,6 +73,13 @@ def tiny_vision_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe() -> Path:
+    """The tiny random Mixtral of `scripts/make_tiny_model.py --moe`, built once: vLLM takes
+    data parallelism with an external load balancer only for a mixture of experts."""
+    return _tiny("--moe", "tiny-moe")
+
+
+@pytest.fixture(scope="session")
 def tiny_classifier() -> Path:
     """The tiny cross-encoder of `scripts/make_tiny_model.py --classifier`, built once."""
     return _tiny("--classifier", "tiny-classifier")

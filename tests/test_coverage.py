@@ -111,6 +111,23 @@ def test_the_warmed_kinds_of_a_report_are_those_it_sent() -> None:
     assert (warmed.prompt_tokens, warmed.concurrency) == (ran.prompt_tokens, ran.concurrency)
 
 
+def test_data_parallel_ranks_count_as_one_server_warmed_where_every_rank_was() -> None:
+    # rank 0 ran a wide bucket that rank 1's budget cut: a user's request may land on
+    # either rank, so only what both were warmed at is covered
+    wide = bucket().model_copy(update={"prompt_tokens": 512, "concurrency": 8})
+    rank0 = [b.model_copy(update={"rank": 0}) for b in (bucket(), wide)]
+    rank1 = [
+        bucket().model_copy(update={"rank": 1}),
+        wide.model_copy(update={"rank": 1, "rounds": [], "sweep": None, "check": None}),
+    ]
+    warmed = Warmed.from_report(report(*rank0, *rank1))
+    assert (warmed.prompt_tokens, warmed.concurrency) == (4, 1)
+    assert Warmed.from_report(report(*rank0)).prompt_tokens == 512
+    # a rank that sent nothing at all: nothing is covered
+    idle = bucket().model_copy(update={"rank": 2, "rounds": [], "sweep": None, "check": None})
+    assert Warmed.from_report(report(*rank0, idle)).kinds == frozenset()
+
+
 def test_a_miss_costs_its_first_request_over_the_median_of_its_later_ones() -> None:
     coverage = Coverage(warmed=_warmed())
     covered = _shape("chat-stream", 16, 1, 16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llmwarm.errors import ProfileError
@@ -159,3 +161,26 @@ def test_score_buckets_hold_a_query_and_a_document() -> None:
     with pytest.raises(ProfileError) as info:
         for_engine(profile, _shape(EMBED))
     assert "2 x prompt_tokens (query and document) = 1200" in info.value.problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("flags", "ranks", "pinned"),
+    [
+        ((), (), False),
+        (("--data-parallel-size", "2"), (0, 1), True),  # one server balancing over both
+        # ranks 2 and 3 on a --headless node: the head's server fronts them all
+        (("--data-parallel-size", "4", "--data-parallel-size-local", "2"), (0, 1, 2, 3), True),
+        # one server per rank (llm-d's wide-EP; vLLM takes it for a mixture of experts only):
+        # its own rank, nothing to pin
+        (("--data-parallel-size", "2", "--data-parallel-rank", "1"), (1,), False),
+    ],
+)
+def test_the_ranks_a_server_warms_come_from_vllms_parallel_config(
+    tiny_moe: Path, flags: tuple[str, ...], ranks: tuple[int, ...], pinned: bool
+) -> None:
+    from llmwarm import engine, vllm_args
+
+    args = vllm_args.parse_args([str(tiny_moe), *flags], "test")
+    shape = engine.shape_from_args(args)
+    assert (shape.dp_ranks, shape.dp_pinned) == (ranks, pinned)
+    assert shape.ranks() == ([*ranks] if ranks else [None])

@@ -57,6 +57,22 @@ def test_without_a_monitor_the_counts_say_inactive(monkeypatch: pytest.MonkeyPat
         ((), True),  # one node: every worker can load it
         (("--nnodes", "2", "--node-rank", "0", "--tensor-parallel-size", "2"), False),
         (("--distributed-executor-backend", "ray"), False),  # a Ray cluster spans nodes
+        (("--data-parallel-size", "2"), True),  # both ranks here
+        # ranks on --headless nodes, and a Ray data-parallel backend
+        (("--data-parallel-size", "4", "--data-parallel-size-local", "2"), False),
+        (("--data-parallel-size", "2", "--data-parallel-backend", "ray"), False),
+        # one server per rank: its engine is on this node
+        (
+            (
+                "--data-parallel-size",
+                "4",
+                "--data-parallel-size-local",
+                "1",
+                "--data-parallel-rank",
+                "3",
+            ),
+            True,
+        ),
         (("--worker-extension-cls", "my.Extension"), False),  # the user's own stays
     ],
 )

