@@ -18,8 +18,10 @@ under Poisson arrivals at `--rate` of a mix of request kinds (completions and ch
 and not, logprobs; fresh prompts), bounded in count and time. Per server it counts failed
 requests (not 2xx, or no answer), the requests each new replica served in its first
 `--cold-window` seconds against its own later requests of the same kind (cold-served: TTFT
-for streams, end to end otherwise), and the p50/p99 TTFT during the rollout against before
-it. Writes docs/fleet.md (the `fleet-bench` section) and docs/fleet-timeline.png.
+for streams, end to end otherwise; the next replica starts only after that window, and a later
+request sent while another replica loads, on the cores they share, is left out), and the
+p50/p99 TTFT during the rollout against before it. Writes docs/fleet.md (the `fleet-bench`
+section) and docs/fleet-timeline.png.
 
     python scripts/bench_fleet.py --rate 2
 """
@@ -83,6 +85,12 @@ class Run:
     replicas: list[Replica] = field(default_factory=list)
     t0: float = field(default_factory=time.monotonic)
     rollout: tuple[float, float] = (0.0, 0.0)  # when the change began and ended
+    # while a replica loads and warms, it takes the cores the others serve on (2 here):
+    # a serving replica's requests then are not its steady state
+    loading: list[tuple[float, float]] = field(default_factory=list)
+
+    def busy(self, at: float) -> bool:
+        return any(start <= at <= end for start, end in self.loading)
 
     def event(self, label: str) -> None:
         print(f"{self.server} {self.scenario} +{time.monotonic() - self.t0:.0f}s {label}",
@@ -163,13 +171,18 @@ async def scenario(name: str, server: str, args: argparse.Namespace, workdir: Pa
         await asyncio.sleep(args.settle)  # before: steady load on a steady fleet
         run.rollout = (time.monotonic(), 0.0)
         for step in range(count if name == "rolling" else 1):
+            if step:  # the last new replica's cold window with no other replica loading
+                clear = fleet[-1].routable + args.cold_window
+                await asyncio.sleep(max(0.0, clear - time.monotonic()))
             new = Replica(server, args.model, workdir, core=(count + step) % 2, n=count + step)
             run.replicas.append(new)
             new.start()
+            started = time.monotonic()
             run.event(f"{new.name} started")
             envoy.set_endpoints([r.port for r in fleet + [new]])
             await _until(lambda n=new: n.port in envoy.healthy(), f"{new.name} routable")
             new.routable = time.monotonic()
+            run.loading.append((started, new.routable))
             run.event(f"{new.name} routable")
             if name == "rolling":
                 old = fleet.pop(0)
@@ -220,7 +233,9 @@ def analyse(run: Run, cold_window: float) -> dict[str, Any]:
         for kind in KINDS:
             mine = [r for r in served if r.kind == kind]
             cold = _latencies(r for r in mine if r.sent < replica.routable + cold_window)
-            later = _latencies(r for r in mine if r.sent >= replica.routable + cold_window)
+            later = _latencies(
+                r for r in mine if r.sent >= replica.routable + cold_window and not run.busy(r.sent)
+            )
             cold_count += len(cold)
             if cold and later:
                 ratios[f"{replica.name} {kind}"] = statistics.median(cold) / statistics.median(
@@ -292,7 +307,8 @@ def markdown(results: dict[tuple[str, str], dict[str, Any]], args: argparse.Name
         f"{args.rate:g}`. Poisson arrivals at {args.rate:g} requests/s through Envoy, a mix of "
         f"{', '.join(KINDS)}; cold-served: a new replica's requests in its first "
         f"{args.cold_window:g} s after Envoy first routed to it, against its own later ones of "
-        "the same kind (TTFT for streams, end to end otherwise). The plot is "
+        "the same kind (TTFT for streams, end to end otherwise; none sent while another "
+        "replica loads on the shared cores). The plot is "
         "[fleet-timeline.png](fleet-timeline.png).", "",
     ]  # fmt: skip
     for scenario in args.scenarios:

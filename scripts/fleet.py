@@ -110,6 +110,20 @@ def bootstrap(listen: int, admin: int, eds: Path, probe: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def endpoints(ports: list[int]) -> dict[str, Any]:
+    """The EDS file listing replicas on these loopback ports."""
+    assignment = {
+        "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        "cluster_name": "replicas",
+        "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}}}
+            for port in ports
+        ]}],
+    }  # fmt: skip
+    return {"resources": [assignment]}
+
+
 class Envoy:
     """The real Envoy in front of the fleet, from `start()` until `stop()`."""
 
@@ -149,17 +163,8 @@ class Envoy:
     def set_endpoints(self, ports: list[int]) -> None:
         """The cluster's endpoints: written beside, then moved into place (Envoy watches the
         file's directory for the move, as for a ConfigMap update)."""
-        assignment = {
-            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-            "cluster_name": "replicas",
-            "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {
-                    "address": "127.0.0.1", "port_value": port}}}}
-                for port in ports
-            ]}],
-        }  # fmt: skip
         tmp = self.eds.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump({"resources": [assignment]}))
+        tmp.write_text(yaml.safe_dump(endpoints(ports)))
         os.replace(tmp, self.eds)
 
     def healthy(self) -> set[int]:

