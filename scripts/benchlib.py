@@ -21,31 +21,43 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def ready_server(
-    cmd: list[str], url: str, ready_path: str, env: dict[str, str], log: Path
-) -> Iterator[float]:
-    """Launch `cmd`, wait until `ready_path` answers 200; the seconds that took. SIGTERM on exit."""
-    start = time.perf_counter()
+def launched(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`cmd` running, its output appended to `log`; SIGTERM on exit (SIGKILL after 60 s)."""
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"{cmd[:4]} exited with {proc.returncode}; see {log}")
-                try:
-                    if client.get(ready_path).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-        yield time.perf_counter() - start
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, ready_path: str, log: Path) -> None:
+    """Until `ready_path` answers 200 (SystemExit if the process exits first)."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{proc.args!r:.80} exited with {proc.returncode}; see {log}")
+            try:
+                if client.get(ready_path).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def ready_server(
+    cmd: list[str], url: str, ready_path: str, env: dict[str, str], log: Path
+) -> Iterator[float]:
+    """Launch `cmd`, wait until `ready_path` answers 200; the seconds that took. SIGTERM on exit."""
+    start = time.perf_counter()
+    with launched(cmd, env, log) as proc:
+        wait_ready(proc, url, ready_path, log)
+        yield time.perf_counter() - start
 
 
 ROOT = Path(__file__).resolve().parent.parent
