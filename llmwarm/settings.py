@@ -139,6 +139,28 @@ def apply_capture_sizes(
     return plan
 
 
+def _check_outputs(report_path: Path | None, plot_path: Path | None) -> None:
+    check_output_path(report_path, "--report")
+    check_output_path(plot_path, "--plot")
+    if plot_path is not None and plot_path.suffix.lower() != ".png":
+        raise UsageError(
+            f"--plot {plot_path}: the plot is a PNG",
+            problems=[("--plot", f"{plot_path.name!r} does not end in .png")],
+        )
+
+
+def _engine_args(vllm_argv: list[str], prog: str, mode: Mode) -> Namespace:
+    """vLLM's arguments, parsed and checked as far as they can be before vLLM starts."""
+    args = vllm_args.parse_args(vllm_argv, prog)
+    if mode != "serve" and vllm_args.headless(args):
+        raise UsageError(
+            f"--headless runs engines for another node's API server: not for {mode}",
+            problems=[("--headless", f"use llmwarm serve --headless, not llmwarm {mode}")],
+        )
+    check_model(args.model)
+    return args
+
+
 def resolve(
     vllm_argv: list[str],
     *,
@@ -162,13 +184,7 @@ def resolve(
         )
     profile_path = profile_path or shipped("default")
     profile = load_profile(profile_path)
-    check_output_path(report_path, "--report")
-    check_output_path(plot_path, "--plot")
-    if plot_path is not None and plot_path.suffix.lower() != ".png":
-        raise UsageError(
-            f"--plot {plot_path}: the plot is a PNG",
-            problems=[("--plot", f"{plot_path.name!r} does not end in .png")],
-        )
+    _check_outputs(report_path, plot_path)
     # before vLLM is imported: its processes inherit where the caches are
     cache = caches.Cache.open(cache_dir) if cache_dir is not None else None
     try:
@@ -176,13 +192,7 @@ def resolve(
             learn_path = cache.shared / learn.DIR_NAME  # a fleet's: a file per replica
             learn_path.mkdir(exist_ok=True)
         check_learn_path(learn_path)
-        args = vllm_args.parse_args(vllm_argv, prog)
-        if mode != "serve" and vllm_args.headless(args):
-            raise UsageError(
-                f"--headless runs engines for another node's API server: not for {mode}",
-                problems=[("--headless", f"use llmwarm serve --headless, not llmwarm {mode}")],
-            )
-        check_model(args.model)
+        args = _engine_args(vllm_argv, prog, mode)
         capture = None
         if capture_sizes_from_profile:
             capture = apply_capture_sizes(args, profile, learn_path)
