@@ -91,15 +91,23 @@ def _llama_config(tokenizer: Any) -> Any:
     )
 
 
-def build(out: Path) -> None:
+def _chat_tokenizer(out: Path) -> Any:
+    """The text models' tokenizer with its chat template, saved in `out`; the weights that
+    follow are seeded."""
     import torch
-    from transformers import LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     fast = _tokenizer([])
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     torch.manual_seed(0)
+    return fast
+
+
+def build(out: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    fast = _chat_tokenizer(out)
     config = _llama_config(fast)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
@@ -216,15 +224,9 @@ def build_classifier(out: Path) -> None:
 
 def build_moe(out: Path) -> None:
     """The tiny Llama's shape as a Mixtral: 4 experts, 2 of them a token."""
-    import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    out.mkdir(parents=True, exist_ok=True)
-    fast = _tokenizer([])
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    llama = _llama_config(fast)
+    llama = _llama_config(_chat_tokenizer(out))
     config = MixtralConfig(
         **{k: getattr(llama, k) for k in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
