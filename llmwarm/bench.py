@@ -1,7 +1,10 @@
 """`llmwarm bench`: the cold-start penalty of any OpenAI-compatible server, as a client sees it.
 
-For each request kind of a probe profile (bucket x endpoint x streaming x feature): send it
-once (its first time), then `repeats` more times; first against the median of the repeats.
+For each request kind of a probe profile (bucket x endpoint x streaming x feature, and each
+prompt form asked for crossed with every bucket): send it once (its first time), then `repeats`
+more times; first against the median of the repeats. Before it measures, the client warms
+itself on a throw-away server on loopback: its own first request's costs (lazy imports, codecs,
+the connector) would otherwise count as the server's.
 The repeats send the first batch's prompts again, so they do the same work: a kind whose output
 ends on its content (stop, choice, regex, JSON) is as long every time, where new prompts made it
 3 tokens one time and 6 the next. Each batch carries its own `cache_salt` (vLLM's, on every
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import statistics
+import time
 from collections.abc import Sequence
 
 import aiohttp
@@ -22,8 +26,10 @@ from pydantic import BaseModel, Field, computed_field
 from rich.table import Table
 
 from llmwarm import corpus, endpoints, measure
-from llmwarm.errors import Unreachable, WarmupError
-from llmwarm.profile import Profile
+from llmwarm.errors import Unreachable, UsageError, WarmupError
+from llmwarm.features import Feature
+from llmwarm.kinds import Kind
+from llmwarm.profile import Bucket, Profile
 
 
 class KindResult(BaseModel):
@@ -41,10 +47,21 @@ class KindResult(BaseModel):
         return self.first_s / self.steady_s
 
 
+class ClientWarm(BaseModel):
+    """The client's own warm-up, on a throw-away server: what its first request cost it."""
+
+    requests: int
+    first_ms: float
+    last_ms: float
+
+
 class BenchReport(BaseModel):
     url: str
     model: str
     repeats: int
+    client_warm: ClientWarm | None = Field(
+        default=None, description="The client's own warm-up on a throw-away local server."
+    )
     exact_lengths: bool = Field(
         description="Prompt lengths from the server's tokenizer (else approximate: words)."
     )
@@ -113,6 +130,68 @@ async def served_model(client: httpx.AsyncClient) -> str | None:
         return None
 
 
+CLIENT_WARM_REQUESTS = 6
+FORMS = ("token_ids", "prompt_batch")  # the prompt forms besides text
+
+
+def prompt_forms(text: str) -> list[Feature]:
+    """`--forms`: comma-separated prompt forms, or `none`; `UsageError` naming the flag."""
+    names = [] if text.strip() == "none" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FORMS]
+    if unknown or not (names or text.strip() == "none"):
+        why = f"{text!r}: a comma-separated list of {', '.join(FORMS)}, or none"
+        raise UsageError("bad --forms", problems=[("--forms", why)])
+    return [Feature(n) for n in dict.fromkeys(names)]
+
+
+async def warm_client(requests: int = CLIENT_WARM_REQUESTS) -> ClientWarm:
+    """Send `requests` streamed completions, each timed, to a throw-away server on loopback
+    that answers at once: the client's first-request costs are paid there."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for text in ("warm", " client", ""):
+            await response.write(b'data: {"choices": [{"text": "%s"}]}\n\n' % text.encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        body = {"model": "m", "prompt": "warm " * 64, "max_tokens": 3, "stream": True}
+        times = []
+        async with measure.session(f"http://127.0.0.1:{port}") as session:
+            for _ in range(requests):
+                start = time.perf_counter()
+                async with session.post("/v1/completions", json=body) as resp:
+                    async for _line in resp.content:
+                        pass
+                times.append((time.perf_counter() - start) * 1000)
+    finally:
+        await runner.cleanup()
+    return ClientWarm(requests=requests, first_ms=times[0], last_ms=times[-1])
+
+
+def _kinds(profile: Profile, bucket: Bucket, forms: Sequence[Feature]) -> list[Kind]:
+    """The bucket's kinds, then each prompt form's on every endpoint that takes it."""
+    kinds = corpus.kinds(profile, bucket)
+    if forms:
+        with_forms = profile.features.model_copy(update={"use": [f.name for f in forms]})
+        crossed = profile.model_copy(
+            update={"features": with_forms.model_copy(update={"buckets": [bucket.name]})}
+        )
+        kinds += [k for k in corpus.kinds(crossed, bucket) if k not in kinds]
+    return kinds
+
+
 async def run(
     session: aiohttp.ClientSession,
     profile: Profile,
@@ -120,11 +199,12 @@ async def run(
     repeats: int,
     url: str,
     tokenizer: corpus.Tokenizer | None = None,
+    forms: Sequence[Feature] = (),
 ) -> BenchReport:
     tokenizer = tokenizer or corpus.WordTokenizer()
     results = []
     for bucket in profile.buckets:
-        for kind in corpus.kinds(profile, bucket):
+        for kind in _kinds(profile, bucket, forms):
             medians: list[float] = []
             error = None
             # in a thread: the server's tokenizer is asked over a synchronous client
@@ -166,9 +246,11 @@ async def probe(
     repeats: int,
     model: str | None = None,
     api_key: str | None = None,
+    forms: Sequence[Feature] = (),
 ) -> BenchReport:
     """Bench the server at `url`: its model (default: the first listed), its tokenizer where it
-    offers one, every request kind of the probe profile."""
+    offers one, every request kind of the probe profile, and each prompt form in `forms` at
+    every bucket; the client warmed first."""
     url = url.rstrip("/")
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     async with (
@@ -185,11 +267,13 @@ async def probe(
         if profile.endpoints is None:
             profile = profile.model_copy(update={"endpoints": await served_endpoints(client)})
         tokenizer = tokenizer_for(url, name, headers)
+        warm = await warm_client()
         try:
-            return await run(session, profile, name, repeats, url, tokenizer)
+            report = await run(session, profile, name, repeats, url, tokenizer, forms)
         finally:
             if isinstance(tokenizer, ServerTokenizer):
                 tokenizer.client.close()
+    return report.model_copy(update={"client_warm": warm})
 
 
 async def served_endpoints(client: httpx.AsyncClient) -> list[str]:
@@ -225,4 +309,9 @@ def table(report: BenchReport) -> Table:
         f"worst {report.worst_ratio or 0:.2f}x, geometric mean {report.geomean_ratio or 0:.2f}x "
         f"over {len(report._ratios())} kinds"
     )
+    if warm := report.client_warm:
+        t.caption += (
+            f"; the client warmed first on a throw-away local server ({warm.requests} requests: "
+            f"first {warm.first_ms:.1f} ms, last {warm.last_ms:.1f} ms)"
+        )
     return t

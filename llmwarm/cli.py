@@ -313,6 +313,14 @@ def bench_command(
     api_key: Annotated[
         str | None, typer.Option(envvar="OPENAI_API_KEY", help="Bearer token, if any.")
     ] = None,
+    forms: Annotated[
+        str,
+        typer.Option(
+            "--forms",
+            help="Prompt forms to send at every bucket besides text, comma-separated: "
+            "token_ids, prompt_batch (completions only); `none` for text alone.",
+        ),
+    ] = "token_ids",
 ) -> None:
     """Measure a server's cold-start penalty: each request kind's first request against its
     steady latency. Run it the moment the server is ready. Works against any OpenAI-compatible
@@ -325,9 +333,12 @@ def bench_command(
 
     try:
         check_output_path(json_out, "--json")
+        chosen = bench.prompt_forms(forms)
         probe = load_profile(profile or shipped("probe"))
         report = asyncio.run(
-            bench.probe(url, profile=probe, repeats=repeats, model=model, api_key=api_key)
+            bench.probe(
+                url, profile=probe, repeats=repeats, model=model, api_key=api_key, forms=chosen
+            )
         )
     except LlmwarmError as exc:
         _exit_with(exc)

@@ -65,6 +65,15 @@ class WarmRequest:
     def path(self) -> str:
         return endpoints.SPECS[self.endpoint].path
 
+    @property
+    def sequences(self) -> int:
+        """The sequences it decodes: `n` a prompt, for each prompt of a batch."""
+        prompt = self.body.get("prompt")
+        batch = features.SPECS["prompt_batch"].in_body(self.body)
+        prompts = len(prompt) if batch and isinstance(prompt, list) else 1
+        n = self.body.get("n")
+        return prompts * (n if isinstance(n, int) and n > 1 else 1)
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -200,13 +209,19 @@ class Corpus:
             body["ignore_eos"] = True
         if self.salt is not None:
             body["cache_salt"] = self.salt
+        if form := kind.feature.spec.form:  # the prompt in another form (token IDs, a batch)
+            body["prompt"] = form(prompts, self._encode)
         return features.apply(kind.feature, kind.endpoint, self.profile.features, body)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def batch(self, bucket: Bucket, kind: Kind, round_: int, repeat: int = 0) -> Batch:
         """`concurrency` requests of one kind for one round of one bucket (`repeat`: its n-th
         repetition within the round, with prompts of its own)."""
         # score and rerank send a query and `documents` documents, each of the bucket's length
         texts = 1 + (bucket.documents if endpoints.SPECS[kind.endpoint].task == "score" else 0)
+        texts = max(texts, kind.feature.spec.texts(self.profile.features))
         pool = self.profile.prompts.texts
         requests = []
         for i in range(bucket.concurrency):

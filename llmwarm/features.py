@@ -48,6 +48,7 @@ DEFAULT_SCHEMA: dict[str, Any] = {
 }
 
 Body = dict[str, Any]
+Encode = Callable[[str], list[int]]  # a tokenizer's text -> token IDs, no special tokens
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,22 @@ def _never(_: Any) -> bool:
     return False
 
 
+def _one_text(f: Features) -> int:
+    return 1
+
+
+def _token_ids(body: Mapping[str, Any]) -> bool:
+    """A completions prompt given as token IDs (one list, or a list per prompt)."""
+    prompt = body.get("prompt")
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int | list)
+
+
+def _prompt_batch(body: Mapping[str, Any]) -> bool:
+    """Several completions prompts in one request (a list of texts, or of token-ID lists)."""
+    prompt = body.get("prompt")
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], str | list)
+
+
 @dataclass(frozen=True)
 class Spec:
     """One request feature, described once."""
@@ -91,6 +108,10 @@ class Spec:
     endpoints: frozenset[str] | None = endpoints.SAMPLING  # None: every endpoint
     streamable: bool = True  # False: vLLM refuses it with stream=True
     constrained: bool = False  # the output ends when the constraint is met (no ignore_eos)
+    # A prompt form: how many texts a request carries, and the completions `prompt` field
+    # made of them (None: the one text, as it is)
+    texts: Callable[[Features], int] = _one_text
+    form: Callable[[list[str], Encode], Any] | None = None
 
     def takes(self, endpoint: str, stream: bool) -> bool:
         """Whether a request of this endpoint and streaming mode can carry the feature."""
@@ -240,6 +261,23 @@ SPECS: dict[str, Spec] = {
             endpoints=frozenset({"chat"}),
         ),
         Spec(
+            "token_ids",
+            "token_ids (the prompt as token IDs; completions only)",
+            build=lambda f, e: {},
+            in_body=_token_ids,
+            endpoints=frozenset({"completions"}),
+            form=lambda texts, encode: encode(texts[0]),
+        ),
+        Spec(
+            "prompt_batch",
+            "prompt_batch (`prompt_batch` prompts in one request; completions only)",
+            build=lambda f, e: {},
+            in_body=_prompt_batch,
+            endpoints=frozenset({"completions"}),
+            texts=lambda f: f.prompt_batch,
+            form=lambda texts, encode: list(texts),
+        ),
+        Spec(
             "lora",
             "lora (each adapter in `lora`)",
             build=lambda f, e: {},  # per adapter: `lora:NAME`, see `apply()`
@@ -323,6 +361,9 @@ class Features(BaseModel):
         default=1, ge=0, le=20, description="Prompt log-probabilities asked."
     )
     n: int = Field(default=2, ge=2, le=16, description="Choices per request for `n`.")
+    prompt_batch: int = Field(
+        default=4, ge=2, le=64, description="Prompts per request for `prompt_batch`."
+    )
     stop: list[str] = Field(
         default=["\n\n", "."], min_length=1, max_length=4, description="Stop strings for `stop`."
     )

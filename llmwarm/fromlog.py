@@ -71,6 +71,8 @@ def from_body(body: dict[str, Any]) -> Observed:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         tokens = len(prompt)  # token ids
+    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+        tokens = sum(len(p) for p in prompt if isinstance(p, list))  # a batch of token ids
     else:
         tokens = max(1, math.ceil(_text_chars(body) / CHARS_PER_TOKEN))
     max_tokens = (

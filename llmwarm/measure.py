@@ -141,16 +141,12 @@ async def _streamed(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _
             output_tokens = output if output is not None else output_tokens
     end = time.perf_counter()
     tpot = None
-    # Time per token after the first: from the first to the last text event, over the tokens
-    # after the first. One event with all the text (coalesced) tells no decode time at all.
-    if (
-        first is not None
-        and last is not None
-        and events > 1
-        and output_tokens
-        and output_tokens > 1
-    ):
-        tpot = (last - first) / (output_tokens - 1)
+    # Time per token after the first: from the first to the last text event, over a sequence's
+    # tokens after the first (its sequences, `n` a prompt and each prompt of a batch, decode
+    # side by side). One event with all the text (coalesced) tells no decode time at all.
+    per_sequence = output_tokens / req.sequences if output_tokens else 0
+    if first is not None and last is not None and events > 1 and per_sequence > 1:
+        tpot = (last - first) / (per_sequence - 1)
     return Sample(
         kind=req.kind,
         ttft_s=None if first is None else first - start,

@@ -101,3 +101,62 @@ def test_without_a_tokenizer_endpoint_lengths_are_approximate() -> None:
     # nothing listens on port 9: no /tokenize to ask (vLLM's is tested end to end)
     tokenizer = bench.tokenizer_for("http://127.0.0.1:9", "tiny", {})
     assert isinstance(tokenizer, corpus.WordTokenizer)
+
+
+async def test_each_prompt_form_is_crossed_with_every_bucket() -> None:
+    sent: list[tuple[str, object]] = []
+
+    async def server(request: Request) -> Response:
+        body = json.loads(await request.body())
+        sent.append((request.url.path, body.get("prompt")))
+        usage = {"prompt_tokens": 8, "completion_tokens": 3}
+        return JSONResponse(_unary(request.url.path, 3, usage))
+
+    probe = parse_profile(
+        {
+            "buckets": [
+                {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 3},
+                {"prompt_tokens": 40, "concurrency": 2, "max_tokens": 3},
+            ],
+            "stream": [False],
+            "endpoints": ["completions", "chat"],
+            "features": {"use": ["greedy"]},
+            "convergence": {"metric": "e2e"},
+        }
+    )
+    forms = bench.prompt_forms("token_ids,prompt_batch")
+    async with answering(server) as c:
+        report = await bench.run(c, probe, "tiny", repeats=1, url="http://x", forms=forms)
+    assert [(k.bucket, k.kind) for k in report.kinds] == [
+        (bucket, kind)
+        for bucket in ("p8-c1-o3", "p40-c2-o3")
+        for kind in ("completions", "chat", "completions+token_ids", "completions+prompt_batch")
+    ]
+    assert all(k.error is None and k.ratio is not None for k in report.kinds)
+    prompts = [p for path, p in sent if path == "/v1/completions"]
+    ids = [p for p in prompts if isinstance(p, list) and isinstance(p[0], int)]
+    batches = [p for p in prompts if isinstance(p, list) and isinstance(p[0], str)]
+    # the first and one repeat of each: 1 + 2 requests (the buckets' concurrency), twice
+    assert sorted(map(len, ids)) == [8, 8, 40, 40, 40, 40]  # WordTokenizer: a word a token
+    assert len(batches) == 6 and all(len(b) == 4 for b in batches)
+
+
+async def test_the_client_warms_itself_on_a_server_of_its_own_first() -> None:
+    warm = await bench.warm_client(requests=3)
+    assert warm.requests == 3 and warm.first_ms > 0 and warm.last_ms > 0
+
+
+def test_probe_reports_its_client_warm_up_in_the_table(fake_url: str) -> None:
+    report = bench.BenchReport(
+        url=fake_url, model="tiny", repeats=1, exact_lengths=True, kinds=[],
+        client_warm=bench.ClientWarm(requests=6, first_ms=3.2, last_ms=1.1),
+    )  # fmt: skip
+    caption = str(bench.table(report).caption)
+    assert "client warmed first on a throw-away local server" in caption
+    assert "first 3.2 ms, last 1.1 ms" in caption
+
+
+@pytest.mark.parametrize("forms", ["bogus", "token_ids,chat", ""])
+def test_bad_forms_exit_2_naming_the_flag(forms: str) -> None:
+    code, out = invoke("bench", "http://127.0.0.1:9", "--forms", forms)
+    assert code == 2 and "--forms" in out and "Traceback" not in out, out

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from llmwarm import corpus
+from llmwarm import corpus, features
 from llmwarm.corpus import WordTokenizer
 from llmwarm.profile import Profile, parse_profile
 
@@ -176,3 +176,34 @@ def test_tools_go_to_chat_only_and_end_with_their_call() -> None:
     batches = corpus.Corpus(profile, WordTokenizer(), "m").round_batches(profile.buckets[0], 1)
     assert [str(b.kind) for b in batches] == ["chat-stream+tools", "chat+tools"]
     assert "ignore_eos" not in batches[0].requests[0].body
+
+
+def test_prompt_forms_send_token_ids_and_batches_to_completions_only() -> None:
+    profile = parse_profile(
+        {
+            "endpoints": ["completions", "chat"],
+            "buckets": [{"prompt_tokens": 12, "concurrency": 2, "max_tokens": 4}],
+            "features": {"use": ["greedy", "token_ids", "prompt_batch"], "prompt_batch": 3},
+        }
+    )
+    tokenizer = CharTokenizer()
+    sweep = corpus.Corpus(profile, tokenizer, "m").sweep_requests(profile.buckets[0], 1)
+    kinds = {str(r.kind) for r in sweep}
+    # the chat endpoint takes messages: neither form is one of its kinds
+    assert {k for k in kinds if "+" in k} == {
+        "completions+token_ids", "completions-stream+token_ids",
+        "completions+prompt_batch", "completions-stream+prompt_batch",
+    }  # fmt: skip
+    by_kind: dict[str, list[object]] = {}
+    for request in sweep:
+        by_kind.setdefault(str(request.kind), []).append(request.body.get("prompt"))
+    for ids in by_kind["completions+token_ids"]:  # the bucket's length, as token IDs
+        assert isinstance(ids, list) and len(ids) == 12 and all(isinstance(i, int) for i in ids)
+    batches = by_kind["completions+prompt_batch"]
+    assert len(batches) == 2  # the bucket's concurrency: two requests of three prompts each
+    for batch in batches:
+        assert isinstance(batch, list) and len(batch) == 3 and len(set(batch)) == 3
+        assert all(len(tokenizer.encode(text)) == 12 for text in batch)
+    # each form is what coverage recognises it as
+    assert features.in_body({"prompt": by_kind["completions+token_ids"][0]}) == {"token_ids"}
+    assert features.in_body({"prompt": batches[0]}) == {"prompt_batch"}

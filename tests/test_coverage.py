@@ -207,3 +207,19 @@ def test_a_narrower_warm_up_takes_nothing_away_from_what_is_warm() -> None:
     coverage.warmed_more(Warmed.of([(16, 1, [plain])]))
     assert coverage.record(_shape("chat-stream+logprobs", 512, 8, 16), 0.1) is True
     assert coverage.warmed == Warmed(frozenset({logprobs, plain}), 512, 8)
+
+
+def test_a_prompt_is_classified_by_its_form() -> None:
+    served = frozenset({"m"})
+    ids = classify("completions", _body(prompt=list(range(300)), stream=True), USAGE, 1, served)
+    assert ids is not None and str(ids.kind) == "completions-stream+token_ids"
+    batch = classify("completions", _body(prompt=["a b", "c d"]), USAGE, 1, served)
+    assert batch is not None and str(batch.kind) == "completions+prompt_batch"
+    both = classify("completions", _body(prompt=[[1, 2], [3]]), USAGE, 1, served)
+    assert both is not None and str(both.kind) == "completions+prompt_batch+token_ids"
+    # covered only where the warm-up sent each form
+    plain = Warmed(frozenset({Kind.parse("completions"), Kind.parse("completions-stream")}), 512, 4)
+    assert plain.misses(ids) == ["kind completions-stream+token_ids not warmed"]
+    forms = Warmed(plain.kinds | {Kind.parse("completions+prompt_batch"),
+                                  Kind.parse("completions+token_ids")}, 512, 4)  # fmt: skip
+    assert forms.misses(both) == [] and forms.misses(batch) == []

@@ -245,7 +245,15 @@ def test_gate_under_load_answers_every_user_and_runs_none_cold(served: Served) -
     before = [rid for i, rid in added if i < opened]
     assert not [rid for rid in before if "ext-" in rid], "a user request ran before ready"
     report = json.loads(served.report.read_text())
-    assert len(before) == report["requests"] + report["kv_fill"]["requests"]
+    # vLLM runs each prompt of a batch as a request of its own
+    engine_requests = sum(
+        4 if "prompt_batch" in sample["kind"] else 1
+        for b in report["buckets"]
+        for r in [*b["rounds"], b["sweep"], b["check"]]
+        if r
+        for sample in r["samples"]
+    )
+    assert len(before) == engine_requests + report["kv_fill"]["requests"]
     users_run = {rid for i, rid in added if i > opened and "ext-" in rid}
     for a in served_ok:  # each answered user request ran on the engine after the gate opened
         assert any(f"-{a.request_id}-" in f"-{rid}-" for rid in users_run), a.request_id
@@ -375,7 +383,8 @@ def test_report_file(served: Served) -> None:
         for r, size in zip(rounds, sizes, strict=True):
             assert {s["batch"] for s in r["samples"]} == set(range(size // c))
         extra = [bucket["sweep"], bucket["check"]]
-        once = 3 * 2 + (2 * 2 * 2 if bucket["name"] == "p16-c1-o8" else 0)
+        # (and token_ids and prompt_batch on completions alone, streamed and not)
+        once = 3 * 2 + (2 * 2 * 2 + 2 * 2 if bucket["name"] == "p16-c1-o8" else 0)
         assert all(len(r["samples"]) == once * bucket["concurrency"] for r in extra)
         assert bucket["max_in_flight"] == bucket["concurrency"]
         for rnd in [*rounds, *extra]:
@@ -383,7 +392,9 @@ def test_report_file(served: Served) -> None:
             for sample in rnd["samples"]:
                 # a schema may end the output early; the Messages API takes no ignore_eos
                 if "json_schema" not in sample["kind"] and "messages" not in sample["kind"]:
-                    assert sample["output_tokens"] == 8  # ignore_eos: the full decode ran
+                    # ignore_eos: the full decode ran, for each of a batch's four prompts
+                    batch = 4 if "prompt_batch" in sample["kind"] else 1
+                    assert sample["output_tokens"] == 8 * batch
                 assert sample["e2e_s"] > 0
                 if "-stream" in sample["kind"]:
                     assert sample["ttft_s"] > 0
@@ -442,9 +453,51 @@ def test_bench_against_the_warm_server(served: Served, tmp_path: Path) -> None:
     # vLLM serves every probed feature; each kind was timed first and steady
     assert not [k for k in report["kinds"] if k["error"]]
     assert {"completions", "chat-stream+logprobs", "chat+json_schema"} <= set(kinds)
+    # the prompt forms: token IDs at every bucket (--forms' default), a batch on the first
+    forms = {(k["bucket"], k["kind"]) for k in report["kinds"] if "+" in k["kind"]}
+    assert {("p512-c1-o16", "completions-stream+token_ids"),
+            ("p16-c1-o16", "completions+prompt_batch")} <= forms  # fmt: skip
     assert all(k["first_s"] > 0 and k["steady_s"] > 0 for k in report["kinds"])
     assert report["worst_ratio"] >= report["geomean_ratio"] > 0
     assert "first/steady" in proc.stdout
+    assert report["client_warm"]["requests"] == 6
+    assert "the client warmed first on a throw-away local server" in " ".join(proc.stdout.split())
+
+
+def test_token_id_batched_and_chat_prompts_are_warmed_and_classified(served: Served) -> None:
+    report = json.loads(served.report.read_text())
+    sent = {
+        sample["kind"]
+        for b in report["buckets"]
+        for r in [*b["rounds"], b["sweep"], b["check"]]
+        if r
+        for sample in r["samples"]
+    }
+    forms = {f"completions{s}+{f}" for s in ("", "-stream") for f in ("token_ids", "prompt_batch")}
+    assert forms | {"chat", "chat-stream"} <= sent, sent
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=served.url, headers=headers, timeout=60) as client:
+        before = client.get("/warmup/coverage").json()
+        assert forms <= set(before["warmed"]["kinds"])
+        text = "the warm model answers"
+        ids = client.post("/tokenize", json={"model": "tiny", "prompt": text}).json()["tokens"]
+        chat = [{"role": "user", "content": text}]
+        bodies: list[dict[str, Any]] = [
+            {"prompt": ids},
+            {"prompt": ids, "stream": True},
+            {"prompt": [text, text + " now"]},
+            {"prompt": [ids, ids[:3]], "stream": True},
+            {"messages": chat},
+            {"messages": chat, "stream": True},
+        ]
+        for body in bodies:
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            answer = client.post(path, json={"model": "tiny", "max_tokens": 4, **body})
+            assert answer.status_code == 200, answer.text
+        after = client.get("/warmup/coverage").json()
+    # each was recognised by its form, and the warm-up had sent that form: covered
+    assert after["covered"] - before["covered"] == len(bodies), after["uncovered_by_requests"]
+    assert after["uncovered"] == before["uncovered"], after["uncovered_by_requests"]
 
 
 def test_rewarm_on_demand_closes_the_gate_when_asked(served: Served) -> None:

@@ -52,6 +52,8 @@ def test_openai_bodies() -> None:
          "stream": True, "response_format": {"type": "json_schema", "json_schema": {}}},
         {"prompt": [1, 2, 3], "max_tokens": 5, "prompt_logprobs": 1},
         {"messages": [{"role": "user", "content": "z"}], "tools": [{"type": "function"}]},
+        {"prompt": ["a" * 40, "b" * 40], "max_tokens": 4},
+        {"prompt": [[1, 2], [3, 4, 5]], "max_tokens": 4},
     ]  # fmt: skip
     requests, skipped = parse([json.dumps(b) for b in bodies] + ["{not json"])
     assert skipped == 1
@@ -60,9 +62,12 @@ def test_openai_bodies() -> None:
         ("chat", True, 10, 300),
         ("completions", False, 3, 5),
         ("chat", False, 1, None),
+        ("completions", False, 21, 4),  # the prompts' texts together
+        ("completions", False, 5, 4),  # the prompts' token IDs together
     ]
     assert [r.features for r in requests] == [
-        {"stop"}, {"json_schema"}, {"prompt_logprobs"}, {"tools"},
+        {"stop"}, {"json_schema"}, {"token_ids", "prompt_logprobs"}, {"tools"},
+        {"prompt_batch"}, {"token_ids", "prompt_batch"},
     ]  # fmt: skip
 
 

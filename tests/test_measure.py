@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from llmwarm import corpus, measure
@@ -75,3 +76,40 @@ async def test_a_capped_pool_never_gets_the_batch_in_flight(barrier_url: str) ->
         work = measure.measure_all(client, _requests(False))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(work, 3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "sequences"),
+    [({}, 1), ({"n": 2}, 2), ({"prompt": ["a b", "c d", "e f"]}, 3),
+     ({"prompt": [[1, 2], [3, 4]], "n": 2}, 4)],
+)  # fmt: skip
+async def test_time_per_token_is_a_sequences_when_several_decode_side_by_side(
+    extra: dict[str, object], sequences: int
+) -> None:
+    # `sequences` sequences of 5 tokens each, a step of them every 20 ms: 20 ms a token each,
+    # where a count of every sequence's tokens together made it 80/(5*sequences - 1) ms
+    step, tokens = 0.02, 5
+
+    async def completions(request: Request) -> Response:
+        async def events() -> AsyncIterator[bytes]:
+            for i in range(tokens):
+                if i:
+                    await asyncio.sleep(step)
+                for j in range(sequences):
+                    yield b'data: {"choices": [{"index": %d, "text": "a"}]}\n\n' % j
+            usage = b'{"prompt_tokens": 4, "completion_tokens": %d}' % (tokens * sequences)
+            yield b'data: {"choices": [], "usage": ' + usage + b"}\n\ndata: [DONE]\n\n"
+
+        await request.body()
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    [request] = _requests(stream=True)[:1]
+    request = dataclasses.replace(request, body={**request.body, **extra})
+    assert request.sequences == sequences
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    async with on_loopback(app) as url, measure.session(url) as session:
+        [sample] = await measure.measure_all(session, [request])
+    assert sample.output_tokens == tokens * sequences
+    # at least a step a token (asyncio sleeps no shorter), and the decode within the request
+    assert sample.tpot_s is not None and sample.tpot_s >= step * 0.99
+    assert sample.tpot_s * (tokens - 1) <= sample.e2e_s
