@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from llmwarm import endpoints
 from llmwarm.errors import ProfileError
 from llmwarm.features import Features
-from llmwarm.profile import Auto, Bucket, Profile
+from llmwarm.profile import Auto, Bucket, Prefill, Profile
 
 # Tokens a chat template may add around one user message; kept free so chat prompts fit too.
 CHAT_TEMPLATE_ALLOWANCE = 64
@@ -48,7 +48,7 @@ class EngineShape:
         return list(self.dp_ranks) or [None]
 
 
-def _doubling(low: int, high: int) -> list[int]:
+def doubling(low: int, high: int) -> list[int]:
     values, v = [], low
     while v <= high:
         values.append(v)
@@ -59,7 +59,7 @@ def _doubling(low: int, high: int) -> list[int]:
 def concurrency_classes(shape: EngineShape, limit: int) -> list[int]:
     """Batch sizes worth warming: on GPU, each CUDA-graph size a batch is padded to (for
     powers of two up to `limit`); without graphs, the powers of two themselves."""
-    wanted = _doubling(1, min(limit, shape.max_num_seqs))
+    wanted = doubling(1, min(limit, shape.max_num_seqs))
     sizes = sorted(s for s in shape.cudagraph_capture_sizes if s <= shape.max_num_seqs)
     if not sizes:
         return wanted
@@ -72,7 +72,7 @@ def auto_buckets(auto: Auto, shape: EngineShape, chat: bool) -> list[Bucket]:
     interleaved, and one prompt past max_num_batched_tokens (chunked prefill), all within
     max_model_len."""
     room = shape.max_model_len - auto.max_tokens - (CHAT_TEMPLATE_ALLOWANCE if chat else 0)
-    prompts = _doubling(auto.min_prompt_tokens, min(auto.max_prompt_tokens, room))
+    prompts = doubling(auto.min_prompt_tokens, min(auto.max_prompt_tokens, room))
     limit = auto.max_concurrency or shape.max_num_seqs
     lengths = [(p, 1) for p in prompts]
     widths = [(auto.min_prompt_tokens, c) for c in concurrency_classes(shape, limit) if c > 1]
@@ -90,6 +90,40 @@ def auto_buckets(auto: Auto, shape: EngineShape, chat: bool) -> list[Bucket]:
                max_tokens=auto.max_tokens, optional=True, priority=-1)
         for p, c in rows
         if p <= room
+    ]  # fmt: skip
+
+
+def prefill_room(shape: EngineShape, endpoint: str) -> int:
+    """The longest prompt a request of `endpoint` can have: its one output token and, through a
+    chat template, the template's tokens within --max-model-len."""
+    spec = endpoints.SPECS[endpoint]
+    room = shape.max_model_len - (1 if spec.generates else 0)
+    return room - (CHAT_TEMPLATE_ALLOWANCE if spec.templated else 0)
+
+
+def prefill_counts(prefill: Prefill, shape: EngineShape, endpoint: str) -> list[int]:
+    """The prefill sweep's prompt token counts from `min_tokens`: the powers of two and every
+    CUDA-graph capture size (on GPU a step is padded to one) up to `max_tokens` (default: a
+    step's limit, --max-num-batched-tokens), that limit itself and, by default, the longest
+    prompt that fits (prefilled in chunks). None longer than fits (`prefill_room`)."""
+    room = prefill_room(shape, endpoint)
+    top = min(prefill.max_tokens or shape.max_num_batched_tokens, room)
+    counts = {top, *doubling(prefill.min_tokens, top), *shape.cudagraph_capture_sizes}
+    if prefill.max_tokens is None:
+        counts.add(room)  # past a step's limit: prefilled in chunks
+    last = room if prefill.max_tokens is None else top
+    return sorted(c for c in counts if prefill.min_tokens <= c <= last)
+
+
+def _prefill_problems(prefill: Prefill | None, shape: EngineShape, endpoint: str) -> Problems:
+    if prefill is None:
+        return []
+    room = prefill_room(shape, endpoint)
+    return [
+        (f"prefill.{name}", f"{value} tokens do not fit a {endpoint} request here: at most "
+         f"{room} (--max-model-len {shape.max_model_len})")
+        for name, value in (("min_tokens", prefill.min_tokens), ("max_tokens", prefill.max_tokens))
+        if value is not None and value > room
     ]  # fmt: skip
 
 
@@ -186,6 +220,7 @@ def for_engine(profile: Profile, shape: EngineShape) -> Profile:
         buckets += [b for b in auto_buckets(profile.auto, shape, chat) if b.name not in known]
     problems += _too_long(buckets, chosen, shape)
     problems += _feature_problems(profile.features, chosen, shape)
+    problems += _prefill_problems(profile.prefill, shape, chosen[0])
     if problems:
         raise ProfileError("the profile does not fit this engine", problems=problems)
     features = profile.features

@@ -168,6 +168,38 @@ class KvFill(BaseModel):
     concurrency: int = Field(default=8, gt=0, le=1024, description="Fill requests at once.")
 
 
+class Prefill(BaseModel):
+    """One-output-token requests whose prompts step through the prefill token counts the
+    engine schedules, once, before the buckets (`llmwarm.prefill`): each count's one-time cost
+    (on CPU a oneDNN primitive per matmul shape; on GPU an eager step past the captured sizes,
+    an autotune per shape) is paid at a fraction of a decode round's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_tokens: int = Field(default=16, gt=0, description="The shortest prompt of the sweep.")
+    max_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="The longest (default: --max-num-batched-tokens, and then the longest "
+        "prompt --max-model-len takes, prefilled in chunks).",
+    )
+    batched: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="After the counts one request at a time, each count again as this many "
+        "requests at once (a step of several prompts); 1: alone only.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Prefill:
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) is below min_tokens ({self.min_tokens})"
+            )
+        return self
+
+
 class Prompts(BaseModel):
     """Where prompt text comes from; lengths always follow the buckets."""
 
@@ -226,6 +258,11 @@ class Profile(BaseModel):
     budget: Budget = Field(default_factory=Budget, description="Limits on the whole warm-up.")
     kv_fill: KvFill | None = Field(
         default=None, description="Prefill a share of the KV cache once (default: off)."
+    )
+    prefill: Prefill | None = Field(
+        default=None,
+        description="Step through the engine's prefill token counts once, one output token a "
+        "request, before the buckets (default: off; the shipped profiles turn it on).",
     )
 
     @model_validator(mode="before")

@@ -235,6 +235,24 @@ class KvFillResult(BaseModel):
         return KvFillResult(**{**summed, "block_size": a.block_size})
 
 
+class PrefillResult(BaseModel):
+    """What the prefill sweep sent (`llmwarm.prefill`)."""
+
+    token_counts: list[int] = Field(description="Prompt token counts, one request each.")
+    batched: int = Field(description="Requests at once of the second pass (1: none).")
+    requests: int = Field(description="Requests sent (every data-parallel rank's).")
+    seconds: float
+
+    @staticmethod
+    def add(a: PrefillResult | None, b: PrefillResult | None) -> PrefillResult | None:
+        """Two sweeps together (of two data-parallel ranks)."""
+        if a is None or b is None:
+            return a or b
+        return a.model_copy(
+            update={"requests": a.requests + b.requests, "seconds": a.seconds + b.seconds}
+        )
+
+
 def _problem(value: Any) -> Any:
     return Problem(**value) if isinstance(value, dict) else value
 
@@ -311,6 +329,9 @@ class Report(BaseModel):
     kv_fill: KvFillResult | None = Field(
         default=None, description="The KV-cache fill phase, when the profile asks for one."
     )
+    prefill: PrefillResult | None = Field(
+        default=None, description="The prefill sweep, when the profile asks for one."
+    )
     jit: JitEvents | None = Field(
         default=None,
         description="vLLM's JIT-monitor events by phase at the end of this warm-up (absent "
@@ -379,6 +400,7 @@ class Report(BaseModel):
         outcome: Outcome,
         seconds: float,
         kv_fill: KvFillResult | None = None,
+        prefill: PrefillResult | None = None,
         cache_salt: str | None = None,
         jit: JitEvents | None = None,
         learned: Learned | None = None,
@@ -394,6 +416,7 @@ class Report(BaseModel):
             convergence=profile.convergence,
             budget_exhausted=outcome.budget_exhausted,
             kv_fill=kv_fill,
+            prefill=prefill,
             jit=jit,
             learned=learned,
             trigger=trigger,

@@ -3,6 +3,7 @@
     WarmupRun(...)(profile, source, trigger) -> Report      one warm-up, failed or not
       served_adapters   the LoRA adapters listed now (re-warms)
       fill_kv           prefill a share of the KV cache once
+      prefill.sweep     a prompt of each prefill token count once (`llmwarm.prefill`)
       rounds            bucket by bucket, round by round, until each converges (or limits)
       unless_dead       all of it, cancelled the moment the engine dies
 
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
-from llmwarm import convergence, corpus, engine, learn
+from llmwarm import convergence, corpus, engine, learn, prefill
 from llmwarm.client import Client
 from llmwarm.corpus import Corpus
 from llmwarm.errors import WarmupError
@@ -34,6 +35,7 @@ from llmwarm.report import (
     KvFillResult,
     Origin,
     Outcome,
+    PrefillResult,
     Report,
     RoundResult,
     Sample,
@@ -324,7 +326,7 @@ class WarmupRun:
             f"llmwarm-{secrets.token_hex(8)}",
         )
         try:
-            outcome, kv = await unless_dead(self.engine, self._warm(requests, shape))
+            outcome, kv, swept = await unless_dead(self.engine, self._warm(requests, shape))
         except WarmupError as exc:
             report = Report.failed(
                 self.origin, profile=profile, source=source, trigger=trigger,
@@ -335,7 +337,7 @@ class WarmupRun:
             self.state.jit = await self.engine.jit_events()
             report = Report.build(
                 self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
-                seconds=live.seconds or 0.0, kv_fill=kv, cache_salt=requests.salt,
+                seconds=live.seconds or 0.0, kv_fill=kv, prefill=swept, cache_salt=requests.salt,
                 jit=self.state.jit, learned=learned,
             )  # fmt: skip
         self.state.warmup_ended(report)
@@ -343,7 +345,7 @@ class WarmupRun:
 
     async def _warm(
         self, requests: Corpus, shape: EngineShape
-    ) -> tuple[Outcome, KvFillResult | None]:
+    ) -> tuple[Outcome, KvFillResult | None, PrefillResult | None]:
         profile = requests.profile
         live = self.state.warmup
         ranks = shape.ranks()
@@ -361,25 +363,34 @@ class WarmupRun:
         def on_fill(blocks: int, target: int) -> None:
             live.where = {"kv_fill": {"blocks": blocks, "target": target}}
 
-        kv = None
-        for rank in ranks:  # each rank's KV cache is its own
+        kv = swept = None
+        for rank in ranks:  # each rank's KV cache is its own, and its kernels
             pinned = replace(requests, rank=rank if shape.dp_pinned else None)
             kv = KvFillResult.add(kv, await fill_kv(self.client, pinned, shape, on_batch=on_fill))
+            live.where = {"prefill": {"rank": rank}}
+            swept = PrefillResult.add(swept, await prefill.sweep(self.client, pinned, shape))
         if kv is not None:
             logger.info(
                 "KV-cache fill: %d of %d blocks prefilled once (%d requests, %.1f s)",
                 kv.blocks_reached, kv.blocks, kv.requests, kv.seconds,
+            )  # fmt: skip
+        if swept is not None:
+            logger.info(
+                "prefill sweep: %d token counts from %d to %d, alone and %d at once "
+                "(%d requests, %.1f s)", len(swept.token_counts), swept.token_counts[0],
+                swept.token_counts[-1], swept.batched, swept.requests, swept.seconds,
             )  # fmt: skip
         with view:
             # the share bounds the whole warm-up: the KV-cache fill's time counts too
             share = profile.budget.optional_share
             optional_seconds = None
             if share is not None:
-                optional_seconds = share * self.origin.engine_start_s - (kv.seconds if kv else 0)
+                before = (kv.seconds if kv else 0) + (swept.seconds if swept else 0)
+                optional_seconds = share * self.origin.engine_start_s - before
             outcome = await rounds(
                 self.client, requests, on_round=on_round,
                 running=self.engine.take_running_peak,
                 optional_seconds=optional_seconds, ranks=ranks, pinned=shape.dp_pinned,
             )  # fmt: skip
         live.seconds = live.elapsed()
-        return outcome, kv
+        return outcome, kv, swept

