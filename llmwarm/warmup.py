@@ -68,14 +68,16 @@ async def _round(
     """One round: its batches one after another, then again those that carry the metric
     (fresh prompts) until `wanted` of its batches have a value of it. Batches, not requests:
     the requests of one batch run at the same moment, and their spread says nothing of how
-    the next moment differs (see `corpus.sampled_batches`)."""
+    the next moment differs (see `corpus.sampled_batches`). After round 1, which pays each
+    round kind's own path once, a round sends only what carries the metric: a unary request
+    has no TTFT or TPOT, and the engine's work at the bucket's shape is the streamed one's."""
     field = f"{requests.profile.convergence.metric}_s"
     samples: list[Sample] = []
     sent = carrying = 0  # batches sent; those with a value of the metric
     for repeat in range(wanted):
         # made in a thread: tokenizing a wide batch of long prompts took the loop for a second
         batches = await asyncio.to_thread(requests.round_batches, bucket, round_, repeat)
-        if repeat:  # only what carries the metric: streamed kinds for TTFT and TPOT
+        if repeat or round_ > 1:  # only what carries the metric: streamed, for TTFT and TPOT
             batches = [b for b in batches if field == "e2e_s" or b.requests[0].stream]
         for batch in batches:
             got = await client.measure_all(batch.requests)

@@ -379,7 +379,8 @@ def test_report_file(served: Served) -> None:
             assert bucket["converged_at"] == n and bucket["stop_reason"] == "converged"
         else:
             assert n == 4 and bucket["stop_reason"] == "max_rounds"
-        # minimal.yaml: every round sends completions, streamed and not; the other generate
+        # minimal.yaml: round 1 sends completions, streamed and not, and every later round the
+        # streamed batch alone (it carries the TPOT the rule judges); the other generate
         # endpoints (chat, responses, messages, streamed and not) and, on the first bucket,
         # its features (logprobs and json_schema on completions and chat, streamed and not)
         # go in the bucket's sweep (after round 1) and check (after the last), all at once;
@@ -387,8 +388,9 @@ def test_report_file(served: Served) -> None:
         # more a round: 3 batches with a TPOT value, its noise measured
         rounds, c = bucket["rounds"], bucket["concurrency"]
         sizes = [len(r["samples"]) for r in rounds]
-        assert sizes[:2] == [2 * c] * 2 and sizes == sorted(sizes)
-        assert set(sizes) <= {2 * c, (2 + 2) * c}
+        assert sizes[:2] == [2 * c, c] and sizes[1:] == sorted(sizes[1:])
+        assert set(sizes[1:]) <= {c, 3 * c}
+        assert all(s["kind"] == "completions-stream" for r in rounds[1:] for s in r["samples"])
         for r, size in zip(rounds, sizes, strict=True):
             assert {s["batch"] for s in r["samples"]} == set(range(size // c))
         extra = [bucket["sweep"], bucket["check"]]

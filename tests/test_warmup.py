@@ -76,8 +76,12 @@ async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
     outcome = await _run(fake_url, profile)
     [bucket] = outcome.buckets
     repeated = {"completions-stream", "completions"}
-    # every round repeats the first endpoint, plain, whatever round it converged at
-    assert all({str(s.kind) for s in r.samples} == repeated for r in bucket.rounds)
+    # every round repeats the first endpoint, plain, whatever round it converged at: round 1
+    # streamed and not, each later one what carries the TPOT the rule judges (streamed)
+    assert {str(s.kind) for s in bucket.rounds[0].samples} == repeated
+    assert all(
+        {str(s.kind) for s in r.samples} == {"completions-stream"} for r in bucket.rounds[1:]
+    )
     assert bucket.sweep is not None and bucket.check is not None
     plain = {*repeated, "chat-stream", "chat"}
     once = {"chat-stream", "chat"} | {f"{k}+{f}" for k in plain for f in ("logprobs", "stop")}
@@ -86,10 +90,10 @@ async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
     assert len(bucket.sweep.samples) == len(bucket.check.samples) == 10 * 2  # x concurrency
     assert bucket.sweep.round == 1 and bucket.check.round == len(bucket.rounds)
     assert 2 <= len(bucket.rounds) <= rule.max_rounds
-    # a round: completions streamed and not (x 2); once the window (2 rounds) has failed with
-    # no noise measured (one TPOT value a round), the streamed batch twice more
+    # round 1: completions streamed and not (x 2), round 2 streamed (x 2); once the window
+    # (2 rounds) has failed with no noise measured (one TPOT value a round), three streamed
     sizes = [len(r.samples) for r in bucket.rounds]
-    assert sizes[:2] == [2 * 2] * 2 and sizes[2:] == [(2 + 2) * 2] * (len(sizes) - 2)
+    assert sizes[:2] == [2 * 2, 2] and sizes[2:] == [3 * 2] * (len(sizes) - 2)
     assert outcome.requests == sum(sizes) + 2 * 20
 
 
