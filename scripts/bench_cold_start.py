@@ -4,8 +4,10 @@ For each model (`--model NAME=PATH`, repeatable), each run starts each server in
 (alternating which goes first), on the same model and flags, once with fresh compile caches
 (empty VLLM_CACHE_ROOT and TORCHINDUCTOR_CACHE_DIR) and once with warm ones; it times launch to
 ready (`/health` 200 for vLLM, `/ready` 200 for llmwarm), reads llmwarm's warm-up seconds from
-its report and, the moment the server is ready, runs `llmwarm bench` against it. Writes
-docs/benchmarks.md and a chart from the medians over the runs (its `cold-start` section);
+its report and, the moment the server is ready, runs `llmwarm bench` against it (its client
+warmed first; every prompt form, token IDs and a batch, at every bucket). Writes
+docs/benchmarks.md and a chart from the medians over the runs (its `cold-start` section),
+flagging every kind llmwarm left colder than plain vLLM beyond the runs' spread;
 `--json` keeps every number.
 
     python scripts/bench_cold_start.py --model tiny=.cache/tiny-llama \
@@ -76,7 +78,8 @@ def one(
 
 async def probe(url: str, args: argparse.Namespace) -> bench.BenchReport:
     profile = load_profile(shipped("probe"))
-    return await bench.probe(url, profile=profile, repeats=args.repeats, model="m")
+    forms = bench.prompt_forms(",".join(bench.FORMS))
+    return await bench.probe(url, profile=profile, repeats=args.repeats, model="m", forms=forms)
 
 
 def med(values: list[float]) -> float:
@@ -100,18 +103,35 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
                             key = f"{k['bucket']} {k['kind']}"
                             kinds.setdefault(key, []).append(k["ratio"])
                 warmups = [r["warmup_s"] for r in runs if r["warmup_s"] is not None]
+                if not runs:
+                    continue
                 out[f"{name}/{server}/{cache}"] = {
                     "ready_s": med([r["ready_s"] for r in runs]),
                     "warmup_s": med(warmups) if warmups else None,
                     "worst": med([r["bench"]["worst_ratio"] for r in runs]),
                     "geomean": med([r["bench"]["geomean_ratio"] for r in runs]),
                     "kinds": {kind: med(v) for kind, v in kinds.items()},
+                    "kind_runs": kinds,
                     "runs": len(runs),
                 }
     return out
 
 
-def chart(s: dict[str, Any], models: list[str], path: Path) -> None:
+WARM = 1.05  # a first request within 5 % of steady is warm, whatever plain vLLM measured
+
+
+def colder(s: dict[str, Any], name: str, kind: str) -> bool:
+    """Whether llmwarm left `kind` colder than plain vLLM beyond the runs' spread: cold at all
+    (a median first/steady above `WARM`), above vLLM's median, and every llmwarm start's
+    above every vLLM start's (warm caches)."""
+    ours = s[f"{name}/llmwarm/warm"]["kind_runs"].get(kind, [])
+    theirs = s[f"{name}/vllm/warm"]["kind_runs"].get(kind, [])
+    if not ours or not theirs:
+        return False
+    return WARM < med(ours) and med(ours) > med(theirs) and min(ours) > max(theirs)
+
+
+def chart(s: dict[str, Any], models: list[str], caches: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,9 +142,13 @@ def chart(s: dict[str, Any], models: list[str], path: Path) -> None:
         gridspec_kw={"width_ratios": [1, 3]},
     )  # fmt: skip
     for (left, right), name in zip(axes, models, strict=True):
-        labels = [f"{srv}\n{cache}" for cache in CACHES for srv in SERVERS]
-        left.bar(labels, [s[f"{name}/{srv}/{cache}"]["ready_s"] for cache in CACHES
-                          for srv in SERVERS], color=["#999", "#2a7", "#bbb", "#6c9"])  # fmt: skip
+        cells = [(srv, cache) for cache in caches for srv in SERVERS]
+        colors = {"fresh": ["#999", "#2a7"], "warm": ["#bbb", "#6c9"]}
+        left.bar(
+            [f"{srv}\n{cache}" for srv, cache in cells],
+            [s[f"{name}/{srv}/{cache}"]["ready_s"] for srv, cache in cells],
+            color=[c for cache in caches for c in colors[cache]],
+        )
         left.set_ylabel("seconds from launch to ready (median)")
         left.set_title(f"{name}: time to ready")
         vllm = s[f"{name}/vllm/warm"]["kinds"]
@@ -160,7 +184,7 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
     )
     rule = "|---|---|" + "---:|---:|---:|---:|" * len(names)
     rows = []
-    for cache in CACHES:
+    for cache in args.caches:
         for srv in SERVERS:
             cells = []
             for n in names:
@@ -179,12 +203,18 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
         value = s[f"{n}/{srv}/warm"]["kinds"].get(k)
         return "-" if value is None else f"{value:.2f}×"
 
+    def flag(n: str, k: str) -> str:
+        return "**colder**" if colder(s, n, k) else ""
+
     kind_rows = [
         f"| {k} | "
-        + " | ".join(f"{ratio(n, 'vllm', k)} | {ratio(n, 'llmwarm', k)}" for n in names)
+        + " | ".join(
+            f"{ratio(n, 'vllm', k)} | {ratio(n, 'llmwarm', k)} | {flag(n, k)}" for n in names
+        )
         + " |"
         for k in kinds
     ]
+    flagged = {n: [k for k in kinds if colder(s, n, k)] for n in names}
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     model_list = ", ".join(f"`{n}` ({p})" for n, p in models.items())
     return "\n".join(
@@ -197,7 +227,8 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
             "```bash",
             "python scripts/bench_cold_start.py "
             + " ".join(f"--model {n}={p}" for n, p in models.items())
-            + f" --runs {args.runs} --repeats {args.repeats}",
+            + f" --runs {args.runs} --repeats {args.repeats}"
+            + ("" if list(args.caches) == list(CACHES) else f" --caches {','.join(args.caches)}"),
             "```",
             "",
             "Each run starts plain vLLM (`python -m vllm.entrypoints.openai.api_server`) and "
@@ -205,10 +236,12 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
             "empty compile caches (vLLM's and torch inductor's) and with warm ones; time to "
             "ready is launch to `/health` 200 (vLLM) or `/ready` 200 (llmwarm); the warm-up's "
             "seconds come from llmwarm's report, its share is of llmwarm's time to ready. The "
-            "moment each is ready, `llmwarm bench` (the shipped `configs/probe.yaml`) sends every "
-            f"request kind once, then {args.repeats} more times with the same prompts (each "
-            "batch with its own `cache_salt`, so no repeat is served from the prefix cache): the "
-            "ratio is the first request's latency over the median of the repeats. Medians over "
+            "moment each is ready, `llmwarm bench` (the shipped `configs/probe.yaml`, with "
+            "`--forms token_ids,prompt_batch`: each prompt form at every bucket) warms its own "
+            "client on a throw-away local server, then sends every request kind once, then "
+            f"{args.repeats} more times with the same prompts (each batch with its own "
+            "`cache_salt`, so no repeat is served from the prefix cache): the ratio is the first "
+            "request's latency over the median of the repeats. Medians over "
             f"{args.runs} runs.",
             "",
             head,
@@ -220,9 +253,19 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
             "First/steady per request kind (warm compile caches), worst for plain vLLM on "
             f"`{first}` first:",
             "",
-            "| bucket and kind | " + " | ".join(f"{n}: vLLM | {n}: llmwarm" for n in names) + " |",
-            "|---|" + "---:|---:|" * len(names),
+            "| bucket and kind | "
+            + " | ".join(f"{n}: vLLM | {n}: llmwarm | {n}: llmwarm colder" for n in names)
+            + " |",
+            "|---|" + "---:|---:|:---:|" * len(names),
             *kind_rows,
+            "",
+            f"A kind is **colder** on llmwarm when its median first/steady is above {WARM:.2f}× "
+            f"and plain vLLM's, and every one of llmwarm's {args.runs} starts measured it above "
+            "every one of vLLM's: "
+            + "; ".join(
+                f"`{n}`: " + (", ".join(f"`{k}`" for k in flagged[n]) or "none") for n in names
+            )
+            + ".",
             "",
         ]
     )
@@ -239,16 +282,26 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     parser.add_argument("--log", type=Path, default=Path(".cache/bench.log"))
+    parser.add_argument(
+        "--from-json", type=Path,
+        help="write the docs from a run's --json instead of running (the same flags)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--caches", type=lambda v: [c for c in v.split(",") if c], default=list(CACHES),
+        help="compile-cache states to run, comma-separated: fresh,warm (default both)",
+    )  # fmt: skip
     args, extra = parser.parse_known_args()
+    if not args.caches or set(args.caches) - set(CACHES):
+        parser.error(f"--caches: a comma-separated list of {', '.join(CACHES)}")
     models = dict(m.split("=", 1) if "=" in m else (Path(m).name, m) for m in args.model)
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name, path in models.items():
+    results = json.loads(args.from_json.read_text())["results"] if args.from_json else []
+    for name, path in models.items() if not args.from_json else ():
         warm_root = tempfile.mkdtemp(prefix="llmwarm-bench-warm-")
         print(f"{name}: priming the warm compile cache ...", flush=True)
         one("vllm", path, warm_root, args, extra)
         for run in range(args.runs):
-            for cache in CACHES:
+            for cache in args.caches:
                 order = SERVERS if run % 2 == 0 else SERVERS[::-1]
                 for server in order:
                     fresh = tempfile.mkdtemp(prefix="llmwarm-fresh-")
@@ -262,10 +315,10 @@ def main() -> None:
                     results.append(result)
     s = summary(results)
     args.docs.mkdir(parents=True, exist_ok=True)
-    chart(s, list(models), args.docs / "benchmarks.png")
+    chart(s, list(models), args.caches, args.docs / "benchmarks.png")
     body = markdown(s, models, args, "benchmarks.png")
     write_section(args.docs / "benchmarks.md", "cold-start", body)
-    if args.json:
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps({"summary": s, "results": results}, indent=2))
     print(body)
 
