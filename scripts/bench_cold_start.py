@@ -117,6 +117,12 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+CACHE_WORDS = {
+    ("fresh", "warm"): "empty compile caches (vLLM's and torch inductor's) and with warm ones",
+    ("warm", "fresh"): "warm compile caches and with empty ones (vLLM's and torch inductor's)",
+    ("fresh",): "empty compile caches (vLLM's and torch inductor's)",
+    ("warm",): "warm compile caches (vLLM's and torch inductor's, filled by a first start)",
+}
 WARM = 1.05  # a first request within 5 % of steady is warm, whatever plain vLLM measured
 
 
@@ -233,7 +239,8 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
             "",
             "Each run starts plain vLLM (`python -m vllm.entrypoints.openai.api_server`) and "
             "`llmwarm serve` (default profile) on the same model and flags, alternately, with "
-            "empty compile caches (vLLM's and torch inductor's) and with warm ones; time to "
+            + CACHE_WORDS[tuple(args.caches)]
+            + "; time to "
             "ready is launch to `/health` 200 (vLLM) or `/ready` 200 (llmwarm); the warm-up's "
             "seconds come from llmwarm's report, its share is of llmwarm's time to ready. The "
             "moment each is ready, `llmwarm bench` (the shipped `configs/probe.yaml`, with "
@@ -287,7 +294,8 @@ def main() -> None:
         help="write the docs from a run's --json instead of running (the same flags)",
     )  # fmt: skip
     parser.add_argument(
-        "--caches", type=lambda v: [c for c in v.split(",") if c], default=list(CACHES),
+        "--caches", default=list(CACHES),
+        type=lambda v: list(dict.fromkeys(c for c in v.split(",") if c)),
         help="compile-cache states to run, comma-separated: fresh,warm (default both)",
     )  # fmt: skip
     args, extra = parser.parse_known_args()
