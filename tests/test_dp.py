@@ -23,6 +23,7 @@ import httpx
 import psutil
 import pytest
 
+from llmwarm.profile import load_profile
 from tests.conftest import (
     ENGINE_FLAGS,
     LLMWARM,
@@ -51,12 +52,17 @@ def served_per_engine(metrics: str) -> Counter[str]:
 
 
 def sent_per_rank(report: dict[str, Any]) -> Counter[str]:
-    """The warm-up's requests per rank, by its report (rounds, sweep and check of each bucket;
-    the KV fill is counted in `kv_fill.requests`, all ranks together)."""
+    """The engine requests of the warm-up's buckets per rank, by its report (rounds, sweep and
+    check of each bucket; a batch of prompts is a request of each to vLLM; the KV fill and the
+    prefill sweep are counted in `kv_fill.requests` and `prefill.requests`, all ranks
+    together)."""
+    batch = load_profile(MINIMAL).features.prompt_batch  # the profile these tests warm with
     sent: Counter[str] = Counter()
     for b in report["buckets"]:
         done = [*b["rounds"], *(r for r in (b["sweep"], b["check"]) if r)]
-        sent[str(b["rank"])] += sum(len(r["samples"]) for r in done)
+        sent[str(b["rank"])] += sum(
+            batch if "prompt_batch" in s["kind"] else 1 for r in done for s in r["samples"]
+        )
     return sent
 
 
@@ -65,12 +71,14 @@ def assert_each_rank_served_its_buckets(
 ) -> None:
     served, sent = served_per_engine(metrics), sent_per_rank(report)
     fill = report["kv_fill"]["requests"] if report["kv_fill"] else 0
+    swept = report["prefill"]["requests"] if report["prefill"] else 0
     assert set(sent) == ranks and set(served) == ranks, (served, sent)
     for rank in ranks:  # every request of a rank's buckets ran on that rank's engine
         assert sent[rank] > 0 and served[rank] >= sent[rank], (rank, served, sent)
-    # and nothing else ran: the KV fill's requests are the rest (each rank filled its own)
-    assert sum(served.values()) == sum(sent.values()) + fill, (served, sent, fill)
-    if fill:
+    # and nothing else ran: the KV fill's and the prefill sweep's requests are the rest (each
+    # rank filled and swept its own)
+    assert sum(served.values()) == sum(sent.values()) + fill + swept, (served, sent, fill, swept)
+    if fill or swept:
         assert all(served[r] > sent[r] for r in ranks), (served, sent)
 
 
