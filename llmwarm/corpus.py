@@ -158,29 +158,41 @@ def kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
 
 
 def round_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
-    """The kinds every round of this bucket repeats until its latency settles: the first
-    endpoint (that takes it) with the bucket's first feature (plain, unless the profile's
-    features leave it out), in each streaming mode. What must settle is the engine's latency
-    at the bucket's shape, which every endpoint shares; an endpoint's or a feature's own cold
-    path is paid once (`sweep_kinds`)."""
+    """The kind every round of this bucket repeats until its latency settles (a list of one;
+    empty when no endpoint takes it): the first endpoint (that takes it) with the bucket's
+    first feature (plain, unless the profile's features leave it out), streamed when the
+    rule's metric is read from a stream (TTFT, TPOT). What must settle is the engine's latency
+    at the bucket's shape, which every endpoint and streaming mode shares; an endpoint's, a
+    mode's or a feature's own cold path is paid once (`sweep_kinds`)."""
     first = _features(profile, bucket)[:1]
+    streamed = profile.convergence.metric != "e2e"
     for endpoint in profile.endpoint_names():  # the first that takes it (tools: chat)
         if found := _kinds(profile, first, [endpoint]):
-            return found
+            return sorted(found, key=lambda kind: kind.stream != streamed)[:1]
     return []
 
 
 def sweep_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
-    """The kinds touched in the bucket's sweep (after round 1) and check (after the last
-    round), all at once: every other endpoint, and every other feature."""
-    repeated = set(round_kinds(profile, bucket))
-    return [kind for kind in kinds(profile, bucket) if kind not in repeated]
+    """The kinds the bucket's sweep (after round 1) and check (after its last round) send,
+    all at once: those of its kinds that neither its rounds nor an earlier bucket sent. A
+    kind's own cold path (an endpoint's template and parser, a streaming mode, a feature's
+    sampler or grammar) is paid once whatever the shape, as coverage counts it
+    (`llmwarm.coverage`); the engine's latency at each shape is what every bucket's rounds
+    warm. So the first bucket sweeps every endpoint and mode (and the feature buckets their
+    features), and a later bucket only what is new at it."""
+    sent = set(round_kinds(profile, bucket))
+    for earlier in profile.buckets:
+        if earlier.name == bucket.name:
+            break
+        sent.update(kinds(profile, earlier))
+    return [kind for kind in kinds(profile, bucket) if kind not in sent]
 
 
 # Output tokens of a sweep (or check) request, at most: an endpoint's or a feature's own cold
-# path (its template, parser, sampler, grammar) runs at a request's start and first tokens; the
-# bucket's full decode length is what its rounds repeat.
-SWEEP_MAX_TOKENS = 8
+# path (its template, parser, sampler, grammar) runs at a request's start, in its prefill step
+# and its first decode steps (4: three decode steps, each a speculative one where the engine
+# speculates); the bucket's full decode length is what its rounds repeat.
+SWEEP_MAX_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -297,8 +309,8 @@ def sampled_batches(verdict: Verdict | None) -> int:
 
 
 def requests_per_round(profile: Profile, bucket: Bucket) -> int:
-    """A round's requests while one batch of each kind carries the metric (on a noisy host,
-    those that carry it go twice more: `sampled_batches`)."""
+    """A round's requests while one batch carries the metric (on a noisy host, it goes twice
+    more: `sampled_batches`)."""
     return len(round_kinds(profile, bucket)) * bucket.concurrency
 
 

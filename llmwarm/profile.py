@@ -255,6 +255,14 @@ class Profile(BaseModel):
         description="When a bucket is warm: its rounds repeat until this rule holds "
         "(or max_rounds). Round 1 is the cold one.",
     )
+    check: bool = Field(
+        default=False,
+        description="After a bucket's last round, send its sweep again (the check), so the "
+        "report's per-kind table compares each swept kind's first requests with warm ones. It "
+        "warms nothing the sweep did not, and costs a second sweep: on a CPU, where every "
+        "token of a wide sweep is real prefill, seconds (default: off; minimal.yaml, the CI "
+        "profile, turns it on).",
+    )
     budget: Budget = Field(default_factory=Budget, description="Limits on the whole warm-up.")
     kv_fill: KvFill | None = Field(
         default=None, description="Prefill a share of the KV cache once (default: off)."

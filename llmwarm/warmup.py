@@ -65,20 +65,16 @@ async def served_adapters(client: Client, model: str) -> list[str]:
 async def _round(
     client: Client, requests: Corpus, bucket: Bucket, round_: int, wanted: int
 ) -> list[Sample]:
-    """One round: its batches one after another, then again those that carry the metric
-    (fresh prompts) until `wanted` of its batches have a value of it. Batches, not requests:
-    the requests of one batch run at the same moment, and their spread says nothing of how
-    the next moment differs (see `corpus.sampled_batches`). After round 1, which pays each
-    round kind's own path once, a round sends only what carries the metric: a unary request
-    has no TTFT or TPOT, and the engine's work at the bucket's shape is the streamed one's."""
+    """One round: the round kind's batch, again (fresh prompts) until `wanted` batches have a
+    value of the metric. Batches, not requests: the requests of one batch run at the same
+    moment, and their spread says nothing of how the next moment differs (see
+    `corpus.sampled_batches`)."""
     field = f"{requests.profile.convergence.metric}_s"
     samples: list[Sample] = []
     sent = carrying = 0  # batches sent; those with a value of the metric
     for repeat in range(wanted):
         # made in a thread: tokenizing a wide batch of long prompts took the loop for a second
         batches = await asyncio.to_thread(requests.round_batches, bucket, round_, repeat)
-        if repeat or round_ > 1:  # only what carries the metric: streamed, for TTFT and TPOT
-            batches = [b for b in batches if field == "e2e_s" or b.requests[0].stream]
         for batch in batches:
             got = await client.measure_all(batch.requests)
             samples += [s.model_copy(update={"batch": sent}) for s in got]
@@ -114,10 +110,11 @@ async def rounds(
     under data parallelism, rank by rank (`ranks`), each request pinned to its rank when the
     server balances over them (`pinned`; see `EngineShape.dp_ranks`).
 
-    A round repeats the bucket's first endpoint, plain (its shape must settle), with as many
-    batches that carry the metric as `corpus.sampled_batches` says; its other endpoints and
-    features go all at once after round 1 (the sweep: each cold path, paid once) and after its
-    last round (the check: still warm). `running` gives the engine's largest running count
+    A round repeats the bucket's first endpoint, plain, streamed for TTFT and TPOT (its shape
+    must settle), with as many batches as `corpus.sampled_batches` says; the kinds no earlier
+    bucket sent (other endpoints, modes and features) go all at once after round 1 (the
+    sweep: each cold path, paid once) and, if the profile asks, after its last round (the
+    check: still warm). `running` gives the engine's largest running count
     since its last call: read around each round, it says how many of a bucket's requests the
     engine really batched.
     Optional buckets run while these rounds are within `optional_seconds`, the required
@@ -207,8 +204,9 @@ class _Rounds:
     async def _finish(
         self, requests: Corpus, bucket: Bucket, result: BucketResult, cut: bool
     ) -> None:
-        """The check (its sweep again) unless a limit stopped it, and why its rounds ended."""
-        if result.sweep is not None and not (self.budget_exhausted or cut):
+        """The check (its sweep again, if the profile asks) unless a limit stopped it, and why
+        its rounds ended."""
+        if requests.profile.check and result.sweep and not (self.budget_exhausted or cut):
             last = len(result.rounds)
             result.check = await _sweep(self.client, requests, bucket, last)
             self.sent += len(result.check.samples) if result.check else 0

@@ -10,6 +10,7 @@ import pytest
 from llmwarm.client import ClientProcess
 from llmwarm.corpus import Corpus, WarmRequest, WordTokenizer
 from llmwarm.errors import WarmupError
+from llmwarm.kinds import Kind
 from llmwarm.profile import parse_profile
 from tests.fakes import PACE
 
@@ -20,9 +21,11 @@ PROFILE = parse_profile(
 
 
 def _batch(model: str = "m") -> list[WarmRequest]:
+    """Three streamed requests and three unary ones, all at once."""
     requests = Corpus(PROFILE, WordTokenizer(), model)
     bucket = PROFILE.buckets[0]
-    return [r for b in requests.round_batches(bucket, 1) for r in b.requests]
+    kinds = [Kind("completions", stream) for stream in (True, False)]
+    return [r for kind in kinds for r in requests.batch(bucket, kind, 1).requests]
 
 
 async def test_a_batch_is_measured_there_and_its_samples_come_back(fake_url: str) -> None:

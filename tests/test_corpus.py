@@ -112,26 +112,31 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
     assert "completions+prompt_logprobs" in names
     assert "completions-stream+prompt_logprobs" not in names
     assert len(names) == 4 + 4 + 2 + 4
-    # every round repeats the first endpoint, plain, in each streaming mode; every other
-    # endpoint and feature goes in a sweep and a check
-    assert [str(k) for k in corpus.round_kinds(profile, first)] == names[:2]
-    assert [str(k) for k in corpus.sweep_kinds(profile, first)] == names[2:]
-    # a round's requests: each of them once (a noisy host's rounds repeat the streamed kind)
-    assert corpus.requests_per_round(profile, first) == 2
-    assert corpus.requests_per_sweep(profile, first) == 12
-    assert corpus.requests_per_round(profile, second) == 2 * 2
-    assert corpus.requests_per_sweep(profile, second) == 2 * 2
+    # every round repeats the first endpoint, plain, streamed (the rule's TPOT); every other
+    # endpoint, mode and feature goes in a sweep and a check
+    assert [str(k) for k in corpus.round_kinds(profile, first)] == names[:1]
+    assert [str(k) for k in corpus.sweep_kinds(profile, first)] == names[1:]
+    # a round's requests: one batch (a noisy host's rounds repeat it)
+    assert corpus.requests_per_round(profile, first) == 1
+    assert corpus.requests_per_sweep(profile, first) == 13
+    assert corpus.requests_per_round(profile, second) == 2
     requests = corpus.Corpus(profile, WordTokenizer(), "m")
     sweep = requests.sweep_requests(first, 1)
-    assert [str(r.kind) for r in sweep] == names[2:]
+    assert [str(r.kind) for r in sweep] == names[1:]
     assert {r.bucket for r in sweep} == {first.name}
     long = first.model_copy(update={"max_tokens": 64})
-    # a sweep touches each cold path at a request's start: 8 output tokens at most
+    # a sweep touches each cold path at a request's start: 4 output tokens at most
     long_sweep = requests.sweep_requests(long, 1)
-    assert {r.body.get("max_tokens") for r in long_sweep} == {corpus.SWEEP_MAX_TOKENS}
-    assert [str(r.kind) for r in requests.sweep_requests(second, 1)] == [
-        "chat-stream", "chat-stream", "chat", "chat",
-    ]  # fmt: skip
+    assert {r.body.get("max_tokens") for r in long_sweep} == {corpus.SWEEP_MAX_TOKENS} == {4}
+    # a kind's own path is paid once whatever the shape: the second bucket sweeps nothing
+    # the first one sent, so nothing at all
+    assert corpus.sweep_kinds(profile, second) == []
+    assert requests.sweep_requests(second, 1) == []
+    # ... and what only a later bucket sends, it sweeps there
+    later = profile.model_copy(update={"features": profile.features.model_copy(
+        update={"buckets": [second.name]})})  # fmt: skip
+    assert [str(k) for k in corpus.sweep_kinds(later, first)] == names[1:4]
+    assert corpus.sweep_kinds(later, second) == corpus.sweep_kinds(profile, first)[3:]
 
 
 def test_feature_bodies_reach_the_requests() -> None:
@@ -143,8 +148,9 @@ def test_feature_bodies_reach_the_requests() -> None:
     )
     bucket = profile.buckets[0]
     batches = corpus.Corpus(profile, WordTokenizer(), "m").round_batches(bucket, 1)
-    # without greedy, the first feature is what rounds repeat; the others go in the sweep
-    assert {str(b.kind) for b in batches} == {"completions-stream+logprobs", "completions+logprobs"}
+    # without greedy, the first feature is what rounds repeat, streamed (TPOT); the rest go in
+    # the sweep
+    assert [str(b.kind) for b in batches] == ["completions-stream+logprobs"]
     sweep = corpus.Corpus(profile, WordTokenizer(), "m").sweep_requests(bucket, 1)
     bodies = {str(r.kind): r.body for r in [*(b.requests[0] for b in batches), *sweep]}
     assert bodies["completions+logprobs"]["logprobs"] == 5
@@ -174,7 +180,7 @@ def test_tools_go_to_chat_only_and_end_with_their_call() -> None:
         }
     )
     batches = corpus.Corpus(profile, WordTokenizer(), "m").round_batches(profile.buckets[0], 1)
-    assert [str(b.kind) for b in batches] == ["chat-stream+tools", "chat+tools"]
+    assert [str(b.kind) for b in batches] == ["chat-stream+tools"]
     assert "ignore_eos" not in batches[0].requests[0].body
 
 

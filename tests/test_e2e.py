@@ -379,33 +379,37 @@ def test_report_file(served: Served) -> None:
             assert bucket["converged_at"] == n and bucket["stop_reason"] == "converged"
         else:
             assert n == 4 and bucket["stop_reason"] == "max_rounds"
-        # minimal.yaml: round 1 sends completions, streamed and not, and every later round the
-        # streamed batch alone (it carries the TPOT the rule judges); the other generate
-        # endpoints (chat, responses, messages, streamed and not) and, on the first bucket,
-        # its features (logprobs and json_schema on completions and chat, streamed and not)
-        # go in the bucket's sweep (after round 1) and check (after the last), all at once;
-        # once the window (2 rounds) failed with no noise measured, the streamed batch twice
-        # more a round: 3 batches with a TPOT value, its noise measured
+        # minimal.yaml: every round sends completions, streamed (it carries the TPOT the rule
+        # judges); once the window (2 rounds) failed with no noise measured, twice more a
+        # round: 3 batches with a TPOT value, its noise measured
         rounds, c = bucket["rounds"], bucket["concurrency"]
         sizes = [len(r["samples"]) for r in rounds]
-        assert sizes[:2] == [2 * c, c] and sizes[1:] == sorted(sizes[1:])
-        assert set(sizes[1:]) <= {c, 3 * c}
-        assert all(s["kind"] == "completions-stream" for r in rounds[1:] for s in r["samples"])
+        assert sizes[:2] == [c, c] and sizes == sorted(sizes) and set(sizes) <= {c, 3 * c}
+        assert all(s["kind"] == "completions-stream" for r in rounds for s in r["samples"])
         for r, size in zip(rounds, sizes, strict=True):
             assert {s["batch"] for s in r["samples"]} == set(range(size // c))
-        extra = [bucket["sweep"], bucket["check"]]
-        # (and token_ids and prompt_batch on completions alone, streamed and not)
-        once = 3 * 2 + (2 * 2 * 2 + 2 * 2 if bucket["name"] == "p16-c1-o8" else 0)
-        assert all(len(r["samples"]) == once * bucket["concurrency"] for r in extra)
+        # every other kind, once, at the first bucket, in its sweep (after round 1) and check
+        # (after the last), all at once: unary completions, the other generate endpoints
+        # (chat, responses, messages, streamed and not), the features (logprobs and
+        # json_schema on completions and chat, token_ids and prompt_batch on completions
+        # alone, streamed and not); the second bucket has none left (its rounds warm its shape)
+        if bucket["name"] == "p16-c1-o8":
+            extra = [bucket["sweep"], bucket["check"]]
+            once = 1 + 3 * 2 + 2 * 2 * 2 + 2 * 2
+            assert all(len(r["samples"]) == once * c for r in extra)
+        else:
+            extra = []
+            assert bucket["sweep"] is None and bucket["check"] is None
         assert bucket["max_in_flight"] == bucket["concurrency"]
         for rnd in [*rounds, *extra]:
             sent += len(rnd["samples"])
             for sample in rnd["samples"]:
                 # a schema may end the output early; the Messages API takes no ignore_eos
                 if "json_schema" not in sample["kind"] and "messages" not in sample["kind"]:
-                    # ignore_eos: the full decode ran, for each of a batch's four prompts
+                    # ignore_eos: the full decode ran (a sweep's 4 tokens), for each of a
+                    # batch's four prompts
                     batch = 4 if "prompt_batch" in sample["kind"] else 1
-                    assert sample["output_tokens"] == 8 * batch
+                    assert sample["output_tokens"] == (8 if rnd in rounds else 4) * batch
                 assert sample["e2e_s"] > 0
                 if "-stream" in sample["kind"]:
                     assert sample["ttft_s"] > 0

@@ -35,66 +35,71 @@ async def test_run_measures_every_request_until_converged(fake_url: str) -> None
     seen: list[Progress] = []
     # whole-request latency of a steady server: 5 tokens 10 ms apart, every round
     rule = {"metric": "e2e", "window": 2, "spread": 0.5, "min_rounds": 2, "max_rounds": 10}
-    outcome = await _run(fake_url, _profile(convergence=rule), on_round=seen.append)
+    profile = _profile(convergence=rule, check=True)
+    outcome = await _run(fake_url, profile, on_round=seen.append)
     [bucket] = outcome.buckets
     # it converges (timing on a shared machine decides in which round)
     assert bucket.stop_reason == "converged" and bucket.converged_at is not None
     n = bucket.converged_at
     assert 2 <= n <= 10 and [r.round for r in bucket.rounds] == list(range(1, n + 1))
-    # a round: completions, streamed and not, x concurrency 2 (both batches carry e2e, so a
-    # round measures its noise: requests sent together count once); the sweep after round 1
-    # and the check after the last: chat, streamed and not, x 2
-    assert outcome.requests == n * 4 + 4 + 4 and not outcome.budget_exhausted
+    # a round: completions x concurrency 2, unary (e2e needs no stream), one batch (three
+    # once a failed window measured no noise: requests sent together count once); the sweep
+    # after round 1 and the check after the last: completions streamed, chat streamed and not
+    sizes = [len(r.samples) for r in bucket.rounds]
+    assert sizes[0] == 2 and set(sizes) <= {2, 3 * 2}
+    assert outcome.requests == sum(sizes) + 6 + 6 and not outcome.budget_exhausted
     assert [(p.bucket_index, p.round, p.requests, p.bucket_done) for p in seen] == [
-        (1, r, r * 4 + 4, r == n) for r in range(1, n + 1)
+        (1, r, sum(sizes[:r]) + 6, r == n) for r in range(1, n + 1)
     ]
     assert bucket.sweep is not None and bucket.check is not None
     for rnd in bucket.rounds:
-        assert [s.batch for s in rnd.samples] == [0, 0, 1, 1]
-    assert [len(v) for v in bucket.values("e2e")] == [2] * n  # one value a batch
+        assert [s.batch for s in rnd.samples] == sorted([*range(len(rnd.samples) // 2)] * 2)
+    assert [len(v) for v in bucket.values("e2e")] == [s // 2 for s in sizes]  # one a batch
+    assert len(bucket.sweep.samples) == len(bucket.check.samples) == 3 * 2
     for rnd in [*bucket.rounds, bucket.sweep, bucket.check]:
-        assert len(rnd.samples) == 2 * 2
         for s in rnd.samples:
-            assert s.output_tokens == 5 and s.prompt_tokens == 7
+            # a sweep's requests stop at 4 tokens (`SWEEP_MAX_TOKENS`)
+            assert s.output_tokens == (5 if rnd in bucket.rounds else 4)
+            assert s.prompt_tokens == 7
             if s.kind.stream:
                 assert s.ttft_s is not None and s.tpot_s is not None
                 assert s.tpot_s > 0 and s.ttft_s > 0
-                assert s.e2e_s >= s.ttft_s + 4 * s.tpot_s
+                assert s.e2e_s >= s.ttft_s + (s.output_tokens - 1) * s.tpot_s
             else:
                 assert s.ttft_s is None and s.tpot_s is None
             assert s.e2e_s > 0
-    assert {str(s.kind) for s in bucket.rounds[0].samples} == {"completions", "completions-stream"}
-    assert {str(s.kind) for s in bucket.sweep.samples} == {"chat", "chat-stream"}
+    assert all({str(s.kind) for s in r.samples} == {"completions"} for r in bucket.rounds)
+    assert {str(s.kind) for s in bucket.sweep.samples} == {
+        "completions-stream", "chat", "chat-stream"
+    }  # fmt: skip
     assert bucket.max_in_flight == 2
 
 
 async def test_features_are_a_sweep_after_round_one_and_a_check_after_the_last(
     fake_url: str,
 ) -> None:
-    profile = _profile(features={"use": ["greedy", "logprobs", "stop"]})
+    profile = _profile(features={"use": ["greedy", "logprobs", "stop"]}, check=True)
     rule = profile.convergence
     outcome = await _run(fake_url, profile)
     [bucket] = outcome.buckets
-    repeated = {"completions-stream", "completions"}
-    # every round repeats the first endpoint, plain, whatever round it converged at: round 1
-    # streamed and not, each later one what carries the TPOT the rule judges (streamed)
-    assert {str(s.kind) for s in bucket.rounds[0].samples} == repeated
-    assert all(
-        {str(s.kind) for s in r.samples} == {"completions-stream"} for r in bucket.rounds[1:]
-    )
+    # every round repeats the first endpoint, plain, streamed (it carries the TPOT the rule
+    # judges), whatever round it converged at
+    assert all({str(s.kind) for s in r.samples} == {"completions-stream"} for r in bucket.rounds)
     assert bucket.sweep is not None and bucket.check is not None
-    plain = {*repeated, "chat-stream", "chat"}
-    once = {"chat-stream", "chat"} | {f"{k}+{f}" for k in plain for f in ("logprobs", "stop")}
+    plain = {"completions-stream", "completions", "chat-stream", "chat"}
+    once = (plain - {"completions-stream"}) | {
+        f"{k}+{f}" for k in plain for f in ("logprobs", "stop")
+    }
     assert {str(s.kind) for s in bucket.sweep.samples} == once
     assert {str(s.kind) for s in bucket.check.samples} == once
-    assert len(bucket.sweep.samples) == len(bucket.check.samples) == 10 * 2  # x concurrency
+    assert len(bucket.sweep.samples) == len(bucket.check.samples) == 11 * 2  # x concurrency
     assert bucket.sweep.round == 1 and bucket.check.round == len(bucket.rounds)
     assert 2 <= len(bucket.rounds) <= rule.max_rounds
-    # round 1: completions streamed and not (x 2), round 2 streamed (x 2); once the window
-    # (2 rounds) has failed with no noise measured (one TPOT value a round), three streamed
+    # one batch a round (x 2); once the window (2 rounds) has failed with no noise measured
+    # (one TPOT value a round), three
     sizes = [len(r.samples) for r in bucket.rounds]
-    assert sizes[:2] == [2 * 2, 2] and sizes[2:] == [3 * 2] * (len(sizes) - 2)
-    assert outcome.requests == sum(sizes) + 2 * 20
+    assert sizes[:2] == [2, 2] and sizes[2:] == [3 * 2] * (len(sizes) - 2)
+    assert outcome.requests == sum(sizes) + 2 * 22
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
@@ -139,7 +144,7 @@ async def test_a_bucket_whose_window_agrees_sends_one_batch_a_round(
     assert all(len(r.samples) == concurrency for r in bucket.rounds)
 
 
-async def test_a_bucket_without_features_sweeps_only_the_other_endpoints(fake_url: str) -> None:
+async def test_a_later_bucket_sweeps_only_what_no_earlier_one_sent(fake_url: str) -> None:
     profile = _profile(
         buckets=[
             {"prompt_tokens": 4, "concurrency": 1, "max_tokens": 5, "name": "f"},
@@ -149,27 +154,33 @@ async def test_a_bucket_without_features_sweeps_only_the_other_endpoints(fake_ur
     )
     outcome = await _run(fake_url, profile)
     featured, plain = outcome.buckets
-    assert featured.sweep is not None and plain.sweep is not None and plain.check is not None
+    # no check unless the profile asks: it warms nothing the sweep did not
+    assert featured.sweep is not None and featured.check is None
     assert {str(s.kind) for s in featured.sweep.samples} == {
-        "chat-stream", "chat", "completions-stream+logprobs", "completions+logprobs",
-        "chat-stream+logprobs", "chat+logprobs",
+        "completions", "chat-stream", "chat", "completions-stream+logprobs",
+        "completions+logprobs", "chat-stream+logprobs", "chat+logprobs",
     }  # fmt: skip
-    assert {str(s.kind) for s in plain.sweep.samples} == {"chat-stream", "chat"}
+    # an endpoint's path is paid once, at any shape: the plain bucket has nothing new to
+    # sweep, only its shape to warm (its rounds)
+    assert plain.sweep is None and plain.check is None and plain.converged
+    assert all({str(s.kind) for s in r.samples} == {"completions-stream"} for r in plain.rounds)
 
 
 async def test_a_server_that_keeps_slowing_down_stops_at_max_rounds(fake_url: str) -> None:
-    # triples every 4 requests, a round's worth (completions, streamed and not, x concurrency
-    # 2: both carry e2e; one endpoint, so no sweep between rounds). The fixed spread alone
-    # (allow_noise false): the noise two batches of a round measure on the real clock is the
-    # host's, and a loaded host's (another test process on the other core) let the window
-    # pass as noise
-    PACE.gap = lambda calls: 0.005 * 3 ** (calls // 4)
+    # triples every 2 requests, a round's worth (completions, unary, x concurrency 2; one
+    # endpoint and mode, so no sweep between rounds). The fixed spread alone (allow_noise
+    # false): the noise a round's batches measure on the real clock is the host's, and a
+    # loaded host's (another test process on the other core) let the window pass as noise
+    PACE.gap = lambda calls: 0.005 * 3 ** (calls // 2)
     rule = {"metric": "e2e", "window": 2, "spread": 0.5, "min_rounds": 2, "max_rounds": 3,
             "allow_noise": False}  # fmt: skip
-    outcome = await _run(fake_url, _profile(endpoints=["completions"], convergence=rule))
+    profile = _profile(endpoints=["completions"], stream=[False], convergence=rule)
+    outcome = await _run(fake_url, profile)
     [bucket] = outcome.buckets
     assert bucket.converged_at is None and bucket.stop_reason == "max_rounds"
-    assert len(bucket.rounds) == 3
+    assert len(bucket.rounds) == 3 and bucket.sweep is None
+    # round 3: three batches, the window having failed with no noise measured
+    assert [len(r.samples) for r in bucket.rounds] == [2, 2, 3 * 2]
 
 
 async def test_budget_cuts_the_warmup_and_says_so(fake_url: str) -> None:
@@ -283,7 +294,7 @@ async def test_optional_buckets_run_after_within_their_time_and_are_skipped_beyo
             client, Corpus(profile, WordTokenizer(), "t"), optional_seconds=0
         )
         left = await warmup.rounds(
-            client, Corpus(profile, WordTokenizer(), "t"), optional_seconds=0.15
+            client, Corpus(profile, WordTokenizer(), "t"), optional_seconds=0.06
         )
         some = await warmup.rounds(
             client, Corpus(profile, WordTokenizer(), "t"), optional_seconds=600
@@ -292,10 +303,10 @@ async def test_optional_buckets_run_after_within_their_time_and_are_skipped_beyo
     assert [b.stop_reason for b in none.buckets][1:] == ["skipped", "skipped"]
     assert [len(b.rounds) for b in none.buckets] == [2, 0, 0] and not none.budget_exhausted
     assert none.buckets[0].required and not any(b.required for b in none.buckets[1:])
-    # the time bounds the whole warm-up: required rounds that used it up leave none (4
-    # requests one after another, 5 tokens 10 ms apart, are more than the 0.15 s)
+    # the time bounds the whole warm-up: required rounds that used it up leave none (2
+    # requests one after another, 5 tokens 10 ms apart, are more than the 0.06 s)
     required = left.buckets[0]
-    assert sum(s.e2e_s for r in required.rounds for s in r.samples) > 0.15
+    assert sum(s.e2e_s for r in required.rounds for s in r.samples) > 0.06
     assert [b.stop_reason for b in left.buckets][1:] == ["skipped", "skipped"]
     # time enough: all warmed, round after round (converged or not, on a loaded host)
     assert [len(b.rounds) for b in some.buckets] == [2, 2, 2]
