@@ -9,7 +9,7 @@ answer's usage), output tokens and requests in flight at its arrival. Never its 
 A request is **covered** when the last warm-up (`Warmed`) sent every kind it needs (its
 endpoint and streaming mode with each of its features: `chat-stream+logprobs`; with none, the
 plain kind `chat-stream`), and its shape lies within the warmed range: its prompt class at most
-the largest warmed bucket's, its in-flight class at most the widest warmed concurrency. A kind's
+the largest warmed bucket's (or the prefill sweep's longest prompt), its in-flight class at most the widest warmed concurrency. A kind's
 own cold path (a logprobs kernel, a grammar compiler) is paid once whatever the shape; the
 engine's latency at a shape is shared by every kind: the warm-up is built the same way.
 
@@ -19,6 +19,7 @@ end to end otherwise) over the median of its later ones. Pure: no vLLM, no HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import re
@@ -62,7 +63,7 @@ class Shape:
 @dataclass(frozen=True)
 class Warmed:
     """What a warm-up sent: its kinds (an image of any size covers an image request), and the
-    widest shape any bucket reached."""
+    widest shape any bucket reached (its prompt, or the prefill sweep's longest)."""
 
     kinds: frozenset[Kind]
     prompt_tokens: int
@@ -81,14 +82,22 @@ class Warmed:
     @classmethod
     def from_report(cls, report: Report) -> Warmed:
         """What its buckets sent; under data parallelism, what every rank was sent (a user's
-        request may land on any of them: the ranks count as one server)."""
+        request may land on any of them: the ranks count as one server). The prefill sweep
+        (`llmwarm.prefill`) sent every rank a prompt of each prefill token count up to its
+        longest, and a prompt's cold path is its prefill: a longer prompt than any bucket's,
+        up to that count, is within the warmed range (the cold-start benchmark's 900-token
+        prompts read 0.90-0.95x their steady latency, right after /ready)."""
         rows: dict[int | None, list[tuple[int, int, set[Kind]]]] = {}
         for b in report.buckets:
             done = [*b.rounds, *([b.sweep] if b.sweep else []), *([b.check] if b.check else [])]
             sent = {s.kind for r in done for s in r.samples}
             rows.setdefault(b.rank, []).append((b.prompt_tokens, b.concurrency, sent))
         per_rank = [cls.of(r for r in ranked if r[2]) for ranked in rows.values()]
-        return functools.reduce(operator.and_, per_rank) if per_rank else cls.of([])
+        warmed = functools.reduce(operator.and_, per_rank) if per_rank else cls.of([])
+        if report.prefill is not None and warmed.kinds:
+            longest = max(warmed.prompt_tokens, *report.prefill.token_counts)
+            warmed = dataclasses.replace(warmed, prompt_tokens=longest)
+        return warmed
 
     @classmethod
     def from_profile(cls, profile: Profile) -> Warmed:

@@ -367,7 +367,8 @@ class WarmupRun:
         for rank in ranks:  # each rank's KV cache is its own, and its kernels
             pinned = replace(requests, rank=rank if shape.dp_pinned else None)
             kv = KvFillResult.add(kv, await fill_kv(self.client, pinned, shape, on_batch=on_fill))
-            live.where = {"prefill": {"rank": rank}}
+            if requests.profile.prefill is not None:
+                live.where = {"prefill": {"rank": rank}}
             swept = PrefillResult.add(swept, await prefill.sweep(self.client, pinned, shape))
         if kv is not None:
             logger.info(

@@ -11,6 +11,7 @@ from llmwarm import corpus
 from llmwarm.coverage import Coverage, Warmed, classify
 from llmwarm.kinds import Kind
 from llmwarm.profile import Profile, parse_profile
+from llmwarm.report import PrefillResult
 from llmwarm.skeleton import Skeleton
 from tests.fakes import bucket, report
 from tests.fakes import shape as _shape
@@ -109,6 +110,25 @@ def test_the_warmed_kinds_of_a_report_are_those_it_sent() -> None:
     assert warmed.kinds == {Kind.parse("completions-stream"), Kind("completions")}
     # a bucket the budget cut before its first round warmed nothing
     assert (warmed.prompt_tokens, warmed.concurrency) == (ran.prompt_tokens, ran.concurrency)
+
+
+def test_the_prefill_sweeps_longest_prompt_is_within_the_warmed_range() -> None:
+    ran = bucket()  # prompt 4
+    swept = report(ran).model_copy(
+        update={"prefill": PrefillResult(token_counts=[16, 32, 1023], batched=4, requests=7,
+                                         seconds=1.0)}
+    )  # fmt: skip
+    assert Warmed.from_report(report(ran)).prompt_tokens == 4
+    warmed = Warmed.from_report(swept)
+    assert warmed.prompt_tokens == 1023
+    assert warmed.misses(_shape("completions", 1024, 1, 16)) == []
+    assert warmed.misses(_shape("completions", 2048, 1, 16)) == [
+        "prompt class 2048 above the warmed 1023"
+    ]
+    # a warm-up whose buckets sent nothing covers nothing, prefilled or not
+    idle = swept.model_copy(update={"buckets": [ran.model_copy(update={"rounds": []})]})
+    assert Warmed.from_report(idle).kinds == frozenset()
+    assert Warmed.from_report(idle).prompt_tokens == 0
 
 
 def test_data_parallel_ranks_count_as_one_server_warmed_where_every_rank_was() -> None:
