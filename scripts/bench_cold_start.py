@@ -109,6 +109,7 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
                     "ready_s": med([r["ready_s"] for r in runs]),
                     "warmup_s": med(warmups) if warmups else None,
                     "worst": med([r["bench"]["worst_ratio"] for r in runs]),
+                    "worst_kind": max(med(v) for v in kinds.values()),
                     "geomean": med([r["bench"]["geomean_ratio"] for r in runs]),
                     "kinds": {kind: med(v) for kind, v in kinds.items()},
                     "kind_runs": kinds,
@@ -184,11 +185,12 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
     head = (
         "| server | compile cache | "
         + " | ".join(
-            f"{n}: ready, s | {n}: warm-up, s (share) | {n}: worst | {n}: geomean" for n in names
+            f"{n}: ready, s | {n}: warm-up, s (share) | {n}: worst | {n}: worst kind | {n}: geomean"
+            for n in names
         )
         + " |"
     )
-    rule = "|---|---|" + "---:|---:|---:|---:|" * len(names)
+    rule = "|---|---|" + "---:|---:|---:|---:|---:|" * len(names)
     rows = []
     for cache in args.caches:
         for srv in SERVERS:
@@ -196,7 +198,7 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
             for n in names:
                 c = s[f"{n}/{srv}/{cache}"]
                 cells.append(f"{c['ready_s']:.1f} | {_share(c)} | {c['worst']:.2f}× "
-                             f"| {c['geomean']:.2f}×")  # fmt: skip
+                             f"| {c['worst_kind']:.2f}× | {c['geomean']:.2f}×")  # fmt: skip
             rows.append(f"| {srv} | {cache} | " + " | ".join(cells) + " |")
     first = names[-1]  # the real model's worst kinds first
     kinds = sorted(
@@ -249,7 +251,9 @@ def markdown(s: dict[str, Any], models: dict[str, str], args: argparse.Namespace
             f"{args.repeats} more times with the same prompts (each batch with its own "
             "`cache_salt`, so no repeat is served from the prefix cache): the ratio is the first "
             "request's latency over the median of the repeats. Medians over "
-            f"{args.runs} runs.",
+            f"{args.runs} runs: *worst* is the median of each start's worst kind (whichever "
+            "kind that was), *worst kind* the largest of the kinds' own medians (a kind cold at "
+            "every start), *geomean* the median of each start's geometric mean over the kinds.",
             "",
             head,
             rule,
