@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -172,20 +172,21 @@ def round_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
     return []
 
 
-def sweep_kinds(profile: Profile, bucket: Bucket) -> list[Kind]:
+def sweep_kinds(profile: Profile, bucket: Bucket, sent: Iterable[Kind] | None = None) -> list[Kind]:
     """The kinds the bucket's sweep (after round 1) and check (after its last round) send,
-    all at once: those of its kinds that neither its rounds nor an earlier bucket sent. A
-    kind's own cold path (an endpoint's template and parser, a streaming mode, a feature's
-    sampler or grammar) is paid once whatever the shape, as coverage counts it
-    (`llmwarm.coverage`); the engine's latency at each shape is what every bucket's rounds
-    warm. So the first bucket sweeps every endpoint and mode (and the feature buckets their
-    features), and a later bucket only what is new at it."""
-    sent = set(round_kinds(profile, bucket))
-    for earlier in profile.buckets:
-        if earlier.name == bucket.name:
-            break
-        sent.update(kinds(profile, earlier))
-    return [kind for kind in kinds(profile, bucket) if kind not in sent]
+    all at once: those of its kinds that neither its rounds nor the warm-up before it sent
+    (`sent`, the kinds the buckets that ran before it sent; None: every earlier bucket's, as
+    when all of them run). A kind's own cold path (an endpoint's template and parser, a
+    streaming mode, a feature's sampler or grammar) is paid once whatever the shape, as
+    coverage counts it (`llmwarm.coverage`); the engine's latency at each shape is what every
+    bucket's rounds warm. So the first bucket sweeps every endpoint and mode (and a feature
+    bucket its features), and a later bucket only what is new at it."""
+    if sent is None:
+        names = [b.name for b in profile.buckets]
+        before = profile.buckets[: names.index(bucket.name)] if bucket.name in names else []
+        sent = [kind for earlier in before for kind in kinds(profile, earlier)]
+    skip = {*sent, *round_kinds(profile, bucket)}
+    return [kind for kind in kinds(profile, bucket) if kind not in skip]
 
 
 # Output tokens of a sweep (or check) request, at most: an endpoint's or a feature's own cold
@@ -259,14 +260,16 @@ class Corpus:
             self.batch(bucket, kind, round_, repeat) for kind in round_kinds(self.profile, bucket)
         ]
 
-    def sweep_requests(self, bucket: Bucket, round_: int) -> list[WarmRequest]:
-        """The bucket's sweep (or check) after `round_`: every sweep kind's batch, to be sent
-        at once, each request at most `SWEEP_MAX_TOKENS` long. Empty when nothing is left to
-        sweep."""
+    def sweep_requests(
+        self, bucket: Bucket, round_: int, sent: Iterable[Kind] | None = None
+    ) -> list[WarmRequest]:
+        """The bucket's sweep (or check) after `round_`: every sweep kind's batch (`sent`: as
+        `sweep_kinds` takes it), to be sent at once, each request at most `SWEEP_MAX_TOKENS`
+        long. Empty when nothing is left to sweep."""
         short = bucket.model_copy(update={"max_tokens": min(bucket.max_tokens, SWEEP_MAX_TOKENS)})
         return [
             request
-            for kind in sweep_kinds(self.profile, bucket)
+            for kind in sweep_kinds(self.profile, bucket, sent)
             for request in self.batch(short, kind, round_).requests
         ]
 

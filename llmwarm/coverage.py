@@ -9,9 +9,10 @@ answer's usage), output tokens and requests in flight at its arrival. Never its 
 A request is **covered** when the last warm-up (`Warmed`) sent every kind it needs (its
 endpoint and streaming mode with each of its features: `chat-stream+logprobs`; with none, the
 plain kind `chat-stream`), and its shape lies within the warmed range: its prompt class at most
-the largest warmed bucket's (or the prefill sweep's longest prompt), its in-flight class at most the widest warmed concurrency. A kind's
-own cold path (a logprobs kernel, a grammar compiler) is paid once whatever the shape; the
-engine's latency at a shape is shared by every kind: the warm-up is built the same way.
+the largest warmed bucket's (or the prefill sweep's longest prompt), its in-flight class at
+most the widest warmed concurrency. A kind's own cold path (a logprobs kernel, a grammar
+compiler) is paid once whatever the shape; the engine's latency at a shape is shared by every
+kind: the warm-up is built the same way.
 
 A **cold miss** is what an uncovered shape cost: its first request's latency (TTFT for streams,
 end to end otherwise) over the median of its later ones. Pure: no vLLM, no HTTP.

@@ -57,19 +57,20 @@ def plan_table(profile: Profile, source: str) -> Table:
     rule = profile.convergence
     t = Table(title=f"warm-up plan of {source}", title_justify="left")
     for column in ("bucket", "prompt", "concurrency", "max_tokens", "priority", "kinds",
-                   "requests/round", "tokens/round", "features x2"):  # fmt: skip
+                   "requests/round", "tokens/round", "sweep"):  # fmt: skip
         t.add_column(column, justify="left" if column in ("bucket", "kinds") else "right")
     low = high = 0
     for b in profile.buckets:
         per_round, per_sweep = requests_per_round(profile, b), requests_per_sweep(profile, b)
-        low += per_round * max(rule.min_rounds, rule.window) + 2 * per_sweep
-        high += per_round * rule.max_rounds + 2 * per_sweep
+        sweeps = per_sweep * (2 if profile.check else 1)  # and the check, if asked
+        low += per_round * max(rule.min_rounds, rule.window) + sweeps
+        high += per_round * rule.max_rounds + sweeps
         names = [str(k) for k in kinds(profile, b)]
         shown = ", ".join(names) if len(names) <= 4 else f"{len(names)}: {', '.join(names[:3])} …"
         t.add_row(
             b.name, str(b.prompt_tokens), str(b.concurrency), str(b.max_tokens), str(b.priority),
             shown, str(per_round), str(per_round * (b.prompt_tokens + b.max_tokens)),
-            str(per_sweep or "-"),
+            str(sweeps or "-"),
         )  # fmt: skip
     if profile.auto is not None:
         t.add_row("auto", "…", "…", str(profile.auto.max_tokens), "", "resolved against an "

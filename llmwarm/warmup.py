@@ -86,11 +86,11 @@ async def _round(
 
 
 async def _sweep(
-    client: Client, requests: Corpus, bucket: Bucket, after: int
+    client: Client, requests: Corpus, bucket: Bucket, after: int, sent: set[Kind]
 ) -> RoundResult | None:
-    """The bucket's sweep kinds (its other endpoints and its features), all at once, after
-    round `after`; None when it has none."""
-    sweep = await asyncio.to_thread(requests.sweep_requests, bucket, after)
+    """The bucket's sweep kinds (what of its endpoints, modes and features the warm-up has not
+    `sent` yet), all at once, after round `after`; None when it has none."""
+    sweep = await asyncio.to_thread(requests.sweep_requests, bucket, after, sent)
     if not sweep:
         return None
     return RoundResult(round=after, samples=await client.measure_all(sweep))
@@ -139,6 +139,8 @@ class _Rounds:
     pinned: bool
     sent: int = 0
     budget_exhausted: bool = False
+    # the kinds each rank's buckets have sent so far: a later bucket sweeps only new ones
+    kinds_sent: dict[int | None, set[Kind]] = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
 
     async def run(self) -> Outcome:
@@ -155,7 +157,12 @@ class _Rounds:
             where = Progress(index, len(buckets), result, 0, 0, False)
             cut = await self._bucket(requests, bucket, result, where)
             await self._finish(requests, bucket, result, cut)
+            done = [*result.rounds, *([result.sweep] if result.sweep else [])]
+            self._kinds_sent(rank).update(s.kind for r in done for s in r.samples)
         return Outcome(buckets=results, requests=self.sent, budget_exhausted=self.budget_exhausted)
+
+    def _kinds_sent(self, rank: int | None) -> set[Kind]:
+        return self.kinds_sent.setdefault(rank, set())
 
     def _out_of_budget(self) -> bool:
         budget = self.requests.profile.budget
@@ -187,7 +194,8 @@ class _Rounds:
             self.sent += len(samples)
             result.rounds.append(RoundResult(round=round_, samples=samples))
             if round_ == 1:
-                result.sweep = await _sweep(self.client, requests, bucket, 1)
+                sent = self._kinds_sent(result.rank)
+                result.sweep = await _sweep(self.client, requests, bucket, 1, sent)
                 self.sent += len(result.sweep.samples) if result.sweep else 0
             verdict = convergence.check(result.values(rule.metric), rule)
             result.noise = verdict.noise
@@ -208,7 +216,8 @@ class _Rounds:
         its rounds ended."""
         if requests.profile.check and result.sweep and not (self.budget_exhausted or cut):
             last = len(result.rounds)
-            result.check = await _sweep(self.client, requests, bucket, last)
+            sent = self._kinds_sent(result.rank)
+            result.check = await _sweep(self.client, requests, bucket, last, sent)
             self.sent += len(result.check.samples) if result.check else 0
         if result.converged:
             result.stop_reason = "converged"

@@ -166,6 +166,26 @@ async def test_a_later_bucket_sweeps_only_what_no_earlier_one_sent(fake_url: str
     assert all({str(s.kind) for s in r.samples} == {"completions-stream"} for r in plain.rounds)
 
 
+async def test_what_a_skipped_bucket_would_have_swept_a_later_one_sweeps(fake_url: str) -> None:
+    rule = {"metric": "e2e", "window": 2, "spread": 10.0, "min_rounds": 2, "max_rounds": 2}
+    profile = _profile(
+        convergence=rule,
+        buckets=[
+            {"prompt_tokens": 4, "concurrency": 1, "max_tokens": 5, "name": "o", "optional": True},
+            {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 5, "name": "r"},
+        ],
+    )
+    async with LocalClient(fake_url) as client:
+        outcome = await warmup.rounds(
+            client, Corpus(profile, WordTokenizer(), "t"), optional_seconds=0
+        )
+    skipped, ran = outcome.buckets
+    assert skipped.stop_reason == "skipped" and skipped.sweep is None
+    # the optional bucket sent nothing: the other endpoint and mode are the required one's
+    assert ran.sweep is not None
+    assert {str(s.kind) for s in ran.sweep.samples} == {"completions-stream", "chat", "chat-stream"}
+
+
 async def test_a_server_that_keeps_slowing_down_stops_at_max_rounds(fake_url: str) -> None:
     # triples every 2 requests, a round's worth (completions, unary, x concurrency 2; one
     # endpoint and mode, so no sweep between rounds). The fixed spread alone (allow_noise
