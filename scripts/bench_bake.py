@@ -1,10 +1,12 @@
 """Time to ready from a baked compile cache against a fresh start, side by side in one run.
 
 For each model (`--model NAME=PATH`, repeatable): bakes once (`llmwarm bake MODEL --cache-dir
-BAKED`), then each run starts `llmwarm serve` twice on the same model, flags and profile,
-alternating which goes first: with `--cache-dir` a new empty directory (fresh: every compile
-cache empty) and with `--cache-dir BAKED`. Times launch to `/ready` 200 and reads engine start
-and warm-up time from each report. Writes the `bake` section of docs/benchmarks.md.
+BAKED`), then each run starts `llmwarm serve` three times on the same model, flags and profile,
+rotating which goes first: with `--cache-dir` a new empty directory (fresh: every compile
+cache empty), with `--cache-dir BAKED`, and with BAKED really read-only (a read-only bind
+mount in a mount namespace of its own, `unshare`, as a pod mounts a shared volume). Times
+launch to `/ready` 200 and reads engine start and warm-up time from each report. Writes the
+`bake` section of docs/benchmarks.md.
 
     python scripts/bench_bake.py --model tiny=.cache/tiny-llama --model smollm2=.cache/smollm2
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from typing import Any
 from benchlib import free_port, ready_server, write_section
 
 ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
+CACHES = ("fresh", "baked", "read-only")
 
 
 def env() -> dict[str, str]:
@@ -43,12 +47,18 @@ def bake(model: str, args: argparse.Namespace, cache: Path, extra: list[str]) ->
     return time.perf_counter() - start
 
 
-def serve(model: str, args: argparse.Namespace, cache: Path, extra: list[str]) -> dict[str, float]:
+def serve(
+    model: str, args: argparse.Namespace, cache: Path, extra: list[str], read_only: bool = False
+) -> dict[str, float]:
     port = free_port()
     report = Path(tempfile.mkdtemp(prefix="llmwarm-bake-bench-")) / "report.json"
     cmd = [sys.executable, "-m", "llmwarm", "serve", model, *ENGINE_FLAGS, *extra,
            "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(cache),
            "--report", str(report)]  # fmt: skip
+    if read_only:
+        mount = f"mount --bind {cache} {cache} && mount -o remount,bind,ro {cache}"
+        cmd = ["unshare", "--mount", "--propagation", "private", "--",
+               "sh", "-c", f"{mount} && exec {shlex.join(cmd)}"]  # fmt: skip
     with ready_server(cmd, f"http://127.0.0.1:{port}", "/ready", env(), args.log) as ready_s:
         pass
     data = json.loads(report.read_text())
@@ -68,13 +78,15 @@ def markdown(
 
     rows, ratios = [], []
     for name in models:
-        for cache in ("fresh", "baked"):
+        for cache in CACHES:
             rows.append(
                 f"| {name} | {cache} | {med(name, cache, 'ready_s'):.1f} "
                 f"| {med(name, cache, 'engine_start_s'):.1f} | {med(name, cache, 'warmup_s'):.1f} |"
             )
         ratio = med(name, "baked", "ready_s") / med(name, "fresh", "ready_s")
         engine = med(name, "baked", "engine_start_s") / med(name, "fresh", "engine_start_s")
+        ro_engine = med(name, "read-only", "engine_start_s") / med(name, "fresh", "engine_start_s")
+        ro_ratio = med(name, "read-only", "ready_s") / med(name, "fresh", "ready_s")
         mine = [r for r in runs if r["model"] == name]
         per_run = ", ".join(
             f"{b['ready_s']:.1f}/{f['ready_s']:.1f}"
@@ -85,7 +97,8 @@ def markdown(
             )
         )
         ratios.append(
-            f"- `{name}`: baked / fresh time to ready **{ratio:.2f}×**, engine start {engine:.2f}× "
+            f"- `{name}`: baked / fresh time to ready **{ratio:.2f}×**, engine start "
+            f"{engine:.2f}×; read-only / fresh **{ro_ratio:.2f}×**, engine start {ro_engine:.2f}× "
             f"(bake {baked[name]:.1f} s; per run, baked/fresh: {per_run})."
         )
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
@@ -99,7 +112,8 @@ python scripts/bench_bake.py {command} --runs {args.runs}
 ```
 
 Per model, `llmwarm bake` once (a cold start plus the warm-up), then per run `llmwarm serve
---cache-dir` twice, alternately first: a new empty directory (fresh) and the baked one. Default
+--cache-dir` three times, the first rotating: a new empty directory (fresh), the baked one, and
+the baked one mounted read-only (a bind mount in a mount namespace of its own). Default
 profile; medians over {args.runs} runs; seconds.
 
 | model | compile caches | time to ready | engine start | warm-up |
@@ -129,12 +143,12 @@ def main() -> None:
         baked_s[name] = bake(path, args, baked, extra)
         print(f"{name}: baked in {baked_s[name]:.1f} s", flush=True)
         for run in range(args.runs):
-            order = ("fresh", "baked") if run % 2 == 0 else ("baked", "fresh")
+            order = CACHES[run % 3 :] + CACHES[: run % 3]
             for cache in order:
-                directory = baked if cache == "baked" else Path(tempfile.mkdtemp(prefix="fresh-"))
-                result = {**serve(path, args, directory, extra), "model": name, "cache": cache,
-                          "run": run + 1}  # fmt: skip
-                print(f"{name} run {run + 1} {cache:5}: ready {result['ready_s']:.1f} s (engine "
+                directory = Path(tempfile.mkdtemp(prefix="fresh-")) if cache == "fresh" else baked
+                timed = serve(path, args, directory, extra, read_only=cache == "read-only")
+                result = {**timed, "model": name, "cache": cache, "run": run + 1}
+                print(f"{name} run {run + 1} {cache:9}: ready {result['ready_s']:.1f} s (engine "
                       f"{result['engine_start_s']:.1f} s, warm-up {result['warmup_s']:.1f} s)",
                       flush=True)  # fmt: skip
                 runs.append(result)

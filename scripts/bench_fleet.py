@@ -174,7 +174,11 @@ async def scenario(name: str, server: str, args: argparse.Namespace, workdir: Pa
             if step:  # the last new replica's cold window with no other replica loading
                 clear = fleet[-1].routable + args.cold_window
                 await asyncio.sleep(max(0.0, clear - time.monotonic()))
-            new = Replica(server, args.model, workdir, core=(count + step) % 2, n=count + step)
+            # off the core of the replica that leaves next (in a rolling restart): a new
+            # replica's first requests must not share a core with the old one's drain and
+            # exit, which a fleet's pods never do (the scale-out's other core is free)
+            core = 1 - fleet[0].core
+            new = Replica(server, args.model, workdir, core=core, n=count + step)
             run.replicas.append(new)
             new.start()
             started = time.monotonic()
@@ -303,7 +307,9 @@ def markdown(results: dict[tuple[str, str], dict[str, Any]], args: argparse.Name
     lines = [
         "## A rolling restart and a scale-out behind Envoy (`scripts/bench_fleet.py`)", "",
         f"Measured {when} on this machine (2 cores, shared, vLLM CPU, the tiny model; replicas "
-        f"pinned to a core each, alternating): `python scripts/bench_fleet.py --rate "
+        "pinned to a core each, a new one on the core the replica it replaces is not on, so "
+        "its first requests do not share a core with the old one's drain and exit): "
+        "`python scripts/bench_fleet.py --rate "
         f"{args.rate:g}`. Poisson arrivals at {args.rate:g} requests/s through Envoy, a mix of "
         f"{', '.join(KINDS)}; cold-served: a new replica's requests in its first "
         f"{args.cold_window:g} s after Envoy first routed to it, against its own later ones of "
