@@ -5,7 +5,9 @@
   * at most one at a time, and none at all before the server serves or once it stops
     (`close()`): the check and the start are one step, with nothing awaited between them;
   * at most one per `min_interval` seconds, counted from the end of the last;
-  * the gate closed while it runs when asked (`close_gate`), and reopened whatever happens;
+  * the gate closed while it runs when asked (`close_gate`), and reopened whatever happens,
+    as its very last step: a client that reads `/ready` 200 finds the re-warm over, its report
+    published, and may start the next;
   * vLLM's JIT monitor counting as warm-up meanwhile, and back to `serving` afterwards;
   * only a warm-up that finished is published (its report, the report file, what coverage
     counts as warm: the union of every finished warm-up of this engine); a failed or
@@ -126,16 +128,21 @@ class Rewarms:
         self.state.gate_closed = request.close_gate
         try:
             report = await self._warm(profile, source)
+            if report.error is None:
+                await self._publish(report)
         finally:
-            self.state.gate_closed = False
-            self._ended_at = self._clock()
-            if self.state.stage is Stage.SERVING:
-                # from now on a compile is a user's spike again
-                with contextlib.suppress(Exception):  # the engine died: serving ends anyway
-                    await self._jit_phase("serving")
+            try:
+                if self.state.stage is Stage.SERVING:
+                    # from now on a compile is a user's spike again
+                    with contextlib.suppress(Exception):  # the engine died: serving ends anyway
+                        await self._jit_phase("serving")
+            finally:
+                # Nothing is awaited from here to the task's end: the gate reopens in the same
+                # step as the task is done, so `/ready` 200 never shows a re-warm still running.
+                self._ended_at = self._clock()
+                self.state.gate_closed = False
         if report.error is not None:
             raise WarmupError(report.error.message, problems=report.error.problems)
-        await self._publish(report)
         logger.info(
             "re-warm done: %d requests in %.1f s, converged %s",
             report.requests, report.warmup_s, report.converged,

@@ -43,6 +43,8 @@ class Served:
         self.warm: Callable[[Profile, str], Awaitable[Report]] = _no_rewarm
         self.published: list[Report] = []
         self.jit: list[str] = []
+        self.hold: dict[str, asyncio.Event] = {}  # a step ("publish", "jit") waits for its event
+        self.reached: dict[str, asyncio.Event] = {}  # ... and sets this one when it is reached
         self.rewarms = Rewarms(
             self.state, lambda p, s: self.warm(p, s), self._publish, self._jit,
             served=(Profile.model_validate({"auto": {}}), str(MINIMAL_PROFILE)),
@@ -53,10 +55,17 @@ class Served:
         self.state.warming(INNER)
         self.state.warmup.where = {"bucket": 1, "buckets": 2, "round": 1}
 
+    async def _step(self, name: str) -> None:
+        if name in self.hold:
+            self.reached.setdefault(name, asyncio.Event()).set()
+            await self.hold[name].wait()
+
     async def _publish(self, report: Report) -> None:
+        await self._step("publish")
         self.published.append(report)
 
     async def _jit(self, phase: str) -> None:
+        await self._step("jit")
         self.jit.append(phase)
 
     def open(self, summary_of: Report | None = None) -> None:
@@ -203,6 +212,32 @@ async def test_run_without_wait_is_202_and_a_second_run_meanwhile_409() -> None:
         after = await c.post("/warmup/run", headers=ADMIN, json={"wait": False})
     assert started.status_code == 202 and started.json() == {"status": "started"}
     assert again.status_code == 409
+    assert after.status_code == 202
+    await served.rewarms.close()
+
+
+@pytest.mark.parametrize("step", ["publish", "jit"])
+async def test_the_gate_reopens_only_when_the_rewarm_is_over_and_published(step: str) -> None:
+    # The defect (fresh-clone CI, e2e): the gate reopened before the re-warm had published its
+    # report and ended; a client that read /ready 200 then read the old report, and its next
+    # POST /warmup/run was a 409 "already running".
+    gate, served = _served()
+    served.open(_report())
+    served.warm = lambda p, s: asyncio.sleep(0, _report().model_copy(update={"trigger": "api"}))
+    served.hold[step] = asyncio.Event()
+    async with client(gate) as c:
+        body = {"close_gate": True, "wait": False}
+        started = await c.post("/warmup/run", headers=ADMIN, json=body)
+        await served.reached.setdefault(step, asyncio.Event()).wait()
+        during = await c.get("/ready")
+        busy = await c.post("/warmup/run", headers=ADMIN, json={"wait": False})
+        served.hold[step].set()
+        while (await c.get("/ready")).status_code != 200:
+            await asyncio.sleep(0)
+        assert served.rewarms.task is not None and served.rewarms.task.done()
+        assert [r.trigger for r in served.published] == ["api"]
+        after = await c.post("/warmup/run", headers=ADMIN, json={"wait": False})
+    assert started.status_code == 202 and during.status_code == 503 and busy.status_code == 409
     assert after.status_code == 202
     await served.rewarms.close()
 
