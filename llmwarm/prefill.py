@@ -8,14 +8,19 @@ buckets reach a few counts; a user's prompt falls anywhere between them. One req
 (alone, then `batched` at once: a step of several prompts) pays each count's one-time cost at
 the price of a prefill, where a bucket's rounds pay decode.
 
+That one-time cost is milliseconds, and a prefill's own cost grows with its tokens: on a GPU
+every count takes milliseconds, on a CPU a long prompt takes seconds and hides it. So the
+sweep climbs from the shortest count and stops once it has taken `max_share` of the engine's
+start time: the counts where a one-time cost shows come first.
+
     fit.prefill_counts(prefill, shape, endpoint)   the counts (what fits the engine)
-    sweep(client, requests, shape)                 send them; a `PrefillResult`
+    sweep(client, requests, shape, start_s)        send them; a `PrefillResult`
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+from time import perf_counter
 
 from llmwarm.client import Client
 from llmwarm.corpus import Corpus
@@ -25,10 +30,13 @@ from llmwarm.profile import Bucket
 from llmwarm.report import PrefillResult
 
 
-async def sweep(client: Client, requests: Corpus, shape: EngineShape) -> PrefillResult | None:
-    """Send the sweep through the profile's first endpoint (plain requests, one output token):
-    each count alone, then as `batched` requests at once sharing it (each at least
-    `min_tokens`)."""
+async def sweep(
+    client: Client, requests: Corpus, shape: EngineShape, start_s: float
+) -> PrefillResult | None:
+    """Send the sweep through the profile's first endpoint (plain requests, one output token),
+    shortest count first: each alone, then as `batched` requests at once sharing it (each at
+    least `min_tokens`), until the sweep has taken `max_share` of `start_s` (the engine's
+    start time); the counts left are cut."""
     prefill = requests.profile.prefill
     if prefill is None:
         return None
@@ -36,10 +44,13 @@ async def sweep(client: Client, requests: Corpus, shape: EngineShape) -> Prefill
     counts = prefill_counts(prefill, shape, kind.endpoint)
     if not counts:  # --max-num-batched-tokens below `min_tokens`, and no room past it
         return None
+    limit = None if prefill.max_share is None else prefill.max_share * start_s
     widths = [1] + ([prefill.batched] if prefill.batched > 1 else [])
-    start, sent = time.perf_counter(), 0
-    for round_, width in enumerate(widths, 1):
-        for tokens in counts:
+    start, sent, done = perf_counter(), 0, 0
+    for tokens in counts:
+        if limit is not None and done and perf_counter() - start >= limit:
+            break
+        for round_, width in enumerate(widths, 1):
             if tokens // width < prefill.min_tokens:
                 continue
             bucket = Bucket(
@@ -47,9 +58,11 @@ async def sweep(client: Client, requests: Corpus, shape: EngineShape) -> Prefill
             )
             batch = await asyncio.to_thread(requests.batch, bucket, kind, round_, tokens)
             sent += len(await client.measure_all(batch.requests))
+        done += 1
     return PrefillResult(
-        token_counts=counts,
+        token_counts=counts[:done],
         batched=prefill.batched,
+        cut=counts[done:],
         requests=sent,
-        seconds=time.perf_counter() - start,
+        seconds=perf_counter() - start,
     )

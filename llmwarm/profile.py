@@ -187,8 +187,18 @@ class Prefill(BaseModel):
         default=4,
         ge=1,
         le=256,
-        description="After the counts one request at a time, each count again as this many "
-        "requests at once (a step of several prompts); 1: alone only.",
+        description="Each count alone, then again as this many requests at once (a step of "
+        "several prompts); 1: alone only.",
+    )
+    max_share: float | None = Field(
+        default=0.05,
+        gt=0,
+        le=10,
+        description="The sweep climbs from the shortest count while it has taken less than "
+        "this share of the engine's start time; the longer counts are then cut (the report "
+        "lists them). A count's one-time cost is milliseconds: on a GPU every count's prefill "
+        "takes about that and all run; on a CPU a long prompt's prefill takes seconds, and "
+        "the cost is lost in it. null: every count.",
     )
 
     @model_validator(mode="after")

@@ -238,18 +238,31 @@ class KvFillResult(BaseModel):
 class PrefillResult(BaseModel):
     """What the prefill sweep sent (`llmwarm.prefill`)."""
 
-    token_counts: list[int] = Field(description="Prompt token counts, one request each.")
-    batched: int = Field(description="Requests at once of the second pass (1: none).")
+    token_counts: list[int] = Field(
+        description="Prompt token counts sent, each alone and (`batched`) shared at once."
+    )
+    batched: int = Field(description="Requests at once of a count's second request (1: none).")
+    cut: list[int] = Field(
+        default_factory=list,
+        description="Longer counts not sent: the sweep had taken its `max_share` of the "
+        "engine's start time.",
+    )
     requests: int = Field(description="Requests sent (every data-parallel rank's).")
     seconds: float
 
     @staticmethod
     def add(a: PrefillResult | None, b: PrefillResult | None) -> PrefillResult | None:
-        """Two sweeps together (of two data-parallel ranks)."""
+        """Two sweeps together (of two data-parallel ranks): the counts every rank was sent."""
         if a is None or b is None:
             return a or b
+        sent = set(a.token_counts) & set(b.token_counts)
         return a.model_copy(
-            update={"requests": a.requests + b.requests, "seconds": a.seconds + b.seconds}
+            update={
+                "token_counts": sorted(sent),
+                "cut": sorted({*a.token_counts, *a.cut, *b.token_counts, *b.cut} - sent),
+                "requests": a.requests + b.requests,
+                "seconds": a.seconds + b.seconds,
+            }
         )
 
 

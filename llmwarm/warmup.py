@@ -378,7 +378,10 @@ class WarmupRun:
             kv = KvFillResult.add(kv, await fill_kv(self.client, pinned, shape, on_batch=on_fill))
             if requests.profile.prefill is not None:
                 live.where = {"prefill": {"rank": rank}}
-            swept = PrefillResult.add(swept, await prefill.sweep(self.client, pinned, shape))
+            start_s = self.origin.engine_start_s
+            swept = PrefillResult.add(
+                swept, await prefill.sweep(self.client, pinned, shape, start_s)
+            )
         if kv is not None:
             logger.info(
                 "KV-cache fill: %d of %d blocks prefilled once (%d requests, %.1f s)",
@@ -387,8 +390,10 @@ class WarmupRun:
         if swept is not None:
             logger.info(
                 "prefill sweep: %d token counts from %d to %d, alone and %d at once "
-                "(%d requests, %.1f s)", len(swept.token_counts), swept.token_counts[0],
+                "(%d requests, %.1f s)%s", len(swept.token_counts), swept.token_counts[0],
                 swept.token_counts[-1], swept.batched, swept.requests, swept.seconds,
+                f"; {len(swept.cut)} longer counts cut (up to {swept.cut[-1]}), past its share "
+                "of the engine's start time" if swept.cut else "",
             )  # fmt: skip
         with view:
             # the share bounds the whole warm-up: the KV-cache fill's time counts too

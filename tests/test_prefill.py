@@ -16,6 +16,7 @@ from llmwarm.corpus import Corpus, WordTokenizer
 from llmwarm.errors import ProfileError
 from llmwarm.fit import EngineShape, for_engine, prefill_counts
 from llmwarm.profile import Prefill, parse_profile
+from llmwarm.report import PrefillResult
 from tests.conftest import on_loopback
 from tests.fakes import LocalClient, answer
 
@@ -92,13 +93,13 @@ async def test_each_count_alone_then_shared_by_batched_requests_at_once() -> Non
     )
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
     async with on_loopback(app) as url, LocalClient(url) as client:
-        result = await prefill.sweep(client, Corpus(profile, WordTokenizer(), "m", "s"), SHAPE)
+        result = await prefill.sweep(client, Corpus(profile, WordTokenizer(), "m", "s"), SHAPE, 60)
     assert result is not None
-    assert result.token_counts == [16, 32, 64, 128] and result.batched == 4
+    assert result.token_counts == [16, 32, 64, 128] and result.batched == 4 and not result.cut
     lengths = [len(body["prompt"].split()) for body in sent]  # a word a token here
-    # alone: each count once; at once: the counts of 64 and 128 as four requests each (16
-    # and 32 would be shorter than min_tokens a request)
-    assert lengths == [16, 32, 64, 128] + [16] * 4 + [32] * 4
+    # shortest first, each count alone then shared at once: 64 and 128 as four requests each
+    # (16 and 32 would be shorter than min_tokens a request)
+    assert lengths == [16, 32, 64] + [16] * 4 + [128] + [32] * 4
     assert result.requests == len(sent) == 12 and peak == 4
     # one output token, salted, plain; no two prompts alike (no prefix-cache hit)
     assert all(b["max_tokens"] == 1 and b["cache_salt"] == "s" for b in sent)
@@ -109,4 +110,54 @@ async def test_each_count_alone_then_shared_by_batched_requests_at_once() -> Non
 async def test_no_sweep_without_the_section() -> None:
     profile = parse_profile({"buckets": [{"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}]})
     async with LocalClient("http://127.0.0.1:9") as client:  # nothing is sent
-        assert await prefill.sweep(client, Corpus(profile, WordTokenizer(), "m"), SHAPE) is None
+        assert await prefill.sweep(client, Corpus(profile, WordTokenizer(), "m"), SHAPE, 60) is None
+
+
+@pytest.mark.parametrize(
+    ("max_share", "sent", "cut"),
+    [
+        # a token a millisecond: after 16, 32 and 64 tokens alone and 64 at once (176 ms)
+        # the sweep has taken 0.05 x 3 s, and stops there; the first count always runs
+        (0.05, [16, 32, 64], [128, 256, 512, 1023]),
+        (0.001, [16], [32, 64, 128, 256, 512, 1023]),
+        (None, [16, 32, 64, 128, 256, 512, 1023], []),
+    ],
+)
+async def test_the_sweep_climbs_until_it_has_taken_its_share_of_the_engines_start(
+    monkeypatch: pytest.MonkeyPatch, max_share: float | None, sent: list[int], cut: list[int]
+) -> None:
+    clock = 0.0  # the sweep's clock: a prompt token costs the engine a millisecond
+    monkeypatch.setattr(prefill, "perf_counter", lambda: clock)
+
+    async def completions(request: Request) -> Response:
+        nonlocal clock
+        body = await request.json()
+        clock += len(body["prompt"].split()) / 1000
+        return await answer(request.url.path, body, gap=0.0)
+
+    profile = for_engine(
+        parse_profile(
+            {
+                "endpoints": ["completions"],
+                "buckets": [{"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}],
+                "prefill": {"max_share": max_share},
+            }
+        ),
+        SHAPE,
+    )
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    async with on_loopback(app) as url, LocalClient(url) as client:
+        result = await prefill.sweep(client, Corpus(profile, WordTokenizer(), "m"), SHAPE, 3.0)
+    assert result is not None
+    assert (result.token_counts, result.cut) == (sent, cut)
+    assert result.seconds == pytest.approx(clock)
+
+
+def test_data_parallel_ranks_sweeps_add_up_to_the_counts_every_rank_was_sent() -> None:
+    a = PrefillResult(token_counts=[16, 32, 64], batched=4, cut=[128], requests=5, seconds=1.0)
+    b = PrefillResult(token_counts=[16, 32], batched=4, cut=[64, 128], requests=3, seconds=2.0)
+    both = PrefillResult.add(a, b)
+    assert both is not None
+    assert (both.token_counts, both.cut) == ([16, 32], [64, 128])
+    assert (both.requests, both.seconds) == (8, 3.0)
+    assert PrefillResult.add(None, b) is b
