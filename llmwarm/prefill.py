@@ -11,7 +11,8 @@ the price of a prefill, where a bucket's rounds pay decode.
 That one-time cost is milliseconds, and a prefill's own cost grows with its tokens: on a GPU
 every count takes milliseconds, on a CPU a long prompt takes seconds and hides it. So the
 sweep climbs from the shortest count and stops once it has taken `max_share` of the engine's
-start time: the counts where a one-time cost shows come first.
+start time (a count is sent if, at the last count's cost a token, it would end within it):
+the counts where a one-time cost shows come first.
 
     fit.prefill_counts(prefill, shape, endpoint)   the counts (what fits the engine)
     sweep(client, requests, shape, start_s)        send them; a `PrefillResult`
@@ -35,8 +36,9 @@ async def sweep(
 ) -> PrefillResult | None:
     """Send the sweep through the profile's first endpoint (plain requests, one output token),
     shortest count first: each alone, then as `batched` requests at once sharing it (each at
-    least `min_tokens`), until the sweep has taken `max_share` of `start_s` (the engine's
-    start time); the counts left are cut."""
+    least `min_tokens`), while the next count, taking at least as long a token as the last,
+    would keep the sweep within `max_share` of `start_s` (the engine's start time); the counts
+    left are cut."""
     prefill = requests.profile.prefill
     if prefill is None:
         return None
@@ -47,8 +49,10 @@ async def sweep(
     limit = None if prefill.max_share is None else prefill.max_share * start_s
     widths = [1] + ([prefill.batched] if prefill.batched > 1 else [])
     start, sent, done = perf_counter(), 0, 0
+    last = (0, 0.0)  # the last count's tokens and seconds: a longer one takes at least as long
     for tokens in counts:
-        if limit is not None and done and perf_counter() - start >= limit:
+        began = perf_counter()
+        if limit is not None and done and began - start + last[1] * tokens / last[0] > limit:
             break
         for round_, width in enumerate(widths, 1):
             if tokens // width < prefill.min_tokens:
@@ -58,7 +62,7 @@ async def sweep(
             )
             batch = await asyncio.to_thread(requests.batch, bucket, kind, round_, tokens)
             sent += len(await client.measure_all(batch.requests))
-        done += 1
+        done, last = done + 1, (tokens, perf_counter() - began)
     return PrefillResult(
         token_counts=counts[:done],
         batched=prefill.batched,

@@ -116,9 +116,12 @@ async def test_no_sweep_without_the_section() -> None:
 @pytest.mark.parametrize(
     ("max_share", "sent", "cut"),
     [
-        # a token a millisecond: after 16, 32 and 64 tokens alone and 64 at once (176 ms)
-        # the sweep has taken 0.05 x 3 s, and stops there; the first count always runs
+        # a token a millisecond, a limit of 0.05 x 3 s: 16, then 32 (16 + 32 ms, as foreseen
+        # from 16's ms a token), then 64 (foreseen 48 + 64 ms; it takes 128: alone and four at
+        # once), and 128 is foreseen past the limit (176 + 256 ms); the first always runs
         (0.05, [16, 32, 64], [128, 256, 512, 1023]),
+        # 0.03 x 3 s = 90 ms: 64 is foreseen to end at 112 ms
+        (0.03, [16, 32], [64, 128, 256, 512, 1023]),
         (0.001, [16], [32, 64, 128, 256, 512, 1023]),
         (None, [16, 32, 64, 128, 256, 512, 1023], []),
     ],
