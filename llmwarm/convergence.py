@@ -29,11 +29,21 @@ core's scheduler moves a mean but not a median. The rule looks at a window of th
     steps the same way: one step between two rounds is a change, the first two tests' to
     judge (a window of two rounds is held to its `spread`, not to `DRIFT_MIN`).
 
+Before its window is full, a bucket converges only if its rounds have agreed from round 1 on:
+from `min_rounds` (at least two), every round median so far within `SETTLED` (half the drift
+test's `DRIFT_MIN`) of their median. Round 1 was then as fast as the rounds after it: nothing
+was cold at that shape (earlier buckets and the prefill sweep paid for it), and decode rounds
+there would only repeat themselves. That exit keeps the window's guarantees: a cold first round
+slower by more than `SETTLED` never takes it, and neither does a drift the drift test would
+catch (more than `DRIFT_MIN` over two steps is more than `SETTLED` a step); a slower drift passes
+the full window too.
+
 So a stationary series converges as soon as its window is measured, however noisy, as long as
-each round has a few samples; a step down converges `window - 1` rounds after the step once
-the step is larger than the noise allowance; a steady drift never converges once three
-rounds show it (faster than spread / (window - 1) a round: the range; slower: the drift test;
-a window of two may pass its second round, whose one step is within the spread).
+each round has a few samples (a quiet one, from `min_rounds` on); a step down converges
+`window - 1` rounds after the step once the step is larger than the noise allowance; a steady
+drift never converges once three rounds show it (faster than spread / (window - 1) a round:
+the range; slower: the drift test; a window of two may pass its second round, whose one step
+is within the spread).
 `max_rounds` bounds it all, so the rule terminates on any series.
 """
 
@@ -84,7 +94,11 @@ class Rule(BaseModel):
         "`spread` and `improvement` alone.",
     )
     min_rounds: int = Field(
-        default=3, ge=1, le=1000, description="Never converged before this many rounds."
+        default=2,
+        ge=1,
+        le=1000,
+        description="Never converged before this many rounds. Below `window`, a bucket whose "
+        "rounds have all agreed within 0.5 % (nothing cold at its shape) converges from here.",
     )
     max_rounds: int = Field(
         default=12, ge=1, le=1000, description="Stop after this many rounds, converged or not."
@@ -103,6 +117,13 @@ class Rule(BaseModel):
             )
         return self
 
+    @property
+    def earliest(self) -> int:
+        """The first round at which a bucket can converge: `min_rounds`, at least two, when
+        that is before the window is full (rounds settled from the start), else the window."""
+        full = max(self.min_rounds, self.window)
+        return min(max(self.min_rounds, 2), full)
+
 
 # The 95 % point of the range of 3 normal means (studentised range, infinite degrees of
 # freedom): how far apart a window's round medians may lie from sampling noise alone.
@@ -116,6 +137,9 @@ MIN_ROUND_SAMPLES = 3
 # than noise explains: a drift still under way.
 DRIFT_ROUNDS = 4
 DRIFT_MIN = 0.01
+# Before a full window: the range of every round median so far, over their median, within
+# which round 1 was not cold and no drift shows (the drift test's DRIFT_MIN over two steps)
+SETTLED = DRIFT_MIN / 2
 
 
 @dataclass(frozen=True)
@@ -148,8 +172,11 @@ def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
     """Judge rounds of per-request values (each round's samples), oldest first."""
     rounds = [r for r in rounds if r]
     n = len(rounds)
-    if n < max(rule.min_rounds, rule.window):
-        return Verdict(False, f"{n} of at least {max(rule.min_rounds, rule.window)} rounds")
+    full = max(rule.min_rounds, rule.window)
+    if n < full:
+        if n < rule.earliest:
+            return Verdict(False, f"{n} of at least {rule.earliest} rounds")
+        return _settled(rounds, full)
     window = rounds[-rule.window :]
     medians = [statistics.median(r) for r in window]
     mid = statistics.median(medians)
@@ -180,6 +207,18 @@ def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
     return Verdict(
         True, f"spread {spread:.1%} over the last {rule.window} rounds", noise, window_full=True
     )
+
+
+def _settled(rounds: Sequence[Sequence[float]], full: int) -> Verdict:
+    """Before a full window: converged if every round median so far lies within `SETTLED`."""
+    medians = [statistics.median(r) for r in rounds]
+    mid = statistics.median(medians)
+    if mid <= 0:
+        return Verdict(False, "non-positive latency")
+    spread = (max(medians) - min(medians)) / mid
+    if spread > SETTLED:
+        return Verdict(False, f"{len(rounds)} of {full} rounds (spread {spread:.1%})")
+    return Verdict(True, f"settled from round 1: spread {spread:.2%} over {len(rounds)} rounds")
 
 
 def converged_at(rounds: Sequence[Sequence[float]], rule: Rule) -> int | None:

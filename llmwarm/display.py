@@ -63,7 +63,7 @@ def plan_table(profile: Profile, source: str) -> Table:
     for b in profile.buckets:
         per_round, per_sweep = requests_per_round(profile, b), requests_per_sweep(profile, b)
         sweeps = per_sweep * (2 if profile.check else 1)  # and the check, if asked
-        low += per_round * max(rule.min_rounds, rule.window) + sweeps
+        low += per_round * rule.earliest + sweeps
         high += per_round * rule.max_rounds + sweeps
         names = [str(k) for k in kinds(profile, b)]
         shown = ", ".join(names) if len(names) <= 4 else f"{len(names)}: {', '.join(names[:3])} …"
@@ -76,7 +76,7 @@ def plan_table(profile: Profile, source: str) -> Table:
         t.add_row("auto", "…", "…", str(profile.auto.max_tokens), "", "resolved against an "
                   "engine: pass --model", "", "", "")  # fmt: skip
     t.caption = (
-        f"{low}–{high} requests ({max(rule.min_rounds, rule.window)}–{rule.max_rounds} rounds a "
+        f"{low}–{high} requests ({rule.earliest}–{rule.max_rounds} rounds a "
         f"bucket, until {rule.metric} converges); features: "
         f"{', '.join(map(str, profile.features.features()))}"
         f" on {', '.join(sorted(profile.feature_buckets())) or '-'}, each kind sent at once after "

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from llmwarm.convergence import Rule, check, converged_at
+from llmwarm.convergence import DRIFT_MIN, SETTLED, Rule, check, converged_at
 
 RULE = Rule(window=3, spread=0.10, improvement=0.05, min_rounds=3, max_rounds=30)
 
@@ -112,7 +112,7 @@ latencies = st.floats(1e-4, 10.0, allow_nan=False)
 def test_converged_at_is_bounded_and_consistent(rule: Rule, series: list[float]) -> None:
     at = converged_at(one(series), rule)
     if at is not None:
-        assert max(rule.min_rounds, rule.window) <= at <= rule.max_rounds
+        assert rule.earliest <= at <= rule.max_rounds
         assert check(one(series[:at]), rule).converged
         assert not any(check(one(series[:n]), rule).converged for n in range(1, at))
 
@@ -120,7 +120,7 @@ def test_converged_at_is_bounded_and_consistent(rule: Rule, series: list[float])
 @given(rules, latencies, st.integers(0, 30))
 def test_flat_series_always_converges(rule: Rule, value: float, extra: int) -> None:
     series = [value] * (rule.max_rounds + extra)
-    assert converged_at(one(series), rule) == max(rule.min_rounds, rule.window)
+    assert converged_at(one(series), rule) == rule.earliest
 
 
 @given(rules, latencies, st.floats(1.01, 3.0))
@@ -156,15 +156,67 @@ def test_step_down_converges_within_window_rounds(
     series = cold + [low] * (rule.max_rounds + rule.window)
     at = converged_at(one(series), rule)
     expected = max(stable_from + rule.window - 1, rule.min_rounds)
+    if stable_from == 1:  # no cold round: settled from round 1
+        expected = rule.earliest
     if expected <= rule.max_rounds:
         assert at == expected
     else:
         assert at is None
 
 
+# --- before a full window: rounds settled from round 1 ---------------------------------------
+
+EARLY = RULE.model_copy(update={"min_rounds": 2})
+
+
+def test_rounds_that_agree_from_round_1_converge_before_the_window_is_full() -> None:
+    # SmolLM2 on CPU, TPOT in ms of a quiet evening's rounds 1 and 2: nothing was cold
+    verdict = check(one([50.47, 50.55]), EARLY)
+    assert verdict.converged and "settled from round 1" in verdict.reason
+    assert verdict.noise is None and not verdict.window_full  # no extra batches asked
+    assert converged_at(one([49.34, 49.54, 49.06]), EARLY) == 2
+    # 1.3 % apart: the full window judges (and here converges at round 3)
+    assert not check(one([80.41, 79.36]), EARLY).converged
+    assert converged_at(one([80.41, 79.36, 80.02]), EARLY) == 3
+
+
+def test_one_round_never_converges_however_low_min_rounds() -> None:
+    rule = RULE.model_copy(update={"min_rounds": 1})
+    assert rule.earliest == 2
+    assert not check(one([1.0]), rule).converged
+    assert converged_at(one([1.0] * 5), rule) == 2
+
+
+def test_the_default_rule_may_stop_at_round_2_and_min_rounds_at_the_window_turns_it_off() -> None:
+    assert (Rule().earliest, RULE.earliest) == (2, 3)
+    assert converged_at(one([1.0] * 5), RULE) == 3
+
+
+@given(rules, st.floats(1e-3, 10.0), st.floats(SETTLED * 1.01, 1.0), st.integers(0, 20))
+def test_a_cold_first_round_never_converges_before_the_window_is_full(
+    rule: Rule, low: float, colder: float, extra: int
+) -> None:
+    # round 1 slower than every round after it by more than SETTLED: only the full window
+    # can judge it (and the window's own guarantees apply)
+    series = [low * (1 + colder) * 1.01] + [low] * (rule.max_rounds + extra)
+    at = converged_at(one(series), rule)
+    assert at is None or at >= max(rule.min_rounds, rule.window)
+
+
+@given(rules, st.floats(1e-3, 10.0), st.floats(SETTLED * 1.05, 0.5), st.sampled_from([1, -1]))
+def test_a_drift_the_drift_test_catches_never_converges_before_the_window(
+    rule: Rule, start: float, per_round: float, direction: int
+) -> None:
+    # faster than SETTLED a round: the drift test catches more than DRIFT_MIN over two steps
+    assert 2 * SETTLED <= DRIFT_MIN
+    series = [start * (1 + direction * per_round) ** i for i in range(rule.max_rounds)]
+    at = converged_at(one(series), rule)
+    assert at is None or at >= max(rule.min_rounds, rule.window)
+
+
 # --- noise: measured from the requests, never assumed -----------------------------------------
 
-DEFAULT = Rule()  # window 3, spread 15 %, improvement 5 %, min_rounds 3, max_rounds 12
+DEFAULT = Rule()  # window 3, spread 15 %, improvement 5 %, min_rounds 2, max_rounds 12
 
 
 def noisy(
