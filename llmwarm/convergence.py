@@ -150,6 +150,7 @@ class Verdict:
     # round of the window had two samples)
     noise: float | None = None
     window_full: bool = False  # enough rounds were there to judge (a "no" is then the rule's)
+    drifting: int = 0  # the rounds the drift test saw, when it was the one that said no
 
 
 def _standard_error(window: Sequence[Sequence[float]]) -> float | None:
@@ -202,7 +203,11 @@ def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
     monotone = len(steps) > 1 and (all(b < a for a, b in steps) or all(b > a for a, b in steps))
     if monotone and moved > max(DRIFT_MIN * mid, GAIN_Z * math.sqrt(2) * se):
         return Verdict(
-            False, f"drifting, round after round ({len(recent)} rounds)", noise, window_full=True
+            False,
+            f"drifting, round after round ({len(recent)} rounds)",
+            noise,
+            window_full=True,
+            drifting=len(recent),
         )
     return Verdict(
         True, f"spread {spread:.1%} over the last {rule.window} rounds", noise, window_full=True

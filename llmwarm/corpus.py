@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmwarm import endpoints, features
-from llmwarm.convergence import MIN_ROUND_SAMPLES, Verdict
+from llmwarm.convergence import DRIFT_ROUNDS, MIN_ROUND_SAMPLES, Verdict
 from llmwarm.features import Feature
 from llmwarm.kinds import PLAIN, Kind
 from llmwarm.profile import Bucket, Profile
@@ -305,8 +305,14 @@ def sampled_batches(verdict: Verdict | None) -> int:
     of the batches it needs, and a quiet one never pays them. Narrow buckets too: one request
     at a time is no cheap batch on a real model (a 512-token prompt's prefill takes seconds on
     a CPU), and a streamed request's time per token already averages its gaps.
+
+    A window that failed the drift test only, over fewer than `DRIFT_ROUNDS` rounds, first gets
+    one more round of one batch: two steps the same way happen by chance in a third of quiet
+    series, and the fourth round tells them from a drift at a third of the batches' cost.
     """
     if verdict is not None and verdict.window_full and verdict.noise is None:
+        if 0 < verdict.drifting < DRIFT_ROUNDS:
+            return 1
         return MIN_ROUND_SAMPLES
     return 1
 

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import pytest
 
 from llmwarm import corpus, features
+from llmwarm.convergence import MIN_ROUND_SAMPLES, Rule, check
 from llmwarm.corpus import WordTokenizer
 from llmwarm.profile import Profile, parse_profile
 
@@ -213,3 +214,15 @@ def test_prompt_forms_send_token_ids_and_batches_to_completions_only() -> None:
     # each form is what coverage recognises it as
     assert features.in_body({"prompt": by_kind["completions+token_ids"][0]}) == {"token_ids"}
     assert features.in_body({"prompt": batches[0]}) == {"prompt_batch"}
+
+
+def test_three_batches_a_round_once_a_window_fails_unmeasured_but_not_for_two_steps() -> None:
+    rule = Rule()  # window 3, spread 15 %, the drift test's 1 %
+    sampled = [corpus.sampled_batches(check([[v] for v in series], rule)) for series in (
+        [1.0, 1.0],  # settling: one batch
+        [1.0, 1.5, 1.0],  # the spread failed, no noise measured: measure it
+        [80.61, 81.46, 81.51],  # up 1.1 % in two steps, by chance or a drift: one more round
+        [80.61, 81.46, 81.51, 81.9],  # the fourth round went on up: now measure the noise
+    )]  # fmt: skip
+    assert sampled == [1, MIN_ROUND_SAMPLES, 1, MIN_ROUND_SAMPLES]
+    assert corpus.sampled_batches(None) == 1
