@@ -151,6 +151,8 @@ class Verdict:
     noise: float | None = None
     window_full: bool = False  # enough rounds were there to judge (a "no" is then the rule's)
     drifting: int = 0  # the rounds the drift test saw, when it was the one that said no
+    # the spread said no, and only for the window's oldest round: the rest agree (a step)
+    stepped: bool = False
 
 
 def _standard_error(window: Sequence[Sequence[float]]) -> float | None:
@@ -189,7 +191,11 @@ def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
     se = measured if measured is not None and rule.allow_noise else 0.0  # else: fixed thresholds
     allowed = max(rule.spread, RANGE_Q * se / mid)
     if spread > allowed:
-        return Verdict(False, f"spread {spread:.1%} > {allowed:.0%}", noise, window_full=True)
+        rest = medians[1:]
+        stepped = len(rest) > 1 and (max(rest) - min(rest)) / statistics.median(rest) <= allowed
+        return Verdict(
+            False, f"spread {spread:.1%} > {allowed:.0%}", noise, window_full=True, stepped=stepped
+        )
     best_before = min(medians[:-1])
     gain = (best_before - medians[-1]) / best_before
     if gain > max(rule.improvement, GAIN_Z * math.sqrt(2) * se / best_before):

@@ -306,12 +306,14 @@ def sampled_batches(verdict: Verdict | None) -> int:
     at a time is no cheap batch on a real model (a 512-token prompt's prefill takes seconds on
     a CPU), and a streamed request's time per token already averages its gaps.
 
-    A window that failed the drift test only, over fewer than `DRIFT_ROUNDS` rounds, first gets
-    one more round of one batch: two steps the same way happen by chance in a third of quiet
-    series, and the fourth round tells them from a drift at a third of the batches' cost.
+    Two failures first get one more round of one batch, which tells them apart at a third of
+    the batches' cost: a window whose rounds but its oldest agree (a step: round 1 was cold, and
+    the next window leaves it out), and one that failed the drift test only, over fewer than
+    `DRIFT_ROUNDS` rounds (two steps the same way happen by chance in a third of quiet series;
+    the fourth round tells them from a drift).
     """
     if verdict is not None and verdict.window_full and verdict.noise is None:
-        if 0 < verdict.drifting < DRIFT_ROUNDS:
+        if verdict.stepped or 0 < verdict.drifting < DRIFT_ROUNDS:
             return 1
         return MIN_ROUND_SAMPLES
     return 1
