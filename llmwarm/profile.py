@@ -194,11 +194,12 @@ class Prefill(BaseModel):
         default=0.05,
         gt=0,
         le=10,
-        description="The sweep climbs from the shortest count while it has taken less than "
-        "this share of the engine's start time; the longer counts are then cut (the report "
-        "lists them). A count's one-time cost is milliseconds: on a GPU every count's prefill "
-        "takes about that and all run; on a CPU a long prompt's prefill takes seconds, and "
-        "the cost is lost in it. null: every count.",
+        description="The sweep climbs from the shortest count, and sends a count only if, "
+        "at the last count's time a token, it would end within this share of the engine's "
+        "start time; the longer counts are cut (the report lists them). A count's one-time "
+        "cost is milliseconds: on a GPU every count's prefill takes about that and all run; "
+        "on a CPU a long prompt's prefill takes seconds, and the cost is lost in it. null: "
+        "every count.",
     )
 
     @model_validator(mode="after")
