@@ -10,9 +10,9 @@ the price of a prefill, where a bucket's rounds pay decode.
 
 That one-time cost is milliseconds, and a prefill's own cost grows with its tokens: on a GPU
 every count takes milliseconds, on a CPU a long prompt takes seconds and hides it. So the
-sweep climbs from the shortest count and stops once it has taken `max_share` of the engine's
-start time (a count is sent if, at the last count's cost a token, it would end within it):
-the counts where a one-time cost shows come first.
+sweep climbs from the shortest count and sends a count only if, at the last count's time a
+token, it would end within `max_share` of the engine's start time: the counts where a
+one-time cost shows come first.
 
     fit.prefill_counts(prefill, shape, endpoint)   the counts (what fits the engine)
     sweep(client, requests, shape, start_s)        send them; a `PrefillResult`
@@ -48,11 +48,12 @@ async def sweep(
         return None
     limit = None if prefill.max_share is None else prefill.max_share * start_s
     widths = [1] + ([prefill.batched] if prefill.batched > 1 else [])
-    start, sent, done = perf_counter(), 0, 0
-    last = (0, 0.0)  # the last count's tokens and seconds: a longer one takes at least as long
+    start, sent = perf_counter(), 0
+    swept: list[int] = []
+    per_token = 0.0  # the last count's seconds a token: a longer count takes at least as long
     for tokens in counts:
         began = perf_counter()
-        if limit is not None and done and began - start + last[1] * tokens / last[0] > limit:
+        if limit is not None and swept and began - start + per_token * tokens > limit:
             break
         for round_, width in enumerate(widths, 1):
             if tokens // width < prefill.min_tokens:
@@ -62,11 +63,12 @@ async def sweep(
             )
             batch = await asyncio.to_thread(requests.batch, bucket, kind, round_, tokens)
             sent += len(await client.measure_all(batch.requests))
-        done, last = done + 1, (tokens, perf_counter() - began)
+        swept.append(tokens)
+        per_token = (perf_counter() - began) / tokens
     return PrefillResult(
-        token_counts=counts[:done],
+        token_counts=swept,
         batched=prefill.batched,
-        cut=counts[done:],
+        cut=counts[len(swept) :],
         requests=sent,
         seconds=perf_counter() - start,
     )

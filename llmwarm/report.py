@@ -244,8 +244,8 @@ class PrefillResult(BaseModel):
     batched: int = Field(description="Requests at once of a count's second request (1: none).")
     cut: list[int] = Field(
         default_factory=list,
-        description="Longer counts not sent: the sweep had taken its `max_share` of the "
-        "engine's start time.",
+        description="Longer counts not sent: each would have ended past the sweep's "
+        "`max_share` of the engine's start time.",
     )
     requests: int = Field(description="Requests sent (every data-parallel rank's).")
     seconds: float

@@ -373,12 +373,12 @@ class WarmupRun:
             live.where = {"kv_fill": {"blocks": blocks, "target": target}}
 
         kv = swept = None
+        start_s = self.origin.engine_start_s  # the prefill sweep's time is a share of it
         for rank in ranks:  # each rank's KV cache is its own, and its kernels
             pinned = replace(requests, rank=rank if shape.dp_pinned else None)
             kv = KvFillResult.add(kv, await fill_kv(self.client, pinned, shape, on_batch=on_fill))
             if requests.profile.prefill is not None:
                 live.where = {"prefill": {"rank": rank}}
-            start_s = self.origin.engine_start_s
             swept = PrefillResult.add(
                 swept, await prefill.sweep(self.client, pinned, shape, start_s)
             )
