@@ -23,11 +23,13 @@ core's scheduler moves a mean but not a median. The rule looks at a window of th
     round of the window by more than `improvement` (or, if more, `GAIN_Z` standard errors
     of the difference of two medians);
   * no steady drift: the last `DRIFT_ROUNDS` round medians (three, while there are only
-    three) do not each fall below, or each rise above, the one before by more in all than
-    `DRIFT_MIN` and than noise explains (`GAIN_Z` standard errors of a difference). A drift
-    slower than the noise allowance passes the first two tests, not this one. It takes two
-    steps the same way: one step between two rounds is a change, the first two tests' to
-    judge (a window of two rounds is held to its `spread`, not to `DRIFT_MIN`).
+    three) do not each fall below, or each rise above, the one before (each by more than
+    `STEP_MIN`) by more in all than `DRIFT_MIN` and than noise explains (`GAIN_Z` standard
+    errors of a difference). A drift slower than the noise allowance passes the first two
+    tests, not this one. It takes two steps the same way: one step between two rounds is a
+    change, the first two tests' to judge (a window of two rounds is held to its `spread`, not
+    to `DRIFT_MIN`); and a step then rounds that agree within `STEP_MIN` are a step, not a
+    drift (a round that warmed, then nothing more: 56.74, 56.15, 56.11 ms a token).
 
 Before its window is full, a bucket converges only if its rounds have agreed from round 1 on:
 from `min_rounds` (at least two), every round median so far within `SETTLED` (half the drift
@@ -137,6 +139,12 @@ MIN_ROUND_SAMPLES = 3
 # than noise explains: a drift still under way.
 DRIFT_ROUNDS = 4
 DRIFT_MIN = 0.01
+# A step of a drift: a round median past the one before by more than this share of the window's
+# median. A drift the test catches moves DRIFT_MIN over two steps, half of it a step on
+# average; a step of a quarter of that is within a quiet host's round-to-round noise and says
+# nothing of direction. Counted as a step, it made a cold round 1 then two rounds that agree a
+# drift one time in two (which of the two is faster is chance).
+STEP_MIN = DRIFT_MIN / 4
 # Before a full window: the range of every round median so far, over their median, within
 # which round 1 was not cold and no drift shows (the drift test's DRIFT_MIN over two steps)
 SETTLED = DRIFT_MIN / 2
@@ -205,8 +213,11 @@ def check(rounds: Sequence[Sequence[float]], rule: Rule) -> Verdict:
     recent = [statistics.median(r) for r in rounds[-DRIFT_ROUNDS:]]
     steps = list(zip(recent[:-1], recent[1:], strict=True))
     moved = abs(recent[-1] - recent[0])
-    # one step is a change, judged above; a drift is two or more the same way
-    monotone = len(steps) > 1 and (all(b < a for a, b in steps) or all(b > a for a, b in steps))
+    # one step is a change, judged above; a drift is two or more the same way, each a step
+    least = STEP_MIN * mid
+    monotone = len(steps) > 1 and (
+        all(a - b > least for a, b in steps) or all(b - a > least for a, b in steps)
+    )
     if monotone and moved > max(DRIFT_MIN * mid, GAIN_Z * math.sqrt(2) * se):
         return Verdict(
             False,

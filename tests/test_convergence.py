@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from llmwarm.convergence import DRIFT_MIN, SETTLED, Rule, check, converged_at
+from llmwarm.convergence import DRIFT_MIN, SETTLED, STEP_MIN, Rule, check, converged_at
 
 RULE = Rule(window=3, spread=0.10, improvement=0.05, min_rounds=3, max_rounds=30)
 
@@ -212,6 +212,39 @@ def test_a_drift_the_drift_test_catches_never_converges_before_the_window(
     series = [start * (1 + direction * per_round) ** i for i in range(rule.max_rounds)]
     at = converged_at(one(series), rule)
     assert at is None or at >= max(rule.min_rounds, rule.window)
+
+
+@given(
+    rules,
+    st.floats(1e-3, 10.0),
+    st.lists(st.floats(2.2 * STEP_MIN, 0.05), min_size=40, max_size=40),
+    st.sampled_from([1, -1]),
+)
+def test_a_drift_of_uneven_steps_past_step_min_never_converges(
+    rule: Rule, start: float, steps: list[float], direction: int
+) -> None:
+    # each step past 2.2 STEP_MIN (0.55 %): any two move more than DRIFT_MIN of the middle one
+    assert 2 * 2.2 * STEP_MIN / (1 + 2.2 * STEP_MIN) > DRIFT_MIN
+    series = [start]
+    for step in steps[: rule.max_rounds - 1]:
+        series.append(series[-1] * (1 + direction * step))
+    at = converged_at(one(series), rule)
+    # only a window of two may pass its second round: one step is a change, not a drift
+    assert at is None or at == 2 == max(rule.window, rule.min_rounds)
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_a_step_then_rounds_that_agree_within_step_min_is_no_drift(order: int) -> None:
+    # SmolLM2's 4-request bucket (ms a token): round 1 warmed, then nothing more. Counted as
+    # two steps down, it ran two more rounds, the last of three batches. Rising: the same.
+    series = [56.74, 56.15, 56.11][::order]
+    small, large = sorted(abs(b - a) for a, b in zip(series, series[1:], strict=False))
+    assert small < STEP_MIN * 56.15 < large
+    verdict = check(one(series), DEFAULT)
+    assert verdict.converged and verdict.drifting == 0
+    # a second step past STEP_MIN the same way is a drift again
+    drift = [56.74, 56.15, 56.15 * (1 - 2 * STEP_MIN)][::order]
+    assert check(one(drift), DEFAULT).drifting == 3
 
 
 # --- noise: measured from the requests, never assumed -----------------------------------------
