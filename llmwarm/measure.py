@@ -9,10 +9,12 @@ the client shares the cores with the server it measures.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -107,10 +109,55 @@ def _json(req: WarmRequest, raw: bytes, what: str) -> dict[str, Any]:
     return data
 
 
-async def _streamed(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnWire) -> Sample:
+@dataclass(frozen=True)
+class Ticks:
+    """A streamed answer's decode, as its events arrived: the first token's time, then each
+    later text event's; `tokens` output tokens of one of its sequences (an event may carry
+    several)."""
+
+    times: Sequence[float]
+    tokens: float
+
+    def tpot(self, since: float | None = None) -> float | None:
+        """Time per output token after the first (None where the stream tells no decode time:
+        one token, or all of it in one event). `since`: from the first event at or after that
+        moment, when at least one gap follows it."""
+        times = self.times
+        if len(times) < 2 or self.tokens <= 1:
+            return None
+        per_gap = (self.tokens - 1) / (len(times) - 1)  # tokens an event brings, on average
+        start = 0 if since is None else bisect.bisect_left(times, since)
+        if start >= len(times) - 1:
+            start = 0
+        return (times[-1] - times[start]) / ((len(times) - 1 - start) * per_gap)
+
+
+def aligned(samples: Sequence[Sample], ticks: Sequence[Ticks | None]) -> list[Sample]:
+    """A batch's time per output token from the moment all its streams had their first token:
+    the batch decoding side by side, at its concurrency. Requests sent at once reach the engine
+    a few milliseconds apart, and the first may have its first token before the second's
+    prefill step: that step, in the first's time per token, is another request's prefill, not
+    its decode, and whether it lands there is the race of their arrival (SmolLM2's two
+    512-token requests: 60 ms a token when they shared their first step, 80 when not, round
+    after round at random). The first decode step at the batch's size is after that moment,
+    so a cold one still counts."""
+    firsts = [t.times[0] for t in ticks if t is not None and t.times]
+    if len(firsts) < 2:
+        return list(samples)
+    since = max(firsts)
+    return [
+        s if t is None or s.tpot_s is None else s.model_copy(update={"tpot_s": t.tpot(since)})
+        for s, t in zip(samples, ticks, strict=True)
+    ]
+
+
+async def _streamed(
+    session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnWire
+) -> tuple[Sample, Ticks]:
     endpoint = SPECS[req.endpoint]
-    first = last = None  # the first token's arrival, the last text event's
+    first = None  # the first token's arrival
     events = 0  # events that carried output text (a server may send several tokens in one)
+    times: list[float] = []  # the first token's, then each later text event's
     prompt_tokens = output_tokens = None
     start = time.perf_counter()
     async with session.post(
@@ -130,35 +177,37 @@ async def _streamed(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _
                 code = error.get("code") if isinstance(error, dict) else None
                 raise _fail(req, f"error in stream: {error}", code)
             now = time.perf_counter()
-            if first is None and endpoint.starts(event):
+            starts, token = first is None and endpoint.starts(event), endpoint.has_token(event)
+            if starts or (token and first is None):
                 first = now
-            if endpoint.has_token(event):
-                first = first if first is not None else now
-                last = now
-                events += 1
+            events += token
+            if starts or token:
+                times.append(now)
             prompt, output = endpoint.usage(event)
             prompt_tokens = prompt if prompt is not None else prompt_tokens
             output_tokens = output if output is not None else output_tokens
     end = time.perf_counter()
-    tpot = None
     # Time per token after the first: from the first to the last text event, over a sequence's
     # tokens after the first (its sequences, `n` a prompt and each prompt of a batch, decode
     # side by side). One event with all the text (coalesced) tells no decode time at all.
-    per_sequence = output_tokens / req.sequences if output_tokens else 0
-    if first is not None and last is not None and events > 1 and per_sequence > 1:
-        tpot = (last - first) / (per_sequence - 1)
-    return Sample(
+    ticks = Ticks(
+        times if events > 1 else times[:1], output_tokens / req.sequences if output_tokens else 0
+    )
+    sample = Sample(
         kind=req.kind,
         ttft_s=None if first is None else first - start,
-        tpot_s=tpot,
+        tpot_s=ticks.tpot(),
         e2e_s=end - start,
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
         in_flight=on_wire.count,
     )
+    return sample, ticks
 
 
-async def _unary(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnWire) -> Sample:
+async def _unary(
+    session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnWire
+) -> tuple[Sample, None]:
     start = time.perf_counter()
     async with session.post(
         req.path, json=req.body, headers=req.headers, trace_request_ctx=on_wire
@@ -169,7 +218,7 @@ async def _unary(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnW
         text = raw.decode(errors="replace")[:300]
         raise _fail(req, f"HTTP {resp.status}: {text}", resp.status)
     prompt_tokens, output_tokens = SPECS[req.endpoint].usage(_json(req, raw, "the answer"))
-    return Sample(
+    sample = Sample(
         kind=req.kind,
         ttft_s=None,
         tpot_s=None,
@@ -178,9 +227,12 @@ async def _unary(session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnW
         output_tokens=output_tokens,
         in_flight=on_wire.count,
     )
+    return sample, None
 
 
-async def _send(session: aiohttp.ClientSession, req: WarmRequest, wire: Wire) -> Sample:
+async def _send(
+    session: aiohttp.ClientSession, req: WarmRequest, wire: Wire
+) -> tuple[Sample, Ticks | None]:
     on_wire = wire.request()
     try:
         if req.stream:
@@ -198,7 +250,12 @@ async def measure(
 ) -> Sample:
     """Send one request and time it from the client's side (`wire`: the batch it is part of).
     A failure vLLM asks a client to retry is sent once more (its sample is the second's)."""
-    wire = wire or Wire()
+    return (await _measure(session, req, wire or Wire()))[0]
+
+
+async def _measure(
+    session: aiohttp.ClientSession, req: WarmRequest, wire: Wire
+) -> tuple[Sample, Ticks | None]:
     try:
         return await _send(session, req, wire)
     except _Retryable as exc:
@@ -214,10 +271,10 @@ async def measure(
 async def measure_all(
     session: aiohttp.ClientSession, requests: Sequence[WarmRequest]
 ) -> list[Sample]:
-    """Send requests at once; all their samples, or the first failure (the others cancelled,
-    so none of them runs on into what is measured next)."""
+    """Send requests at once; all their samples (time per token `aligned`), or the first
+    failure (the others cancelled, so none of them runs on into what is measured next)."""
     wire = Wire()
-    tasks = [asyncio.create_task(measure(session, r, wire)) for r in requests]
+    tasks = [asyncio.create_task(_measure(session, r, wire)) for r in requests]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
@@ -232,4 +289,5 @@ async def measure_all(
                 if other is not task and not other.cancelled():
                     other.exception()
             raise exc
-    return [task.result() for task in tasks]
+    samples, ticks = zip(*(task.result() for task in tasks), strict=True) if tasks else ((), ())
+    return aligned(samples, ticks)

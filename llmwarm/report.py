@@ -37,7 +37,9 @@ class Sample(BaseModel):
         "it: a Responses API stream whose output had no text)."
     )
     tpot_s: float | None = Field(
-        description="Time per output token after the first (streamed requests only)."
+        description="Time per output token after the first (streamed requests only): of a "
+        "batch sent at once, from the moment all its requests had their first token (their "
+        "decode side by side, not another's prefill step)."
     )
     e2e_s: float = Field(description="Request sent to last byte received.")
     prompt_tokens: int | None = Field(description="Prompt tokens, as the server counted them.")

@@ -113,3 +113,58 @@ async def test_time_per_token_is_a_sequences_when_several_decode_side_by_side(
     # at least a step a token (asyncio sleeps no shorter), and the decode within the request
     assert sample.tpot_s is not None and sample.tpot_s >= step * 0.99
     assert sample.tpot_s * (tokens - 1) <= sample.e2e_s
+
+
+def test_ticks_time_per_token_from_a_moment() -> None:
+    # a first token, a 1 s stall (another request's prefill), then a token every 20 ms
+    ticks = measure.Ticks([0.0, 1.0, 1.02, 1.04, 1.06], tokens=5)
+    assert ticks.tpot() == pytest.approx(1.06 / 4)
+    assert ticks.tpot(since=0.99) == pytest.approx(0.02)
+    assert ticks.tpot(since=1.03) == pytest.approx(0.02)  # one gap left
+    assert ticks.tpot(since=1.05) == pytest.approx(1.06 / 4)  # no gap after it: the whole
+    # two tokens an event: a gap is two tokens' time
+    assert measure.Ticks([0.0, 0.04, 0.08], tokens=5).tpot() == pytest.approx(0.02)
+    assert measure.Ticks([0.0], tokens=5).tpot() is None  # all of it in one event
+    assert measure.Ticks([0.0, 0.1], tokens=1).tpot() is None
+
+
+async def test_a_batch_decodes_from_when_all_its_requests_had_their_first_token() -> None:
+    # The engine's race: the first request's first token comes at once, the second's after its
+    # 1 s prefill step, which the first waits through; then both decode a token every 20 ms.
+    # The first's time per token over all its tokens was a quarter of that second.
+    prefill, step, tokens = 1.0, 0.02, 5
+    second_started = asyncio.Event()
+    arrived = 0
+
+    async def completions(request: Request) -> Response:
+        nonlocal arrived
+        await request.body()
+        arrived += 1
+        mine = arrived
+
+        async def events() -> AsyncIterator[bytes]:
+            if mine == 2:
+                await asyncio.sleep(prefill)
+                second_started.set()
+            for i in range(tokens):
+                if i == 1 and mine == 1:
+                    await second_started.wait()
+                if i:
+                    await asyncio.sleep(step)
+                yield b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n'
+            usage = b'{"prompt_tokens": 4, "completion_tokens": %d}' % tokens
+            yield b'data: {"choices": [], "usage": ' + usage + b"}\n\ndata: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    requests = _requests(stream=True)[:2]
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    async with on_loopback(app) as url, measure.session(url) as session:
+        first, second = await measure.measure_all(session, requests)
+        alone = await measure.measure(session, requests[0])  # one request: nothing to align
+    assert first.ttft_s is not None and second.ttft_s is not None
+    assert first.ttft_s < prefill <= second.ttft_s
+    # both: their decode side by side, not the other's prefill (a quarter second a token)
+    for sample in (first, second):
+        assert sample.tpot_s is not None and step * 0.99 <= sample.tpot_s < prefill / 5
+    assert alone.tpot_s is not None and alone.tpot_s >= step * 0.99
