@@ -138,7 +138,7 @@ def aligned(samples: Sequence[Sample], ticks: Sequence[Ticks | None]) -> list[Sa
     a few milliseconds apart, and the first may have its first token before the second's
     prefill step: that step, in the first's time per token, is another request's prefill, not
     its decode, and whether it lands there is the race of their arrival (SmolLM2's two
-    512-token requests: 60 ms a token when they shared their first step, 80 when not, round
+    512-token requests: 57 ms a token when they shared their first step, 80 when not, round
     after round at random). The first decode step at the batch's size is after that moment,
     so a cold one still counts."""
     firsts = [t.times[0] for t in ticks if t is not None and t.times]
@@ -155,9 +155,8 @@ async def _streamed(
     session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnWire
 ) -> tuple[Sample, Ticks]:
     endpoint = SPECS[req.endpoint]
-    first = None  # the first token's arrival
     events = 0  # events that carried output text (a server may send several tokens in one)
-    times: list[float] = []  # the first token's, then each later text event's
+    times: list[float] = []  # the first token's arrival, then each later text event's
     prompt_tokens = output_tokens = None
     start = time.perf_counter()
     async with session.post(
@@ -176,13 +175,10 @@ async def _streamed(
             if (error := failed(event)) is not None:
                 code = error.get("code") if isinstance(error, dict) else None
                 raise _fail(req, f"error in stream: {error}", code)
-            now = time.perf_counter()
-            starts, token = first is None and endpoint.starts(event), endpoint.has_token(event)
-            if starts or (token and first is None):
-                first = now
+            token = endpoint.has_token(event)
             events += token
-            if starts or token:
-                times.append(now)
+            if token or (not times and endpoint.starts(event)):
+                times.append(time.perf_counter())
             prompt, output = endpoint.usage(event)
             prompt_tokens = prompt if prompt is not None else prompt_tokens
             output_tokens = output if output is not None else output_tokens
@@ -195,7 +191,7 @@ async def _streamed(
     )
     sample = Sample(
         kind=req.kind,
-        ttft_s=None if first is None else first - start,
+        ttft_s=times[0] - start if times else None,
         tpot_s=ticks.tpot(),
         e2e_s=end - start,
         prompt_tokens=prompt_tokens,
