@@ -80,7 +80,8 @@ def plan_table(profile: Profile, source: str) -> Table:
         f"bucket, until {rule.metric} converges); features: "
         f"{', '.join(map(str, profile.features.features()))}"
         f" on {', '.join(sorted(profile.feature_buckets())) or '-'}, each kind sent at once after "
-        "round 1 and again after the last round (features x2)"
+        "round 1"
+        + (" and again after the last round (the check: features x2)" if profile.check else "")
     )
     return t
 

@@ -253,6 +253,10 @@ def test_profile_show_plan() -> None:
     assert code == 0, out
     assert "p16-c1-o16" in out and "requests/round" in out
     assert "features: greedy, sampling" in out
+    assert "after round 1" in out and "after the last round" not in out  # no check by default
+    code, out = invoke("profile", "show", "configs/minimal.yaml")  # CI's: the check on
+    assert code == 0, out
+    assert "again after the last round (the check" in out
 
 
 def test_profile_show_resolves_auto_against_the_model(tiny_model: Path) -> None:
