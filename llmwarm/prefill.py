@@ -1,12 +1,17 @@
-"""The prefill sweep: a prompt of each prefill token count the engine schedules, one output
-token each, once, before the buckets.
+"""The prefill sweep: a prompt of each prefill token count the engine schedules, then one decode
+step over it (two output tokens), once, before the buckets.
 
 A prefill step's cost depends on how many tokens it holds, and so does what a cold engine
 builds for it the first time: on CPU, oneDNN makes a primitive per matmul shape; on GPU, a
 step past the largest captured CUDA graph runs eager and Triton/cuBLAS tune per shape. The
 buckets reach a few counts; a user's prompt falls anywhere between them. One request per count
 (alone, then `batched` at once: a step of several prompts) pays each count's one-time cost at
-the price of a prefill, where a bucket's rounds pay decode.
+the price of a prefill, where a bucket's rounds pay decode. Its second token is one decode step
+attending over that context: a decode step over a longer context than any earlier bucket had was
+the next bucket's round-1 cost (on SmolLM2's CPU the 512-token bucket's round 1 read 1-2 % slow,
+so it missed the rule's settled exit and ran three to five rounds of 2.1 s); one step per count
+costs about a decode step's time (~50 ms there). The longest count leaves room for one token
+only, and a user's prompt of that length can never decode either.
 
 That one-time cost is milliseconds, and a prefill's own cost grows with its tokens: on a GPU
 every count takes milliseconds, on a CPU a long prompt takes seconds and hides it. So the
@@ -25,20 +30,23 @@ from time import perf_counter
 
 from llmwarm.client import Client
 from llmwarm.corpus import Corpus
-from llmwarm.fit import EngineShape, prefill_counts
+from llmwarm.fit import EngineShape, prefill_counts, prefill_room
 from llmwarm.kinds import Kind
 from llmwarm.profile import Bucket
 from llmwarm.report import PrefillResult
+
+# The prefill's token, then one decode step attending over the prompt.
+OUTPUT_TOKENS = 2
 
 
 async def sweep(
     client: Client, requests: Corpus, shape: EngineShape, start_s: float
 ) -> PrefillResult | None:
-    """Send the sweep through the profile's first endpoint (plain requests, one output token),
-    shortest count first: each alone, then as `batched` requests at once sharing it (each at
-    least `min_tokens`), while the next count, taking at least as long a token as the last,
-    would keep the sweep within `max_share` of `start_s` (the engine's start time); the counts
-    left are cut."""
+    """Send the sweep through the profile's first endpoint (plain requests, `OUTPUT_TOKENS` each
+    where the context has room), shortest count first: each alone, then as `batched` requests
+    at once sharing it (each at least `min_tokens`), while the next count, taking at least as
+    long a token as the last, would keep the sweep within `max_share` of `start_s` (the
+    engine's start time); the counts left are cut."""
     prefill = requests.profile.prefill
     if prefill is None:
         return None
@@ -47,6 +55,7 @@ async def sweep(
     if not counts:  # --max-num-batched-tokens below `min_tokens`, and no room past it
         return None
     limit = None if prefill.max_share is None else prefill.max_share * start_s
+    room = prefill_room(shape, kind.endpoint) + 1  # a prompt and its output tokens
     widths = [1] + ([prefill.batched] if prefill.batched > 1 else [])
     start, sent = perf_counter(), 0
     swept: list[int] = []
@@ -58,8 +67,10 @@ async def sweep(
         for round_, width in enumerate(widths, 1):
             if tokens // width < prefill.min_tokens:
                 continue
+            prompt = tokens // width
+            output = max(1, min(OUTPUT_TOKENS, room - prompt))
             bucket = Bucket(
-                prompt_tokens=tokens // width, concurrency=width, max_tokens=1, name="prefill"
+                prompt_tokens=prompt, concurrency=width, max_tokens=output, name="prefill"
             )
             batch = await asyncio.to_thread(requests.batch, bucket, kind, round_, tokens)
             sent += len(await client.measure_all(batch.requests))

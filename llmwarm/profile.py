@@ -280,8 +280,9 @@ class Profile(BaseModel):
     )
     prefill: Prefill | None = Field(
         default=None,
-        description="Step through the engine's prefill token counts once, one output token a "
-        "request, before the buckets (default: off; the shipped profiles turn it on).",
+        description="Step through the engine's prefill token counts once, each prompt's prefill "
+        "and one decode step over it, before the buckets (default: off; the shipped profiles "
+        "turn it on).",
     )
 
     @model_validator(mode="before")

@@ -101,10 +101,38 @@ async def test_each_count_alone_then_shared_by_batched_requests_at_once() -> Non
     # (16 and 32 would be shorter than min_tokens a request)
     assert lengths == [16, 32, 64] + [16] * 4 + [128] + [32] * 4
     assert result.requests == len(sent) == 12 and peak == 4
-    # one output token, salted, plain; no two prompts alike (no prefix-cache hit)
-    assert all(b["max_tokens"] == 1 and b["cache_salt"] == "s" for b in sent)
+    # the prefill's token and one decode step over it, salted, plain; no two prompts alike (no
+    # prefix-cache hit)
+    assert all(b["max_tokens"] == 2 and b["cache_salt"] == "s" for b in sent)
     assert not any(b.get("stream") for b in sent)
     assert len({b["prompt"] for b in sent}) == len(sent)
+
+
+async def test_the_longest_prompt_gets_the_one_token_its_context_has_room_for() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        sent.append(body)
+        return await answer(request.url.path, body, gap=0.0)
+
+    profile = for_engine(
+        parse_profile(
+            {
+                "endpoints": ["completions"],
+                "buckets": [{"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}],
+                "prefill": {"min_tokens": 512, "batched": 1, "max_share": None},
+            }
+        ),
+        SHAPE,
+    )
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    async with on_loopback(app) as url, LocalClient(url) as client:
+        result = await prefill.sweep(client, Corpus(profile, WordTokenizer(), "m", "s"), SHAPE, 60)
+    assert result is not None and result.token_counts == [512, 1023]
+    sizes = [(len(b["prompt"].split()), b["max_tokens"]) for b in sent]
+    # 1023 tokens and one output token fill --max-model-len 1024: no room for a decode step
+    assert sizes == [(512, 2), (1023, 1)]
 
 
 async def test_no_sweep_without_the_section() -> None:
