@@ -8,8 +8,8 @@ buckets reach a few counts; a user's prompt falls anywhere between them. One req
 (alone, then `batched` at once: a step of several prompts) pays each count's one-time cost at
 the price of a prefill, where a bucket's rounds pay decode. Its second token is one decode step
 attending over that context: a decode step over a longer context than any earlier bucket had was
-the next bucket's round-1 cost (on SmolLM2's CPU the 512-token bucket's round 1 read 1-2 % slow,
-so it missed the rule's settled exit and ran three to five rounds of 2.1 s); one step per count
+the next bucket's round-1 cost (on SmolLM2's CPU the 512-token bucket's round 1 read 0.4-4 %
+slower than its round 2, and it ran three to five rounds of 2.1 s); one step per count
 costs about a decode step's time (~50 ms there). The longest count leaves room for one token
 only, and a user's prompt of that length can never decode either.
 
