@@ -65,10 +65,10 @@ async def sweep(
         if limit is not None and swept and began - start + per_token * tokens > limit:
             break
         for round_, width in enumerate(widths, 1):
-            if tokens // width < prefill.min_tokens:
-                continue
             prompt = tokens // width
-            output = max(1, min(OUTPUT_TOKENS, room - prompt))
+            if prompt < prefill.min_tokens:
+                continue
+            output = min(OUTPUT_TOKENS, room - prompt)  # a count is at most `prefill_room`
             bucket = Bucket(
                 prompt_tokens=prompt, concurrency=width, max_tokens=output, name="prefill"
             )
