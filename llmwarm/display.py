@@ -9,7 +9,7 @@ from rich.table import Table
 
 from llmwarm import files
 from llmwarm.profile import Profile
-from llmwarm.report import METRIC_FIELDS, Report
+from llmwarm.report import Report
 
 
 def _ms(value: float | None) -> str:
@@ -113,7 +113,7 @@ def plot(report: Report, path: Path, option: str = "--plot") -> None:
         axes, (("ttft", "time to first token"), ("tpot", "time per output token")), strict=True
     ):
         for b in report.buckets:
-            rounds = [r.round for r in b.rounds if getattr(r, METRIC_FIELDS[metric]) is not None]
+            rounds = [round_ for round_, _ in b.measured(metric)]
             values = [v * 1000 for v in b.series(metric)]
             (line,) = ax.plot(rounds, values, marker="o", markersize=3, label=b.key)
             if b.converged_at is not None and b.converged_at in rounds:

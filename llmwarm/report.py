@@ -60,6 +60,12 @@ class Sample(BaseModel):
 class RoundResult(BaseModel):
     round: int = Field(description="1-based; round 1 is the cold one.")
     samples: list[Sample]
+    repeats: int | None = Field(
+        default=None,
+        description="The earlier round whose prompts it sent again (round 2's, from round 3 "
+        "on, when the rule measures decode: `tpot`): their prefill came from the prefix "
+        "cache, so its TTFT and e2e are left out of the bucket's. None: prompts never sent.",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -176,19 +182,29 @@ class BucketResult(BaseModel):
             per_round.append([statistics.median(v) for v in batches.values()])
         return per_round
 
+    def measured(self, metric: str) -> list[tuple[int, float]]:
+        """(round, median) of one metric (`tpot`, `ttft`, `e2e`), rounds that measured it: a
+        round that sent an earlier round's prompts again measured decode (`tpot`) only."""
+        return [
+            (r.round, value)
+            for r in self.rounds
+            if (value := getattr(r, METRIC_FIELDS[metric])) is not None
+            and (r.repeats is None or metric == "tpot")
+        ]
+
     def series(self, metric: str) -> list[float]:
-        """Per-round medians of one metric (`tpot`, `ttft`, `e2e`), rounds that have it."""
-        values = [getattr(r, METRIC_FIELDS[metric]) for r in self.rounds]
-        return [v for v in values if v is not None]
+        """Per-round medians of one metric (`tpot`, `ttft`, `e2e`), rounds that measured it."""
+        return [value for _, value in self.measured(metric)]
 
     def first(self, metric: str) -> float | None:
         """The metric's median in the cold first round."""
         return getattr(self.rounds[0], METRIC_FIELDS[metric]) if self.rounds else None
 
     def warm(self, metric: str, window: int) -> float | None:
-        """Median of the per-round medians over the last `window` rounds after round 1."""
-        later = self.rounds[1:][-window:]
-        return _median([getattr(r, METRIC_FIELDS[metric]) for r in later])
+        """Median of the per-round medians over the last `window` rounds after round 1 that
+        measured it."""
+        later = [value for round_, value in self.measured(metric) if round_ > 1]
+        return _median(list(later[-window:]))
 
 
 class JitEvents(BaseModel):

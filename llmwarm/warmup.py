@@ -192,7 +192,8 @@ class _Rounds:
             if (peak := self.running()) is not None:
                 result.max_running = max(result.max_running or 0, peak)
             self.sent += len(samples)
-            result.rounds.append(RoundResult(round=round_, samples=samples))
+            repeats = requests.prompts_of(round_)
+            result.rounds.append(RoundResult(round=round_, samples=samples, repeats=repeats))
             if round_ == 1:
                 sent = self._kinds_sent(result.rank)
                 result.sweep = await _sweep(self.client, requests, bucket, 1, sent)

@@ -28,6 +28,8 @@ import httpx
 from bench_serving import BENCH
 from benchlib import free_port, ready_server, write_section
 
+from llmwarm.report import Report
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,14 +48,14 @@ def profile(args: argparse.Namespace) -> Path:
     return path
 
 
-def from_report(report: dict[str, Any]) -> dict[str, float]:
-    """The bucket's warm medians: the medians of its last window's round medians, in ms."""
-    [bucket] = report["buckets"]
-    window = bucket["rounds"][1:][-report["convergence"]["window"] :]
-    return {
-        "ttft": 1000 * statistics.median(r["ttft_median_s"] for r in window),
-        "tpot": 1000 * statistics.median(r["tpot_median_s"] for r in window),
-    }
+def from_report(data: dict[str, Any]) -> dict[str, float]:
+    """The bucket's warm medians, in ms, as the report gives them: of its last window's round
+    medians (TTFT: of the rounds that sent prompts of their own, round 2 of a `tpot` bucket;
+    the later ones sent its prompts again, their prefill cached)."""
+    report = Report.model_validate(data)
+    [bucket] = report.buckets
+    warm = {metric: bucket.warm(metric, report.convergence.window) for metric in ("ttft", "tpot")}
+    return {metric: 1000 * value for metric, value in warm.items() if value is not None}
 
 
 def vllm_bench(model: str, port: int, args: argparse.Namespace, seed: int) -> dict[str, float]:

@@ -228,3 +228,34 @@ def test_three_batches_a_round_once_a_window_fails_unmeasured_but_not_for_a_step
     )]  # fmt: skip
     assert sampled == [1, MIN_ROUND_SAMPLES, 1, MIN_ROUND_SAMPLES, 1, MIN_ROUND_SAMPLES]
     assert corpus.sampled_batches(None) == 1
+
+
+def _prompts(batches: list[corpus.Batch]) -> list[object]:
+    return [r.body.get("prompt") or r.body["messages"] for b in batches for r in b.requests]
+
+
+@pytest.mark.parametrize("metric", ["tpot", "ttft", "e2e"])
+def test_rounds_after_the_first_warm_one_send_its_prompts_again_only_to_measure_decode(
+    metric: str,
+) -> None:
+    profile = PROFILE.model_copy(update={"convergence": Rule.model_validate({"metric": metric})})
+    requests = corpus.Corpus(profile, WordTokenizer(), "m", salt="s")
+    bucket = profile.buckets[0]
+    by_round = {n: _prompts(requests.round_batches(bucket, n)) for n in range(1, 6)}
+    noise = _prompts(requests.round_batches(bucket, 4, repeat=2))  # a round's extra batch
+    # the cold round and the first warm one: prompts never sent, their prefill measured
+    assert requests.prompts_of(1) is None and requests.prompts_of(2) is None
+    assert set(map(str, by_round[1])).isdisjoint(map(str, by_round[2]))
+    assert len(set(map(str, by_round[2]))) == bucket.concurrency  # a batch's differ
+    if metric == "tpot":  # later rounds only wait for decode: round 2's prompts, cached
+        assert [requests.prompts_of(n) for n in (3, 4, 5)] == [2, 2, 2]
+        assert by_round[3] == by_round[4] == by_round[5] == noise == by_round[2]
+    else:  # every round measures the prefill
+        assert [requests.prompts_of(n) for n in (3, 4, 5)] == [None] * 3
+        seen = [str(p) for n in range(1, 6) for p in by_round[n]] + list(map(str, noise))
+        assert len(set(seen)) == len(seen)
+    # the sweep and the check after the last round are never a round's prompts again
+    sweep = [
+        str(r.body.get("prompt") or r.body["messages"]) for r in requests.sweep_requests(bucket, 5)
+    ]
+    assert set(sweep).isdisjoint(str(p) for n in range(1, 6) for p in by_round[n])

@@ -388,6 +388,8 @@ def test_report_file(served: Served) -> None:
         assert all(s["kind"] == "completions-stream" for r in rounds for s in r["samples"])
         for r, size in zip(rounds, sizes, strict=True):
             assert {s["batch"] for s in r["samples"]} == set(range(size // c))
+        # rounds 1 and 2 send prompts of their own; later ones round 2's again (tpot)
+        assert [r["repeats"] for r in rounds] == [None, None, 2, 2][:n]
         # every other kind, once, at the first bucket, in its sweep (after round 1) and check
         # (after the last), all at once: unary completions, the other generate endpoints
         # (chat, responses, messages, streamed and not), the features (logprobs and
@@ -584,6 +586,45 @@ def test_warm_writes_the_report_and_plot_and_exits(tiny_model: Path, tmp_path: P
     assert data["requests"] == sent >= 2 * 1 + 2 * 2 + 2 * 19
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "Traceback" not in proc.stderr
+
+
+def test_rounds_after_the_second_are_served_from_the_prefix_cache(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # 400-token prompts: three of vLLM-CPU's 128-token blocks and a part; four rounds, the last
+    # two sending round 2's prompt again, so vLLM's prefix cache serves their whole blocks
+    # (the prompt's last token is always computed: 384 tokens a round). Nothing else shares a
+    # block: no prefill sweep, one endpoint and mode, no feature.
+    profile = tmp_path / "long.yaml"
+    profile.write_text(
+        "endpoints: [completions]\nstream: [true]\n"
+        "buckets:\n  - {prompt_tokens: 400, concurrency: 1, max_tokens: 4}\n"
+        "convergence: {window: 2, spread: 10, min_rounds: 4, max_rounds: 4}\n"
+    )
+    port, log, report = free_port(), tmp_path / "log", tmp_path / "r.json"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, "--port", str(port),
+             "--host", "127.0.0.1", "--profile", str(profile), "--report", str(report)],
+            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+        )  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            wait_ready(proc, c, log)
+            metrics = c.get("/metrics").text
+        [bucket] = json.loads(report.read_text())["buckets"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert [(r["round"], r["repeats"]) for r in bucket["rounds"]] == [
+        (1, None), (2, None), (3, 2), (4, 2)
+    ]  # fmt: skip
+    hits = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("vllm:prefix_cache_hits_total")
+    )
+    assert hits == 2 * 384, [line for line in metrics.splitlines() if "prefix_cache" in line]
 
 
 def test_unconverged_with_fail_policy_exits_6_after_writing_the_report(

@@ -29,6 +29,24 @@ def test_cold_is_round_one_and_warm_the_median_of_the_last_window() -> None:
     assert single.warm("e2e", window=2) is None
 
 
+def test_a_round_that_sent_earlier_prompts_again_counts_for_decode_only(tmp_path: Path) -> None:
+    # round 3 sent round 2's prompts again: a prefix-cache hit's TTFT (2 ms) and e2e are not
+    # the bucket's; its time per token is
+    b = bucket()
+    b.rounds[2] = RoundResult(
+        round=3, samples=[sample("completions-stream", 0.05, 0.002, 0.01)], repeats=2
+    )
+    assert b.warm("ttft", window=3) == 0.1 and b.warm("e2e", window=3) == 0.25
+    assert b.series("ttft") == [0.5, 0.1] and b.series("e2e") == [0.8, 0.25]
+    assert b.warm("tpot", window=3) == (0.02 + 0.01) / 2
+    assert b.measured("tpot") == [(1, 0.05), (2, 0.02), (3, 0.01)]
+    assert b.measured("ttft") == [(1, 0.5), (2, 0.1)]
+    loaded = Report.model_validate_json(make_report(b).model_dump_json())
+    assert [r.repeats for r in loaded.buckets[0].rounds] == [None, None, 2]
+    plot(loaded, tmp_path / "r.png")  # the TTFT panel plots rounds 1 and 2 only
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
 def test_requests_sent_together_are_one_sample_of_the_rule() -> None:
     # a round of three batches: two requests at once in a neighbour's burst, then two in a
     # quiet moment, then one; the rule gets one value a batch (its median), not five

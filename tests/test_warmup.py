@@ -188,6 +188,21 @@ async def test_what_a_skipped_bucket_would_have_swept_a_later_one_sweeps(fake_ur
     assert {str(s.kind) for s in ran.sweep.samples} == {"completions-stream", "chat", "chat-stream"}
 
 
+async def test_rounds_after_the_second_send_its_prompts_again_only_to_measure_decode(
+    fake_url: str,
+) -> None:
+    rule = {"metric": "tpot", "window": 3, "spread": 0.5, "min_rounds": 4, "max_rounds": 4}
+    profile = _profile(endpoints=["completions"], stream=[True], convergence=rule)
+    [bucket] = (await _run(fake_url, profile)).buckets
+    assert [r.repeats for r in bucket.rounds] == [None, None, 2, 2]
+    # the bucket's warm TTFT is round 2's, its warm TPOT the window's
+    assert bucket.warm("ttft", 3) == bucket.rounds[1].ttft_median_s
+    assert bucket.warm("tpot", 3) is not None
+    e2e = {**rule, "metric": "e2e"}
+    [bucket] = (await _run(fake_url, _profile(convergence=e2e))).buckets
+    assert [r.repeats for r in bucket.rounds] == [None] * 4
+
+
 async def test_a_server_that_keeps_slowing_down_stops_at_max_rounds(fake_url: str) -> None:
     # triples every 2 requests, a round's worth (completions, unary, x concurrency 2; one
     # endpoint and mode, so no sweep between rounds). The fixed spread alone (allow_noise
