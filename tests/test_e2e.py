@@ -126,6 +126,19 @@ def _until_answered_after_ready(served: Served, load: threading.Thread) -> None:
     pytest.fail(f"fewer than {LOAD_AFTER_READY} user requests answered after ready")
 
 
+def _serve(
+    model: Path, port: int, log: Path, *flags: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`llmwarm serve MODEL` on loopback `port` with the engine's flags and `flags`, its
+    output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [*LLMWARM, "serve", str(model), *ENGINE_FLAGS, "--port", str(port),
+             "--host", "127.0.0.1", *flags],
+            stdout=out, stderr=subprocess.STDOUT, env=env or engine_env(),
+        )  # fmt: skip
+
+
 def _poll_until_ready(served: Served) -> None:
     """Probe like a load balancer (and a forger) until /ready is 200."""
     probes = [
@@ -602,12 +615,7 @@ def test_rounds_after_the_second_are_served_from_the_prefix_cache(
         "convergence: {window: 2, spread: 10, min_rounds: 4, max_rounds: 4}\n"
     )
     port, log, report = free_port(), tmp_path / "log", tmp_path / "r.json"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, "--port", str(port),
-             "--host", "127.0.0.1", "--profile", str(profile), "--report", str(report)],
-            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
-        )  # fmt: skip
+    proc = _serve(tiny_model, port, log, "--profile", str(profile), "--report", str(report))
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
             wait_ready(proc, c, log)
@@ -674,12 +682,7 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
         "buckets:\n  - {prompt_tokens: 64, concurrency: 2, max_tokens: 32}\n"
         "convergence: {spread: 0.000001, max_rounds: 200, allow_noise: false}\n"
     )
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, "--port", str(port),
-             "--host", "127.0.0.1", "--profile", str(profile), "--report", str(report)],
-            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
-        )  # fmt: skip
+    proc = _serve(tiny_model, port, log, "--profile", str(profile), "--report", str(report))
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -742,14 +745,11 @@ def test_rewarm_after_a_lora_adapter_is_loaded_warms_it(tiny_model: Path, tmp_pa
     port = free_port()
     log = tmp_path / "log"
     env = engine_env() | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, "--port", str(port),
-             "--host", "127.0.0.1", "--served-model-name", "tiny", "--profile", str(MINIMAL),
-             "--report", str(tmp_path / "r.json"),
-             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+    proc = _serve(
+        tiny_model, port, log, "--served-model-name", "tiny", "--profile", str(MINIMAL),
+        "--report", str(tmp_path / "r.json"),
+        "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", env=env,
+    )  # fmt: skip
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             wait_ready(proc, c, log)
