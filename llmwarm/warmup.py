@@ -65,10 +65,10 @@ async def served_adapters(client: Client, model: str) -> list[str]:
 async def _round(
     client: Client, requests: Corpus, bucket: Bucket, round_: int, wanted: int
 ) -> list[Sample]:
-    """One round: the round kind's batch, again (fresh prompts) until `wanted` batches have a
-    value of the metric. Batches, not requests: the requests of one batch run at the same
-    moment, and their spread says nothing of how the next moment differs (see
-    `corpus.sampled_batches`)."""
+    """One round: the round kind's batch, again (prompts as `Corpus.prompts_of` says) until
+    `wanted` batches have a value of the metric. Batches, not requests: the requests of one
+    batch run at the same moment, and their spread says nothing of how the next moment
+    differs (see `corpus.sampled_batches`)."""
     field = f"{requests.profile.convergence.metric}_s"
     samples: list[Sample] = []
     sent = carrying = 0  # batches sent; those with a value of the metric
