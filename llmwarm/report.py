@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from llmwarm.profile import Profile
 REPORT_VERSION = 2  # 2: `cache_salt` replaced `prefix_cache_reset`
 
 
-def _median(values: list[float | None]) -> float | None:
+def _median(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
 
@@ -204,7 +205,7 @@ class BucketResult(BaseModel):
         """Median of the per-round medians over the last `window` rounds after round 1 that
         measured it."""
         later = [value for round_, value in self.measured(metric) if round_ > 1]
-        return _median(list(later[-window:]))
+        return _median(later[-window:])
 
 
 class JitEvents(BaseModel):
