@@ -194,6 +194,12 @@ def sweep_kinds(profile: Profile, bucket: Bucket, sent: Iterable[Kind] | None = 
 # and its first decode steps (4: three decode steps, each a speculative one where the engine
 # speculates); the bucket's full decode length is what its rounds repeat.
 SWEEP_MAX_TOKENS = 4
+# Prompt tokens of a sweep (or check) request, at most: none of those cold paths depends on the
+# prompt's length (an endpoint's template adds its own tokens, a chat template often dozens),
+# and every prompt length's prefill is the prefill sweep's and the rounds' to warm. Sent all at
+# once, the sweep's requests are one prefill step: with the first bucket's 16 tokens it was
+# 1,630 tokens, with 4 it is 970 (SmolLM2 on a CPU, one start each: the sweep 4.5 s, not 5.5).
+SWEEP_PROMPT_TOKENS = 4
 # The round whose prompts the later rounds of a decode-measured bucket send again (`prompts_of`).
 REPEATED_FROM = 2
 
@@ -290,8 +296,13 @@ class Corpus:
     ) -> list[WarmRequest]:
         """The bucket's sweep (or check) after `round_`: every sweep kind's batch (`sent`: as
         `sweep_kinds` takes it), to be sent at once, each request at most `SWEEP_MAX_TOKENS`
-        long. Empty when nothing is left to sweep."""
-        short = bucket.model_copy(update={"max_tokens": min(bucket.max_tokens, SWEEP_MAX_TOKENS)})
+        long, its prompts at most `SWEEP_PROMPT_TOKENS`. Empty when nothing is left to sweep."""
+        short = bucket.model_copy(
+            update={
+                "max_tokens": min(bucket.max_tokens, SWEEP_MAX_TOKENS),
+                "prompt_tokens": min(bucket.prompt_tokens, SWEEP_PROMPT_TOKENS),
+            }
+        )
         return [
             request
             for kind in sweep_kinds(self.profile, bucket, sent)

@@ -125,10 +125,19 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
     sweep = requests.sweep_requests(first, 1)
     assert [str(r.kind) for r in sweep] == names[1:]
     assert {r.bucket for r in sweep} == {first.name}
-    long = first.model_copy(update={"max_tokens": 64})
-    # a sweep touches each cold path at a request's start: 4 output tokens at most
+    long = first.model_copy(update={"max_tokens": 64, "prompt_tokens": 200})
+    # a sweep touches each cold path at a request's start: 4 output tokens at most, and no
+    # cold path depends on the prompt's length: 4 prompt tokens at most (one prefill step
+    # of the whole sweep, a chat template's own tokens apart)
     long_sweep = requests.sweep_requests(long, 1)
     assert {r.body.get("max_tokens") for r in long_sweep} == {corpus.SWEEP_MAX_TOKENS} == {4}
+    assert corpus.SWEEP_PROMPT_TOKENS == 4
+    tokenizer = WordTokenizer()
+    assert {
+        len(tokenizer.encode(r.body.get("prompt") or r.body["messages"][-1]["content"]))
+        for r in long_sweep
+    } == {4}
+    assert {r.bucket for r in long_sweep} == {first.name}  # the bucket's, all the same
     # a kind's own path is paid once whatever the shape: the second bucket sweeps nothing
     # the first one sent, so nothing at all
     assert corpus.sweep_kinds(profile, second) == []
@@ -204,13 +213,13 @@ def test_prompt_forms_send_token_ids_and_batches_to_completions_only() -> None:
     by_kind: dict[str, list[object]] = {}
     for request in sweep:
         by_kind.setdefault(str(request.kind), []).append(request.body.get("prompt"))
-    for ids in by_kind["completions+token_ids"]:  # the bucket's length, as token IDs
-        assert isinstance(ids, list) and len(ids) == 12 and all(isinstance(i, int) for i in ids)
+    for ids in by_kind["completions+token_ids"]:  # a sweep's length, as token IDs
+        assert isinstance(ids, list) and len(ids) == 4 and all(isinstance(i, int) for i in ids)
     batches = by_kind["completions+prompt_batch"]
     assert len(batches) == 2  # the bucket's concurrency: two requests of three prompts each
     for batch in batches:
         assert isinstance(batch, list) and len(batch) == 3 and len(set(batch)) == 3
-        assert all(len(tokenizer.encode(text)) == 12 for text in batch)
+        assert all(len(tokenizer.encode(text)) == 4 for text in batch)
     # each form is what coverage recognises it as
     assert features.in_body({"prompt": by_kind["completions+token_ids"][0]}) == {"token_ids"}
     assert features.in_body({"prompt": batches[0]}) == {"prompt_batch"}
