@@ -251,7 +251,7 @@ def test_profile_check_accepts_the_shipped_profiles() -> None:
 def test_profile_show_plan() -> None:
     code, out = invoke("profile", "show", "configs/default.yaml")
     assert code == 0, out
-    assert "p16-c1-o16" in out and "requests/round" in out
+    assert "p16-c1-o8" in out and "requests/round" in out
     assert "features: greedy, sampling" in out
     assert "after round 1" in out and "after the last round" not in out  # no check by default
     code, out = invoke("profile", "show", "configs/minimal.yaml")  # CI's: the check on
