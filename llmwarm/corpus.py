@@ -190,10 +190,14 @@ def sweep_kinds(profile: Profile, bucket: Bucket, sent: Iterable[Kind] | None = 
 
 
 # Output tokens of a sweep (or check) request, at most: an endpoint's or a feature's own cold
-# path (its template, parser, sampler, grammar) runs at a request's start, in its prefill step
-# and its first decode steps (4: three decode steps, each a speculative one where the engine
-# speculates); the bucket's full decode length is what its rounds repeat.
-SWEEP_MAX_TOKENS = 4
+# path (its template, parser, sampler, grammar, stream) runs at a request's start, in its
+# prefill step, whose sampler gives the first token, and its first decode step (the first
+# whose sampler sees an output token: penalties, a grammar's next state, a stop string over
+# the text so far; where the engine speculates, the first verification of drafts). The steps
+# after it run the same code over one more token; the bucket's full decode length is what
+# its rounds repeat. All at once, the sweep decodes some 50 requests a step, half a second a
+# step on SmolLM2 on a CPU: at 4 tokens (three decode steps) those steps were a third of it.
+SWEEP_MAX_TOKENS = 2
 # Prompt tokens of a sweep (or check) request, at most: none of those cold paths depends on the
 # prompt's length (an endpoint's template adds its own tokens, a chat template often dozens),
 # and every prompt length's prefill is the prefill sweep's and the rounds' to warm. Sent all at

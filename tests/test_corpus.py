@@ -126,11 +126,12 @@ def test_plain_buckets_send_greedy_and_feature_buckets_every_feature() -> None:
     assert [str(r.kind) for r in sweep] == names[1:]
     assert {r.bucket for r in sweep} == {first.name}
     long = first.model_copy(update={"max_tokens": 64, "prompt_tokens": 200})
-    # a sweep touches each cold path at a request's start: 4 output tokens at most, and no
-    # cold path depends on the prompt's length: 4 prompt tokens at most (one prefill step
-    # of the whole sweep, a chat template's own tokens apart)
+    # a sweep touches each cold path at a request's start: 2 output tokens at most (its
+    # prefill's and one decode step's), and no cold path depends on the prompt's length: 4
+    # prompt tokens at most (one prefill step of the whole sweep, a chat template's own
+    # tokens apart)
     long_sweep = requests.sweep_requests(long, 1)
-    assert {r.body.get("max_tokens") for r in long_sweep} == {corpus.SWEEP_MAX_TOKENS} == {4}
+    assert {r.body.get("max_tokens") for r in long_sweep} == {corpus.SWEEP_MAX_TOKENS} == {2}
     assert corpus.SWEEP_PROMPT_TOKENS == 4
     tokenizer = WordTokenizer()
     assert {

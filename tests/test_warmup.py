@@ -58,8 +58,8 @@ async def test_run_measures_every_request_until_converged(fake_url: str) -> None
     assert len(bucket.sweep.samples) == len(bucket.check.samples) == 3 * 2
     for rnd in [*bucket.rounds, bucket.sweep, bucket.check]:
         for s in rnd.samples:
-            # a sweep's requests stop at 4 tokens (`SWEEP_MAX_TOKENS`)
-            assert s.output_tokens == (5 if rnd in bucket.rounds else 4)
+            # a sweep's requests stop at 2 tokens (`SWEEP_MAX_TOKENS`)
+            assert s.output_tokens == (5 if rnd in bucket.rounds else 2)
             assert s.prompt_tokens == 7
             if s.kind.stream:
                 assert s.ttft_s is not None and s.tpot_s is not None
