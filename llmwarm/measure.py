@@ -111,9 +111,11 @@ def _json(req: WarmRequest, raw: bytes, what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Ticks:
-    """A streamed answer's decode, as its events arrived: the first token's time, then each
-    later text event's; `tokens` output tokens of one of its sequences (an event may carry
-    several)."""
+    """A streamed answer's decode, as its text events arrived; `tokens` output tokens of one of
+    its sequences (an event may carry several). An event that only shows the answer began (chat's
+    role chunk, Anthropic's `message_start`) is its TTFT, not one of these: between it and the
+    first text lies no output token, so counting that gap would spread a token's share of the
+    decode over it."""
 
     times: Sequence[float]
     tokens: float
@@ -155,8 +157,8 @@ async def _streamed(
     session: aiohttp.ClientSession, req: WarmRequest, on_wire: _OnWire
 ) -> tuple[Sample, Ticks]:
     endpoint = SPECS[req.endpoint]
-    events = 0  # events that carried output text (a server may send several tokens in one)
-    times: list[float] = []  # the first token's arrival, then each later text event's
+    first: float | None = None  # the first token's arrival: where TTFT stops
+    times: list[float] = []  # each event's that carried output text (maybe several tokens)
     prompt_tokens = output_tokens = None
     start = time.perf_counter()
     async with session.post(
@@ -176,9 +178,12 @@ async def _streamed(
                 code = error.get("code") if isinstance(error, dict) else None
                 raise _fail(req, f"error in stream: {error}", code)
             token = endpoint.has_token(event)
-            events += token
-            if token or (not times and endpoint.starts(event)):
-                times.append(time.perf_counter())
+            if token or (first is None and endpoint.starts(event)):
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                if token:
+                    times.append(now)
             prompt, output = endpoint.usage(event)
             prompt_tokens = prompt if prompt is not None else prompt_tokens
             output_tokens = output if output is not None else output_tokens
@@ -186,12 +191,10 @@ async def _streamed(
     # Time per token after the first: from the first to the last text event, over a sequence's
     # tokens after the first (its sequences, `n` a prompt and each prompt of a batch, decode
     # side by side). One event with all the text (coalesced) tells no decode time at all.
-    ticks = Ticks(
-        times if events > 1 else times[:1], output_tokens / req.sequences if output_tokens else 0
-    )
+    ticks = Ticks(times, output_tokens / req.sequences if output_tokens else 0)
     sample = Sample(
         kind=req.kind,
-        ttft_s=times[0] - start if times else None,
+        ttft_s=None if first is None else first - start,
         tpot_s=ticks.tpot(),
         e2e_s=end - start,
         prompt_tokens=prompt_tokens,

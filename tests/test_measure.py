@@ -44,10 +44,10 @@ async def barrier_url() -> AsyncIterator[str]:
         everyone.set()  # let whatever a capped client got in finish, so the server can stop
 
 
-def _requests(stream: bool) -> list[corpus.WarmRequest]:
+def _requests(stream: bool, endpoint: str = "completions") -> list[corpus.WarmRequest]:
     profile = parse_profile(
         {
-            "endpoints": ["completions"],
+            "endpoints": [endpoint],
             "stream": [stream],
             "buckets": [{"prompt_tokens": 4, "concurrency": WIDE, "max_tokens": 3}],
             "convergence": {"metric": "e2e"},
@@ -126,6 +126,35 @@ def test_ticks_time_per_token_from_a_moment() -> None:
     assert measure.Ticks([0.0, 0.04, 0.08], tokens=5).tpot() == pytest.approx(0.02)
     assert measure.Ticks([0.0], tokens=5).tpot() is None  # all of it in one event
     assert measure.Ticks([0.0, 0.1], tokens=1).tpot() is None
+
+
+async def test_a_chat_stream_decodes_from_its_first_text_not_its_role_chunk() -> None:
+    # A chat stream opens with a role chunk (no text): its TTFT. Here the text comes a stall
+    # later, then two tokens 20 ms apart. The stall is no decode: counting the role chunk as
+    # an event of the decode put a token's share on it (and so 120 ms a token, not 20).
+    stall, step = 0.1, 0.02
+
+    async def chat(request: Request) -> Response:
+        await request.body()
+
+        async def events() -> AsyncIterator[bytes]:
+            yield b'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
+            await asyncio.sleep(stall)
+            yield b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+            await asyncio.sleep(step)
+            yield b'data: {"choices": [{"index": 0, "delta": {"content": "b"}}]}\n\n'
+            usage = b'{"prompt_tokens": 4, "completion_tokens": 2}'
+            yield b'data: {"choices": [], "usage": ' + usage + b"}\n\ndata: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    request = _requests(stream=True, endpoint="chat")[0]
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    async with on_loopback(app) as url, measure.session(url) as session:
+        sample = await measure.measure(session, request)
+    assert sample.ttft_s is not None and sample.tpot_s is not None
+    assert sample.ttft_s < stall and step * 0.99 <= sample.tpot_s < stall
+    assert sample.tpot_s <= sample.e2e_s - sample.ttft_s
 
 
 async def test_a_batch_decodes_from_when_all_its_requests_had_their_first_token() -> None:
