@@ -158,7 +158,7 @@ async def _streamed(
 ) -> tuple[Sample, Ticks]:
     endpoint = SPECS[req.endpoint]
     first: float | None = None  # the first token's arrival: where TTFT stops
-    times: list[float] = []  # each event's that carried output text (maybe several tokens)
+    times: list[float] = []  # when each event with output text came (it may hold several)
     prompt_tokens = output_tokens = None
     start = time.perf_counter()
     async with session.post(
