@@ -31,8 +31,9 @@ app = typer.Typer(
 )
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 2 bad input; 3 the engine could not start; 4 the warm-up failed; "
-    "5 serving ended unasked (the engine died, or the HTTP server stopped); 6 not converged "
+    "Exit codes: 0 success; 2 bad input; 3 the engine could not start; 4 the warm-up failed "
+    "(the engine died before the gate opened included); 5 serving ended unasked (the engine "
+    "died after it opened, or the HTTP server stopped); 6 not converged "
     "with --on-unconverged fail; 7 (bench) the server cannot be reached; 130 interrupted "
     "before ready."
 )

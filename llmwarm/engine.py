@@ -203,7 +203,10 @@ class Engine:
         return self._tokenizer
 
     def is_dead(self) -> bool:
-        return bool(self.llm.errored and not self.llm.is_running)
+        # vLLM's own test, the one its error handler and its new requests see: the core
+        # client's monitor flagged the EngineCore dead, or the output handler ended. Reading
+        # it here too means every path notices a death at the same moment.
+        return bool(self.llm.errored)
 
     def dead_reason(self) -> str:
         return str(self.llm.dead_error) or "the EngineCore process ended"

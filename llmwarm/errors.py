@@ -8,8 +8,9 @@
     │   ├── PortInUse         the HTTP port (or socket path) cannot be bound
     │   └── WriteError        a file llmwarm writes (--report, --plot, ...) cannot be written
     ├── StartupError          the vLLM engine could not be started: exit 3
-    ├── WarmupError           a warm-up request failed, or the engine died warming: exit 4
-    ├── EngineDied            the engine died while serving: exit 5
+    ├── WarmupError           a warm-up request failed, or the engine died before the gate
+    │                         opened: exit 4
+    ├── EngineDied            the engine died after the gate opened: exit 5
     ├── ServerStopped         the HTTP server stopped while serving, unasked: exit 5
     ├── Unconverged           a bucket did not converge and the policy is `fail`: exit 6
     ├── Unreachable           `llmwarm bench`: the server cannot be reached or asked: exit 7

@@ -55,11 +55,11 @@ from llmwarm.frontend import Frontend
 from llmwarm.gate import Gate
 from llmwarm.metrics import WarmupCollector
 from llmwarm.profile import Profile
-from llmwarm.report import Origin, Report, write_json
+from llmwarm.report import Origin, Report, WarmupFailure, write_json
 from llmwarm.rewarm import Rewarms
 from llmwarm.settings import Settings
 from llmwarm.state import RunState, Stage
-from llmwarm.warmup import WarmupRun
+from llmwarm.warmup import WarmupRun, died_warming
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -270,10 +270,29 @@ class Lifecycle:
                     await asyncio.to_thread(settings.cache.publish, manifest, force=bake)
                 if settings.serve:
                     await self._serve(eng, app)
+                elif eng.is_dead():  # `warm`, `bake`: the engine had to live to the end
+                    raise died_warming(eng)
                 return report
+            except Exception as exc:
+                # The stage at the death decides the exit code, whichever path noticed it
+                # first (the warm-up's watchdog, a request, vLLM's error handler, a call to
+                # the engine): before the gate opened the warm-up failed (4), after it serving
+                # ended (5, `_serve_until_stopped`).
+                if eng.is_dead() and self.state.stage in (Stage.STARTING, Stage.WARMING):
+                    raise await self._failed_warming(eng) from exc
+                raise
             finally:
                 # Interrupted, failed or done: no request may reach the engine after this.
                 await self.http.stop(grace=0)
+
+    async def _failed_warming(self, eng: engine.EngineClient) -> WarmupError:
+        """An engine that died before the gate opened: the warm-up failed, and the report
+        says so (also when the death came after its last request)."""
+        error = died_warming(eng)
+        report = self.state.report
+        if report is not None and report.trigger == "startup" and report.error is None:
+            await self._publish(report.model_copy(update={"error": WarmupFailure.of(error)}))
+        return error
 
     async def _warm_at_start(self, eng: engine.EngineClient) -> Report:
         """The start-up warm-up, published; raised as a `WarmupError` if it failed, as
@@ -292,6 +311,8 @@ class Lifecycle:
     async def _serve(self, eng: engine.EngineClient, app: ASGIApp) -> None:
         async with eng.app_lifespan(app):
             await eng.jit_phase("serving")  # from now on a compile is a user's spike
+            if eng.is_dead():  # the gate never opens on a dead engine
+                raise died_warming(eng)
             self.state.serving()
             logger.info("warm: serving on %s", self.http.listen_url)
             watches = [asyncio.create_task(_watch_jit(eng, self.state))]

@@ -279,6 +279,14 @@ async def fill_kv(
     )
 
 
+def died_warming(eng: engine.EngineClient) -> WarmupError:
+    """The error of an engine that died before the gate opened: the warm-up failed (exit 4),
+    whichever path noticed the death first."""
+    return WarmupError(
+        "the vLLM engine died during the warm-up", problems=[("engine", eng.dead_reason())]
+    )
+
+
 async def unless_dead(eng: engine.EngineClient, work: Awaitable[_T]) -> _T:
     """Await `work`; if the engine dies first (or meanwhile), a `WarmupError` saying so."""
     task = asyncio.ensure_future(work)
@@ -293,11 +301,11 @@ async def unless_dead(eng: engine.EngineClient, work: Awaitable[_T]) -> _T:
                 await task
     if not eng.is_dead():
         return task.result()  # the result, or the failure of a request on a live engine
-    if not task.cancelled():
-        task.exception()  # retrieved: a request that failed because the engine died
-    raise WarmupError(
-        "the vLLM engine died during the warm-up", problems=[("engine", eng.dead_reason())]
-    )
+    # (retrieved: a request that failed because the engine died)
+    failed = not task.cancelled() and task.exception() is not None
+    by = "the engine watchdog" if task.cancelled() else "a warm-up request" if failed else "none"
+    logger.info("the engine died during the warm-up; first noticed by: %s", by)
+    raise died_warming(eng)
 
 
 @dataclass

@@ -158,6 +158,8 @@ class FakeEngine:
         self.jit_phases: list[str] = []
         self.jit = {"warmup": 0, "serving": 0}
         self._compiled: set[tuple[str, bool]] = set()
+        self.die_at_phase: str | None = None  # die when told this JIT phase (`jit_phase`)
+        self.at_lifespan: Callable[[], None] = lambda: None  # as the app's lifespan starts
 
     # --- what a test does to it
     def holding(self) -> None:
@@ -216,6 +218,7 @@ class FakeEngine:
     @contextlib.asynccontextmanager
     async def app_lifespan(self, app: ASGIApp) -> AsyncIterator[None]:
         self.lifespan_ran = True
+        self.at_lifespan()
         yield
 
     def config_hash(self) -> str:
@@ -223,6 +226,9 @@ class FakeEngine:
 
     async def jit_phase(self, phase: str) -> None:
         self.jit_phases.append(phase)
+        if phase == self.die_at_phase:  # as a call to a dead vLLM engine
+            self.die()
+            raise RuntimeError("EngineCore encountered an issue (the fake's)")
 
     async def jit_events(self) -> JitEvents | None:
         return JitEvents(active=True, **self.jit)

@@ -677,10 +677,12 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
     log = tmp_path / "log"
     report = tmp_path / "r.json"
     profile = tmp_path / "long.yaml"
-    # Enough rounds that the warm-up lasts a while on this machine.
+    # A warm-up that cannot end before the signal: no bucket converges before its 1000th round
+    # (min_rounds; a warm-up that converged early opened the gate, and a death then was
+    # rightly exit 5: the CI failure of issue #47 was this test's race).
     profile.write_text(
         "buckets:\n  - {prompt_tokens: 64, concurrency: 2, max_tokens: 32}\n"
-        "convergence: {spread: 0.000001, max_rounds: 200, allow_noise: false}\n"
+        "convergence: {min_rounds: 1000, max_rounds: 1000}\n"
     )
     proc = _serve(tiny_model, port, log, "--profile", str(profile), "--report", str(report))
     try:
@@ -730,6 +732,10 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
             assert "SIGINT again: forcing exit" in text
         else:
             assert "Error: the vLLM engine died during the warm-up" in text
+            assert "warm: serving on" not in text  # the precondition: it died warming
+            noticed = re.search(r"first noticed by: (.+)", text)
+            assert noticed is not None, text[-3000:]
+            print(f"the engine's death, first noticed by: {noticed.group(1)}")
             assert "never retrieved" not in text  # (vLLM logs the engine's own traceback)
             data = json.loads(report.read_text())  # the report records the failure
             assert data["error"]["message"] == "the vLLM engine died during the warm-up"

@@ -270,6 +270,60 @@ async def test_engine_death_while_warming_fails_with_the_report(
     assert eng.shut_down
 
 
+async def test_an_engine_death_a_warm_up_request_finds_first_fails_the_warm_up(
+    running: Callable[..., Run], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The request's 500 (vLLM's answer once its engine is dead) comes before any watchdog
+    # looks: it is the warm-up's failure all the same, and the report says the engine died.
+    watchdog = engine.wait_dead
+    monkeypatch.setattr(engine, "wait_dead", lambda eng: watchdog(eng, interval=3600))
+    eng = FakeEngine()
+    eng.holding()
+    run = running(eng)
+    await run.seen()
+    eng.die()
+    eng.release()
+    with pytest.raises(WarmupError, match="the vLLM engine died during the warm-up"):
+        await asyncio.wait_for(run.task, 10)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["error"]["message"] == "the vLLM engine died during the warm-up"
+    assert eng.shut_down and not eng.lifespan_ran
+
+
+def _dies(eng: FakeEngine, noticed_by: str) -> None:
+    """The engine dies after the warm-up's last request, before the gate opens; noticed first
+    by the engine watchdog, vLLM's error handler asking its HTTP server to stop, or a call to
+    the engine that fails."""
+
+    def die_and_stop_http() -> None:  # as vLLM's error handler, once a request saw it dead
+        eng.die()
+        eng.vllm_stop.should_exit = True
+
+    if noticed_by == "call":
+        eng.die_at_phase = "serving"
+    else:
+        eng.at_lifespan = die_and_stop_http if noticed_by == "http-stop" else eng.die
+
+
+@pytest.mark.parametrize("noticed_by", ["watchdog", "http-stop", "call"])
+async def test_an_engine_death_before_the_gate_opens_is_a_failed_warm_up_whoever_notices(
+    running: Callable[..., Run], tmp_path: Path, noticed_by: str
+) -> None:
+    # The defect: a death after the warm-up's last request but before the gate opened was
+    # taken for one while serving (exit 5) or escaped as vLLM's own error (a traceback, exit
+    # 1), and the report said the warm-up had converged.
+    eng = FakeEngine()
+    _dies(eng, noticed_by)
+    run = running(eng)
+    with pytest.raises(WarmupError, match="the vLLM engine died during the warm-up"):
+        await asyncio.wait_for(run.task, 30)
+    assert run.life.state.stage is Stage.WARMING  # the gate never opened
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["error"]["message"] == "the vLLM engine died during the warm-up"
+    assert data["converged"] is False and data["requests"] > 0
+    assert eng.shut_down
+
+
 async def test_serving_opens_the_gate_then_sigterm_drains_in_flight_requests(
     running: Callable[..., Run],
 ) -> None:
