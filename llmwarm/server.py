@@ -243,6 +243,7 @@ class Lifecycle:
                 await asyncio.wait({life, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 if not life.done() and self.state.stage is not Stage.SERVING:
                     phase = self.state.phase.value
+                    engine.pause("interrupt")  # tests: a second signal lands while stopping
                     life.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await life

@@ -2,21 +2,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
-import httpx
-import psutil
 import pytest
 import typer
 import uvicorn
@@ -27,17 +21,65 @@ from starlette.responses import Response
 from starlette.routing import Route
 from typer.testing import CliRunner
 
-from llmwarm import lifeline
-from tests.fakes import PACE, PACED
+from tests.fakes import Pace, paced_app
+from tests.launch import BAKED_ENGINE, LLMWARM, MINIMAL, ROOT, engine_env
+from tests.served import Served, shared_server
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
-ROOT = Path(__file__).resolve().parent.parent
-MINIMAL = ROOT / "llmwarm" / "configs" / "minimal.yaml"
-LLMWARM = [sys.executable, "-m", "llmwarm"]
-# vLLM on this CPU machine: a small KV cache and memory fraction (NUMA node 0 is ~8 GiB).
-ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
+
+# --- the e2e layer's time ----------------------------------------------------------------------
+
+# A hang guard for each e2e test (a real engine that never answers, a process that never ends):
+# far above the budget, so only a hang reaches it.
+E2E_TIMEOUT_S = 900
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--e2e-budget",
+        type=float,
+        default=None,
+        help="Fail the run when one e2e test (setup, call and teardown) takes longer than this "
+        "many seconds; print the e2e layer's total (scripts/test sets it).",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
+
+
+_E2E_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "e2e" in report.keywords:
+        _E2E_SECONDS[report.nodeid] = _E2E_SECONDS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    budget = config.getoption("--e2e-budget")
+    if budget is None or not _E2E_SECONDS:
+        return
+    total = sum(_E2E_SECONDS.values())
+    over = {node: s for node, s in _E2E_SECONDS.items() if s > budget}
+    terminalreporter.write_sep("=", f"e2e layer: {len(_E2E_SECONDS)} tests in {total:.0f} s")
+    for node, seconds in sorted(over.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(
+            f"OVER BUDGET ({budget:.0f} s): {node} took {seconds:.0f} s: split it, or let it "
+            "share a server (docs/development.md)"
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    budget = session.config.getoption("--e2e-budget")
+    if budget is not None and any(s > budget for s in _E2E_SECONDS.values()):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +99,28 @@ def smollm2() -> Path:
     script = str(ROOT / "scripts" / "make_smollm2.py")
     subprocess.run([sys.executable, script, str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The shared `llmwarm serve` of the tiny model (tests/served.py), for every e2e test that
+    needs nothing but a warm server; stopped, draining, at the end of the session."""
+    yield from shared_server(tiny_model, tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="session")
+def baked(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A compile-cache directory `llmwarm bake` filled for `BAKED_ENGINE` (empty caches: a
+    cold start), for the fleet and container tests that start from one."""
+    cache = tmp_path_factory.mktemp("baked")
+    done = subprocess.run(
+        [*LLMWARM, "bake", str(tiny_model), *BAKED_ENGINE, "--profile", str(MINIMAL),
+         "--report", str(cache.parent / "bake.json"), "--cache-dir", str(cache)],
+        capture_output=True, text=True, env=engine_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (cache / "llmwarm-bake.json").is_file()
+    return cache
 
 
 def _tiny(kind: str, name: str) -> Path:
@@ -83,114 +147,6 @@ def tiny_moe() -> Path:
 def tiny_classifier() -> Path:
     """The tiny cross-encoder of `scripts/make_tiny_model.py --classifier`, built once."""
     return _tiny("--classifier", "tiny-classifier")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def engine_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return env
-
-
-STARTUP_TIMEOUT_S = 400
-
-
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """A launched llmwarm, as the tests find its engine's processes after it is gone."""
-
-    pid: int  # llmwarm's
-    session: int  # its session (a process keeps it, orphaned or not)
-    at: float  # when the launched process started (psutil's clock)
-
-    @classmethod
-    def of(cls, launched: int, llmwarm: int | None = None) -> Launch:
-        """Right after the launch. `llmwarm`: when it runs under the launched process."""
-        return cls(llmwarm or launched, os.getsid(launched), psutil.Process(launched).create_time())
-
-
-def engine_processes(launch: Launch) -> list[psutil.Process]:
-    """Every live process llmwarm started for its engine, orphans too. They carry its pid in
-    their environment (`llmwarm.lifeline`) until vLLM names them (`VLLM::EngineCore`,
-    `VLLM::Worker…`): setproctitle writes over the environment /proc shows, so a named one is
-    found by its name, in llmwarm's session, started since the launch. Spawn's resource
-    tracker is left out (it ends by itself with its last user). Short-lived helpers (vLLM runs
-    `lscpu` while loading) are among them while they run: to know the engine is there, look
-    for `engine_core`."""
-    found = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if process.pid == launch.pid or process.status() == psutil.STATUS_ZOMBIE:
-                continue
-            command = " ".join(process.cmdline())
-            if "resource_tracker" in command:
-                continue
-            named = (
-                command.startswith("VLLM::")
-                and os.getsid(process.pid) == launch.session
-                and process.create_time() >= launch.at
-            )
-            if named or process.environ().get(lifeline.ENV) == str(launch.pid):
-                found.append(process)
-    return found
-
-
-def engine_core(processes: list[psutil.Process]) -> psutil.Process | None:
-    """The EngineCore among `processes`, once it has named itself (`VLLM::EngineCore`, the
-    first thing vLLM's engine process does)."""
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            if "EngineCore" in " ".join([process.name(), *process.cmdline()]):
-                return process
-    return None
-
-
-def wait_ready(proc: subprocess.Popen[bytes], client: httpx.Client, log: Path) -> None:
-    """Poll /ready until 200; fail with the log's tail if the process exits or never gets there."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-        try:
-            if client.get("/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not bound yet (the CLI is still importing vLLM)
-        time.sleep(0.2)
-    pytest.fail(
-        f"not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-3000:]}"
-    )
-
-
-@contextlib.contextmanager
-def serving(
-    model: Path, tmp_path: Path, *flags: str
-) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client, Path]]:
-    """`llmwarm serve MODEL` with the minimal profile, until ready: the process, a client of it
-    and its report path. SIGTERMed on exit; it must then end with 0 within 30 s."""
-    port = free_port()
-    log, report = tmp_path / "log", tmp_path / "report.json"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*LLMWARM, "serve", str(model), *ENGINE_FLAGS, "--port", str(port),
-             "--host", "127.0.0.1", "--served-model-name", "tiny", "--report", str(report),
-             "--profile", str(MINIMAL), *flags],
-            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
-        )  # fmt: skip
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            wait_ready(proc, client, log)
-            yield proc, client, report
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text(errors="replace")[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def llmwarm_env_vars() -> set[str]:
@@ -247,11 +203,15 @@ async def answering(handler: Handler) -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def fake_url() -> AsyncIterator[str]:
-    """The paced fake server (tests/fakes.py) on a real loopback socket, at a steady pace."""
-    PACE.calls = 0
-    PACE.gap = lambda calls: 0.01
-    async with on_loopback(PACED) as url:
+def pace() -> Pace:
+    """This test's pace of the fake server (`fake_url`): 10 ms a token unless it sets `gap`."""
+    return Pace()
+
+
+@pytest.fixture
+async def fake_url(pace: Pace) -> AsyncIterator[str]:
+    """The paced fake server (tests/fakes.py) on a real loopback socket, at `pace`."""
+    async with on_loopback(paced_app(pace)) as url:
         yield url
 
 

@@ -14,7 +14,7 @@ from argparse import Namespace
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,6 +31,9 @@ from llmwarm.frontend import VllmStop
 from llmwarm.kinds import Kind
 from llmwarm.report import BucketResult, JitEvents, Report, RoundResult, Sample
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 # --- the warm-up's client, in this process ----------------------------------------------------
 
 
@@ -41,7 +44,7 @@ class LocalClient:
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
 
-    async def __aenter__(self) -> LocalClient:
+    async def __aenter__(self) -> Self:
         self.session = measure.session(self.base_url)
         return self
 
@@ -54,6 +57,30 @@ class LocalClient:
     async def get_json(self, path: str) -> Any:
         async with self.session.get(path, raise_for_status=True) as response:
             return await response.json()
+
+
+class ScriptedClient:
+    """`llmwarm.client.Client` with no server and no clock: every request of the n-th batch
+    (from 0) takes `script(n)` seconds to its first token, a token and in all, so what the
+    convergence rule decides is the test's, never the host's load."""
+
+    def __init__(self, script: Callable[[int], float]) -> None:
+        self.script = script
+        self.batches = 0
+
+    async def measure_all(self, requests: Sequence[WarmRequest]) -> list[Sample]:
+        value = self.script(self.batches)
+        self.batches += 1
+        return [
+            Sample(
+                kind=r.kind, ttft_s=value if r.stream else None, tpot_s=value if r.stream else None,
+                e2e_s=value, prompt_tokens=prompt_words(r.body), output_tokens=r.body["max_tokens"],
+            )
+            for r in requests
+        ]  # fmt: skip
+
+    async def get_json(self, path: str) -> Any:
+        raise AssertionError(f"no server here: GET {path}")
 
 
 # --- reports ---------------------------------------------------------------------------------
@@ -343,30 +370,69 @@ MINIMAL_PROFILE = Path(__file__).resolve().parent.parent / "llmwarm" / "configs"
 
 
 class Pace:
-    """Seconds between streamed tokens, as a function of how many requests came before."""
+    """Seconds between streamed tokens, as a function of how many requests came before: one a
+    test (the `pace` fixture), never shared.
 
-    def __init__(self) -> None:
+    `hold_until(n)` holds every request until `n` have arrived (a batch really in flight at
+    once, whatever the host's load); `release()` lets held ones go."""
+
+    def __init__(self, gap: Callable[[int], float] = lambda calls: 0.01) -> None:
         self.calls = 0
-        self.gap: Callable[[int], float] = lambda calls: 0.01
+        self.gap = gap
+        self.arrived = asyncio.Event()  # set once the held count is reached
+        self.arrived.set()
+        self._until = 0
+
+    def hold_until(self, requests: int) -> None:
+        self._until = requests
+        self.arrived.clear()
+
+    def release(self) -> None:
+        self.arrived.set()
 
     def next(self) -> float:
         self.calls += 1
+        if self.calls >= self._until:
+            self.arrived.set()
         return float(self.gap(self.calls - 1))
 
 
-PACE = Pace()
+def _words(value: Any) -> int:
+    """A prompt's length as `WordTokenizer` counts it (one token a word, a token ID each),
+    wherever the body carries it: a prompt, a list of them, messages and their parts."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, list):
+        return sum(_words(item) for item in value)
+    if isinstance(value, dict):
+        return _words(value.get("content") or value.get("text") or "")
+    return 0
 
 
-async def _paced(request: Request) -> Response:
-    body = await request.json()
-    gap = PACE.next()
-    if body.get("model") == "broken":
-        return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
-    if "grammar" in (body.get("structured_outputs") or {}):
-        return JSONResponse({"error": {"message": "grammars are not supported"}}, status_code=400)
-    return await answer(request.url.path, body, gap=gap, prompt_tokens=7)
+def prompt_words(body: dict[str, Any]) -> int:
+    """The words of a body's prompt, whichever field each API puts it in (a query, for score
+    and rerank: their documents are counted apart)."""
+    fields = ("prompt", "messages", "input", "query", "queries")
+    return _words(next((body[f] for f in fields if f in body), ""))
 
 
-PACED = Starlette(
-    routes=[Route(spec.path, _paced, methods=["POST"]) for spec in endpoints.SPECS.values()]
-)
+def paced_app(pace: Pace) -> Starlette:
+    """Every endpoint, answered at `pace`, with the prompt's length in words as its usage."""
+
+    async def paced(request: Request) -> Response:
+        body = await request.json()
+        gap = pace.next()
+        await pace.arrived.wait()
+        if body.get("model") == "broken":
+            return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
+        if "grammar" in (body.get("structured_outputs") or {}):
+            return JSONResponse(
+                {"error": {"message": "grammars are not supported"}}, status_code=400
+            )
+        return await answer(request.url.path, body, gap=gap, prompt_tokens=prompt_words(body))
+
+    return Starlette(
+        routes=[Route(spec.path, paced, methods=["POST"]) for spec in endpoints.SPECS.values()]
+    )

@@ -181,7 +181,8 @@ def test_flags_win_over_the_environment(resolved: dict[str, Any], tmp_path: Path
 
 def test_the_help_and_the_docs_list_every_variable() -> None:
     from llmwarm.cli import ENV_HELP
-    from tests.conftest import ROOT, llmwarm_env_vars
+    from tests.conftest import llmwarm_env_vars
+    from tests.launch import ROOT
 
     known = {v for v in llmwarm_env_vars() if v.startswith("LLMWARM_")}  # bench: OPENAI_API_KEY
     assert set(re.findall(r"LLMWARM_\w+", ENV_HELP)) == known

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from llmwarm import __version__
 from llmwarm.cli import app
-from tests.conftest import ENGINE_FLAGS, LLMWARM, engine_env, free_port, invoke
+from tests.conftest import invoke
+from tests.launch import ENGINE_FLAGS, LLMWARM, engine_env, free_port
 
 
 def test_version() -> None:

@@ -12,7 +12,7 @@ from llmwarm.corpus import Corpus, WarmRequest, WordTokenizer
 from llmwarm.errors import WarmupError
 from llmwarm.kinds import Kind
 from llmwarm.profile import parse_profile
-from tests.fakes import PACE
+from tests.fakes import Pace
 
 PROFILE = parse_profile(
     {"endpoints": ["completions", "chat"], "stream": [True, False],
@@ -28,9 +28,12 @@ def _batch(model: str = "m") -> list[WarmRequest]:
     return [r for kind in kinds for r in requests.batch(bucket, kind, 1).requests]
 
 
-async def test_a_batch_is_measured_there_and_its_samples_come_back(fake_url: str) -> None:
+async def test_a_batch_is_measured_there_and_its_samples_come_back(
+    fake_url: str, pace: Pace
+) -> None:
     client = ClientProcess(fake_url, {})
     client.start()
+    pace.hold_until(6)  # the server answers none before all six are in
     try:
         requests = _batch()
         samples = await client.measure_all(requests)
@@ -38,7 +41,7 @@ async def test_a_batch_is_measured_there_and_its_samples_come_back(fake_url: str
         streamed = [s for s in samples if s.kind.stream]
         assert streamed and all(s.ttft_s and s.tpot_s for s in streamed)
         assert all(s.e2e_s > 0 and s.output_tokens == 4 for s in samples)
-        assert max(s.in_flight or 0 for s in samples) >= 3  # a batch is sent at once
+        assert max(s.in_flight or 0 for s in samples) == 6  # a batch is sent at once
     finally:
         client.close()
 
@@ -57,20 +60,22 @@ async def test_a_failed_request_is_the_same_warmup_error_here(fake_url: str) -> 
 
 
 async def test_a_cancelled_batch_ends_the_process_and_the_next_call_starts_anew(
-    fake_url: str,
+    fake_url: str, pace: Pace
 ) -> None:
     client = ClientProcess(fake_url, {})
     client.start()
     first = client._process
     try:
-        PACE.gap = lambda calls: 1.0  # long enough to be cancelled under way
+        pace.hold_until(7)  # the batch's six are held: under way until cancelled
         batch = asyncio.create_task(client.measure_all(_batch()))
-        await asyncio.sleep(0.5)
+        while pace.calls < 6:  # all of them reached the server
+            await asyncio.sleep(0.01)
         batch.cancel()
         with pytest.raises(asyncio.CancelledError):
             await batch
         assert first is not None and not first.is_alive()
-        PACE.gap = lambda calls: 0.001
+        pace.release()
+        pace.gap = lambda calls: 0.001
         assert len(await client.measure_all(_batch())) == 6
         assert client._process is not first
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -38,7 +39,10 @@ class Served:
     """A gate, its control endpoints and the re-warm owner on one run state, warming. `warm`
     stands in for a warm-up of the engine; `published` lists what was published."""
 
-    def __init__(self, admin_key: str | None = "admin-7c1e", interval: float = 0.0) -> None:
+    def __init__(
+        self, admin_key: str | None = "admin-7c1e", interval: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.state = RunState(window=2)
         self.warm: Callable[[Profile, str], Awaitable[Report]] = _no_rewarm
         self.published: list[Report] = []
@@ -48,7 +52,7 @@ class Served:
         self.rewarms = Rewarms(
             self.state, lambda p, s: self.warm(p, s), self._publish, self._jit,
             served=(Profile.model_validate({"auto": {}}), str(MINIMAL_PROFILE)),
-            min_interval=interval,
+            min_interval=interval, clock=clock,
         )  # fmt: skip
         self.control = Control(self.state, _authorized, self.rewarms, Admin(admin_key))
         self.gate = Gate(self.state, self.control, _authorized)
@@ -242,14 +246,23 @@ async def test_the_gate_reopens_only_when_the_rewarm_is_over_and_published(step:
     await served.rewarms.close()
 
 
-def _slow_body(body: bytes, arrived: asyncio.Event) -> Callable[[], Awaitable[dict[str, object]]]:
-    """An ASGI `receive` whose body comes only once `arrived` is set (headers long before)."""
+def _slow_body(
+    body: bytes, arrived: asyncio.Event, waiting: list[None]
+) -> Callable[[], Awaitable[dict[str, object]]]:
+    """An ASGI `receive` whose body comes only once `arrived` is set (headers long before);
+    `waiting` gets an item when the request starts waiting for it."""
 
     async def receive() -> dict[str, object]:
+        waiting.append(None)
         await arrived.wait()
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.001)
 
 
 def _scope() -> dict[str, object]:
@@ -287,11 +300,12 @@ async def test_two_posts_whose_bodies_arrive_late_start_one_rewarm() -> None:
         async def send(message: dict[str, object]) -> None:
             answers[i].append(message)
 
-        receive = _slow_body(b'{"close_gate": true}', arrived)
+        receive = _slow_body(b'{"close_gate": true}', arrived, waiting)
         await gate(_scope(), receive, send)  # type: ignore[arg-type]
 
+    waiting: list[None] = []
     posts = [asyncio.create_task(post(i)) for i in range(2)]
-    await asyncio.sleep(0.05)  # both are in, headers read, waiting for their bodies
+    await _until(lambda: len(waiting) == 2)  # both are in, headers read, waiting for bodies
     arrived.set()
     while served.rewarms.task is None:
         await asyncio.sleep(0.005)
@@ -315,8 +329,9 @@ async def test_a_post_whose_body_arrives_after_the_stop_starts_nothing() -> None
     async def send(message: dict[str, object]) -> None:
         answer.append(message)
 
-    post = asyncio.create_task(gate(_scope(), _slow_body(b"{}", arrived), send))  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)
+    waiting: list[None] = []
+    post = asyncio.create_task(gate(_scope(), _slow_body(b"{}", arrived, waiting), send))  # type: ignore[arg-type]
+    await _until(lambda: bool(waiting))  # the POST waits for its body: the bug's window
     served.state.stopping()
     await served.rewarms.close()
     arrived.set()
@@ -326,15 +341,21 @@ async def test_a_post_whose_body_arrives_after_the_stop_starts_nothing() -> None
 
 
 async def test_rewarms_are_at_most_one_per_interval() -> None:
-    served = Served(interval=60.0)
+    now = [1000.0]  # the re-warms' clock, the test's to move
+    served = Served(interval=60.0, clock=lambda: now[0])
     served.open()
     served.warm = lambda p, s: asyncio.sleep(0, _report())
     async with client(served.gate) as c:
         first = await c.post("/warmup/run", headers=ADMIN, json={})
+        now[0] += 20.5
         second = await c.post("/warmup/run", headers=ADMIN, json={})
+        now[0] += 39.5
+        third = await c.post("/warmup/run", headers=ADMIN, json={})
     assert first.status_code == 200
-    assert second.status_code == 429 and 59 <= int(second.headers["retry-after"]) <= 60
+    # 39.5 s left of the interval, rounded up
+    assert second.status_code == 429 and second.headers["retry-after"] == "40"
     assert "--rewarm-min-interval" in second.json()["error"]
+    assert third.status_code == 200  # the interval is over
 
 
 async def test_a_failed_rewarm_is_not_published() -> None:

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from llmwarm.profile import load_profile
-from tests.conftest import ROOT, dockerfile, llmwarm_env_vars
+from tests.conftest import dockerfile, llmwarm_env_vars
+from tests.launch import ROOT
 
 DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted(DEPLOY.glob("*.yaml"))

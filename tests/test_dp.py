@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from llmwarm.profile import load_profile
-from tests.conftest import (
+from tests.launch import (
     ENGINE_FLAGS,
     LLMWARM,
     MINIMAL,
@@ -116,8 +116,7 @@ def test_data_parallel_2_warms_each_rank_before_ready(
         assert_each_bucket_ended_by_the_rule(data, client.get("/ready").json(), metrics)
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
         assert client.post("/v1/completions", json=body).status_code == 200
-    _, alive = psutil.wait_procs(engines, timeout=10)
-    assert not alive, [p.cmdline() for p in alive]
+    psutil.wait_procs(engines)  # each ends (one left behind: the test's timeout)
 
 
 @pytest.fixture
@@ -138,11 +137,7 @@ def _stop(*procs: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
             proc.terminate()
     for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.wait()  # (one that never ends: the test's timeout)
 
 
 @pytest.fixture
@@ -184,5 +179,4 @@ def test_a_headless_nodes_rank_is_warmed_through_the_head_nodes_server(
     assert secondary.poll() is None  # serving, with no API server of its own
     _stop(head, secondary)
     assert secondary.returncode == 0, log[-3000:]
-    _, alive = psutil.wait_procs(secondary_engines, timeout=10)
-    assert not alive, [p.cmdline() for p in alive]
+    psutil.wait_procs(secondary_engines)  # each ends (one left behind: the test's timeout)

@@ -1,21 +1,21 @@
 """End to end: the real `llmwarm` process, the real CPU vLLM engine, the tiny model, real sockets.
 
-One `llmwarm serve` (with an API key, as in production) is shared by this module; user-like
-load hits it from the moment the process starts until well after it is ready; its shutdown
-test runs last.
+Most tests here read the shared server (`served`, tests/served.py: one `llmwarm serve` with an
+API key, as in production, user-like load from its first moment until well after it is ready,
+stopped draining at the end of the session); the others need a process of their own: another
+model, flags or profile, a signal, an exit code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,9 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 
+from llmwarm import engine
 from llmwarm.features import with_image
-from llmwarm.gate import WARMUP_HEADER
-from tests.conftest import (
+from tests.launch import (
     ENGINE_FLAGS,
     LLMWARM,
     MINIMAL,
@@ -38,177 +38,13 @@ from tests.conftest import (
     engine_env,
     engine_processes,
     free_port,
+    launch_serve,
     serving,
     wait_ready,
 )
+from tests.served import ADMIN, API_KEY, AUTH, SECRET, Served
 
 pytestmark = pytest.mark.e2e
-
-API_KEY = "e2e-key-7c1d"
-AUTH = {"authorization": f"Bearer {API_KEY}"}
-ADMIN_KEY = "e2e-admin-3b9f"  # POST /warmup/run's, given as LLMWARM_ADMIN_KEY
-ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
-LOAD_AFTER_READY = 20  # user requests answered 200 after /ready, before the tests look
-# In every body the load sends: no answer of llmwarm's, nor its report, may echo it.
-SECRET = "user-secret-5be0"
-
-
-@dataclass
-class Answer:
-    request_id: str
-    sent: float  # time.monotonic()
-    status: int | None  # None: no answer (a transport error)
-    retry_after: str | None
-    text: str
-
-
-@dataclass
-class Served:
-    proc: subprocess.Popen[bytes]
-    url: str
-    report: Path
-    log: Path
-    # (path, status, retry-after, JSON body) of every answer seen before /ready was 200
-    before_ready: list[tuple[str, int, str | None, dict[str, Any]]] = field(default_factory=list)
-    ready_at: float | None = None  # time.monotonic() when /ready was first seen 200
-    load: list[Answer] = field(default_factory=list)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _user_load(served: Served, done: threading.Event, workers: int = 4) -> None:
-    """Users who do not wait for /ready: mixed requests, back to back, each with its own
-    X-Request-Id (`ext-...`), from process start until `done`."""
-    bodies = [
-        ("/v1/completions", {"prompt": f"{SECRET} once upon", "max_tokens": 4}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": SECRET}],
-                                  "max_tokens": 4, "logprobs": True, "top_logprobs": 2}),
-        ("/v1/completions", {"prompt": SECRET, "max_tokens": 4, "stream": True}),
-    ]  # fmt: skip
-
-    async def worker(w: int, client: httpx.AsyncClient) -> None:
-        i = 0
-        while not done.is_set():
-            path, body = bodies[i % len(bodies)]
-            rid = f"ext-{w}-{i}"
-            i += 1
-            sent = time.monotonic()
-            try:
-                r = await client.post(
-                    path, json={"model": "tiny", **body}, headers={**AUTH, "x-request-id": rid}
-                )
-                served.load.append(
-                    Answer(rid, sent, r.status_code, r.headers.get("retry-after"), r.text)
-                )
-            except httpx.ConnectError:
-                await asyncio.sleep(0.2)  # not bound yet (the CLI is still importing vLLM)
-            except httpx.HTTPError as exc:
-                served.load.append(Answer(rid, sent, None, None, repr(exc)))
-            await asyncio.sleep(0.05)
-
-    async def main() -> None:
-        async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
-            await asyncio.gather(*(worker(w, client) for w in range(workers)))
-
-    asyncio.run(main())
-
-
-def _until_answered_after_ready(served: Served, load: threading.Thread) -> None:
-    """Until `LOAD_AFTER_READY` user requests sent after /ready was 200 were answered."""
-    assert served.ready_at is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and load.is_alive():
-        after = [a for a in list(served.load) if a.sent > served.ready_at and a.status == 200]
-        if len(after) >= LOAD_AFTER_READY:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"fewer than {LOAD_AFTER_READY} user requests answered after ready")
-
-
-def _serve(
-    model: Path, port: int, log: Path, *flags: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """`llmwarm serve MODEL` on loopback `port` with the engine's flags and `flags`, its
-    output to `log`."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [*LLMWARM, "serve", str(model), *ENGINE_FLAGS, "--port", str(port),
-             "--host", "127.0.0.1", *flags],
-            stdout=out, stderr=subprocess.STDOUT, env=env or engine_env(),
-        )  # fmt: skip
-
-
-def _poll_until_ready(served: Served) -> None:
-    """Probe like a load balancer (and a forger) until /ready is 200."""
-    probes = [
-        ("GET", "/ready", AUTH),
-        ("GET", "/health", AUTH),
-        ("GET", "/v1/models", AUTH),
-        ("POST", "/v1/completions", {**AUTH, WARMUP_HEADER: "forged-token"}),
-    ]
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    i = 0
-    with httpx.Client(base_url=served.url, timeout=10) as client:
-        while time.monotonic() < deadline:
-            if served.proc.poll() is not None:
-                pytest.fail(f"llmwarm exited early:\n{served.log_text()[-3000:]}")
-            method, path, headers = probes[i % len(probes)]
-            i += 1
-            try:
-                body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-                r = client.request(method, path, headers=headers, json=body)
-            except httpx.TransportError:
-                time.sleep(0.2)  # not bound yet (the CLI is still importing vLLM)
-                continue
-            if r.status_code == 200:
-                # The gate opened between probes: /ready must agree (it never closes again).
-                assert client.get("/ready").status_code == 200, (path, r.text)
-                served.ready_at = time.monotonic()
-                return
-            served.before_ready.append(
-                (path, r.status_code, r.headers.get("retry-after"), r.json())
-            )
-            time.sleep(0.1)
-    pytest.fail(f"not ready after {STARTUP_TIMEOUT_S} s:\n{served.log_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp("served")
-    port = free_port()
-    log = tmp / "llmwarm.log"
-    cmd = [
-        *LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS,
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
-        "--profile", str(MINIMAL), "--report", str(tmp / "report.json"),
-        "--api-key", API_KEY,
-        "--enable-log-requests",  # the engine logs each request id it runs
-        "--shutdown-timeout", "20",  # in-flight requests drain at SIGTERM
-        "--rewarm-min-interval", "0",  # the re-warm test sends two in a row
-    ]  # fmt: skip
-    env = {**engine_env(), "LLMWARM_ADMIN_KEY": ADMIN_KEY}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    s = Served(proc=proc, url=f"http://127.0.0.1:{port}", report=tmp / "report.json", log=log)
-    done = threading.Event()
-    load = threading.Thread(target=_user_load, args=(s, done), daemon=True)
-    load.start()
-    try:
-        _poll_until_ready(s)
-        _until_answered_after_ready(s, load)  # the load goes on well after ready
-        done.set()
-        load.join(90)
-        assert not load.is_alive(), "a user request hung"
-        yield s
-    finally:
-        done.set()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def test_503_with_retry_after_until_warm(served: Served) -> None:
@@ -259,7 +95,7 @@ def test_gate_under_load_answers_every_user_and_runs_none_cold(served: Served) -
     ]
     before = [rid for i, rid in added if i < opened]
     assert not [rid for rid in before if "ext-" in rid], "a user request ran before ready"
-    report = json.loads(served.report.read_text())
+    report = served.startup
     # vLLM runs each prompt of a batch as a request of its own
     engine_requests = sum(
         4 if "prompt_batch" in sample["kind"] else 1
@@ -369,7 +205,7 @@ def test_ready_reports_the_warmup(served: Served) -> None:
 
 
 def test_report_file(served: Served) -> None:
-    report = json.loads(served.report.read_text())
+    report = served.startup
     assert report["version"] == 2 and report["model"] == "tiny"
     assert report["cache_salt"].startswith("llmwarm-")
     # minimal.yaml prefills 1 % of the engine's KV-cache blocks once, before the buckets
@@ -495,7 +331,7 @@ def test_bench_against_the_warm_server(served: Served, tmp_path: Path) -> None:
 
 
 def test_token_id_batched_and_chat_prompts_are_warmed_and_classified(served: Served) -> None:
-    report = json.loads(served.report.read_text())
+    report = served.startup
     sent = {
         sample["kind"]
         for b in report["buckets"]
@@ -554,53 +390,6 @@ def test_rewarm_on_demand_closes_the_gate_when_asked(served: Served) -> None:
     assert json.loads(served.report.read_text())["started_at"] == again.json()["started_at"]
 
 
-def test_sigterm_drains_in_flight_requests_and_leaves_no_engine(served: Served) -> None:
-    children = engine_processes(Launch.of(served.proc.pid))
-    assert engine_core(children), [p.pid for p in children]
-    body = {
-        "model": "tiny", "prompt": "drain", "max_tokens": 300, "ignore_eos": True,
-        "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
-    usage = None
-    with httpx.Client(base_url=served.url, timeout=60, headers=AUTH) as c:
-        with c.stream("POST", "/v1/completions", json=body) as r:
-            for i, line in enumerate(r.iter_lines()):
-                if i == 2:  # mid-stream
-                    t0 = time.monotonic()
-                    served.proc.send_signal(signal.SIGTERM)
-                if line.startswith("data: {"):
-                    usage = json.loads(line[6:]).get("usage") or usage
-    assert usage is not None and usage["completion_tokens"] == 300  # drained, not cut
-    assert served.proc.wait(30) == 0
-    assert time.monotonic() - t0 < 15
-    gone, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive, [p.pid for p in alive]
-    assert "Traceback" not in served.log_text()
-
-
-def test_warm_writes_the_report_and_plot_and_exits(tiny_model: Path, tmp_path: Path) -> None:
-    report, plot = tmp_path / "warm.json", tmp_path / "warm.png"
-    proc = subprocess.run(
-        [*LLMWARM, "warm", str(tiny_model), *ENGINE_FLAGS, "--profile", str(MINIMAL),
-         "--report", str(report), "--plot", str(plot)],
-        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, env=engine_env(),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(report.read_text())
-    assert len(data["buckets"]) == 2
-    sent = sum(
-        len(r["samples"])
-        for b in data["buckets"]
-        for r in [*b["rounds"], b["sweep"], b["check"]]
-        if r
-    )
-    # at least two rounds of each bucket (concurrency 1 and 2), and the first bucket's sweep
-    # and check of the 19 other kinds (minimal.yaml)
-    assert data["requests"] == sent >= 2 * 1 + 2 * 2 + 2 * 19
-    assert plot.read_bytes()[:4] == b"\x89PNG"
-    assert "Traceback" not in proc.stderr
-
-
 def test_rounds_after_the_second_are_served_from_the_prefix_cache(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -615,7 +404,7 @@ def test_rounds_after_the_second_are_served_from_the_prefix_cache(
         "convergence: {window: 2, spread: 10, min_rounds: 4, max_rounds: 4}\n"
     )
     port, log, report = free_port(), tmp_path / "log", tmp_path / "r.json"
-    proc = _serve(tiny_model, port, log, "--profile", str(profile), "--report", str(report))
+    proc = launch_serve(tiny_model, port, log, "--profile", str(profile), "--report", str(report))
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
             wait_ready(proc, c, log)
@@ -635,44 +424,48 @@ def test_rounds_after_the_second_are_served_from_the_prefix_cache(
     assert hits == 2 * 384, [line for line in metrics.splitlines() if "prefix_cache" in line]
 
 
-def test_unconverged_with_fail_policy_exits_6_after_writing_the_report(
+def test_warm_unconverged_under_the_fail_policy_exits_6_after_the_report_and_plot(
     tiny_model: Path, tmp_path: Path
 ) -> None:
+    # `llmwarm warm` (a start that warms and exits, not serving) writes its report and plot
+    # whatever the outcome; held to a spread no real series meets within its two rounds, it
+    # exits 6 under `--on-unconverged fail` (0 otherwise: the session's `baked` fixture).
     profile = tmp_path / "strict.yaml"
-    # No real series is this flat: the rule, held to the fixed spread, cannot hold within
-    # two rounds.
     profile.write_text(
-        "buckets:\n  - {prompt_tokens: 16, concurrency: 1, max_tokens: 8}\n"
+        "extends: minimal\n"
         "convergence: {window: 2, spread: 0.000001, min_rounds: 2, max_rounds: 2,"
         " allow_noise: false}\n"
     )
-    report = tmp_path / "strict.json"
+    report, plot = tmp_path / "strict.json", tmp_path / "strict.png"
     proc = subprocess.run(
         [*LLMWARM, "warm", str(tiny_model), *ENGINE_FLAGS, "--profile", str(profile),
-         "--report", str(report), "--on-unconverged", "fail"],
-        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, env=engine_env(),
+         "--report", str(report), "--plot", str(plot), "--on-unconverged", "fail"],
+        capture_output=True, text=True, env=engine_env(),
     )  # fmt: skip
     assert proc.returncode == 6, proc.stderr[-3000:]
     assert "not warm: max_rounds was reached" in proc.stderr
     assert "• bucket p16-c1-o8: did not converge" in proc.stderr
     data = json.loads(report.read_text())
     assert data["converged"] is False and data["on_unconverged"] == "fail"
-    assert data["buckets"][0]["stop_reason"] == "max_rounds"
+    assert [b["stop_reason"] for b in data["buckets"]] == ["max_rounds", "max_rounds"]
+    sent = sum(
+        len(r["samples"])
+        for b in data["buckets"]
+        for r in [*b["rounds"], b["sweep"], b["check"]]
+        if r
+    )
+    # two rounds of each bucket (concurrency 1 and 2), and the first bucket's sweep and check
+    # of the 19 other kinds (minimal.yaml)
+    assert data["requests"] == sent == 2 * 1 + 2 * 2 + 2 * 19
+    assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(
-    ("phase", "action"),
-    [
-        ("loading", "sigterm"),
-        ("warming", "sigterm"),
-        ("warming", "sigint-twice"),  # Ctrl-C, Ctrl-C: forced at once
-        ("warming", "kill-engine"),
-    ],
-)
-def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
-    tiny_model: Path, tmp_path: Path, phase: str, action: str
+@pytest.mark.parametrize("action", ["sigterm", "sigint-twice", "kill-engine"])
+def test_while_warming_sigterm_exits_130_and_engine_death_exits_4(
+    tiny_model: Path, tmp_path: Path, action: str
 ) -> None:
+    # (a SIGTERM while loading: tests/test_signals.py, at each stage of loading)
     port = free_port()
     log = tmp_path / "log"
     report = tmp_path / "r.json"
@@ -684,55 +477,49 @@ def test_before_ready_sigterm_exits_130_and_engine_death_exits_4(
         "buckets:\n  - {prompt_tokens: 64, concurrency: 2, max_tokens: 32}\n"
         "convergence: {min_rounds: 1000, max_rounds: 1000}\n"
     )
-    proc = _serve(tiny_model, port, log, "--profile", str(profile), "--report", str(report))
+    # sigint-twice: the first SIGINT's stop pauses (a test hook), so the second lands while
+    # it is under way, whatever the host's speed
+    env = engine_env() | ({engine.PAUSE_ENV: "interrupt"} if action == "sigint-twice" else {})
+    proc = launch_serve(
+        tiny_model, port, log, "--profile", str(profile), "--report", str(report), env=env
+    )
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            while time.monotonic() < deadline:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S  # a hang guard with the log's tail
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=None) as client:
+            while True:  # until a round has been measured, so the report has something
                 assert proc.poll() is None, log.read_text()[-3000:]
-                try:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                with contextlib.suppress(httpx.TransportError):
                     ready = client.get("/ready").json()
-                except httpx.TransportError:
-                    ready = {}
-                # "loading" counts once the engine process exists, so its shutdown is tested;
-                # "warming" once a round has been measured, so the report has something.
-                status = ready.get("status")
-                if status == phase and (
-                    (phase == "loading" and engine_core(engine_processes(Launch.of(proc.pid))))
-                    or (phase == "warming" and ready.get("progress", {}).get("round"))
-                ):
-                    break
+                    if ready["status"] == "warming" and ready.get("progress", {}).get("round"):
+                        break
                 time.sleep(0.2)
-            else:
-                pytest.fail(f"never saw {phase}:\n{log.read_text()[-3000:]}")
         children = engine_processes(Launch.of(proc.pid))
         assert engine_core(children), [p.pid for p in children]
-        t0 = time.monotonic()
         if action == "sigterm":
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 130
+            assert proc.wait() == 130
         elif action == "sigint-twice":
             proc.send_signal(signal.SIGINT)
-            time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(30) == 130
-            assert time.monotonic() - t0 < 5
+            while "llmwarm: paused at interrupt" not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)  # Ctrl-C again: forced at once
+            assert proc.wait() == 130
         else:
             core = engine_core(children)
             assert core is not None
             core.kill()
-            assert proc.wait(30) == 4, log.read_text()[-3000:]
-        assert time.monotonic() - t0 < 15
-        _, alive = psutil.wait_procs(children, timeout=10)
-        assert not alive
+            assert proc.wait() == 4, log.read_text()[-3000:]
+        psutil.wait_procs(children)  # every engine process ends (one left: the timeout)
         text = log.read_text()
+        assert "warm: serving on" not in text  # it ended warming
         if action == "sigterm":
-            assert f"interrupted while {phase}" in text and "Traceback" not in text
+            assert "interrupted while warming" in text and "Traceback" not in text
         elif action == "sigint-twice":
             assert "SIGINT again: forcing exit" in text
         else:
             assert "Error: the vLLM engine died during the warm-up" in text
-            assert "warm: serving on" not in text  # the precondition: it died warming
             noticed = re.search(r"first noticed by: (.+)", text)
             assert noticed is not None, text[-3000:]
             print(f"the engine's death, first noticed by: {noticed.group(1)}")
@@ -751,7 +538,7 @@ def test_rewarm_after_a_lora_adapter_is_loaded_warms_it(tiny_model: Path, tmp_pa
     port = free_port()
     log = tmp_path / "log"
     env = engine_env() | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    proc = _serve(
+    proc = launch_serve(
         tiny_model, port, log, "--served-model-name", "tiny", "--profile", str(MINIMAL),
         "--report", str(tmp_path / "r.json"),
         "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", env=env,
@@ -774,7 +561,7 @@ def test_rewarm_after_a_lora_adapter_is_loaded_warms_it(tiny_model: Path, tmp_pa
         assert report.json()["error"] is None
         assert answer.status_code == 200 and answer.json()["model"] == "sql"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert proc.wait() == 0
     finally:
         if proc.poll() is None:
             proc.kill()

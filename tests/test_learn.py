@@ -17,9 +17,9 @@ from llmwarm.cli import app
 from llmwarm.coverage import Shape, Warmed
 from llmwarm.fit import EngineShape, for_engine
 from llmwarm.profile import load_profile, parse_profile
-from tests.conftest import serving
 from tests.fakes import MINIMAL_PROFILE
 from tests.fakes import shape as _shape
+from tests.launch import serving
 
 ENGINE = EngineShape(
     max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512,

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from llmwarm import lifeline
-from tests.conftest import (
+from tests.launch import (
     ENGINE_FLAGS,
     LLMWARM,
     MINIMAL,
@@ -67,10 +67,8 @@ def _tree(tmp_path: Path, method: str, armed: bool = True) -> Iterator[list[psut
 def test_a_sigkilled_parent_takes_its_engine_processes_along(method: str, tmp_path: Path) -> None:
     with _tree(tmp_path, method) as (parent, *engine):
         parent.kill()
-        deadline = time.monotonic() + 10
-        while not all(_gone(p.pid) for p in engine) and time.monotonic() < deadline:
+        while not all(_gone(p.pid) for p in engine):  # (one left behind: the test's timeout)
             time.sleep(0.1)
-        assert [p.pid for p in engine if not _gone(p.pid)] == []
 
 
 def test_without_the_lifeline_an_engine_process_outlives_its_parent(tmp_path: Path) -> None:
@@ -125,10 +123,8 @@ def test_a_sigkilled_llmwarm_leaves_no_engine_process(
         assert engine_core(engine), [p.pid for p in engine]
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 10
-        while not all(_gone(p.pid) for p in engine) and time.monotonic() < deadline:
+        while not all(_gone(p.pid) for p in engine):  # (one left behind: the test's timeout)
             time.sleep(0.1)
-        assert [p.pid for p in engine if not _gone(p.pid)] == [], log.read_text()[-2000:]
         assert "llmwarm lifeline" in log.read_text(errors="replace")
     finally:
         proc.kill()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -12,11 +12,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llmwarm import prefill
-from llmwarm.corpus import Corpus, WordTokenizer
+from llmwarm.corpus import Corpus, WarmRequest, WordTokenizer
 from llmwarm.errors import ProfileError
 from llmwarm.fit import EngineShape, for_engine, prefill_counts
 from llmwarm.profile import Prefill, parse_profile
-from llmwarm.report import PrefillResult
+from llmwarm.report import PrefillResult, Sample
 from tests.conftest import on_loopback
 from tests.fakes import LocalClient, answer
 
@@ -67,18 +67,25 @@ def test_max_tokens_below_min_tokens_is_refused_at_load() -> None:
     assert info.value.problems[0][0] == "prefill"
 
 
+class _Batches(LocalClient):
+    """The local client, recording the prompt lengths (a word a token) of each batch it is
+    asked to send at once (`measure_all` sends a batch's requests together: test_client.py)."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(base_url)
+        self.batches: list[list[int]] = []
+
+    async def measure_all(self, requests: Sequence[WarmRequest]) -> list[Sample]:
+        self.batches.append([len(r.body["prompt"].split()) for r in requests])
+        return await super().measure_all(requests)
+
+
 async def test_each_count_alone_then_shared_by_batched_requests_at_once() -> None:
     sent: list[dict[str, Any]] = []
-    in_flight = peak = 0
 
     async def completions(request: Request) -> Response:
-        nonlocal in_flight, peak
         body = await request.json()
         sent.append(body)
-        in_flight += 1
-        peak = max(peak, in_flight)
-        await asyncio.sleep(0.02)  # a batch's requests overlap
-        in_flight -= 1
         return await answer(request.url.path, body, gap=0.0)
 
     profile = for_engine(
@@ -92,15 +99,14 @@ async def test_each_count_alone_then_shared_by_batched_requests_at_once() -> Non
         SHAPE,
     )
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
-    async with on_loopback(app) as url, LocalClient(url) as client:
+    async with on_loopback(app) as url, _Batches(url) as client:
         result = await prefill.sweep(client, Corpus(profile, WordTokenizer(), "m", "s"), SHAPE, 60)
     assert result is not None
     assert result.token_counts == [16, 32, 64, 128] and result.batched == 4 and not result.cut
-    lengths = [len(body["prompt"].split()) for body in sent]  # a word a token here
     # shortest first, each count alone then shared at once: 64 and 128 as four requests each
     # (16 and 32 would be shorter than min_tokens a request)
-    assert lengths == [16, 32, 64] + [16] * 4 + [128] + [32] * 4
-    assert result.requests == len(sent) == 12 and peak == 4
+    assert client.batches == [[16], [32], [64], [16] * 4, [128], [32] * 4]
+    assert result.requests == len(sent) == 12
     # the prefill's token and one decode step over it, salted, plain; no two prompts alike (no
     # prefix-cache hit)
     assert all(b["max_tokens"] == 2 and b["cache_salt"] == "s" for b in sent)

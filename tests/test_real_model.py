@@ -7,7 +7,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import serving
+from tests.launch import serving
 
 pytestmark = pytest.mark.e2e
 

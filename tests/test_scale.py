@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import (
+from tests.launch import (
     ENGINE_FLAGS,
     LLMWARM,
     STARTUP_TIMEOUT_S,
@@ -59,7 +59,7 @@ def test_a_bucket_of_192_has_them_running_at_once_in_vllm(tiny_model: Path, tmp_
                     text = ""
                 most = max([most, *(float(v) for v in RUNNING.findall(text))])
             time.sleep(0.2)
-        assert proc.wait(60) == 0, log.read_text(errors="replace")[-3000:]
+        assert proc.wait() == 0, log.read_text(errors="replace")[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -95,8 +95,7 @@ def test_tensor_parallel_2_warms_serves_and_leaves_no_worker(
         assert data["converged"] is all(b["converged_at"] for b in data["buckets"])
         assert client.get("/ready").json()["converged"] is data["converged"]
     # serving() SIGTERMed it and saw exit 0: every engine process is gone
-    _, alive = psutil.wait_procs(engine_procs, timeout=10)
-    assert not alive, [p.cmdline() for p in alive]
+    psutil.wait_procs(engine_procs)  # each ends (one left behind: the test's timeout)
 
 
 def test_tensor_parallel_without_core_lists_is_exit_3_saying_what_to_set(

@@ -37,10 +37,12 @@ from tests.fakes import MINIMAL_PROFILE, FakeEngine
 # --- the engine-death guard -----------------------------------------------------------------
 
 
-async def _endless(cancelled: asyncio.Event) -> int:
-    """Work that never ends by itself; records that it was cancelled."""
+async def _endless(cancelled: asyncio.Event, started: asyncio.Event | None = None) -> int:
+    """Work that never ends by itself; records that it started and that it was cancelled."""
+    if started is not None:
+        started.set()
     try:
-        await asyncio.sleep(60)
+        await asyncio.Event().wait()
     except asyncio.CancelledError:
         cancelled.set()
         raise
@@ -61,7 +63,7 @@ async def test_an_engine_death_cancels_the_work_and_says_so() -> None:
 
     asyncio.get_running_loop().call_later(0.1, eng.die)
     with pytest.raises(WarmupError, match="the vLLM engine died during the warm-up") as info:
-        await asyncio.wait_for(unless_dead(eng, _endless(cancelled)), 5)
+        await unless_dead(eng, _endless(cancelled))
     assert cancelled.is_set()
     assert info.value.problems == [("engine", "the fake EngineCore ended")]
 
@@ -86,10 +88,10 @@ async def test_a_request_failing_on_a_live_engine_is_that_failure() -> None:
 
 
 async def test_cancelling_the_guard_cancels_the_work() -> None:
-    cancelled = asyncio.Event()
+    cancelled, started = asyncio.Event(), asyncio.Event()
 
-    guard = asyncio.create_task(unless_dead(FakeEngine(), _endless(cancelled)))
-    await asyncio.sleep(0.05)
+    guard = asyncio.create_task(unless_dead(FakeEngine(), _endless(cancelled, started)))
+    await started.wait()
     guard.cancel()
     with pytest.raises(asyncio.CancelledError):
         await guard
@@ -284,7 +286,7 @@ async def test_an_engine_death_a_warm_up_request_finds_first_fails_the_warm_up(
     eng.die()
     eng.release()
     with pytest.raises(WarmupError, match="the vLLM engine died during the warm-up"):
-        await asyncio.wait_for(run.task, 10)
+        await run.task
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["error"]["message"] == "the vLLM engine died during the warm-up"
     assert eng.shut_down and not eng.lifespan_ran
@@ -316,7 +318,7 @@ async def test_an_engine_death_before_the_gate_opens_is_a_failed_warm_up_whoever
     _dies(eng, noticed_by)
     run = running(eng)
     with pytest.raises(WarmupError, match="the vLLM engine died during the warm-up"):
-        await asyncio.wait_for(run.task, 30)
+        await run.task
     assert run.life.state.stage is Stage.WARMING  # the gate never opened
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["error"]["message"] == "the vLLM engine died during the warm-up"
@@ -370,7 +372,7 @@ async def test_an_engine_death_a_request_finds_first_is_exit_5_not_0(
     answer = await run.client.post("/v1/completions", json=body)
     assert answer.status_code == 500  # vLLM's answer; and it asked its server to stop
     with pytest.raises(EngineDied):
-        await asyncio.wait_for(run.task, 10)
+        await run.task
     assert eng.shut_down
 
 
@@ -689,14 +691,15 @@ async def test_200_trickling_connections_stall_neither_the_warm_up_nor_the_gate(
 
     trickling = asyncio.create_task(trickle())
     try:
-        # the gate answers others at once, while warming
-        started = time.monotonic()
-        ready = await asyncio.wait_for(run.client.get("/ready"), 5)
-        assert ready.status_code == 503 and time.monotonic() - started < 1
+        # the gate answers others while every slow head is still trickling in (none of them
+        # ever ends by itself: a gate they stalled would never answer)
+        ready = await run.client.get("/ready")
+        assert ready.status_code == 503 and not trickling.done()
+        assert not any(writer.is_closing() for writer in slow)
         eng.release()  # the warm-up goes on and ends; the gate opens
-        await asyncio.wait_for(run.until(Stage.SERVING), 60)
-        ready = await asyncio.wait_for(run.client.get("/ready"), 5)
-        assert ready.status_code == 200
+        await run.until(Stage.SERVING)
+        ready = await run.client.get("/ready")
+        assert ready.status_code == 200 and not trickling.done()
     finally:
         trickling.cancel()
         for writer in slow:

@@ -1,10 +1,12 @@
 """Signals at any instant of a real start-up, and to a whole process group, on real vLLM.
 
 Whatever the instant (while vLLM imports, at the hand-over from the import-time handler to the
-event loop's, while the engine thread spawns EngineCore, loading, warming, serving), a SIGTERM
-or SIGINT ends llmwarm within 15 s, with 130 before serving and 0 (drained) while serving, and
-no process of its engine is left. A SIGTERM to llmwarm's process group (`timeout`, `kill --
--PGID`) while serving is one request to stop: in-flight requests drain.
+event loop's, while the engine thread spawns EngineCore, at each stage of loading), a SIGTERM
+or SIGINT ends llmwarm there, with 130 before serving and 0 (drained) while serving, and no
+process of its engine is left. A SIGTERM to llmwarm's process group (`timeout`, `kill --
+-PGID`) while serving is one request to stop: in-flight requests drain. (Warming: tests/
+test_e2e.py.) No assertion here bounds a duration: each waits for the event it needs, and a
+process that never ends fails by the test's timeout.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -23,7 +25,7 @@ import psutil
 import pytest
 
 from llmwarm import engine
-from tests.conftest import (
+from tests.launch import (
     ENGINE_FLAGS,
     LLMWARM,
     MINIMAL,
@@ -37,11 +39,11 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.e2e
 
-STOP_S = 15  # a signal ends everything within this
-# Seconds after launch: the import, the hand-over, the engine build and spawn, loading, the
-# warm-up (the tiny model is ready after ~30-40 s here, so the last ones may find it serving).
-DELAYS = [0.3, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.5, 10.0, 12.0,
-          15.0, 18.0, 22.0, 26.0]  # fmt: skip
+# Seconds after launch, while Python starts, llmwarm imports vLLM, and the event loop takes
+# over (the hand-over): cheap instants, whatever they hit on a loaded host (the assertions
+# hold at any instant). The stages after them are reached by their events instead
+# (`STAGES`): a fixed delay would land in a different one on a slower host.
+DELAYS = [0.3, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
 
 
 class Launched:
@@ -79,16 +81,16 @@ def _launched(
                 process.kill()
 
 
-def _ends(run: Launched, since: float) -> int:
-    """llmwarm's exit code; it and its engine must be gone within STOP_S of `since`."""
-    try:
-        code = run.proc.wait(max(0.1, since + STOP_S - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"still running {STOP_S} s after the signal:\n{run.text[-3000:]}")
-    while (left := engine_processes(run.launch)) and time.monotonic() < since + STOP_S:
+def _ends(run: Launched, signalled: str) -> int:
+    """llmwarm's exit code, once it and every process of its engine are gone (a process left
+    behind: the test's timeout). `signalled`: its log when the signal was sent. A signal before
+    the gate opened never lets it open (an interrupted start never serves)."""
+    code = run.proc.wait()
+    while engine_processes(run.launch):
         time.sleep(0.1)
-    assert left == [], f"engine processes left: {left}\n{run.text[-2000:]}"
     assert "Traceback" not in run.text, run.text[-3000:]
+    if "warm: serving on" not in signalled:
+        assert "warm: serving on" not in run.text, run.text[-3000:]
     return code
 
 
@@ -100,12 +102,30 @@ def _catches(pid: int, sig: signal.Signals) -> bool:
     return False
 
 
-def _until_in_log(run: Launched, marker: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while marker not in run.text:
+def _until(run: Launched, what: str, reached: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S  # a hang guard with the log's tail
+    while not reached():
         assert run.proc.poll() is None, run.text[-3000:]
-        assert time.monotonic() < deadline, f"never logged {marker!r}"
+        assert time.monotonic() < deadline, f"never {what}"
         time.sleep(0.02)
+
+
+def _until_in_log(run: Launched, marker: str) -> None:
+    _until(run, f"logged {marker!r}", lambda: marker in run.text)
+
+
+def _named(run: Launched, name: str) -> bool:
+    return any(name in " ".join(p.cmdline()) for p in engine_processes(run.launch))
+
+
+# The stages of loading, by what shows them: vLLM's EngineCore process has named itself; its
+# worker has; the worker compiles the model's graph. Each is seconds before the engine has
+# loaded (`init engine ... took`), so a signal there finds it loading.
+STAGES: dict[str, Callable[[Launched], bool]] = {
+    "engine-core": lambda run: _named(run, "EngineCore"),
+    "worker": lambda run: _named(run, "Worker"),
+    "compiling": lambda run: "Warming up model for the compilation" in run.text,
+}
 
 
 @pytest.mark.parametrize("delay", DELAYS)
@@ -118,12 +138,27 @@ def test_a_sigterm_at_any_instant_of_start_up_ends_it_all(
         # before Python has run llmwarm's first lines (a few tenths of a second), SIGTERM's
         # default applies: the process ends at once, nothing started
         early = not _catches(run.proc.pid, signal.SIGTERM)
-        sent = time.monotonic()
+        signalled = run.text
         run.proc.send_signal(signal.SIGTERM)
-        code = _ends(run, sent)
+        code = _ends(run, signalled)
         # the stage decides: serving drains (0); anything before is interrupted (130)
         expected = 0 if "warm: serving on" in run.text else 130
         assert code == expected or (early and code == -signal.SIGTERM), run.text[-2000:]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_sigterm_while_the_engine_loads_interrupts_it_there(
+    tiny_model: Path, tmp_path: Path, stage: str
+) -> None:
+    with _launched(tiny_model, tmp_path) as run:
+        _until(run, stage, lambda: STAGES[stage](run))
+        signalled = run.text
+        run.proc.send_signal(signal.SIGTERM)
+        assert _ends(run, signalled) == 130
+        # ended there, not once the engine had loaded (vLLM ignores SIGTERM while loading:
+        # llmwarm ends its processes itself)
+        assert "interrupted while loading" in run.text, run.text[-3000:]
+        assert "init engine" not in run.text and "engine started in" not in run.text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -135,9 +170,9 @@ def test_a_signal_at_the_hand_over_or_the_engine_spawn_interrupts(
     # about to start EngineCore (a test hook pauses there 5 s)
     with _launched(tiny_model, tmp_path, env={engine.PAUSE_ENV: point}) as run:
         _until_in_log(run, f"llmwarm: paused at {point}")
-        sent = time.monotonic()
+        signalled = run.text
         run.proc.send_signal(sig)
-        assert _ends(run, sent) == 130
+        assert _ends(run, signalled) == 130
 
 
 def _stream_in_flight(port: int, result: list[httpx.Response | BaseException]) -> threading.Event:
@@ -177,25 +212,19 @@ def test_a_sigterm_to_the_process_group_while_serving_drains(
     ) as run:  # fmt: skip
         llmwarm = psutil.Process(run.proc.pid)
         if how == "timeout":
-            deadline = time.monotonic() + 30
             while not llmwarm.children():
-                assert time.monotonic() < deadline
                 time.sleep(0.05)
             llmwarm = llmwarm.children()[0]
             run.launch = Launch.of(run.proc.pid, llmwarm.pid)  # its engine's processes know it
         with httpx.Client(base_url=f"http://127.0.0.1:{run.port}", timeout=30) as client:
             wait_ready(run.proc, client, run.log)
         result: list[httpx.Response | BaseException] = []
-        assert _stream_in_flight(run.port, result).wait(60)
-        sent = time.monotonic()
+        _stream_in_flight(run.port, result).wait()
         if how == "timeout":
             run.proc.send_signal(signal.SIGTERM)
         else:
             os.killpg(run.proc.pid, signal.SIGTERM)
-        try:
-            code = run.proc.wait(STOP_S + 60)
-        except subprocess.TimeoutExpired:
-            pytest.fail(run.text[-3000:])
+        code = run.proc.wait()
         assert not llmwarm.is_running() or llmwarm.status() == psutil.STATUS_ZOMBIE
         # one request to stop, drained: the in-flight stream got all its tokens
         [answer] = result
@@ -205,6 +234,5 @@ def test_a_sigterm_to_the_process_group_while_serving_drains(
         assert "SIGTERM received" in run.text
         if how == "kill-pgid":
             assert code == 0
-        while (left := engine_processes(run.launch)) and time.monotonic() < sent + STOP_S + 60:
+        while engine_processes(run.launch):  # each ends (one left: the test's timeout)
             time.sleep(0.1)
-        assert left == []

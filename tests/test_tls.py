@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trustme
 
-from tests.conftest import ENGINE_FLAGS, LLMWARM, MINIMAL, engine_env, free_port, wait_ready
+from tests.launch import ENGINE_FLAGS, LLMWARM, MINIMAL, engine_env, free_port, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -73,13 +73,11 @@ def test_mutual_tls_warms_up_serves_and_picks_up_a_rotated_certificate(
         new = rotated.cert_chain_pems[0].bytes()
         wanted = ssl.PEM_cert_to_DER_cert(new.decode())
         assert wanted != before
-        deadline = time.monotonic() + 60
-        while _served_certificate(port, trust) != wanted:
-            assert time.monotonic() < deadline, "the rotated certificate was never served"
+        while _served_certificate(port, trust) != wanted:  # (never: the test's timeout)
             assert proc.poll() is None
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text(errors="replace")[-3000:]
+        assert proc.wait() == 0, log.read_text(errors="replace")[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
