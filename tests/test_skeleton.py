@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmwarm.skeleton import LONG, MAX_KEPT, Skeleton, text_length
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A string skipped, of this many bytes of escaped text."""
+
+    size: int
+
+
 def _expected(value: Any) -> Any:
-    """`value` with every string longer than `LONG` (in UTF-8 bytes) as its placeholder."""
+    """`value` with every string longer than `LONG` (in UTF-8 bytes) skipped."""
     if isinstance(value, str):
         size = len(json.dumps(value, ensure_ascii=False)[1:-1].encode())
-        return value if size <= LONG else f"\x00{size}"
+        return value if size <= LONG else Skipped(size)
     if isinstance(value, list):
         return [_expected(v) for v in value]
     if isinstance(value, dict):
         return {_expected(k): _expected(v) for k, v in value.items()}
+    return value
+
+
+def _read(value: Any) -> Any:
+    """A parsed skeleton with its placeholders read back (`text_length`)."""
+    if isinstance(value, str):
+        return value if text_length(value) == len(value) else Skipped(text_length(value))
+    if isinstance(value, list):
+        return [_read(v) for v in value]
+    if isinstance(value, dict):
+        return {_read(k): _read(v) for k, v in value.items()}
     return value
 
 
@@ -47,7 +68,7 @@ def test_any_body_in_any_chunks_parses_to_itself_less_its_long_strings(
         skeleton.feed(raw[pos : pos + cut])
         pos += cut
     skeleton.feed(raw[pos:])
-    assert skeleton.parse() == _expected(body)
+    assert _read(skeleton.parse()) == _expected(body)
 
 
 def test_a_skipped_strings_length_reads_back() -> None:
@@ -66,3 +87,64 @@ def test_not_json_or_too_much_to_keep_is_none() -> None:
     huge = Skeleton()
     huge.feed(json.dumps({"prompt": list(range(MAX_KEPT // 4))}).encode())  # token ids
     assert huge.overflow and huge.parse() is None
+
+
+def _lines_run(chunks: list[bytes]) -> int:
+    """Python lines `Skeleton` runs to read these chunks and parse them: its cost, counted as
+    steps rather than timed (the same on any machine)."""
+    here = Skeleton.feed.__code__.co_filename
+    count = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        if frame.f_code.co_filename != here:
+            return None
+        if event == "line":
+            count += 1
+        return trace
+
+    skeleton = Skeleton()
+    sys.settrace(trace)
+    try:
+        for chunk in chunks:
+            skeleton.feed(chunk)
+        skeleton.parse()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+HOSTILE = {
+    # the review's: a prompt of escaped quotes never adds to the kept bytes
+    "escaped quotes": {"prompt": '"' * 200_000},
+    "backslashes": {"prompt": "\\" * 200_000},
+    "quotes and backslashes": {"prompt": '\\"a' * 70_000},
+    "a hundred thousand short strings": {"prompt": ["a"] * 100_000},
+    "thirty thousand keys": {f"k{i}": "v" for i in range(30_000)},
+    "long strings, just": {"prompt": ["b" * (LONG + 1)] * 700},
+}
+
+
+@pytest.mark.parametrize("body", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_a_hostile_body_costs_a_few_steps_a_chunk_not_a_step_a_byte(body: Any) -> None:
+    # The defect: a Python step per escaped quote (400 KB of them: 58 ms on the serving loop,
+    # against 1 ms for json.loads) or per string. Now: passes in C over each chunk, and a
+    # Python step per long string only (at most one per LONG bytes).
+    raw = json.dumps(body).encode()
+    chunks = [raw[i : i + 65536] for i in range(0, len(raw), 65536)]
+    skipped = sum(1 for v in body.values() for s in (v if isinstance(v, list) else [v])
+                  if len(json.dumps(s)) - 2 > LONG)  # fmt: skip
+    assert _lines_run(chunks) <= 40 * len(chunks) + 12 * skipped + 20
+    # and what it kept is the body itself, less its long strings
+    skeleton = Skeleton()
+    for chunk in chunks:
+        skeleton.feed(chunk)
+    assert skeleton.overflow or _read(skeleton.parse()) == _expected(body)
+
+
+def test_a_short_string_cannot_forge_a_length() -> None:
+    # The defect: `"\u0000" + 500 digits` read back as a skipped string of that many tokens,
+    # a prompt-size class (and a metric label) of the sender's choosing.
+    skeleton = Skeleton()
+    skeleton.feed(json.dumps({"prompt": "\x00" + "9" * 500}).encode())
+    assert text_length(skeleton.parse()["prompt"]) == 501
