@@ -40,6 +40,14 @@ if TYPE_CHECKING:
 
 LATER_KEPT = 255  # later latencies kept per uncovered shape, for their median
 TAIL_BYTES = 2048  # the end of an answer kept to read its usage from
+# What users' requests decide is bounded: distinct shapes kept (the learn file's rows; a request
+# of a new shape past it is counted, covered or not, but its shape not kept), uncovered kinds
+# told apart (a `/metrics` label value each; past it they share the kind "other"), and shapes
+# kept per uncovered kind.
+MAX_SHAPES = 4096
+MAX_MISS_KINDS = 100
+MAX_MISS_SHAPES = 64
+OTHER = "other"
 
 _USAGE = {
     "prompt": re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)'),
@@ -149,7 +157,7 @@ def classify(
     seen = fromlog.from_body(data)
     feats = {Feature(name) for name in seen.features}
     model = data.get("model")
-    if isinstance(model, str) and served and model not in served:
+    if isinstance(model, str) and model and served and model not in served:
         feats.add(Feature("lora", model))  # a name served besides the base's: an adapter
     prompt = _usage(tail, "prompt") or seen.prompt_tokens or fromlog.DEFAULT_PROMPT_TOKENS
     output = seen.max_tokens if isinstance(seen.max_tokens, int) else _usage(tail, "output")
@@ -199,36 +207,61 @@ class Coverage:
     covered: int = 0
     uncovered: int = 0
     misses: dict[Kind, Miss] = field(default_factory=dict)  # by the request's kind
+    max_model_len: int | None = None  # the engine's: no prompt class is longer
     in_flight: int = 0  # user requests under way (the gate counts them)
     changed: bool = False  # since the learn file was last written
+    # requests counted but not kept: their shape past MAX_SHAPES, or a body that could not be
+    # read (the gate's)
+    untracked: Counter[str] = field(default_factory=Counter)
+    other: Miss | None = None  # the uncovered kinds past MAX_MISS_KINDS, together
     _verdicts: dict[Shape, list[str]] = field(default_factory=dict)  # misses(), per warm-up
 
     def classify(self, endpoint: str, data: Any, tail: bytes, in_flight: int) -> Shape | None:
-        """A served request as a `Shape` (`classify`), in flight counted up to what runs."""
+        """A served request as a `Shape` (`classify`), in flight counted up to what runs, its
+        prompt up to what the engine takes."""
         running = min(in_flight, self.max_running) if self.max_running else in_flight
-        return classify(endpoint, data, tail, running, self.served)
+        shape = classify(endpoint, data, tail, running, self.served)
+        if shape is not None and self.max_model_len:
+            longest = fromlog.size_class(self.max_model_len)
+            if shape.prompt_tokens > longest:
+                shape = dataclasses.replace(shape, prompt_tokens=longest)
+        return shape
 
     def record(self, shape: Shape, latency_s: float) -> bool:
         """One served request; whether the warm-up covered it."""
-        self.served_shapes[shape] += 1
-        self.changed = True
+        if shape in self.served_shapes or len(self.served_shapes) < MAX_SHAPES:
+            self.served_shapes[shape] += 1
+            self.changed = True
+        else:
+            self.untracked["shapes_full"] += 1
         why = self._verdicts.get(shape)
         if why is None:
             why = ["no warm-up yet"] if self.warmed is None else self.warmed.misses(shape)
+            if len(self._verdicts) >= MAX_SHAPES:
+                self._verdicts.clear()
             self._verdicts[shape] = why
         if not why:
             self.covered += 1
             return True
         self.uncovered += 1
-        miss = self.misses.setdefault(shape.kind, Miss())
+        if shape.kind in self.misses or len(self.misses) < MAX_MISS_KINDS:
+            miss = self.misses.setdefault(shape.kind, Miss())
+        else:
+            miss = self.other = self.other or Miss()
         if miss.first_s is None:
             miss.first_s = latency_s
         else:
             miss.later.append(latency_s)
-        miss.why += [w for w in why if w not in miss.why]
-        miss.shapes.add(shape)
+        miss.why += [w for w in why if w not in miss.why and len(miss.why) < MAX_MISS_SHAPES]
+        if len(miss.shapes) < MAX_MISS_SHAPES:
+            miss.shapes.add(shape)
         miss.requests += 1
         return False
+
+    def ratios(self) -> list[tuple[str, float]]:
+        """Each uncovered kind's cold-miss ratio (the kinds past MAX_MISS_KINDS as `other`)."""
+        misses = [*((str(k), m) for k, m in self.misses.items()), (OTHER, self.other)]
+        return [(kind, m.ratio) for kind, m in misses if m is not None and m.ratio is not None]
 
     def warmed_more(self, warmed: Warmed) -> None:
         """A warm-up of this engine finished: what is warm is what every finished one warmed
@@ -253,9 +286,10 @@ class Coverage:
     def summary(self) -> dict[str, Any]:
         """`GET /warmup/coverage`: totals, the covered share, and the misses ranked."""
         total = self.covered + self.uncovered
+        kinds = [*((str(k), m) for k, m in self.misses.items()), (OTHER, self.other)]
         misses = [
             {
-                "kind": str(kind),
+                "kind": kind,
                 "why": miss.why,
                 "shapes": sorted(s.name.split(" ", 1)[1] for s in miss.shapes),
                 "requests": miss.requests,
@@ -263,7 +297,8 @@ class Coverage:
                 "later_median_s": _round(miss.later_median_s),
                 "cold_miss_ratio": _round(miss.ratio),
             }
-            for kind, miss in self.misses.items()
+            for kind, miss in kinds
+            if miss is not None
         ]
         return {
             "requests": total,
@@ -277,6 +312,7 @@ class Coverage:
                 "prompt_tokens": self.warmed.prompt_tokens,
                 "concurrency": self.warmed.concurrency,
             },
+            "untracked": dict(self.untracked),
             "uncovered_by_requests": sorted(misses, key=lambda m: -m["requests"]),
             "uncovered_by_cold_miss": sorted(
                 (m for m in misses if m["cold_miss_ratio"] is not None),

@@ -216,7 +216,10 @@ def recognise(body: Json, path: str | None = None) -> str | None:
     """Which endpoint a logged request went to: by its path when the log has one, else by the
     fields of its body."""
     if path is not None:
-        path = urlsplit(path).path  # a URL or a path
+        try:
+            path = urlsplit(path).path  # a URL or a path
+        except ValueError:  # not a URL ("http://[")
+            path = None
         for name, spec in SPECS.items():
             if path in (spec.path, "/v1" + spec.path):
                 return name

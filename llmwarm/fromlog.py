@@ -64,8 +64,57 @@ def _text_chars(body: dict[str, Any]) -> int:
     return sum(texts) + max(0, len(texts) - 1)
 
 
+# The fields read as numbers or flags, typed so in vLLM's request models: pydantic (lax mode)
+# takes "0.7" for a float, "2" for an int and "true" for a bool, and so does `lax`.
+_NUMBERS = (
+    "temperature", "top_p", "top_k", "min_p", "n", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "max_tokens", "max_completion_tokens", "max_output_tokens",
+    "top_logprobs", "prompt_logprobs", "timestamp",
+)  # fmt: skip
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def _number(value: Any) -> int | float | None:
+    """A number as pydantic's lax mode reads one (None: none it would take)."""
+    if isinstance(value, bool | int | float):
+        return None if value != value else value  # NaN compares as nothing
+    if not isinstance(value, str):
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    if number != number:
+        return None
+    return int(number) if number.is_integer() else number
+
+
+def _flag(value: Any) -> Any:
+    """A flag as pydantic's lax mode reads one (else the value as it is)."""
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    return value
+
+
+def lax(body: dict[str, Any]) -> dict[str, Any]:
+    """The body with the fields llmwarm reads as vLLM would read them (`_NUMBERS`, `stream`,
+    `logprobs`: a number on completions, a flag on chat)."""
+    read = dict(body)
+    for key in _NUMBERS:
+        if key in read:
+            read[key] = _number(read[key])
+    for key in ("stream", "logprobs"):
+        if key in read:
+            flag = _flag(read[key])
+            read[key] = _number(flag) if isinstance(flag, str) else flag
+    return read
+
+
 def from_body(body: dict[str, Any]) -> Observed:
-    """One logged request body; `path` (or `url`) beside it names its endpoint, if there."""
+    """One logged request body (read as vLLM reads it: `lax`); `path` (or `url`) beside it
+    names its endpoint, if there."""
+    body = lax(body)
     path = body.get("path") or body.get("url")
     endpoint = endpoints.recognise(body, path if isinstance(path, str) else None)
     prompt = body.get("prompt")

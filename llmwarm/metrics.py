@@ -20,6 +20,10 @@ A collector reads the live state when scraped, so nothing is counted twice:
                                                                     covered / did not
     llmwarm_cold_miss_ratio{kind}                                   an uncovered kind's first
                                                                     request over its later ones
+                                                                    (at most 100 kinds, then
+                                                                    "other")
+    llmwarm_requests_untracked_total{reason}                        requests whose shape was
+                                                                    not kept (a cap, a body)
 """
 
 from __future__ import annotations
@@ -155,10 +159,18 @@ def _coverage(coverage: Coverage) -> Iterable[Metric]:
         "end otherwise) over the median of its later ones.",
         labels=["kind"],
     )
-    for kind, miss in list(coverage.misses.items()):
-        if miss.ratio is not None:
-            ratio.add_metric([str(kind)], miss.ratio)
+    for kind, value in coverage.ratios():
+        ratio.add_metric([kind], value)
     yield ratio
+    untracked = CounterMetricFamily(
+        "llmwarm_requests_untracked",
+        "User requests counted but whose shape was not kept: past the cap on distinct shapes "
+        "(shapes_full), or a body that could not be read (unreadable).",
+        labels=["reason"],
+    )
+    for reason in ("shapes_full", "unreadable"):
+        untracked.add_metric([reason], coverage.untracked[reason])
+    yield untracked
 
 
 @contextlib.contextmanager

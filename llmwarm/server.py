@@ -28,6 +28,7 @@ import os
 import signal
 import time
 from argparse import Namespace
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ from llmwarm import __version__, caches, engine, frontend, learn, metrics, vllm_
 from llmwarm.access import Admin
 from llmwarm.client import ClientProcess
 from llmwarm.control import Control
-from llmwarm.coverage import Coverage, Warmed
+from llmwarm.coverage import MAX_SHAPES, Coverage, Warmed
 from llmwarm.display import kinds_table, plot, table
 from llmwarm.errors import (
     EXIT_INTERRUPTED,
@@ -299,7 +300,9 @@ class Lifecycle:
         """The start-up warm-up, published; raised as a `WarmupError` if it failed, as
         `Unconverged` if the policy says so."""
         settings = self.settings
-        self.state.coverage.max_running = eng.shape().max_num_seqs
+        shape = eng.shape()
+        self.state.coverage.max_running = shape.max_num_seqs
+        self.state.coverage.max_model_len = shape.max_model_len
         learn_file = str(settings.learn_path) if settings.learn_path else None
         self._warmups = WarmupRun(eng, self.state, self._origin(eng), self.client, learn_file)
         report = await self._warmups(settings.profile, str(settings.profile_path), "startup")
@@ -415,7 +418,9 @@ def _read_learned(settings: Settings, coverage: Coverage) -> bool:
     if settings.learn_path is None:
         return False
     read = learn.read(settings.learn_path)
-    coverage.history, coverage.own = read.counts, read.own
+    # a fleet's files may hold more shapes than a process keeps: the most requested
+    coverage.history = Counter(dict(read.counts.most_common(MAX_SHAPES)))
+    coverage.own = read.own
     if read.counts:
         logger.info(
             "learn files %s (%d): %d requests in %d shapes", settings.learn_path, read.files,

@@ -333,7 +333,10 @@ class WarmupRun:
         learned = None
         if self.learn_file is not None:
             counts = self.state.coverage.all_shapes()
-            profile, learned = learn.extend(profile, counts, shape, self.learn_file)
+            # (each learned shape is a profile checked against the engine: off the loop)
+            profile, learned = await asyncio.to_thread(
+                learn.extend, profile, counts, shape, self.learn_file
+            )
         live = self.state.begin_warmup(profile.convergence.window)
         await self.engine.jit_phase("warmup")  # a compile now is what a warm-up is for
         # A salt of this run's own: its prefix-cache blocks match no other request.

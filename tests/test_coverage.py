@@ -4,11 +4,15 @@ what a miss cost."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmwarm import corpus
-from llmwarm.coverage import Coverage, Warmed, classify
+from llmwarm.coverage import MAX_MISS_KINDS, MAX_SHAPES, Coverage, Shape, Warmed, classify
+from llmwarm.features import Feature
 from llmwarm.kinds import Kind
 from llmwarm.profile import Profile, parse_profile
 from llmwarm.report import PrefillResult
@@ -243,3 +247,101 @@ def test_a_prompt_is_classified_by_its_form() -> None:
     forms = Warmed(plain.kinds | {Kind.parse("completions+prompt_batch"),
                                   Kind.parse("completions+token_ids")}, 512, 4)  # fmt: skip
     assert forms.misses(both) == [] and forms.misses(batch) == []
+
+
+# --- requests vLLM accepts, classified as vLLM reads them ---------------------------------------
+
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 5), st.floats(-1, 3, allow_nan=False),
+    st.sampled_from(["", "0", "1", "2", " 3 ", "2.0", "0.7", "1e-1", "inf", "true", "no", "x"]),
+)  # fmt: skip
+_FIELDS = st.dictionaries(
+    st.sampled_from([
+        "stream", "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+        "frequency_penalty", "repetition_penalty", "max_tokens", "logprobs", "top_logprobs",
+        "seed", "stop", "url", "path", "timestamp",
+    ]),
+    _SCALARS,
+)  # fmt: skip
+_MODELS = st.sampled_from(["tiny", "", "sql", None])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=_FIELDS,
+    model=_MODELS,
+    chat=st.booleans(),
+    extra=st.sampled_from([{}, {"url": "http://["}]),
+)
+def test_any_request_vllm_accepts_is_classified_as_vllm_reads_it(
+    fields: dict[str, Any], model: str | None, chat: bool, extra: dict[str, Any]
+) -> None:
+    # The defect: "temperature": "0.7" or "n": "2" (vLLM coerces both), "model": "" or an
+    # extra "url": "http://[" made the classifier raise, a traceback logged per request.
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    body: dict[str, Any] = {**fields, **extra, **({} if model is None else {"model": model})}
+    if chat:
+        body["messages"] = [{"role": "user", "content": "what is warm"}]
+    else:
+        body["prompt"] = "what is warm"
+    model_type = ChatCompletionRequest if chat else CompletionRequest
+    try:
+        request = model_type.model_validate(body)
+    except (ValueError, TypeError, VLLMValidationError):
+        return  # vLLM would answer 400: nothing to classify
+    shape = Coverage(served=frozenset({"tiny"})).classify(
+        "chat" if chat else "completions", body, b"", 1
+    )
+    assert shape is not None
+    names = {f.name for f in shape.kind.features}
+    assert shape.kind.stream is bool(request.stream)
+    assert ("n" in names) is ((request.n or 1) > 1)
+    penalties = (request.presence_penalty, request.frequency_penalty, request.repetition_penalty)
+    assert ("penalties" in names) is any(penalties)
+
+
+def test_users_decide_neither_the_label_values_nor_the_memory() -> None:
+    # The defect: every uncovered kind became a label value on the unauthenticated /metrics,
+    # and every distinct shape was kept forever (and walked on the loop for each learn write).
+    import tracemalloc
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from llmwarm.metrics import WarmupCollector
+    from llmwarm.state import RunState
+
+    state = RunState(window=2)
+    coverage = state.coverage
+    coverage.served, coverage.max_model_len = frozenset({"tiny"}), 1024
+    coverage.warmed_more(Warmed(frozenset({Kind("completions")}), 64, 1))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(20_000):  # 10,000 served adapters, two shapes each: all uncovered
+        kind = Kind("chat", False, (Feature("lora", f"adapter-{i // 2}"),))
+        shape = Shape(kind, 2 ** (4 + i % 2), 1, 16)
+        assert coverage.record(shape, 0.2 if i % 2 == 0 else 0.1) is False
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(coverage.served_shapes) <= MAX_SHAPES
+    assert coverage.untracked["shapes_full"] == 20_000 - MAX_SHAPES
+    assert coverage.uncovered == 20_000  # every request counted, kept or not
+    assert grown < 8 * 2**20, grown  # bytes: bounded whatever the traffic
+    registry = CollectorRegistry()
+    registry.register(WarmupCollector(state))
+    series = [
+        line for line in generate_latest(registry).decode().splitlines()
+        if line.startswith("llmwarm_cold_miss_ratio{")
+    ]  # fmt: skip
+    assert len(series) == MAX_MISS_KINDS + 1 and 'kind="other"' in series[-1]
+    assert len(coverage.summary()["uncovered_by_requests"]) == MAX_MISS_KINDS + 1
+
+
+def test_a_prompt_class_is_at_most_what_the_engine_takes() -> None:
+    coverage = Coverage(served=frozenset({"tiny"}), max_model_len=1024)
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4}
+    usage = b'{"usage": {"prompt_tokens": 999999999, "completion_tokens": 4}}'
+    shape = coverage.classify("completions", body, usage, 1)
+    assert shape is not None and shape.prompt_tokens == 1024
