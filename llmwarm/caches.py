@@ -115,16 +115,21 @@ def _directory(directory: Path, option: str) -> Path:
 
 @contextlib.contextmanager
 def _locked(directory: Path, how: int) -> Iterator[None]:
-    """`flock` on the directory's lock file (none there and none can be made: a read-only
-    directory nobody can publish into, so nothing to wait for)."""
-    try:
-        fd = os.open(directory / LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
-    except OSError:
-        try:
-            fd = os.open(directory / LOCK, os.O_RDONLY)
-        except OSError:
-            yield
-            return
+    """`flock` on the directory's lock file, open for reading and writing: on NFS (EFS,
+    Filestore, any RWX volume) Linux emulates `flock` with byte-range locks, and an exclusive
+    one on a read-only descriptor fails (EBADF). A read-only directory, which nobody can
+    publish into, takes its shared lock on a read-only descriptor, or none when it has no lock
+    file (nothing to wait for)."""
+    fd = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDWR, os.O_RDONLY):
+        if flags == os.O_RDONLY and how != fcntl.LOCK_SH:
+            break
+        with contextlib.suppress(OSError):
+            fd = os.open(directory / LOCK, flags, 0o666)
+            break
+    if fd is None:
+        yield
+        return
     try:
         fcntl.flock(fd, how)
         yield
@@ -148,13 +153,16 @@ class Cache:
     live: Path  # this process's copy, where vLLM reads and writes
     writable: bool  # whether it can publish into `shared`
     baked: Manifest | None  # what the manifest there vouched for at start
+    owner: int | None = None  # the descriptor of `live`'s owner lock, held while it lives
 
     @classmethod
     def open(cls, directory: Path, option: str = "--cache-dir") -> Cache:
         """Open the directory and make this process's live copy of what is baked there;
         point every compile cache at the copy (before vLLM is imported)."""
         shared = _directory(directory, option)
-        live = Path(tempfile.mkdtemp(prefix="llmwarm-cache-"))
+        _remove_orphans()
+        live = Path(tempfile.mkdtemp(prefix=LIVE_PREFIX))
+        owner = _own(live)
         with _locked(shared, fcntl.LOCK_SH):
             baked = read_manifest(shared)
             if baked is not None:
@@ -165,7 +173,7 @@ class Cache:
                     "--cache-dir %s: its baked caches copied to %s (%.1f MB in %.1f s)",
                     shared, live, _size(live) / 1e6, time.perf_counter() - started,
                 )  # fmt: skip
-        cache = cls(shared, live, os.access(shared, os.W_OK), baked)
+        cache = cls(shared, live, os.access(shared, os.W_OK), baked, owner)
         if not cache.writable:
             logger.info("--cache-dir %s is read-only: nothing is written there", shared)
         use(live)
@@ -216,6 +224,46 @@ class Cache:
 
     def close(self) -> None:
         shutil.rmtree(self.live, ignore_errors=True)
+        if self.owner is not None:
+            os.close(self.owner)
+            self.owner = None
+
+
+LIVE_PREFIX = "llmwarm-cache-"
+
+
+def _own(live: Path) -> int | None:
+    """Hold an exclusive lock on the live copy (the directory itself) for as long as this
+    process lives: the descriptor stays open, and the kernel lets go of it whatever ends the
+    process."""
+    try:
+        fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        logger.warning("--cache-dir: cannot lock %s (%s)", live, exc.strerror or exc)
+        return None
+    return fd
+
+
+def _remove_orphans(younger_than_s: float = 60.0) -> None:
+    """Remove the live copies that processes gone (SIGKILL, OOM, a container restart on the
+    same `emptyDir`) left behind: gigabytes each. One whose lock nobody holds is an orphan,
+    unless it is seconds old: another process's, made a moment ago and not locked yet."""
+    for live in Path(tempfile.gettempdir()).glob(f"{LIVE_PREFIX}*"):
+        try:
+            fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if time.time() - live.stat().st_mtime < younger_than_s:
+                continue
+            logger.info("--cache-dir: removing %s, left by a process that is gone", live)
+            shutil.rmtree(live, ignore_errors=True)
+        except OSError:
+            continue  # its process lives (or it went meanwhile)
+        finally:
+            os.close(fd)
 
 
 def _cpu_build() -> bool:

@@ -8,6 +8,7 @@ A collector reads the live state when scraped, so nothing is counted twice:
     llmwarm_warmup_requests                                         warm-up requests sent
     llmwarm_warmups_total{trigger="startup|api",                    warm-ups ended
                           outcome="converged|unconverged|failed"}
+    llmwarm_write_failures_total{file="report|learn|caches"}        files not written, serving on
     llmwarm_bucket_rounds{bucket[,rank]}                            rounds run (rank: under
                                                                     data parallelism)
     llmwarm_bucket_converged{bucket}                                1 once converged
@@ -78,6 +79,15 @@ def _warmup(state: RunState) -> Iterable[Metric]:
         for outcome in ("converged", "unconverged", "failed"):
             ended.add_metric([trigger, outcome], state.warmups[(trigger, outcome)])
     yield ended
+    failures = CounterMetricFamily(
+        "llmwarm_write_failures",
+        "Files a serving process could not write (a full disk, a lost mount), by what: the "
+        "report, the learn file, the compile caches it publishes; it serves on.",
+        labels=["file"],
+    )
+    for file in ("report", "learn", "caches"):
+        failures.add_metric([file], state.write_failures[file])
+    yield failures
     if state.engine_start_s is not None:
         yield GaugeMetricFamily(
             "llmwarm_engine_start_seconds",

@@ -174,10 +174,10 @@ async def _keep_learning(
         await write()
 
 
-def _write(report: Report, settings: Settings) -> None:
+def _write(report: Report, settings: Settings, state: RunState) -> None:
     """Write the report (and plot), each atomically. A file that cannot be written (full
-    disk) fails `warm` and `bake`, whose product it is; a server logs it and serves on (the
-    previous file is intact, and `/warmup/report` has the report)."""
+    disk) fails `warm` and `bake`, whose product it is; a server logs it, counts it and serves
+    on (the previous file is intact, and `/warmup/report` has the report)."""
     try:
         if settings.report_path is not None:
             write_json(report, settings.report_path)
@@ -188,6 +188,7 @@ def _write(report: Report, settings: Settings) -> None:
     except WriteError as exc:
         if not settings.serve:
             raise
+        state.write_failures["report"] += 1
         logger.error("%s; serving on", "\n".join(render(exc.message, exc.problems)))
 
 
@@ -267,9 +268,8 @@ class Lifecycle:
                 app = await eng.build_app(self.http.vllm_stop)
                 self.state.warming(app)
                 report = await self._warm_at_start(eng)
-                if settings.cache is not None:  # (a bake publishes whatever is there)
-                    manifest, bake = _manifest(settings, eng), settings.mode == "bake"
-                    await asyncio.to_thread(settings.cache.publish, manifest, force=bake)
+                if settings.cache is not None:
+                    await self._publish_caches(settings.cache, eng)
                 if settings.serve:
                     await self._serve(eng, app)
                 elif eng.is_dead():  # `warm`, `bake`: the engine had to live to the end
@@ -286,6 +286,23 @@ class Lifecycle:
             finally:
                 # Interrupted, failed or done: no request may reach the engine after this.
                 await self.http.stop(grace=0)
+
+    async def _publish_caches(self, cache: caches.Cache, eng: engine.EngineClient) -> None:
+        """What this start compiled, into the shared --cache-dir (`Cache.publish`; a bake
+        publishes whatever is there). A failure (a full disk, a lost NFS mount) fails a bake,
+        whose product it is; a server logs it, counts it and serves on."""
+        bake = self.settings.mode == "bake"
+        try:
+            await asyncio.to_thread(cache.publish, _manifest(self.settings, eng), force=bake)
+        except OSError as exc:
+            self.state.write_failures["caches"] += 1
+            error = WriteError(
+                f"cannot publish the compile caches to {cache.shared}",
+                problems=[("--cache-dir", f"{cache.shared}: {exc.strerror or exc}")],
+            )
+            if bake:
+                raise error from None
+            logger.error("%s; serving on", "\n".join(render(error.message, error.problems)))
 
     async def _failed_warming(self, eng: engine.EngineClient) -> WarmupError:
         """An engine that died before the gate opened: the warm-up failed, and the report
@@ -320,7 +337,7 @@ class Lifecycle:
             self.state.serving()
             logger.info("warm: serving on %s", self.http.listen_url)
             watches = [asyncio.create_task(_watch_jit(eng, self.state))]
-            learned = functools.partial(_write_learned, self.state.coverage, self.settings)
+            learned = functools.partial(_write_learned, self.state, self.settings)
             if self._learn_writable:
                 watches.append(asyncio.create_task(_keep_learning(learned)))
             try:
@@ -348,7 +365,8 @@ class Lifecycle:
                 "learned from %s: buckets %s; kinds %s", learned.file,
                 ", ".join(learned.buckets) or "none", ", ".join(learned.kinds) or "none",
             )  # fmt: skip
-        await asyncio.to_thread(_write, report, self.settings)  # a plot, a slow disk: off the loop
+        # a plot, a slow disk: off the loop
+        await asyncio.to_thread(_write, report, self.settings, self.state)
 
     async def _rewarm_once(self, profile: Profile, source: str) -> Report:
         assert self._warmups is not None  # serving: the engine runs
@@ -396,10 +414,10 @@ def _manifest(settings: Settings, eng: engine.EngineClient) -> caches.Manifest:
     )
 
 
-async def _write_learned(coverage: Coverage, settings: Settings) -> None:
+async def _write_learned(state: RunState, settings: Settings) -> None:
     """The learn file, when traffic changed it (in a thread: a slow disk, an fsync); a failed
-    write is logged (serving goes on, the next write tries again)."""
-    path = settings.learn_path
+    write is logged and counted (serving goes on, the next write tries again)."""
+    path, coverage = settings.learn_path, state.coverage
     if path is None or not coverage.changed:
         return
     coverage.changed = False
@@ -408,6 +426,7 @@ async def _write_learned(coverage: Coverage, settings: Settings) -> None:
         await asyncio.to_thread(learn.write, learn.own_file(path), shapes, settings.model)
     except WriteError as exc:
         coverage.changed = True
+        state.write_failures["learn"] += 1
         logger.error("%s", "\n".join(render(exc.message, exc.problems)))
         return
     logger.info("learn file written: %s", path)

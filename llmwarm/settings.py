@@ -87,6 +87,21 @@ def check_output_path(path: Path | None, option: str) -> None:
         )
 
 
+def _learn_dir(path: Path) -> Path | None:
+    """The learn directory inside a writable --cache-dir, made if missing; None (and a
+    warning: learning is a side product, and a fleet must not crash-loop over it) when it
+    cannot be."""
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        logger.warning(
+            "--cache-dir: cannot make the learn directory %s (%s): not learning",
+            path, exc.strerror or exc,
+        )  # fmt: skip
+        return None
+    return path
+
+
 def check_learn_path(path: Path | None) -> None:
     """A learn file must be writable; a learn directory (a fleet's) too."""
     if path is None:
@@ -189,8 +204,7 @@ def resolve(
     cache = caches.Cache.open(cache_dir) if cache_dir is not None else None
     try:
         if learn_path is None and cache is not None and cache.writable:
-            learn_path = cache.shared / learn.DIR_NAME  # a fleet's: a file per replica
-            learn_path.mkdir(exist_ok=True)
+            learn_path = _learn_dir(cache.shared / learn.DIR_NAME)
         check_learn_path(learn_path)
         args = _engine_args(vllm_argv, prog, mode)
         capture = None

@@ -77,6 +77,8 @@ class RunState:
     warmup: WarmupProgress = field(init=False)
     # Warm-ups ended, by (trigger, outcome): `converged`, `unconverged` or `failed`.
     warmups: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # Files a serving process could not write, by what: `report`, `learn`, `caches`.
+    write_failures: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.warmup = WarmupProgress(self.window)

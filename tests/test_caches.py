@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -290,3 +293,63 @@ def test_a_read_only_directory_is_read_and_nothing_is_written(
         assert "is read-only" in caplog.text
     finally:
         cache.close()
+
+
+def _nfs_flock(fd: int, how: int) -> None:
+    """`flock` as Linux emulates it on NFS: a byte-range lock (`lockf`), which a read-only
+    descriptor cannot take exclusively (EBADF). (This machine's kernel has no NFS to mount.)"""
+    fcntl.lockf(fd, how)
+
+
+def test_publishing_works_where_only_a_read_write_descriptor_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The defect: the lock file was opened read-only; on NFS the exclusive lock of a publish
+    # failed with EBADF, an OSError that escaped as a traceback right after a warm-up, in
+    # every replica of a Deployment on a shared volume.
+    monkeypatch.setattr(caches.fcntl, "flock", _nfs_flock)
+    cache = caches.Cache.open(tmp_path / "shared")
+    try:
+        _bake_by_hand(cache.live, _manifest(), text="mine")
+        assert cache.publish(_manifest()) is True
+    finally:
+        cache.close()
+    reader = caches.Cache.open(tmp_path / "shared")  # a shared lock, read-write as well
+    try:
+        assert (reader.live / "vllm" / "graph.py").read_text() == "mine"
+    finally:
+        reader.close()
+
+
+def test_copies_left_by_a_killed_process_are_removed_at_the_next_start(tmp_path: Path) -> None:
+    # The defect: the live copy was removed only on a clean exit; each SIGKILL, OOM or
+    # container restart on the same emptyDir left gigabytes behind until the pod was evicted.
+    shared = tmp_path / "shared"
+    _bake_by_hand(shared, _manifest())
+    code = (
+        "import sys, time; from pathlib import Path; from llmwarm import caches; "
+        "c = caches.Cache.open(Path(sys.argv[1])); print(c.live, flush=True); time.sleep(3600)"
+    )
+    lives = []
+    for _ in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(shared)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        with proc.stdout:
+            lives.append((proc, Path(proc.stdout.readline().strip())))
+    (killed, orphan), (alive, living) = lives
+    killed.kill()
+    killed.wait()
+    os.utime(orphan, (time.time() - 120, time.time() - 120))  # not one made a moment ago
+    os.utime(living, (time.time() - 120, time.time() - 120))
+    assert (orphan / "vllm" / "graph.py").is_file()
+    try:
+        cache = caches.Cache.open(shared)
+        cache.close()
+        assert not orphan.exists()  # its process is gone
+        assert (living / "vllm" / "graph.py").is_file()  # its process lives
+    finally:
+        alive.kill()
+        alive.wait()
+        shutil.rmtree(living, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import gc
 import json
 import logging
@@ -23,7 +24,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from llmwarm import engine, server
+from llmwarm import caches, engine, server
 from llmwarm.errors import EngineDied, Interrupted, StartupError, WarmupError, WriteError
 from llmwarm.profile import load_profile
 from llmwarm.report import Report
@@ -706,3 +707,51 @@ async def test_200_trickling_connections_stall_neither_the_warm_up_nor_the_gate(
             writer.close()
     await run.sigterm()
     await run.task
+
+
+# --- files a serving replica cannot write ------------------------------------------------------
+
+
+class _FullDisk(caches.Cache):
+    """A cache directory whose publish finds the disk full (or the NFS mount gone)."""
+
+    def publish(self, running: caches.Manifest, force: bool = False) -> bool:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _full_disk_cache(tmp_path: Path) -> _FullDisk:
+    opened = caches.Cache.open(tmp_path / "shared")
+    return _FullDisk(opened.shared, opened.live, opened.writable, opened.baked, opened.owner)
+
+
+async def test_caches_that_cannot_be_published_are_logged_counted_and_serving_goes_on(
+    running: Callable[..., Run], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The defect: an OSError while publishing (EBADF from NFS, a full disk) escaped the
+    # lifecycle as a traceback, exit 1, right after a successful warm-up: every replica of a
+    # fleet crash-looped.
+    cache = _full_disk_cache(tmp_path)
+    try:
+        run = running(FakeEngine(), cache=cache)
+        await run.until(Stage.SERVING)
+        assert "cannot publish the compile caches" in caplog.text and "serving on" in caplog.text
+        metrics = generate_latest(REGISTRY).decode()
+        assert 'llmwarm_write_failures_total{file="caches"} 1.0' in metrics
+        assert (await run.client.get("/ready")).status_code == 200
+        await run.sigterm()
+        await run.task
+    finally:
+        cache.close()
+
+
+async def test_a_bake_that_cannot_publish_is_a_write_error(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    cache = _full_disk_cache(tmp_path)
+    try:
+        baking = dataclasses.replace(settings(), cache=cache, mode="bake")
+        with pytest.raises(WriteError, match="cannot publish the compile caches") as info:
+            await Lifecycle(baking, start=FakeEngine().start).run()
+        assert info.value.exit_code == 2
+    finally:
+        cache.close()

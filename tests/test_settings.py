@@ -6,7 +6,7 @@ import pytest
 
 from llmwarm.errors import ModelNotFound, UsageError
 from llmwarm.profile import shipped
-from llmwarm.settings import check_model, check_output_path
+from llmwarm.settings import check_model, check_output_path, resolve
 
 
 def test_default_profile_ships_with_the_package() -> None:
@@ -44,3 +44,26 @@ def test_output_path(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as info:
         check_output_path(tmp_path / "missing" / "r.json", "--report")
     assert info.value.problems[0][0] == "--report"
+
+
+def test_a_learn_directory_that_cannot_be_made_turns_learning_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The defect: `mkdir` of the learn directory inside --cache-dir raised an OSError, a
+    # traceback and exit 1 at every start of every replica.
+    from llmwarm import caches
+
+    monkeypatch.setattr(caches, "use", lambda directory: None)  # no environment to undo
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "learned").write_text("a file where the directory would go")
+    resolved = resolve(
+        ["fake/model", "--port", "0"], profile_path=None, report_path=None, plot_path=None,
+        on_unconverged="serve", cache_dir=cache_dir, mode="serve", prog="llmwarm serve",
+    )  # fmt: skip
+    try:
+        assert resolved.learn_path is None
+        assert "cannot make the learn directory" in caplog.text
+    finally:
+        assert resolved.cache is not None
+        resolved.cache.close()
