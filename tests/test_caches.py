@@ -307,7 +307,7 @@ def test_publishing_works_where_only_a_read_write_descriptor_locks(
     # The defect: the lock file was opened read-only; on NFS the exclusive lock of a publish
     # failed with EBADF, an OSError that escaped as a traceback right after a warm-up, in
     # every replica of a Deployment on a shared volume.
-    monkeypatch.setattr(caches.fcntl, "flock", _nfs_flock)
+    monkeypatch.setattr(fcntl, "flock", _nfs_flock)
     cache = caches.Cache.open(tmp_path / "shared")
     try:
         _bake_by_hand(cache.live, _manifest(), text="mine")
