@@ -42,7 +42,6 @@ every start compiled again; with a cache directory llmwarm turns AOT compilation
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import importlib.metadata
 import logging
@@ -50,7 +49,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -113,30 +111,6 @@ def _directory(directory: Path, option: str) -> Path:
     return directory
 
 
-@contextlib.contextmanager
-def _locked(directory: Path, how: int) -> Iterator[None]:
-    """`flock` on the directory's lock file, open for reading and writing: on NFS (EFS,
-    Filestore, any RWX volume) Linux emulates `flock` with byte-range locks, and an exclusive
-    one on a read-only descriptor fails (EBADF). A read-only directory, which nobody can
-    publish into, takes its shared lock on a read-only descriptor, or none when it has no lock
-    file (nothing to wait for)."""
-    fd = None
-    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDWR, os.O_RDONLY):
-        if flags == os.O_RDONLY and how != fcntl.LOCK_SH:
-            break
-        with contextlib.suppress(OSError):
-            fd = os.open(directory / LOCK, flags, 0o666)
-            break
-    if fd is None:
-        yield
-        return
-    try:
-        fcntl.flock(fd, how)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _trees(directory: Path) -> list[str]:
     return [sub for sub in ENV.values() if (directory / sub).is_dir()]
 
@@ -163,7 +137,7 @@ class Cache:
         _remove_orphans()
         live = Path(tempfile.mkdtemp(prefix=LIVE_PREFIX))
         owner = _own(live)
-        with _locked(shared, fcntl.LOCK_SH):
+        with files.locked(shared / LOCK, fcntl.LOCK_SH):
             baked = read_manifest(shared)
             if baked is not None:
                 started = time.perf_counter()
@@ -197,7 +171,7 @@ class Cache:
         in a thread."""
         if not self.writable:
             return False
-        with _locked(self.shared, fcntl.LOCK_EX):
+        with files.locked(self.shared / LOCK, fcntl.LOCK_EX):
             current = read_manifest(self.shared)
             if current is not None and not force:
                 if mismatch(current, running) is not None:

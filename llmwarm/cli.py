@@ -165,8 +165,9 @@ LearnOption = Annotated[
         envvar="LLMWARM_LEARN",
         help="Keep a summary of the request shapes served here (counts, lengths, features; "
         "never text), written from time to time and at shutdown; each start warms the shapes "
-        "in it that the profile misses. A directory (a fleet's): a file per replica, named "
-        "after its host, every one read at start. Default: learned/ in a writable --cache-dir.",
+        "in it that the profile misses. A directory (a fleet's): a file per process, named "
+        "after its host, every one read at start (those of processes gone merged first). "
+        "Default: learned/ in a writable --cache-dir.",
         show_default=False,
     ),
 ]

@@ -13,6 +13,7 @@ from, and leaves the previous file untouched.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 from collections.abc import Iterator
@@ -76,3 +77,27 @@ def write_text(path: Path, text: str, option: str) -> None:
     """`text` into `path`, atomically (UTF-8)."""
     with atomic(path, option) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def locked(lock: Path, how: int) -> Iterator[None]:
+    """`flock` on a lock file that fleets share (`how`: `fcntl.LOCK_SH` or `LOCK_EX`), open for
+    reading and writing: on NFS (EFS, Filestore, any RWX volume) Linux emulates `flock` with
+    byte-range locks, and an exclusive one on a read-only descriptor fails (EBADF). In a
+    read-only directory, which nobody can write into, the shared lock is taken on a read-only
+    descriptor, or none when there is no lock file (nothing to wait for)."""
+    fd = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDWR, os.O_RDONLY):
+        if flags == os.O_RDONLY and how != fcntl.LOCK_SH:
+            break
+        with contextlib.suppress(OSError):
+            fd = os.open(lock, flags, 0o666)
+            break
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)

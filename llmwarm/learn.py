@@ -15,8 +15,10 @@ warning naming it; the server starts with an empty summary.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import secrets
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from llmwarm import files, fromlog
 from llmwarm.coverage import Shape, Warmed, shapes_from
-from llmwarm.errors import ProfileError
+from llmwarm.errors import ProfileError, WriteError
 from llmwarm.features import Feature
 from llmwarm.fit import CHAT_TEMPLATE_ALLOWANCE, EngineShape, for_engine
 from llmwarm.profile import Bucket, EndpointName, Profile
@@ -40,6 +42,7 @@ LEARN_VERSION: Literal[1] = 1
 DIR_NAME = "learned"  # inside a writable --cache-dir: a file per replica
 WRITE_EVERY_S = 60.0
 MAX_LEARNED_BUCKETS = 4
+MAX_MERGED_SHAPES = 4096  # rows of a learn directory's merged file (the most requested)
 
 
 def _feature(text: str) -> str:
@@ -103,10 +106,80 @@ def _set_aside(path: Path, why: str) -> bool:
     return True
 
 
+# This process's own name in a learn directory: pods change names, and pods may share one.
+_TOKEN = secrets.token_hex(4)
+MERGED = "merged.json"  # a learn directory's files of processes gone, summed
+_DIR_LOCK = ".llmwarm.lock"
+
+
 def own_file(path: Path) -> Path:
-    """The file this replica writes: `path` itself, or in a learn directory (`--learn DIR/`,
-    a fleet's) one named after this host (a pod's name)."""
-    return path / f"{socket.gethostname()}.json" if path.is_dir() else path
+    """The file this process writes: `path` itself, or in a learn directory (`--learn DIR/`, a
+    fleet's) one of its own, named after its host (a pod's name) and itself."""
+    return path / f"{socket.gethostname()}-{_TOKEN}.json" if path.is_dir() else path
+
+
+def _owner_lock(file: Path) -> Path:
+    return file.with_name(f".{file.stem}.lock")
+
+
+def claim(path: Path) -> int | None:
+    """Mark this process's file in a learn directory as in use for as long as the process
+    lives (an exclusive lock the kernel lets go of whatever ends it): the descriptor, or None
+    for a single learn file (one writer), or where it cannot be locked."""
+    if not path.is_dir():
+        return None
+    try:
+        fd = os.open(_owner_lock(own_file(path)), os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        logger.warning("learn directory %s: cannot lock this process's file (%s)", path, exc)
+        return None
+    return fd
+
+
+def _finished(directory: Path) -> list[Path]:
+    """A learn directory's finished files (a writer's temporary ones start with a dot)."""
+    return sorted(p for p in directory.glob("*.json") if not p.name.startswith("."))
+
+
+def _gone(file: Path) -> bool:
+    """Whether the process that wrote a learn directory's file is gone (nobody holds its
+    lock; a file without one is from before locks)."""
+    try:
+        fd = os.open(_owner_lock(file), os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _merge_gone(directory: Path) -> None:
+    """Sum the files of processes gone into `MERGED` (its most requested shapes) and remove
+    them, under the directory's lock: a fleet's directory holds a file per live replica and one
+    more, however many pods came and went."""
+    with files.locked(directory / _DIR_LOCK, fcntl.LOCK_EX):
+        gone = [f for f in _finished(directory) if f.name != MERGED and _gone(f)]
+        if not gone:
+            return
+        merged, _ = _load(directory / MERGED)
+        total = merged or Counter()
+        for file in gone:
+            counts, why = _load(file)
+            if counts is None:
+                _set_aside(file, why)
+                continue
+            total += counts
+        model = next((m for m in map(_model, gone) if m), "")
+        write(directory / MERGED, Counter(dict(total.most_common(MAX_MERGED_SHAPES))), model)
+        for file in gone:
+            for done in (file, _owner_lock(file)):
+                done.unlink(missing_ok=True)
+        logger.info("learn directory %s: %d files of processes gone merged", directory, len(gone))
 
 
 def _load(path: Path) -> tuple[Counter[Shape] | None, str]:
@@ -126,12 +199,25 @@ def _load(path: Path) -> tuple[Counter[Shape] | None, str]:
     return shapes_from(s.model_dump() for s in data.shapes), ""
 
 
+def _model(file: Path) -> str:
+    try:
+        return LearnFile.model_validate_json(file.read_text(encoding="utf-8")).model
+    except (OSError, UnicodeDecodeError, ValidationError):
+        return ""
+
+
 def read(path: Path) -> History:
-    """What the learn file (or every file of a learn directory: a fleet's) holds, and whether
-    this replica's own file may be written. Never raises: its own bad file is set aside with a
-    warning, another replica's is left out with one."""
+    """What the learn file (or every finished file of a learn directory: a fleet's, its files
+    of processes gone merged first) holds, and whether this process's own file may be written.
+    Never raises: its own bad file is set aside with a warning, another replica's is left out
+    with one."""
+    if path.is_dir():
+        try:
+            _merge_gone(path)
+        except (OSError, WriteError) as exc:
+            logger.warning("learn directory %s: cannot merge its old files (%s)", path, exc)
     own = own_file(path)
-    others = sorted(p for p in path.glob("*.json") if p != own) if path.is_dir() else []
+    others = [p for p in _finished(path) if p != own] if path.is_dir() else []
     mine, why = _load(own)
     writable = True
     if mine is None:
@@ -161,7 +247,7 @@ def size_classes(path: Path) -> Counter[tuple[int, int]]:
     """Requests per (prompt, concurrency) class in a learn file or directory; empty if there
     are none or they cannot be read (`read` deals with a bad file when the server starts)."""
     classes: Counter[tuple[int, int]] = Counter()
-    for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
+    for file in _finished(path) if path.is_dir() else [path]:
         counts, _ = _load(file)
         for shape, n in (counts or {}).items():
             classes[(shape.prompt_tokens, shape.concurrency)] += n

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -60,22 +64,47 @@ def test_a_bad_learn_file_is_set_aside_with_a_warning_never_lost(
     assert str(path) in caplog.text and str(aside) in caplog.text
 
 
-def test_a_fleets_learn_directory_is_read_whole_and_written_a_file_per_replica(
+def test_a_fleets_learn_directory_is_read_whole_and_written_a_file_per_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The defect: every replica wrote the same learned.json every minute; the last writer won
-    # and the other replicas' traffic was lost.
+    # The defects: every replica wrote the same learned.json every minute (the last writer
+    # won); then a file per hostname, so a pod name's every restart added one, none was ever
+    # pruned, pods sharing a hostname overwrote each other, and another writer's temporary
+    # file (`.NAME.json.HEX.json`) was read as a learn file.
     monkeypatch.setattr("socket.gethostname", lambda: "llmwarm-7d9f-abc12")
-    learn.write(tmp_path / "llmwarm-7d9f-xyz34.json", Counter({PENALTIES: 30}), "tiny")
-    learn.write(tmp_path / "llmwarm-7d9f-abc12.json", Counter({WIDE: 2}), "tiny")
-    (tmp_path / "llmwarm-old.json").write_text("{not json")  # another's bad file: left out
-    with caplog.at_level(logging.WARNING, logger="llmwarm"):
-        read = learn.read(tmp_path)
-    assert read.counts == Counter({PENALTIES: 30, WIDE: 2}) and read.files == 3
-    assert read.own == Counter({WIDE: 2}) and read.writable
-    assert "llmwarm-old.json" in caplog.text and (tmp_path / "llmwarm-old.json").exists()
-    assert learn.own_file(tmp_path) == tmp_path / "llmwarm-7d9f-abc12.json"
-    assert learn.size_classes(tmp_path) == Counter({(512, 1): 30, (16, 8): 2})
+    learn.write(tmp_path / "pod-a-1111.json", Counter({PENALTIES: 30}), "tiny")  # alive
+    held = os.open(tmp_path / ".pod-a-1111.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as its process holds it
+    learn.write(tmp_path / "pod-b-2222.json", Counter({WIDE: 2}), "tiny")  # gone: lock free
+    (tmp_path / ".pod-b-2222.lock").touch()
+    learn.write(tmp_path / "llmwarm-7d9f-xyz34.json", Counter({WIDE: 1}), "tiny")  # no lock
+    (tmp_path / "llmwarm-old.json").write_text("{not json")  # gone and bad: set aside
+    (tmp_path / ".pod-a-1111.json.ab12cd34.json").write_text('{"half": ')  # being written
+    try:
+        with caplog.at_level(logging.WARNING, logger="llmwarm"):
+            read = learn.read(tmp_path)
+    finally:
+        os.close(held)
+    assert read.counts == Counter({PENALTIES: 30, WIDE: 3}) and read.files == 3
+    assert read.own == Counter() and read.writable
+    # the files of processes gone are one file now; the living one's and the half-written
+    # one are as they were
+    finished = sorted(p.name for p in tmp_path.glob("*.json") if not p.name.startswith("."))
+    assert finished == ["merged.json", "pod-a-1111.json"]
+    assert learn.read(tmp_path / "merged.json").counts == Counter({WIDE: 3})
+    assert (tmp_path / ".pod-a-1111.json.ab12cd34.json").exists()
+    assert "llmwarm-old.json" in caplog.text and ".ab12cd34" not in caplog.text
+    assert [p.name for p in tmp_path.glob("llmwarm-old.json.bad-*")]
+    # a name of this process's own, after its host: two processes on one host never share one
+    own = learn.own_file(tmp_path)
+    assert own.parent == tmp_path and own.name.startswith("llmwarm-7d9f-abc12-")
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from llmwarm import learn;"
+         " print(learn.own_file(Path(sys.argv[1])).name)", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert other.endswith(".json") and other != own.name
+    assert learn.size_classes(tmp_path) == Counter({(512, 1): 30, (16, 8): 3})
 
 
 def test_the_profile_learns_the_shapes_it_would_miss() -> None:
