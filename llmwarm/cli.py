@@ -200,8 +200,8 @@ AdminKeyOption = Annotated[
         "--admin-key",
         envvar="LLMWARM_ADMIN_KEY",
         help="serve: the bearer token `POST /warmup/run` needs (give it from a secret through "
-        "the variable). Without one, only loopback clients (a sidecar, `kubectl exec`) may "
-        "re-warm, and none through a proxy.",
+        "the variable). Without one, re-warms are taken only over a Unix socket (--uds), "
+        "never over TCP: a port-forward, a tunnel or a sidecar proxy looks local there.",
         show_default=False,
     ),
 ]

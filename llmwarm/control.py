@@ -6,8 +6,8 @@
     POST /warmup/run        re-run a warm-up on the serving engine, e.g. after a LoRA adapter
                             was loaded (every adapter listed is warmed too) or after sleep/wake.
                             Admin only: `--admin-key` as a bearer token, or without one a
-                            loopback client (and the API key, if the server has one).
-                            JSON body, every field optional:
+                            Unix-socket client (and the API key, if the server has one).
+                            A JSON body (Content-Type: application/json), every field optional:
                               {"profile": "chat",     a shipped profile (default: the served one)
                                "close_gate": false,   503 to users (and /ready) while it runs
                                "wait": true}          answer with the report when it is done
@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmwarm.access import Admin
+from llmwarm.access import Admin, cross_origin, machine_host
 from llmwarm.errors import LlmwarmError, Problem, UsageError, from_validation
 from llmwarm.rewarm import Refused, RewarmRequest, Rewarms
 from llmwarm.state import RunState
@@ -72,16 +72,29 @@ async def _body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
+def _json_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            return bool(value.split(b";")[0].strip().lower() == b"application/json")
+    return False
+
+
 class Control:
     """The `/warmup/*` endpoints: HTTP only; `Rewarms` owns what a re-warm does."""
 
     def __init__(
-        self, state: RunState, authorized: Authorized, rewarms: Rewarms, admin: Admin
+        self,
+        state: RunState,
+        authorized: Authorized,
+        rewarms: Rewarms,
+        admin: Admin,
+        host_check: bool = False,
     ) -> None:
         self.state = state
         self.authorized = authorized
         self.rewarms = rewarms
         self.admin = admin
+        self.host_check = host_check  # no API key: only a Host that names this machine
         self.app = Starlette(
             routes=[
                 Route("/warmup/report", self._get_report, methods=["GET"]),
@@ -91,16 +104,29 @@ class Control:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refused: tuple[int, str] | None = None
-        if scope["path"] == RUN:
-            refused = self.admin.refuses(scope)
-        if (refused is None and (scope["path"] != RUN or self.admin.key is None)
-                and not self.authorized(Request(scope))):  # fmt: skip
-            refused = (401, "Unauthorized")
+        refused = self._refuses(scope)
         if refused is not None:
             response = _error(*refused)
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+    def _refuses(self, scope: Scope) -> tuple[int, str] | None:
+        """Why a request may not ask (`llmwarm.access`), or None."""
+        run = scope["path"] == RUN
+        if cross_origin(scope):
+            return 403, "a request from a web page of another origin"
+        if self.host_check and not machine_host(scope):
+            return 403, (
+                "without an API key, llmwarm's endpoints answer a Host that is an address, "
+                "localhost or this machine's name only"
+            )
+        if run and (refused := self.admin.refuses(scope)) is not None:
+            return refused
+        if (not run or self.admin.key is None) and not self.authorized(Request(scope)):
+            return 401, "Unauthorized"
+        if run and scope["method"] == "POST" and not _json_body(scope):
+            return 415, "a re-warm request is JSON: Content-Type: application/json"
+        return None
 
     async def _get_report(self, request: Request) -> Response:
         report = self.state.report

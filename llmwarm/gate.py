@@ -6,26 +6,27 @@ never restarted for warming). While loading it answers every request itself;
 while warming it lets through only llmwarm's own warm-up requests, recognised by a per-process
 random token in a header *and* a local peer (loopback, unix socket, or the server's own
 address), so no outside client can
-forge its way past; once ready it hands every request to vLLM's app. `/metrics` is never
-gated: it is read-only, and it shows the warm-up's progress. `/warmup/*` goes to llmwarm's own
-endpoints (`llmwarm.control`) in every phase.
+forge its way past; once ready it hands every request to vLLM's app, through the coverage's
+recorder (`llmwarm.recording`). `/health` (liveness) reaches vLLM whenever the process serves,
+a gate-closing re-warm included. `/metrics` is never gated: it is read-only, and it shows the
+warm-up's progress. `/warmup/*` goes to llmwarm's own endpoints (`llmwarm.control`) in every
+phase.
 
 The warm-up's own requests (hundreds) come through a private listener of their own, with no
 access log (`llmwarm.frontend`); the report counts them. User requests are logged as vLLM logs
 them.
 
-With an API key (vLLM's `--api-key`), the probe answers (`/ready`, 503 bodies) say only the
-phase to a caller without the key; the warm-up's progress and summary need the key.
+With an API key (vLLM's `--api-key`), every route of vLLM's but its probes and docs needs it
+(stricter than vLLM, whose middleware guards only `/v1` and three more prefixes: `_keyed`), and
+the probe answers (`/ready`, 503 bodies) say only the phase to a caller without the key; the
+warm-up's progress and summary need the key.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-import logging
 import secrets
-import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,18 +35,21 @@ from starlette.requests import Request
 
 from llmwarm.access import is_local
 from llmwarm.control import PREFIX as CONTROL_PREFIX
-from llmwarm.coverage import TAIL_BYTES
-from llmwarm.endpoints import BY_PATH, SPECS, FirstToken
-from llmwarm.skeleton import Skeleton
-from llmwarm.state import Phase, RunState
+from llmwarm.recording import Recording
+from llmwarm.state import Phase, RunState, Stage
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 WARMUP_HEADER = "x-llmwarm-warmup"
 
-logger = logging.getLogger(__name__)
-
+# vLLM's routes that answer without the API key: probes and docs, which run no model.
+OPEN = frozenset(
+    {"/health", "/ping", "/version", "/load", "/docs", "/docs/oauth2-redirect", "/redoc",
+     "/openapi.json"}
+)  # fmt: skip
+# Liveness: vLLM's answer (200 while its engine lives) whenever the process serves.
+HEALTH = frozenset({"/health", "/ping"})
 
 # Seconds a client should wait before trying again, by phase: loading takes a minute or
 # more, warming tens of seconds.
@@ -79,7 +83,8 @@ class Gate:
         coverage: bool = True,
     ) -> None:
         self.state = state
-        self.coverage = coverage  # record each user request of an endpoint (off: benchmarks)
+        # user requests go on through it to vLLM's app (off: benchmarks of the gate alone)
+        self.recording = Recording(state, enabled=coverage)
         self.control = control
         self.authorized = authorized
         self.token = secrets.token_urlsafe(32)
@@ -113,87 +118,49 @@ class Gate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return
-        phase, app = self.state.phase, self.state.app
-        if scope["type"] == "http" and scope["path"] == "/live":
+        phase = self.state.phase
+        path = scope["path"] if scope["type"] == "http" else None
+        if path == "/live":
             return await _json(send, 200, {"status": phase.value})
-        if scope["type"] == "http" and scope["path"] == "/ready":
+        if path == "/ready":
             if phase is Phase.READY:
                 return await _json(send, 200, self._state(scope, phase))
             return await self._unavailable(scope, send, phase)
-        if scope["type"] == "http" and scope["path"].startswith(CONTROL_PREFIX) and self.control:
+        if path is not None and path.startswith(CONTROL_PREFIX) and self.control:
             return await self.control(scope, receive, send)
-        if scope["type"] == "http" and scope["path"].startswith("/metrics"):
+        if path is not None and path.startswith("/metrics"):
             # Read-only; lets a scraper watch the warm-up (llmwarm_phase and friends).
-            return await (app or self.metrics_app)(_utf8_headers(scope), receive, send)
+            app = self.state.app or self.metrics_app
+            return await app(_utf8_headers(scope), receive, send)
         warmup = self.is_warmup(scope)
-        passes = phase in (Phase.READY, Phase.STOPPING) or (phase is Phase.WARMING and warmup)
-        if passes and app is not None:
-            if self.coverage and not warmup and scope["type"] == "http":
-                endpoint = BY_PATH.get(scope["path"])
-                if endpoint is not None and scope["method"] == "POST":
-                    return await self._observed(app, endpoint, scope, receive, send)
-            return await app(scope, receive, send)
-        await self._unavailable(scope, send, phase)
+        if not self._passes(scope, phase, warmup):
+            return await self._unavailable(scope, send, phase)
+        if not self._keyed(scope):
+            return await _json(send, 401, {"error": "Unauthorized"})
+        if warmup:
+            assert self.state.app is not None
+            return await self.state.app(scope, receive, send)
+        await self.recording(scope, receive, send)
 
-    async def _observed(
-        self, app: ASGIApp, endpoint: str, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """Pass a user's request to vLLM's app and record it in the coverage as its answer
-        ends. Its body is read as vLLM reads it, all but its long strings (`Skeleton`: a 5 MB
-        image costs no more than a short prompt), the answer's last chunks (its usage),
-        its first token's time (TTFT of a stream, by the endpoint's own rule) and its last
-        byte's."""
-        coverage = self.state.coverage
-        coverage.in_flight += 1
-        in_flight, start = coverage.in_flight, time.perf_counter()
-        body = Skeleton()
-        last: deque[bytes] = deque(maxlen=2)  # the answer's last chunks: its usage is there
-        watch = FirstToken(SPECS[endpoint])
-        status, first, done = 0, 0.0, False
+    def _passes(self, scope: Scope, phase: Phase, warmup: bool) -> bool:
+        """Whether vLLM's app may answer: once ready (and while stopping, to drain), the
+        warm-up while warming, and liveness (`HEALTH`) whenever the process serves, a re-warm
+        that closed the gate included: a chart that probes `/health` for liveness must not
+        restart a replica in the middle of a re-warm."""
+        if self.state.app is None:
+            return False
+        if phase in (Phase.READY, Phase.STOPPING) or (phase is Phase.WARMING and warmup):
+            return True
+        return self.state.stage is Stage.SERVING and scope.get("path") in HEALTH
 
-        async def observed_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                body.feed(message.get("body", b""))
-            return message
-
-        def record(end: float) -> None:
-            if not 200 <= status < 300:
-                return
-            try:
-                tail = b"".join(last)[-TAIL_BYTES:]
-                shape = coverage.classify(endpoint, body.parse(), tail, in_flight)
-                if shape is not None:
-                    latency = (first or end) - start if shape.kind.stream else end - start
-                    coverage.record(shape, latency)
-            except Exception as exc:  # never a user's request's problem, nor a traceback each
-                coverage.untracked["unreadable"] += 1
-                logger.debug("a request left out of the coverage: %r", exc)
-
-        async def observed_send(message: Message) -> None:
-            nonlocal status, first, done
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                if chunk := message.get("body"):
-                    if not first and watch.feed(chunk):
-                        first = time.perf_counter()
-                    last.append(chunk)
-                if not message.get("more_body") and not done:
-                    # The answer's last message: recorded before it goes out, so a client
-                    # that asks /warmup/coverage right after its answer finds it there; and
-                    # no longer in flight (its client may send the next before the app
-                    # returns).
-                    done = True
-                    coverage.in_flight -= 1
-                    record(time.perf_counter())
-            await send(message)
-
-        try:
-            await app(scope, observed_receive, observed_send)
-        finally:
-            if not done:  # no complete answer (an error, a cancel)
-                coverage.in_flight -= 1
+    def _keyed(self, scope: Scope) -> bool:
+        """With an API key, every route of vLLM's app but its probes and docs (`OPEN`) needs
+        it: vLLM's own middleware guards only `/v1`, `/v2`, `/inference` and `/cohere`, and
+        `/invocations`, `/pooling`, `/classify`, `/score`, `/rerank`, `/tokenize` ... run the
+        model too. A CORS preflight (OPTIONS) passes, as in vLLM."""
+        if scope.get("path") in OPEN or scope.get("method") == "OPTIONS":
+            return True
+        return self.authorized(Request(scope))
 
     async def _unavailable(self, scope: Scope, send: Send, phase: Phase) -> None:
         if scope["type"] == "websocket":

@@ -72,8 +72,9 @@ def _watch() -> None:
     if armed_by is None or int(armed_by) == os.getpid():
         return
     # A process group of its own: a signal to llmwarm's group (`kill -- -PGID`, `timeout`,
-    # systemd's control-group stop, Ctrl-C in a terminal) reaches llmwarm, which drains and
-    # then stops the engine in order, rather than the engine dying under in-flight requests.
+    # Ctrl-C in a terminal) reaches llmwarm, which drains and then stops the engine in order,
+    # rather than the engine dying under in-flight requests. (systemd's control-group stop
+    # signals every process of the unit whatever its group: KillMode=mixed, deploy/systemd.)
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     threading.Thread(

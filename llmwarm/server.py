@@ -11,9 +11,10 @@
 
 A SIGTERM/SIGINT before `serving` interrupts (exit 130); while serving it drains (exit 0).
 The stage decides which, never the gate's phase. A second SIGINT (Ctrl-C again) forces the
-exit; a second SIGTERM forces only `SAME_STOP_S` or more after the first: `timeout`, systemd's
-`KillMode=control-group` and `kill -- -PGID` deliver one SIGTERM to llmwarm directly and one
-through its process group at the same instant, and that is one request to stop.
+exit; a second SIGTERM forces only `SAME_STOP_S` or more after the first: `timeout` and
+`kill -- -PGID` deliver one SIGTERM to llmwarm directly and one through its process group at
+the same instant, and that is one request to stop. (systemd's default stop signals every
+process of the unit, the engine's too: deploy/systemd/llmwarm.service sets KillMode=mixed.)
 
 This module owns the process's signals; nothing else installs handlers.
 """
@@ -222,7 +223,8 @@ class Lifecycle:
             served=(settings.profile, str(settings.profile_path)),
             min_interval=settings.rewarm_interval_s,
         )  # fmt: skip
-        self.control = Control(self.state, authorized, self.rewarms, Admin(settings.admin_key))
+        admin, keyless = Admin(settings.admin_key), not frontend.api_keys(args)
+        self.control = Control(self.state, authorized, self.rewarms, admin, host_check=keyless)
         self.gate = Gate(self.state, self.control, authorized)
         self.stop = asyncio.Event()
         self.started_at = datetime.now(timezone.utc)
@@ -324,6 +326,7 @@ class Lifecycle:
         shape = eng.shape()
         self.state.coverage.max_running = shape.max_num_seqs
         self.state.coverage.max_model_len = shape.max_model_len
+        self.gate.recording.served = shape.endpoints  # what /invocations may run
         learn_file = str(settings.learn_path) if settings.learn_path else None
         self._warmups = WarmupRun(eng, self.state, self._origin(eng), self.client, learn_file)
         report = await self._warmups(settings.profile, str(settings.profile_path), "startup")

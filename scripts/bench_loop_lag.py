@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import write_section  # noqa: E402
 
 TICK = 0.001
+ADMIN_KEY = "bench-admin"  # the re-warm's credential (over TCP, it needs one)
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 REWARM_PROFILE = textwrap.dedent("""\
     stream: [true]
     endpoints: [completions]
@@ -161,7 +163,7 @@ async def rewarm_lag(model: str, idle_s: float) -> dict[str, Any]:
         [model, "--gpu-memory-utilization", "0.5", "--max-model-len", "1024", "--host",
          "127.0.0.1", "--port", "0", "--served-model-name", "m", "--max-num-seqs", "64"],
         profile_path=profile, report_path=None, plot_path=None, on_unconverged="serve",
-        mode="serve", prog="bench",
+        mode="serve", prog="bench", admin_key=ADMIN_KEY,
     )  # fmt: skip
     life = server.Lifecycle(resolved)
     run = asyncio.create_task(life.run())
@@ -175,7 +177,7 @@ async def rewarm_lag(model: str, idle_s: float) -> dict[str, Any]:
         ticker = Ticker()
         await asyncio.sleep(idle_s)
         idle = ticker.take()
-        answer = await client.post("/warmup/run", json={})
+        answer = await client.post("/warmup/run", json={}, headers=ADMIN)
         during = ticker.take()
         ticker.task.cancel()
     life.stop.set()

@@ -65,7 +65,8 @@ def vllm_bench(model: str, port: int, args: argparse.Namespace, seed: int) -> di
            "--random-output-len", str(args.output_len), "--random-range-ratio", "0",
            "--num-prompts", str(args.concurrency), "--max-concurrency", str(args.concurrency),
            "--ignore-eos", "--seed", str(seed)]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "LLMWARM_ADMIN_KEY": "bench-admin"}  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     with args.log.open("a") as log:
         log.write(done.stdout + done.stderr)
@@ -100,7 +101,8 @@ def main() -> None:
             pair: dict[str, dict[str, float]] = {}
             for who in ("report", "vllm") if run % 2 == 0 else ("vllm", "report"):
                 if who == "report":
-                    answer = client.post("/warmup/run", json={}, timeout=1800)
+                    admin = {"authorization": "Bearer bench-admin"}
+                    answer = client.post("/warmup/run", json={}, headers=admin, timeout=1800)
                     answer.raise_for_status()
                     pair[who] = from_report(answer.json())
                 else:

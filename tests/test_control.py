@@ -23,6 +23,7 @@ from tests.fakes import report as _report
 
 KEY = {"authorization": "Bearer sesame"}
 ADMIN = {"authorization": "Bearer admin-7c1e"}
+JSON_ADMIN = {**ADMIN, "content-type": "application/json"}
 OUTSIDE = ("203.0.113.9", 40000)  # a client on another host
 LOOPBACK = ("127.0.0.1", 40000)
 
@@ -82,8 +83,8 @@ def _served(admin_key: str | None = "admin-7c1e") -> tuple[Gate, Served]:
     return served.gate, served
 
 
-def client(gate: Gate, peer: tuple[str, int] = OUTSIDE) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=gate, client=peer)
+def client(gate: Gate, peer: tuple[str, int] | None = OUTSIDE) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=gate, client=peer)  # type: ignore[arg-type]
     return httpx.AsyncClient(transport=transport, base_url="http://llmwarm")
 
 
@@ -104,29 +105,40 @@ async def test_every_warmup_endpoint_is_401_without_its_key_in_every_phase() -> 
             assert (await c.post("/warmup/run", headers=KEY, json={})).status_code == 401
 
 
-@pytest.mark.parametrize("peer", [OUTSIDE, LOOPBACK])
-async def test_without_an_admin_key_only_a_loopback_client_may_rewarm(
-    peer: tuple[str, int],
+ISTIO = ("127.0.0.6", 40000)  # an Istio sidecar's address toward the app
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "allowed"),
+    [
+        (OUTSIDE, {}, False),
+        (LOOPBACK, {}, False),  # `kubectl port-forward`, `ssh -L`: local, and nothing says so
+        (ISTIO, {"x-forwarded-proto": "https", "x-forwarded-client-cert": "By=spiffe://c"}, False),
+        (LOOPBACK, {"x-forwarded-for": "198.51.100.7"}, False),  # a local proxy
+        (None, {}, True),  # a Unix socket (--uds): no relay reaches it
+        (None, {"forwarded": "for=198.51.100.7"}, False),  # a proxy in front of the socket
+    ],
+    ids=["outside", "loopback", "istio", "local-proxy", "unix-socket", "proxied-socket"],
+)
+async def test_without_an_admin_key_only_a_unix_socket_client_may_rewarm(
+    peer: tuple[str, int] | None, headers: dict[str, str], allowed: bool
 ) -> None:
-    # The defect: any client that reached the port (with --api-key: any API user) could call
-    # POST /warmup/run, and `{"close_gate": true}` in a loop keeps /ready at 503 on every
-    # replica: one client takes a fleet out of its Service.
+    # The defects: any client that reached the port could call POST /warmup/run
+    # (`{"close_gate": true}` in a loop keeps every replica out of its Service); then any
+    # loopback client without a forwarding header, which an Istio sidecar (127.0.0.6,
+    # x-forwarded-proto) and every port-forward or tunnel is.
     gate, served = _served(admin_key=None)
     served.open()
     served.warm = lambda p, s: asyncio.sleep(0, _report())
-    proxied = {**KEY, "x-forwarded-for": "198.51.100.7"}
     async with client(gate, peer) as c:
-        run = await c.post("/warmup/run", headers=KEY, json={"close_gate": True})
-        through_a_proxy = await c.post("/warmup/run", headers=proxied, json={})
+        run = await c.post("/warmup/run", headers={**KEY, **headers}, json={"close_gate": True})
         without_the_api_key = await c.post("/warmup/run", json={})
-    if peer == LOOPBACK:
-        assert run.status_code == 200  # a sidecar, `kubectl exec`
-        assert through_a_proxy.status_code == 403  # a local proxy forwards everyone
+    if allowed:
+        assert run.status_code == 200
     else:
-        assert run.status_code == through_a_proxy.status_code == 403
-        assert "loopback" in run.json()["error"]
+        assert run.status_code == 403 and "--admin-key" in run.json()["error"]
     assert without_the_api_key.status_code in (401, 403)
-    assert len(served.published) == (1 if peer == LOOPBACK else 0)
+    assert len(served.published) == (1 if allowed else 0)
 
 
 async def test_the_admin_key_rewarms_from_anywhere_and_the_api_key_does_not() -> None:
@@ -190,7 +202,7 @@ async def test_run_waits_for_the_rewarm_and_returns_its_report() -> None:
     served.warm = warm
     async with client(gate) as c:
         r = await c.post("/warmup/run", headers=ADMIN, json={"close_gate": True, "profile": "chat"})
-        empty = await c.post("/warmup/run", headers=ADMIN)  # no body: all defaults
+        empty = await c.post("/warmup/run", headers=JSON_ADMIN)  # no body: all defaults
     assert r.status_code == empty.status_code == 200 and r.json()["trigger"] == "api"
     assert [source.rsplit("/", 1)[-1] for _, source in asked] == ["chat.yaml", "minimal.yaml"]
     assert closed == [True, False] and served.state.gate_closed is False
@@ -270,7 +282,8 @@ def _scope() -> dict[str, object]:
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": "/warmup/run", "raw_path": b"/warmup/run",
         "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8000),
-        "headers": [(b"authorization", ADMIN["authorization"].encode())], "client": OUTSIDE,
+        "headers": [(b"authorization", ADMIN["authorization"].encode()),
+                    (b"content-type", b"application/json")], "client": OUTSIDE,
     }  # fmt: skip
 
 
@@ -384,10 +397,10 @@ async def test_bad_bodies_name_the_field_and_never_echo_it() -> None:
             "path as profile": await c.post(
                 "/warmup/run", headers=ADMIN, json={"profile": "../../etc/passwd"}
             ),
-            "not json": await c.post("/warmup/run", headers=ADMIN, content=f"{{{secret}"),
+            "not json": await c.post("/warmup/run", headers=JSON_ADMIN, content=f"{{{secret}"),
             "not an object": await c.post("/warmup/run", headers=ADMIN, json=[secret]),
         }
-        too_big = await c.post("/warmup/run", headers=ADMIN, content=b" " * 100_000)
+        too_big = await c.post("/warmup/run", headers=JSON_ADMIN, content=b" " * 100_000)
     for what, r in answers.items():
         assert r.status_code == 400, what
         assert secret not in r.text, what
@@ -409,9 +422,9 @@ async def test_a_failed_rewarm_answers_with_its_error() -> None:
 
     async with client(gate) as c:
         control.warm = warmup_fails
-        failed = await c.post("/warmup/run", headers=ADMIN)
+        failed = await c.post("/warmup/run", headers=ADMIN, json={})
         control.warm = profile_does_not_fit
-        misfit = await c.post("/warmup/run", headers=ADMIN)
+        misfit = await c.post("/warmup/run", headers=ADMIN, json={})
     assert failed.status_code == 500
     assert failed.json() == {
         "error": "warm-up request failed",
@@ -432,3 +445,35 @@ def test_every_shipped_profile_is_a_rewarm_profile() -> None:
     assert {"long-context", "structured-output", "default", "minimal"} <= set(shipped_names())
     for name in shipped_names():
         assert RewarmRequest(profile=name).profile == name
+
+
+async def test_a_web_page_cannot_ask_cross_site_nor_by_dns_rebinding() -> None:
+    # The defect: with no keys, POST /warmup/run parsed JSON whatever its Content-Type and
+    # checked neither Origin nor Host: a web page in a browser on the same machine closed the
+    # gate with a plain-text POST (a "simple" request: no preflight).
+    gate, served = _served()
+    served.control.host_check = True  # a server with no API key
+    served.open(_report())
+    served.warm = lambda p, s: asyncio.sleep(0, _report())
+    transport = httpx.ASGITransport(app=gate, client=OUTSIDE)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as c:
+        plain_text = await c.post(
+            "/warmup/run", headers={**ADMIN, "content-type": "text/plain"}, content="{}"
+        )
+        form = await c.post("/warmup/run", headers=ADMIN, data={"close_gate": "true"})
+        cross = await c.post(
+            "/warmup/run", headers={**ADMIN, "origin": "https://evil.example"}, json={}
+        )
+        null_origin = await c.get("/warmup/report", headers={**KEY, "origin": "null"})
+        # a DNS name an attacker's page rebound to this address, against an IP literal
+        rebound = await c.get("/warmup/report", headers={**KEY, "host": "evil.example:8000"})
+        by_address = await c.get("/warmup/report", headers={**KEY, "host": "10.1.2.3:8000"})
+        by_localhost = await c.get("/warmup/report", headers={**KEY, "host": "localhost:8000"})
+        same_origin = await c.post(
+            "/warmup/run", headers={**ADMIN, "origin": "http://127.0.0.1:8000"}, json={}
+        )
+    assert plain_text.status_code == form.status_code == 415
+    assert cross.status_code == null_origin.status_code == rebound.status_code == 403
+    assert by_address.status_code == by_localhost.status_code == 200
+    assert same_origin.status_code == 200
+    assert len(served.published) == 1  # only the same-origin JSON request re-warmed

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import configparser
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +176,35 @@ def test_the_fleet_benchmarks_envoy_config_is_one_envoy_accepts(
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "configuration" in done.stdout + done.stderr and "OK" in done.stdout + done.stderr
+
+
+def test_the_systemd_unit_drains_on_stop() -> None:
+    # The defect: the docs promised that systemd's default stop (KillMode=control-group)
+    # drains; it signals every process of the unit, vLLM's workers exit on SIGTERM, and with
+    # TP > 1 the streams in flight die at once. The unit shipped signals llmwarm alone.
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string((ROOT / "deploy" / "systemd" / "llmwarm.service").read_text())
+    service = unit["Service"]
+    assert service["KillMode"] == "mixed" and service["KillSignal"] == "SIGTERM"
+    command = shlex.split(service["ExecStart"].replace("\\\n", " "))
+    assert command[0].endswith("/llmwarm") and command[1] == "serve"
+    drain = int(command[command.index("--shutdown-timeout") + 1])
+    assert int(service["TimeoutStopSec"]) > drain  # SIGKILL only after the drain
+    assert service["RestartPreventExitStatus"] == "2"  # bad input: a restart cannot mend it
+    docs = (ROOT / "docs" / "reliability.md").read_text()
+    assert "KillMode=mixed" in docs and "deploy/systemd/llmwarm.service" in docs
+
+
+def test_the_systemd_unit_passes_systemd_analyze(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze here")
+    unit = tmp_path / "llmwarm.service"
+    # its ExecStart must exist for the check: the installed llmwarm stands in
+    text = (ROOT / "deploy" / "systemd" / "llmwarm.service").read_text()
+    unit.write_text(
+        text.replace("/opt/llmwarm/.venv/bin/llmwarm", str(Path(sys.executable).parent / "llmwarm"))
+    )
+    proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    problems = [line for line in proc.stderr.splitlines() if "llmwarm.service" in line]
+    assert proc.returncode == 0 and not problems, proc.stderr

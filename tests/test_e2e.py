@@ -183,6 +183,9 @@ async def _drain(stream: object) -> None:
 def test_api_key_guards_vllm_and_llmwarm_endpoints(served: Served) -> None:
     with httpx.Client(base_url=served.url, timeout=30) as c:
         assert c.get("/v1/models").status_code == 401  # vLLM's own guard
+        # routes vLLM leaves open although they run the model: the gate guards them
+        assert c.post("/tokenize", json={"model": "tiny", "prompt": "a"}).status_code == 401
+        assert c.post("/invocations", json={"model": "tiny", "prompt": "a"}).status_code == 401
         assert c.get("/warmup/report").status_code == 401
         assert c.post("/warmup/run", json={}).status_code == 401
         # the API key reads llmwarm's endpoints; only the admin key re-warms
@@ -537,7 +540,7 @@ def test_while_warming_sigterm_exits_130_and_engine_death_exits_4(
 def test_rewarm_after_a_lora_adapter_is_loaded_warms_it(tiny_model: Path, tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "log"
-    env = engine_env() | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    env = engine_env() | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "LLMWARM_ADMIN_KEY": "a"}
     proc = launch_serve(
         tiny_model, port, log, "--served-model-name", "tiny", "--profile", str(MINIMAL),
         "--report", str(tmp_path / "r.json"),
@@ -551,7 +554,7 @@ def test_rewarm_after_a_lora_adapter_is_loaded_warms_it(tiny_model: Path, tmp_pa
                 json={"lora_name": "sql", "lora_path": str(tiny_model / "lora")},
             )
             assert loaded.status_code == 200, loaded.text
-            report = c.post("/warmup/run", json={})
+            report = c.post("/warmup/run", json={}, headers={"authorization": "Bearer a"})
             assert report.status_code == 200, report.text
             answer = c.post(
                 "/v1/completions", json={"model": "sql", "prompt": "a", "max_tokens": 4}

