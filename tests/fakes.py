@@ -83,6 +83,45 @@ class ScriptedClient:
         raise AssertionError(f"no server here: GET {path}")
 
 
+class Clock:
+    """`llmwarm.measure`'s clock in a test (`install`): virtual seconds that a fake server sets,
+    read back exactly, whatever the host's load.
+
+    The server calls `at(t)` before it sends each event the client times (a stream's first
+    event and its events with text): `at` waits until the client has read the clock for every
+    such event sent so far (the client took them all), then moves the time to `t` (never
+    back). A request's own start and end are reads too: `arrived()` counts the start when its
+    request reaches the server, `ending()` its end as the server sends its last event."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.reads = 0
+        self.expected = 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        return self.now
+
+    def install(self, monkeypatch: Any) -> None:
+        from types import SimpleNamespace
+
+        from llmwarm import measure
+
+        monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=self.perf_counter))
+
+    def arrived(self) -> None:
+        self.expected += 1
+
+    def ending(self) -> None:
+        self.expected += 1
+
+    async def at(self, t: float) -> None:
+        while self.reads < self.expected:
+            await asyncio.sleep(0)
+        self.now = max(self.now, t)
+        self.expected += 1  # the event the caller sends now
+
+
 # --- reports ---------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from llmwarm import corpus, measure
 from llmwarm.corpus import WordTokenizer
 from llmwarm.profile import parse_profile
 from tests.conftest import on_loopback
-from tests.fakes import answer
+from tests.fakes import Clock, answer
 
 WIDE = 150  # more than a client's default pool (100 connections in aiohttp and httpx)
 
@@ -84,23 +84,27 @@ async def test_a_capped_pool_never_gets_the_batch_in_flight(barrier_url: str) ->
      ({"prompt": [[1, 2], [3, 4]], "n": 2}, 4)],
 )  # fmt: skip
 async def test_time_per_token_is_a_sequences_when_several_decode_side_by_side(
-    extra: dict[str, object], sequences: int
+    extra: dict[str, object], sequences: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # `sequences` sequences of 5 tokens each, a step of them every 20 ms: 20 ms a token each,
-    # where a count of every sequence's tokens together made it 80/(5*sequences - 1) ms
+    # `sequences` sequences of 5 tokens each, a step of them every 20 ms (virtual time): 20 ms
+    # a token each, where a count of every sequence's tokens together made it
+    # 80/(5*sequences - 1) ms
     step, tokens = 0.02, 5
+    clock = Clock()
+    clock.install(monkeypatch)
 
     async def completions(request: Request) -> Response:
         async def events() -> AsyncIterator[bytes]:
             for i in range(tokens):
-                if i:
-                    await asyncio.sleep(step)
                 for j in range(sequences):
+                    await clock.at(0.01 + i * step)
                     yield b'data: {"choices": [{"index": %d, "text": "a"}]}\n\n' % j
             usage = b'{"prompt_tokens": 4, "completion_tokens": %d}' % (tokens * sequences)
+            clock.ending()
             yield b'data: {"choices": [], "usage": ' + usage + b"}\n\ndata: [DONE]\n\n"
 
         await request.body()
+        clock.arrived()
         return StreamingResponse(events(), media_type="text/event-stream")
 
     [request] = _requests(stream=True)[:1]
@@ -110,9 +114,9 @@ async def test_time_per_token_is_a_sequences_when_several_decode_side_by_side(
     async with on_loopback(app) as url, measure.session(url) as session:
         [sample] = await measure.measure_all(session, [request])
     assert sample.output_tokens == tokens * sequences
-    # at least a step a token (asyncio sleeps no shorter), and the decode within the request
-    assert sample.tpot_s is not None and sample.tpot_s >= step * 0.99
-    assert sample.tpot_s * (tokens - 1) <= sample.e2e_s
+    assert sample.ttft_s == pytest.approx(0.01)
+    assert sample.tpot_s == pytest.approx(step)
+    assert sample.e2e_s == pytest.approx(0.01 + (tokens - 1) * step)
 
 
 def test_ticks_time_per_token_from_a_moment() -> None:
@@ -128,22 +132,29 @@ def test_ticks_time_per_token_from_a_moment() -> None:
     assert measure.Ticks([0.0, 0.1], tokens=1).tpot() is None
 
 
-async def test_a_chat_stream_decodes_from_its_first_text_not_its_role_chunk() -> None:
+async def test_a_chat_stream_decodes_from_its_first_text_not_its_role_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A chat stream opens with a role chunk (no text): its TTFT. Here the text comes a stall
-    # later, then two tokens 20 ms apart. The stall is no decode: counting the role chunk as
-    # an event of the decode put a token's share on it (and so 520 ms a token, not 20).
+    # later, then two tokens 20 ms apart (virtual time). The stall is no decode: counting the
+    # role chunk as an event of the decode put a token's share on it (520 ms a token, not 20).
     stall, step = 0.5, 0.02
+    clock = Clock()
+    clock.install(monkeypatch)
 
     async def chat(request: Request) -> Response:
         await request.body()
+        clock.arrived()
 
         async def events() -> AsyncIterator[bytes]:
+            await clock.at(0.01)
             yield b'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
-            await asyncio.sleep(stall)
+            await clock.at(0.01 + stall)
             yield b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
-            await asyncio.sleep(step)
+            await clock.at(0.01 + stall + step)
             yield b'data: {"choices": [{"index": 0, "delta": {"content": "b"}}]}\n\n'
             usage = b'{"prompt_tokens": 4, "completion_tokens": 2}'
+            clock.ending()
             yield b'data: {"choices": [], "usage": ' + usage + b"}\n\ndata: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -152,37 +163,49 @@ async def test_a_chat_stream_decodes_from_its_first_text_not_its_role_chunk() ->
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     async with on_loopback(app) as url, measure.session(url) as session:
         sample = await measure.measure(session, request)
-    assert sample.ttft_s is not None and sample.tpot_s is not None
     # the first token came with the role chunk, the stall and the decode after it
-    assert sample.ttft_s + stall + step <= sample.e2e_s
-    assert step * 0.99 <= sample.tpot_s < stall / 2
+    assert sample.ttft_s == pytest.approx(0.01)
+    assert sample.tpot_s == pytest.approx(step)
+    assert sample.e2e_s == pytest.approx(0.01 + stall + step)
 
 
-async def test_a_batch_decodes_from_when_all_its_requests_had_their_first_token() -> None:
+async def test_a_batch_decodes_from_when_all_its_requests_had_their_first_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The engine's race: the first request's first token comes at once, the second's after its
-    # 1 s prefill step, which the first waits through; then both decode a token every 20 ms.
-    # The first's time per token over all its tokens was a quarter of that second.
+    # 1 s prefill step, which the first waits through; then both decode a token every 20 ms
+    # (virtual time). The first's time per token over all its tokens was a quarter second.
     prefill, step, tokens = 1.0, 0.02, 5
-    second_started = asyncio.Event()
+    clock = Clock()
+    clock.install(monkeypatch)
+    first_sent, second_started = asyncio.Event(), asyncio.Event()
     arrived = 0
 
     async def completions(request: Request) -> Response:
         nonlocal arrived
         await request.body()
+        clock.arrived()
         arrived += 1
         mine = arrived
 
         async def events() -> AsyncIterator[bytes]:
-            if mine == 2:
-                await asyncio.sleep(prefill)
-                second_started.set()
+            begin = clock.now  # (the third request, alone, after the batch)
             for i in range(tokens):
-                if i == 1 and mine == 1:
+                if mine == 1 and i == 0:
+                    await clock.at(0.001)
+                    first_sent.set()
+                elif mine == 2 and i == 0:
+                    await first_sent.wait()
+                    await clock.at(prefill)
+                    second_started.set()
+                elif mine <= 2:
                     await second_started.wait()
-                if i:
-                    await asyncio.sleep(step)
+                    await clock.at(prefill + i * step)
+                else:
+                    await clock.at(begin + 0.001 + i * step)
                 yield b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n'
             usage = b'{"prompt_tokens": 4, "completion_tokens": %d}' % tokens
+            clock.ending()
             yield b'data: {"choices": [], "usage": ' + usage + b"}\n\ndata: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -192,9 +215,7 @@ async def test_a_batch_decodes_from_when_all_its_requests_had_their_first_token(
     async with on_loopback(app) as url, measure.session(url) as session:
         first, second = await measure.measure_all(session, requests)
         alone = await measure.measure(session, requests[0])  # one request: nothing to align
-    assert first.ttft_s is not None and second.ttft_s is not None
-    assert first.ttft_s < prefill <= second.ttft_s
+    assert first.ttft_s == pytest.approx(0.001) and second.ttft_s == pytest.approx(prefill)
     # both: their decode side by side, not the other's prefill (a quarter second a token)
-    for sample in (first, second):
-        assert sample.tpot_s is not None and step * 0.99 <= sample.tpot_s < prefill / 5
-    assert alone.tpot_s is not None and alone.tpot_s >= step * 0.99
+    assert first.tpot_s == pytest.approx(step) and second.tpot_s == pytest.approx(step)
+    assert alone.tpot_s == pytest.approx(step)
