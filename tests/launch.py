@@ -44,11 +44,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def engine_env() -> dict[str, str]:
+def engine_env(bind: bool = True) -> dict[str, str]:
+    """The environment of a real llmwarm here. Under pytest-xdist (the e2e layer runs two at a
+    time) each worker's engines get a core of their own (`bind`: unless the test sets its own
+    core lists, or wants vLLM's `auto`) and a compile cache of their own (two processes
+    compiling into one cache at once mixed files upstream, vllm-project/vllm#52413)."""
     env = dict(os.environ)
+    worker = env.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")
-    env.setdefault("VLLM_CACHE_ROOT", str(COMPILE_CACHE))
+    env.setdefault("VLLM_CACHE_ROOT", str(COMPILE_CACHE / (worker or "main")))
+    if worker and bind:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(worker[2:]) % (os.cpu_count() or 1)))
+    elif not bind:
+        env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     return env
 
 
@@ -131,6 +140,7 @@ def launch_serve(
             [*LLMWARM, "serve", str(model), *ENGINE_FLAGS, "--port", str(port),
              "--host", "127.0.0.1", *flags],
             stdout=out, stderr=subprocess.STDOUT, env=env or engine_env(),
+            start_new_session=True,  # its engine's processes, found by its session alone
         )  # fmt: skip
 
 

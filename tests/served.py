@@ -123,19 +123,6 @@ def _until_answered_after_ready(served: Served, load: threading.Thread) -> None:
     pytest.fail(f"fewer than {LOAD_AFTER_READY} user requests answered after ready")
 
 
-def _serve(
-    model: Path, port: int, log: Path, *flags: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """`llmwarm serve MODEL` on loopback `port` with the engine's flags and `flags`, its
-    output to `log`."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [*LLMWARM, "serve", str(model), *ENGINE_FLAGS, "--port", str(port),
-             "--host", "127.0.0.1", *flags],
-            stdout=out, stderr=subprocess.STDOUT, env=env or engine_env(),
-        )  # fmt: skip
-
-
 def _poll_until_ready(served: Served) -> None:
     """Probe like a load balancer (and a forger) until /ready is 200."""
     probes = [
@@ -188,7 +175,9 @@ def shared_server(tiny_model: Path, tmp: Path) -> Iterator[Served]:
     ]  # fmt: skip
     env = {**engine_env(), "LLMWARM_ADMIN_KEY": ADMIN_KEY}
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     s = Served(proc=proc, url=f"http://127.0.0.1:{port}", report=tmp / "report.json", log=log)
     done = threading.Event()
     load = threading.Thread(target=_user_load, args=(s, done), daemon=True)

@@ -128,7 +128,11 @@ def _launch(argv: list[str], log: Path, cores: str) -> subprocess.Popen[bytes]:
     env = engine_env() | {"VLLM_CPU_OMP_THREADS_BIND": cores}
     with log.open("wb") as out:
         return subprocess.Popen(
-            [*LLMWARM, "serve", *argv], stdout=out, stderr=subprocess.STDOUT, env=env
+            [*LLMWARM, "serve", *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
 
 

@@ -52,7 +52,7 @@ def test_a_read_only_cache_dir_is_started_from_and_never_written_and_probes_answ
     with log.open("wb") as out:
         proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", mount],
-            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+            stdout=out, stderr=subprocess.STDOUT, env=engine_env(), start_new_session=True,
         )  # fmt: skip
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
@@ -109,8 +109,8 @@ def test_two_replicas_on_one_empty_cache_dir_both_warm_and_restarted_both_start_
                 procs.append(subprocess.Popen(
                     [*LLMWARM, "warm", str(tiny_model), *BAKED_ENGINE, "--profile", str(MINIMAL),
                      "--report", str(tmp_path / f"r{i}.json"), "--cache-dir", str(shared)],
-                    stdout=out, stderr=subprocess.STDOUT, env=engine_env() | {
-                        "VLLM_CPU_OMP_THREADS_BIND": str(i % 2)},
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    env=engine_env() | {"VLLM_CPU_OMP_THREADS_BIND": str(i % 2)},
                 ))  # fmt: skip
         codes = [p.wait() for p in procs]
         logs = [(tmp_path / f"round{round_}-{i}.log").read_text(errors="replace")

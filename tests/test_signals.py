@@ -59,7 +59,7 @@ class Launched:
 @contextlib.contextmanager
 def _launched(
     tiny_model: Path, tmp_path: Path, *extra: str, env: dict[str, str] | None = None,
-    prefix: tuple[str, ...] = (), new_session: bool = False,
+    prefix: tuple[str, ...] = (),
 ) -> Iterator[Launched]:  # fmt: skip
     port, log = free_port(), tmp_path / "log"
     with log.open("wb") as out:
@@ -67,7 +67,7 @@ def _launched(
             [*prefix, *LLMWARM, "serve", str(tiny_model), *ENGINE_FLAGS, "--port", str(port),
              "--profile", str(MINIMAL), "--report", str(tmp_path / "report.json"), *extra],
             stdout=out, stderr=subprocess.STDOUT, env=engine_env() | (env or {}),
-            start_new_session=new_session,
+            start_new_session=True,  # its engine's processes, found by its session alone
         )  # fmt: skip
     launched = Launched(proc, log, port)
     try:
@@ -208,7 +208,7 @@ def test_a_sigterm_to_the_process_group_while_serving_drains(
     prefix = ("timeout", "-s", "TERM", "3600") if how == "timeout" else ()
     with _launched(
         tiny_model, tmp_path, "--served-model-name", "tiny", "--shutdown-timeout", "60",
-        prefix=prefix, new_session=True,
+        prefix=prefix,
     ) as run:  # fmt: skip
         llmwarm = psutil.Process(run.proc.pid)
         if how == "timeout":

@@ -54,7 +54,7 @@ def test_mutual_tls_warms_up_serves_and_picks_up_a_rotated_certificate(
              "--report", str(tmp_path / "report.json"), "--ssl-keyfile", str(key),
              "--ssl-certfile", str(cert), "--ssl-ca-certs", str(ca_file),
              "--ssl-cert-reqs", str(int(ssl.CERT_REQUIRED)), "--enable-ssl-refresh"],
-            stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+            stdout=out, stderr=subprocess.STDOUT, env=engine_env(), start_new_session=True,
         )  # fmt: skip
     try:
         with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=trust, timeout=60) as c:
