@@ -5,7 +5,9 @@ Two measurements, each side by side in one run:
   gate        the gate (coverage on, then off, alternating) in front of an app that reads each
               body as vLLM's does but parses nothing, served by uvicorn in this process, while a
               client process sends 5 MB chat bodies (an image as a data URL), two at a time;
-              what is left is llmwarm's own work per request
+              what is left is llmwarm's own work per request; then, coverage on, hostile bodies
+              (a 400 KB prompt of escaped quotes, a prompt of 100,000 short strings: the kinds
+              that cost the classifier a Python step each before it read chunks in C)
   re-warm     `llmwarm serve MODEL` run in this process (its lifecycle on this loop, a real
               vLLM engine) with a wide profile (64 prompts of 512 tokens at once), the ticker
               beside it: serving idle, then during an open-gate `POST /warmup/run`
@@ -94,18 +96,25 @@ async def _reads_body(scope: Any, receive: Any, send: Any) -> None:
 
 CLIENT = """
 import base64, json, os, sys, time, httpx, concurrent.futures as cf
-url, seconds = sys.argv[1], float(sys.argv[2])
+url, seconds, kind = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 image = "data:image/png;base64," + base64.b64encode(os.urandom(3_750_000)).decode()
-body = json.dumps({"model": "m", "max_tokens": 16, "logprobs": True, "messages": [{"role": "user",
-    "content": [{"type": "text", "text": "what is it?"},
-                {"type": "image_url", "image_url": {"url": image}}]}]}).encode()
+if kind == "image":
+    bodies = [{"model": "m", "max_tokens": 16, "logprobs": True, "messages": [{"role": "user",
+        "content": [{"type": "text", "text": "what is it?"},
+                    {"type": "image_url", "image_url": {"url": image}}]}]}]
+else:  # hostile: what costs a naive reader a step per escape or per string
+    bodies = [{"model": "m", "max_tokens": 16, "prompt": '"' * 200_000},
+              {"model": "m", "max_tokens": 16, "prompt": ["a"] * 100_000}]
+bodies = [json.dumps(b).encode() for b in bodies]
 end = time.monotonic() + seconds
-def loop():
+def loop(i):
     with httpx.Client(timeout=60) as c:
         while time.monotonic() < end:
+            body = bodies[i % len(bodies)]
             c.post(url, content=body, headers={"content-type": "application/json"})
+            i += 1
 with cf.ThreadPoolExecutor(2) as pool:
-    list(pool.map(lambda _: loop(), range(2)))
+    list(pool.map(loop, range(2)))
 """
 
 
@@ -113,9 +122,9 @@ async def gate_lag(seconds: float, rounds: int) -> dict[str, Any]:
     from llmwarm.gate import Gate
     from llmwarm.state import RunState
 
-    results: dict[str, list[float]] = {"on": [], "off": []}
+    results: dict[str, list[float]] = {"on": [], "off": [], "hostile": []}
     for i in range(rounds):
-        for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
+        for mode in ("on", "off", "hostile") if i % 2 == 0 else ("hostile", "off", "on"):
             state = RunState(window=2)
             state.warming(_reads_body)
             state.serving()
@@ -123,14 +132,15 @@ async def gate_lag(seconds: float, rounds: int) -> dict[str, Any]:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
             server = uvicorn.Server(uvicorn.Config(
-                Gate(state, coverage=mode == "on"), log_level="warning", lifespan="off",
+                Gate(state, coverage=mode != "off"), log_level="warning", lifespan="off",
                 h11_max_incomplete_event_size=64 * 1024 * 1024,
             ))  # fmt: skip
             serving = asyncio.create_task(server.serve(sockets=[sock]))
             ticker = Ticker()
+            path = "/v1/completions" if mode == "hostile" else "/v1/chat/completions"
             client = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}/v1/chat/completions",
-                str(seconds),
+                sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}{path}", str(seconds),
+                "hostile" if mode == "hostile" else "image",
             )  # fmt: skip
             await asyncio.sleep(1.0)  # the client's start-up (its 5 MB body) is not measured
             ticker.take()
@@ -139,7 +149,7 @@ async def gate_lag(seconds: float, rounds: int) -> dict[str, Any]:
             ticker.task.cancel()
             server.should_exit = True
             await serving
-            if mode == "on":
+            if mode != "off":
                 assert state.coverage.covered + state.coverage.uncovered > 0, "none recorded"
     return {mode: _stats(lags) for mode, lags in results.items()}
 
@@ -195,6 +205,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--compare", type=Path, help="the JSON of a run to show beside")
     parser.add_argument("--docs", type=Path)
+    parser.add_argument("--gate-only", action="store_true", help="no re-warm (no engine)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import llmwarm
@@ -209,7 +220,8 @@ def main() -> None:
     }
     import uvloop
 
-    result["rewarm"] = uvloop.run(rewarm_lag(args.model, idle_s=args.seconds))
+    if not args.gate_only:
+        result["rewarm"] = uvloop.run(rewarm_lag(args.model, idle_s=args.seconds))
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -223,21 +235,26 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = ["## The serving loop's lag (`scripts/bench_loop_lag.py`)", "",
              f"Measured {when} on this machine (2 cores, shared): a 1 ms ticker on the loop "
              "that serves users, p50 / p99 / max of how late it woke, in ms.", "",
-             "| run | gate, coverage off | gate, coverage on | vLLM serving, idle | "
-             "during a re-warm, gate open |", "|---|---|---|---|---|"]  # fmt: skip
+             "| run | gate, coverage off | gate, coverage on | gate, coverage on, hostile "
+             "bodies | vLLM serving, idle | during a re-warm, gate open |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
 
     def cell(s: dict[str, float]) -> str:
         return f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} / {s['max_ms']:.1f}"
 
     for run in runs:
-        gate, rewarm = run["gate"], run["rewarm"]
+        gate, rewarm = run["gate"], run.get("rewarm")
+        hostile = cell(gate["hostile"]) if "hostile" in gate else "-"
+        idle, during = (cell(rewarm["idle"]), cell(rewarm["rewarm"])) if rewarm else ("-", "-")
         lines.append(
             f"| {run['label']} ({run['commit']}) | {cell(gate['off'])} | {cell(gate['on'])} | "
-            f"{cell(rewarm['idle'])} | {cell(rewarm['rewarm'])} |"
+            f"{hostile} | {idle} | {during} |"
         )
     lines += ["", "The gate's columns: 5 MB chat bodies (an image as a data URL), two at a time "
               "from another process, to an app that reads each body but parses nothing: what "
-              "is left is llmwarm's own work per request. The re-warm's: `llmwarm serve` on "
+              "is left is llmwarm's own work per request; hostile bodies: a 400 KB prompt of "
+              "escaped quotes and a prompt of 100,000 short strings, alternately. The re-warm's: "
+              "`llmwarm serve` on "
               "the tiny model in the benchmark's own process, re-warming 64 prompts of 512 "
               "tokens at once (vLLM's own work on its loop included). Command: "
               f"`python scripts/bench_loop_lag.py --seconds {args.seconds:g} --rounds "
