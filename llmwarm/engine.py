@@ -427,6 +427,7 @@ def _shape(config: Any, args: Namespace) -> EngineShape:
         block_size=config.cache_config.block_size,
         dp_ranks=ranks,
         dp_pinned=pinned,
+        spec_tokens=int(getattr(config.speculative_config, "num_speculative_tokens", 0) or 0),
     )
 
 

@@ -140,10 +140,15 @@ def apply_capture_sizes(
     buckets = list(profile.buckets)
     if profile.auto is not None:
         buckets += auto_buckets(profile.auto, shape, chat=True)
-    spec = (args.speculative_config or {}).get("num_speculative_tokens") or 0
+    spec = shape.spec_tokens  # as vLLM resolved it, not only as the flag gave it
     learned = learn.size_classes(learn_path) if learn_path is not None else None
     steps = graphs.steps(buckets, shape.max_num_batched_tokens, spec, learned)
-    default = graphs.vllm_default(shape.max_num_seqs, shape.max_num_batched_tokens, spec)
+    # vLLM's own default where its configuration holds one (a GPU: the data-centre Blackwell
+    # ceiling, `performance_mode`, dynamic speculative decoding included); on the CPU build,
+    # which captures none, llmwarm's model of it (`graphs.vllm_default`)
+    default = shape.cudagraph_capture_sizes or graphs.vllm_default(
+        shape.max_num_seqs, shape.max_num_batched_tokens, spec
+    )
     plan = graphs.plan(steps, len(default), spec_tokens=spec)
     args.cudagraph_capture_sizes = plan.sizes
     logger.info(

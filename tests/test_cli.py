@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from llmwarm import __version__
 from llmwarm.cli import app
 from tests.conftest import invoke
+from tests.fakes import MINIMAL_PROFILE
 from tests.launch import ENGINE_FLAGS, LLMWARM, engine_env, free_port
 
 
@@ -392,3 +393,28 @@ def test_a_cpu_start_failure_with_several_ranks_says_what_to_bind(
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|2|3")
     assert _start_hints(config) == []
     assert _start_hints(SimpleNamespace(parallel_config=SimpleNamespace(world_size=1))) == []
+
+
+def test_the_plan_follows_the_engine_vllm_resolved_not_the_flags(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The defect: llmwarm read `num_speculative_tokens` from --speculative-config's JSON, which
+    # vLLM fills itself for MTP and draft models (their n_predict) and suffix decoding; and it
+    # modelled vLLM's default sizes at the 512-token ceiling, where data-centre Blackwell's is
+    # 1024 and `performance_mode=interactivity` captures every size to 32.
+    from llmwarm import engine, graphs, vllm_args
+    from llmwarm.fit import EngineShape
+    from llmwarm.profile import load_profile
+    from llmwarm.settings import apply_capture_sizes
+
+    args = vllm_args.parse_args([str(tiny_model), "--max-model-len", "1024"], "test")
+    args.speculative_config = {"method": "mtp"}  # the draft model says how many: 3
+    blackwell = [*range(1, 33), *range(40, 256, 8), *range(256, 1025, 16)]
+    resolved = EngineShape(
+        max_model_len=1024, max_num_seqs=256, max_num_batched_tokens=8192,
+        cudagraph_capture_sizes=blackwell, spec_tokens=3,
+    )  # fmt: skip
+    monkeypatch.setattr(engine, "shape_from_args", lambda args: resolved)
+    plan = apply_capture_sizes(args, load_profile(MINIMAL_PROFILE))
+    assert all(size % 4 == 0 for size in plan.sizes) and 4 in plan.sizes
+    assert plan.default_count == len(blackwell) != len(graphs.vllm_default(256, 8192, 3))
