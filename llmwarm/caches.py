@@ -57,6 +57,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from llmwarm import files
 from llmwarm.errors import UsageError
+from llmwarm.report import CaptureSizes
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,11 @@ class Manifest(BaseModel):
     torch_version: str = Field(default="")
     baked_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     engine_start_s: float = Field(description="The baking start's engine start (cold).")
+    capture_sizes: CaptureSizes | None = Field(
+        default=None,
+        description="The CUDA-graph sizes --capture-sizes-from-profile chose at the bake: "
+        "later starts keep them (they are part of the configuration hash).",
+    )
 
 
 LOCK = ".llmwarm.lock"

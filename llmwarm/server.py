@@ -418,6 +418,7 @@ def _manifest(settings: Settings, eng: engine.EngineClient) -> caches.Manifest:
         engine_start_s=eng.start_s,
         device=eng.device,
         torch_version=eng.torch_version,
+        capture_sizes=settings.capture,
     )
 
 
