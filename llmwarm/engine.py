@@ -246,21 +246,35 @@ class Engine:
             await self._every_worker("llmwarm_jit_phase", phase)
 
     async def jit_events(self) -> JitEvents | None:
-        """The monitor's events by phase (the most any one worker saw); None without the
-        counter (the user gave their own --worker-extension-cls)."""
+        """The monitor's events by phase; None without the counter (the user gave their own
+        --worker-extension-cls)."""
         if not self._counts_jit:
             return None
-        seen = await self._every_worker("llmwarm_jit_events")
-        return JitEvents(
-            active=any(w["active"] for w in seen),
-            warmup=max(w["warmup"] for w in seen),
-            serving=max(w["serving"] for w in seen),
-        )
+        return combined(await self._every_worker("llmwarm_jit_events"))
 
     def take_running_peak(self) -> int | None:
         """The most requests vLLM's scheduler ran at once since the last call (None: vLLM
         reported nothing, e.g. `--disable-log-stats`)."""
         return self.running.take()
+
+
+def combined(workers: list[dict[str, Any]]) -> JitEvents:
+    """Every worker's JIT events, as the engine's: the tensor-parallel ranks of a pipeline
+    stage compile the same kernels (the most any of them saw), different stages and
+    data-parallel engines their own (summed)."""
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for worker in workers:
+        groups.setdefault((worker.get("engine", 0), worker.get("stage", 0)), []).append(worker)
+
+    def total(phase: str) -> int:
+        return sum(max(w.get(phase, 0) for w in group) for group in groups.values())
+
+    return JitEvents(
+        active=any(w["active"] for w in workers),
+        warmup=total("warmup"),
+        serving=total("serving"),
+        rewarm=total("rewarm"),
+    )
 
 
 PAUSE_ENV = "LLMWARM_TEST_PAUSE"  # tests only: pause at a named point (see `pause`)
