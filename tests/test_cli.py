@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from typer.testing import CliRunner
@@ -450,7 +450,7 @@ def test_a_start_after_learning_keeps_the_sizes_its_baked_cache_was_compiled_for
     cache_dir, learned = tmp_path / "cache", tmp_path / "learned.json"
     learn.write(learned, Counter({Shape(Kind("completions"), 64, 4, 16): 10}), "tiny")
 
-    def start(mode: str) -> Any:
+    def start(mode: Literal["serve", "bake"]) -> Any:
         return resolve(
             [str(tiny_model), "--max-model-len", "1024", "--served-model-name", "tiny"],
             profile_path=MINIMAL_PROFILE, report_path=None, plot_path=None,
