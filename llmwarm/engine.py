@@ -91,8 +91,9 @@ class EngineClient(Protocol):
 
     start_s: float  # seconds from engine start to engine ready
     vllm_version: str
-    device: str  # what compiles: the GPU's name and compute capability, or the CPU
-    torch_version: str
+    # what compiles, and with what (`toolchain`): the device (the GPU's name and compute
+    # capability, or the CPU), torch, CUDA, the driver, Triton, FlashInfer
+    toolchain: dict[str, str]
 
     def shape(self) -> EngineShape: ...
     def tokenizer(self) -> Tokenizer: ...
@@ -169,8 +170,7 @@ class Engine:
         self.running = running or RunningPeak()
         self._tokenizer: Tokenizer | None = None
         self.vllm_version = vllm_version()
-        self.device = _device()
-        self.torch_version = _torch_version()
+        self.toolchain = toolchain()
 
     def shape(self) -> EngineShape:
         """The running engine's limits that a profile depends on."""
@@ -480,6 +480,43 @@ def _torch_version() -> str:
     import torch
 
     return str(torch.__version__)
+
+
+def _package(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _driver() -> str:
+    """The GPU driver's version ("" without a GPU): what re-JITs PTX when it changes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    try:
+        version = int(torch._C._cuda_getDriverVersion())
+    except (AttributeError, RuntimeError):
+        return ""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def toolchain() -> dict[str, str]:
+    """What decides whether compiled kernels can be reused, besides vLLM's configuration hash,
+    as a bake manifest records it (`llmwarm.caches.TOOLCHAIN`)."""
+    import torch
+
+    return {
+        "device": _device(),
+        "torch_version": _torch_version(),
+        "cuda_version": str(torch.version.cuda or getattr(torch.version, "hip", None) or ""),
+        "driver_version": _driver(),
+        "triton_version": _package("triton"),
+        "flashinfer_version": _package("flashinfer-python"),
+    }
 
 
 def vllm_version() -> str:

@@ -410,15 +410,16 @@ def _origin(settings: Settings, started_at: datetime, eng: engine.EngineClient) 
 
 def _manifest(settings: Settings, eng: engine.EngineClient) -> caches.Manifest:
     """The running engine's manifest: what a bake of it records."""
-    return caches.Manifest(
-        llmwarm_version=__version__,
-        vllm_version=eng.vllm_version,
-        model=settings.model,
-        config_hash=eng.config_hash(),
-        engine_start_s=eng.start_s,
-        device=eng.device,
-        torch_version=eng.torch_version,
-        capture_sizes=settings.capture,
+    return caches.Manifest.model_validate(
+        {
+            **eng.toolchain,
+            "llmwarm_version": __version__,
+            "vllm_version": eng.vllm_version,
+            "model": settings.model,
+            "config_hash": eng.config_hash(),
+            "engine_start_s": eng.start_s,
+            "capture_sizes": settings.capture,
+        }
     )
 
 

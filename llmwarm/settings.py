@@ -229,6 +229,8 @@ def resolve(
             learn_path = _learn_dir(cache.shared / learn.DIR_NAME)
         check_learn_path(learn_path)
         args = _engine_args(vllm_argv, prog, mode)
+        if cache is not None:  # (vLLM is imported now: its platform tells the device)
+            cache.adopt(engine.toolchain())
         capture = None
         if capture_sizes_from_profile:
             baked = cache.baked if cache is not None and mode != "bake" else None
