@@ -49,6 +49,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,6 +58,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from llmwarm import files
 from llmwarm.errors import UsageError
+from llmwarm.report import CaptureSizes
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +88,17 @@ class Manifest(BaseModel):
         default="", description="What compiled it: the GPU's name and compute capability, or CPU."
     )
     torch_version: str = Field(default="")
+    cuda_version: str = Field(default="", description="torch's CUDA (or ROCm) version.")
+    driver_version: str = Field(default="", description="The GPU driver's version.")
+    triton_version: str = Field(default="")
+    flashinfer_version: str = Field(default="")
     baked_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     engine_start_s: float = Field(description="The baking start's engine start (cold).")
+    capture_sizes: CaptureSizes | None = Field(
+        default=None,
+        description="The CUDA-graph sizes --capture-sizes-from-profile chose at the bake: "
+        "later starts keep them (they are part of the configuration hash).",
+    )
 
 
 LOCK = ".llmwarm.lock"
@@ -131,27 +142,39 @@ class Cache:
 
     @classmethod
     def open(cls, directory: Path, option: str = "--cache-dir") -> Cache:
-        """Open the directory and make this process's live copy of what is baked there;
-        point every compile cache at the copy (before vLLM is imported)."""
+        """Open the directory and make this process's live copy (empty until `adopt`); point
+        every compile cache at the copy (before the engine's processes start)."""
         shared = _directory(directory, option)
         _remove_orphans()
         live = Path(tempfile.mkdtemp(prefix=LIVE_PREFIX))
-        owner = _own(live)
-        with files.locked(shared / LOCK, fcntl.LOCK_SH):
-            baked = read_manifest(shared)
-            if baked is not None:
-                started = time.perf_counter()
-                for sub in _trees(shared):
-                    shutil.copytree(shared / sub, live / sub, symlinks=True)
-                logger.info(
-                    "--cache-dir %s: its baked caches copied to %s (%.1f MB in %.1f s)",
-                    shared, live, _size(live) / 1e6, time.perf_counter() - started,
-                )  # fmt: skip
-        cache = cls(shared, live, os.access(shared, os.W_OK), baked, owner)
+        cache = cls(shared, live, os.access(shared, os.W_OK), None, _own(live))
         if not cache.writable:
             logger.info("--cache-dir %s is read-only: nothing is written there", shared)
         use(live)
         return cache
+
+    def adopt(self, toolchain: Mapping[str, str]) -> None:
+        """Copy what is baked there into the live copy, if it was baked for this device and
+        toolchain (`toolchain`: `Manifest`'s fields of them, `engine.toolchain`): checked
+        first, so a replica of another GPU kind copies no gigabytes it cannot use."""
+        with files.locked(self.shared / LOCK, fcntl.LOCK_SH):
+            baked = read_manifest(self.shared)
+            if baked is None:
+                return
+            why = _toolchain(baked, toolchain)
+            if why is not None:
+                logger.warning(
+                    "--cache-dir %s: its caches were baked %s; vLLM compiles now", self.shared, why
+                )
+                return
+            started = time.perf_counter()
+            for sub in _trees(self.shared):
+                shutil.copytree(self.shared / sub, self.live / sub, symlinks=True)
+            self.baked = baked
+        logger.info(
+            "--cache-dir %s: its baked caches copied to %s (%.1f MB in %.1f s)",
+            self.shared, self.live, _size(self.live) / 1e6, time.perf_counter() - started,
+        )  # fmt: skip
 
     def check(self, running: Manifest) -> None:
         """Log whether the engine could start from the caches baked into the directory."""
@@ -271,12 +294,35 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     files.write_text(directory / MANIFEST, text, "--cache-dir")
 
 
+# What decides whether compiled kernels can be reused, besides vLLM's configuration hash (which
+# leaves the device out on purpose, vllm/config/device.py): the GPU kind (its name and compute
+# capability: same-architecture cards reuse each other's autotuning results), torch, its CUDA,
+# Triton and FlashInfer. The driver only re-JITs PTX on a change (a warning).
+TOOLCHAIN = {
+    "device": "on", "torch_version": "with torch", "cuda_version": "with CUDA",
+    "triton_version": "with Triton", "flashinfer_version": "with FlashInfer",
+}  # fmt: skip
+
+
+def _toolchain(baked: Manifest, current: Mapping[str, str]) -> str | None:
+    """How `baked`'s device and toolchain differ from `current`'s, or None (a field the bake
+    did not record is not held against it)."""
+    found = [
+        f"{what} {old!r}, not {current.get(field, '')!r}"
+        for field, what in TOOLCHAIN.items()
+        if (old := getattr(baked, field)) and old != current.get(field, "")
+    ]
+    return "; ".join(found) or None
+
+
 def mismatch(baked: Manifest | None, running: Manifest) -> str | None:
     """Why caches baked for `baked` cannot serve the `running` engine, or None."""
     if baked is None:
         return "nothing was baked into it (no llmwarm-bake.json)"
     if baked.vllm_version != running.vllm_version:
         return f"baked with vLLM {baked.vllm_version}, running {running.vllm_version}"
+    if (why := _toolchain(baked, running.model_dump())) is not None:
+        return f"baked {why}"
     if baked.config_hash != running.config_hash:
         return (
             f"baked for another engine configuration ({baked.model}, hash "
@@ -286,16 +332,10 @@ def mismatch(baked: Manifest | None, running: Manifest) -> str | None:
 
 
 def differences(baked: Manifest | None, running: Manifest) -> str | None:
-    """What else differs that keys compiled kernels (vLLM's hash leaves it out): the device,
-    whose kind sets vLLM's defaults and kernels, and torch, whose caches are per version."""
-    if baked is None:
+    """What differs that costs a little at start but keeps the caches: the GPU driver (its PTX
+    JIT cache is rebuilt)."""
+    if baked is None or not baked.driver_version:
         return None
-    found = [
-        f"{what} {old!r}, now {new!r}"
-        for what, old, new in (
-            ("baked on", baked.device, running.device),
-            ("baked with torch", baked.torch_version, running.torch_version),
-        )
-        if old and old != new
-    ]
-    return "; ".join(found) or None
+    if baked.driver_version == running.driver_version:
+        return None
+    return f"baked with driver {baked.driver_version!r}, now {running.driver_version!r}"

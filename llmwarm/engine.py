@@ -91,8 +91,9 @@ class EngineClient(Protocol):
 
     start_s: float  # seconds from engine start to engine ready
     vllm_version: str
-    device: str  # what compiles: the GPU's name and compute capability, or the CPU
-    torch_version: str
+    # what compiles, and with what (`toolchain`): the device (the GPU's name and compute
+    # capability, or the CPU), torch, CUDA, the driver, Triton, FlashInfer
+    toolchain: dict[str, str]
 
     def shape(self) -> EngineShape: ...
     def tokenizer(self) -> Tokenizer: ...
@@ -169,8 +170,7 @@ class Engine:
         self.running = running or RunningPeak()
         self._tokenizer: Tokenizer | None = None
         self.vllm_version = vllm_version()
-        self.device = _device()
-        self.torch_version = _torch_version()
+        self.toolchain = toolchain()
 
     def shape(self) -> EngineShape:
         """The running engine's limits that a profile depends on."""
@@ -246,21 +246,35 @@ class Engine:
             await self._every_worker("llmwarm_jit_phase", phase)
 
     async def jit_events(self) -> JitEvents | None:
-        """The monitor's events by phase (the most any one worker saw); None without the
-        counter (the user gave their own --worker-extension-cls)."""
+        """The monitor's events by phase; None without the counter (the user gave their own
+        --worker-extension-cls)."""
         if not self._counts_jit:
             return None
-        seen = await self._every_worker("llmwarm_jit_events")
-        return JitEvents(
-            active=any(w["active"] for w in seen),
-            warmup=max(w["warmup"] for w in seen),
-            serving=max(w["serving"] for w in seen),
-        )
+        return combined(await self._every_worker("llmwarm_jit_events"))
 
     def take_running_peak(self) -> int | None:
         """The most requests vLLM's scheduler ran at once since the last call (None: vLLM
         reported nothing, e.g. `--disable-log-stats`)."""
         return self.running.take()
+
+
+def combined(workers: list[dict[str, Any]]) -> JitEvents:
+    """Every worker's JIT events, as the engine's: the tensor-parallel ranks of a pipeline
+    stage compile the same kernels (the most any of them saw), different stages and
+    data-parallel engines their own (summed)."""
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for worker in workers:
+        groups.setdefault((worker.get("engine", 0), worker.get("stage", 0)), []).append(worker)
+
+    def total(phase: str) -> int:
+        return sum(max(w.get(phase, 0) for w in group) for group in groups.values())
+
+    return JitEvents(
+        active=any(w["active"] for w in workers),
+        warmup=total("warmup"),
+        serving=total("serving"),
+        rewarm=total("rewarm"),
+    )
 
 
 PAUSE_ENV = "LLMWARM_TEST_PAUSE"  # tests only: pause at a named point (see `pause`)
@@ -427,6 +441,7 @@ def _shape(config: Any, args: Namespace) -> EngineShape:
         block_size=config.cache_config.block_size,
         dp_ranks=ranks,
         dp_pinned=pinned,
+        spec_tokens=int(getattr(config.speculative_config, "num_speculative_tokens", 0) or 0),
     )
 
 
@@ -465,6 +480,43 @@ def _torch_version() -> str:
     import torch
 
     return str(torch.__version__)
+
+
+def _package(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _driver() -> str:
+    """The GPU driver's version ("" without a GPU): what re-JITs PTX when it changes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    try:
+        version = int(torch._C._cuda_getDriverVersion())
+    except (AttributeError, RuntimeError):
+        return ""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def toolchain() -> dict[str, str]:
+    """What decides whether compiled kernels can be reused, besides vLLM's configuration hash,
+    as a bake manifest records it (`llmwarm.caches.TOOLCHAIN`)."""
+    import torch
+
+    return {
+        "device": _device(),
+        "torch_version": _torch_version(),
+        "cuda_version": str(torch.version.cuda or getattr(torch.version, "hip", None) or ""),
+        "driver_version": _driver(),
+        "triton_version": _package("triton"),
+        "flashinfer_version": _package("flashinfer-python"),
+    }
 
 
 def vllm_version() -> str:

@@ -42,6 +42,9 @@ class EngineShape:
     # balancer fronts every rank; with external load balancing a server fronts its own only)
     dp_ranks: tuple[int, ...] = ()
     dp_pinned: bool = False
+    # speculative decoding: draft tokens a step, as vLLM's configuration resolved them (it
+    # fills them itself for MTP and draft models, and suffix decoding); 0: none
+    spec_tokens: int = 0
 
     def ranks(self) -> list[int | None]:
         """The ranks a warm-up goes through, one after another (None: the one engine)."""

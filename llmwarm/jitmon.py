@@ -11,7 +11,15 @@ and with `error` the engine would die warming up.
 through `collective_rpc` (`llmwarm.engine`). It wraps `_handle_jit_event` to count each event by
 phase. While llmwarm warms (`warmup`), an event is counted and logged, never raised: finding
 these compiles is what the warm-up is for. Once the gate opens (`serving`), the user's mode
-applies unchanged. The CPU worker has no monitor: `events()` then says it is inactive.
+applies unchanged. During a re-warm with the gate open (`rewarm`), users' requests run beside
+the warm-up's and an event cannot tell whose it is: counted apart, never raised (the user's
+`error` mode would kill the engine for a compile the re-warm asked for). The CPU worker has no
+monitor: `events()` then says it is inactive.
+
+What the monitor sees is what vLLM hooks: Triton kernel compiles, CuTe-DSL and TileLang
+compiles. Triton autotuning is printed by vLLM, not reported through the hook; FlashInfer and
+DeepGEMM JIT builds and Inductor's own kernels are not seen at all. A count of 0 says none of
+those, not that nothing compiled.
 
 Imports vLLM only when called, in the worker; nothing else of llmwarm runs there.
 """
@@ -25,7 +33,7 @@ from typing import Any
 logger = logging.getLogger("llmwarm.jitmon")
 
 QUALNAME = "llmwarm.jitmon.JitMonitorExtension"
-PHASES = ("warmup", "serving")
+PHASES = ("warmup", "serving", "rewarm")
 
 _phase = "warmup"
 _counts = dict.fromkeys(PHASES, 0)
@@ -36,6 +44,9 @@ def _counted(*, backend: str, event: str, fn_name: str, detail: str | None = Non
     _counts[_phase] += 1
     if _phase == "warmup":
         logger.info("llmwarm warm-up caught %s %s: %s", backend, event, fn_name)
+        return
+    if _phase == "rewarm":
+        logger.info("during an open-gate re-warm: %s %s: %s", backend, event, fn_name)
         return
     assert _original is not None
     _original(backend=backend, event=event, fn_name=fn_name, detail=detail)
@@ -60,10 +71,18 @@ def set_phase(phase: str) -> None:
 
 
 def events() -> dict[str, Any]:
-    """Whether the monitor runs in this process, and its events so far by phase."""
+    """Whether the monitor runs in this process, its events so far by phase, and where the
+    worker stands: ranks of one pipeline stage compile the same kernels (tensor parallel),
+    different stages and data-parallel engines different ones."""
+    from vllm.distributed import parallel_state
     from vllm.utils import jit_monitor
 
-    return {"active": jit_monitor.is_active(), **_counts}
+    try:
+        stage = parallel_state.get_pp_group().rank_in_group
+        engine = parallel_state.get_dp_group().rank_in_group
+    except (AssertionError, AttributeError):  # no distributed state: one worker
+        stage = engine = 0
+    return {"active": jit_monitor.is_active(), **_counts, "stage": stage, "engine": engine}
 
 
 class JitMonitorExtension:

@@ -137,6 +137,14 @@ def claim(path: Path) -> int | None:
     return fd
 
 
+def release(claim: int, path: Path | None) -> None:
+    """This process's claim ends (a clean exit): its lock goes (its file stays, to be merged by
+    a later start)."""
+    if path is not None and path.is_dir():
+        _owner_lock(own_file(path)).unlink(missing_ok=True)
+    os.close(claim)
+
+
 def _finished(directory: Path) -> list[Path]:
     """A learn directory's finished files (a writer's temporary ones start with a dot)."""
     return sorted(p for p in directory.glob("*.json") if not p.name.startswith("."))
@@ -163,6 +171,12 @@ def _merge_gone(directory: Path) -> None:
     them, under the directory's lock: a fleet's directory holds a file per live replica and one
     more, however many pods came and went."""
     with files.locked(directory / _DIR_LOCK, fcntl.LOCK_EX):
+        for lock in directory.glob(".*.lock"):  # of a process gone before it wrote its file
+            if lock.name == _DIR_LOCK:
+                continue
+            stem = lock.name[1 : -len(".lock")]
+            if not (directory / f"{stem}.json").exists() and _gone(directory / f"{stem}.json"):
+                lock.unlink(missing_ok=True)
         gone = [f for f in _finished(directory) if f.name != MERGED and _gone(f)]
         if not gone:
             return

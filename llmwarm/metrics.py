@@ -144,12 +144,15 @@ def _jit(jit: JitEvents) -> Iterable[Metric]:
     )
     events = CounterMetricFamily(
         "llmwarm_jit_events",
-        "vLLM JIT-monitor events (kernel compiles, autotuning) by llmwarm phase: during "
-        "the warm-ups (caught) and after the gate opened (missed).",
+        "vLLM JIT-monitor events by llmwarm phase: Triton, CuTe-DSL and TileLang kernel "
+        "compiles (not FlashInfer or DeepGEMM builds, Inductor's kernels or Triton "
+        "autotuning: 0 is not 'nothing compiled') during the warm-ups (caught), after the gate "
+        "opened (missed) and during re-warms with the gate open (either's).",
         labels=["phase"],
     )
     events.add_metric(["warmup"], jit.warmup)
     events.add_metric(["serving"], jit.serving)
+    events.add_metric(["rewarm"], jit.rewarm)
     yield events
 
 

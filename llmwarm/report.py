@@ -209,14 +209,20 @@ class BucketResult(BaseModel):
 
 
 class JitEvents(BaseModel):
-    """vLLM's JIT monitor (GPU workers): kernel compiles and autotuning runs it saw, by phase,
-    since the engine started (`llmwarm.jitmon`)."""
+    """vLLM's JIT monitor (GPU workers): the Triton, CuTe-DSL and TileLang kernel compiles it
+    saw, by phase, since the engine started (`llmwarm.jitmon`; FlashInfer and DeepGEMM builds,
+    Inductor's kernels and Triton autotuning are not among them)."""
 
     active: bool = Field(
         description="Whether the monitor runs (vLLM switches it on in GPU workers only)."
     )
     warmup: int = Field(description="Events during llmwarm's warm-ups: what they caught.")
     serving: int = Field(description="Events after the gate opened: what they missed.")
+    rewarm: int = Field(
+        default=0,
+        description="Events during re-warms with the gate open: a user's or the re-warm's, "
+        "which an event does not tell (never raised in `error` mode).",
+    )
 
 
 class CaptureSizes(BaseModel):

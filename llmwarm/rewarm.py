@@ -126,6 +126,8 @@ class Rewarms:
             path = shipped(request.profile)
             profile, source = load_profile(path), str(path)
         self.state.gate_closed = request.close_gate
+        # gate open: users' requests run beside the warm-up's, and a compile is either's
+        await self._jit_phase("warmup" if request.close_gate else "rewarm")
         try:
             report = await self._warm(profile, source)
             if report.error is None:

@@ -232,8 +232,11 @@ class Lifecycle:
         self._warmups: WarmupRun | None = None  # once the engine runs
         self.state.coverage.served = frozenset(vllm_args.served_names(args))
         self._learn_writable = _read_learned(settings, self.state.coverage)
-        # this process's file in a learn directory, in use while it lives (`learn.claim`)
-        self._learn_claim = learn.claim(settings.learn_path) if settings.learn_path else None
+        # this process's file in a learn directory, in use while it lives (`learn.claim`): a
+        # server's (`warm` and `bake` serve nobody, and write none)
+        self._learn_claim = (
+            learn.claim(settings.learn_path) if settings.learn_path and settings.serve else None
+        )
         self.http = Frontend(self.gate, args)
         self.client = _warmup_client(self.http.warmup_url, self.gate, args)
 
@@ -261,7 +264,7 @@ class Lifecycle:
                 self.http.close()
                 self.client.close()
                 if self._learn_claim is not None:
-                    os.close(self._learn_claim)
+                    learn.release(self._learn_claim, self.settings.learn_path)
 
     async def _live(self) -> Report:
         settings = self.settings
@@ -410,14 +413,16 @@ def _origin(settings: Settings, started_at: datetime, eng: engine.EngineClient) 
 
 def _manifest(settings: Settings, eng: engine.EngineClient) -> caches.Manifest:
     """The running engine's manifest: what a bake of it records."""
-    return caches.Manifest(
-        llmwarm_version=__version__,
-        vllm_version=eng.vllm_version,
-        model=settings.model,
-        config_hash=eng.config_hash(),
-        engine_start_s=eng.start_s,
-        device=eng.device,
-        torch_version=eng.torch_version,
+    return caches.Manifest.model_validate(
+        {
+            **eng.toolchain,
+            "llmwarm_version": __version__,
+            "vllm_version": eng.vllm_version,
+            "model": settings.model,
+            "config_hash": eng.config_hash(),
+            "engine_start_s": eng.start_s,
+            "capture_sizes": settings.capture,
+        }
     )
 
 

@@ -116,13 +116,21 @@ def check_learn_path(path: Path | None) -> None:
 
 
 def apply_capture_sizes(
-    args: Namespace, profile: Profile, learn_path: Path | None = None
+    args: Namespace,
+    profile: Profile,
+    learn_path: Path | None = None,
+    baked: caches.Manifest | None = None,
 ) -> CaptureSizes:
     """Give vLLM CUDA-graph capture sizes, in tokens, for the steps the profile (and the learn
     file) warms, at most `graphs.MAX_SIZES` of them (`llmwarm.graphs`): no warmed step runs
     without a graph (vLLM's default stops at 512 tokens), and steps between two classes pad
     little. GPU only: the CPU platform clears capture sizes. Refused with flags that size or
-    switch off graphs themselves."""
+    switch off graphs themselves.
+
+    With a bake (`baked`: the --cache-dir's manifest) that recorded its sizes, those: the sizes
+    are part of vLLM's configuration hash, which names its compile cache, so sizes that followed
+    the learn file (it changes with traffic) would miss the baked cache at the next start, and
+    compile again. What traffic taught since takes effect at the next bake."""
     for flag, given in (
         ("--cudagraph-capture-sizes", args.cudagraph_capture_sizes is not None),
         ("--max-cudagraph-capture-size", args.max_cudagraph_capture_size is not None),
@@ -136,14 +144,28 @@ def apply_capture_sizes(
     from llmwarm import graphs
     from llmwarm.fit import auto_buckets
 
+    same = baked is not None and baked.model == vllm_args.model_name(args)
+    if baked is not None and same and baked.capture_sizes is not None:
+        args.cudagraph_capture_sizes = baked.capture_sizes.sizes
+        logger.info(
+            "--capture-sizes-from-profile: the %d CUDA graphs the bake of %s chose (a new bake "
+            "takes what traffic taught since)", len(baked.capture_sizes.sizes),
+            baked.baked_at.isoformat(timespec="seconds"),
+        )  # fmt: skip
+        return baked.capture_sizes
     shape = engine.shape_from_args(args)
     buckets = list(profile.buckets)
     if profile.auto is not None:
         buckets += auto_buckets(profile.auto, shape, chat=True)
-    spec = (args.speculative_config or {}).get("num_speculative_tokens") or 0
+    spec = shape.spec_tokens  # as vLLM resolved it, not only as the flag gave it
     learned = learn.size_classes(learn_path) if learn_path is not None else None
     steps = graphs.steps(buckets, shape.max_num_batched_tokens, spec, learned)
-    default = graphs.vllm_default(shape.max_num_seqs, shape.max_num_batched_tokens, spec)
+    # vLLM's own default where its configuration holds one (a GPU: the data-centre Blackwell
+    # ceiling, `performance_mode`, dynamic speculative decoding included); on the CPU build,
+    # which captures none, llmwarm's model of it (`graphs.vllm_default`)
+    default = shape.cudagraph_capture_sizes or graphs.vllm_default(
+        shape.max_num_seqs, shape.max_num_batched_tokens, spec
+    )
     plan = graphs.plan(steps, len(default), spec_tokens=spec)
     args.cudagraph_capture_sizes = plan.sizes
     logger.info(
@@ -207,9 +229,12 @@ def resolve(
             learn_path = _learn_dir(cache.shared / learn.DIR_NAME)
         check_learn_path(learn_path)
         args = _engine_args(vllm_argv, prog, mode)
+        if cache is not None:  # (vLLM is imported now: its platform tells the device)
+            cache.adopt(engine.toolchain())
         capture = None
         if capture_sizes_from_profile:
-            capture = apply_capture_sizes(args, profile, learn_path)
+            baked = cache.baked if cache is not None and mode != "bake" else None
+            capture = apply_capture_sizes(args, profile, learn_path, baked)
     except BaseException:
         if cache is not None:
             cache.close()

@@ -338,7 +338,8 @@ class WarmupRun:
                 learn.extend, profile, counts, shape, self.learn_file
             )
         live = self.state.begin_warmup(profile.convergence.window)
-        await self.engine.jit_phase("warmup")  # a compile now is what a warm-up is for
+        if trigger == "startup":  # (a re-warm's phase is its owner's: `llmwarm.rewarm`)
+            await self.engine.jit_phase("warmup")  # a compile now is what a warm-up is for
         # A salt of this run's own: its prefix-cache blocks match no other request.
         requests = Corpus(
             profile,

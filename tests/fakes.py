@@ -201,8 +201,7 @@ class FakeEngine:
     """
 
     vllm_version = "0.0.fake"
-    device = "CPU (fake)"
-    torch_version = "0.0.fake"
+    toolchain = {"device": "CPU (fake)", "torch_version": "0.0.fake"}
 
     def __init__(self, *, hold_start: bool = False, start_error: Exception | None = None) -> None:
         self.start_s = 0.01
@@ -214,6 +213,7 @@ class FakeEngine:
         self.lifespan_ran = False
         self.hold = asyncio.Event()
         self.hold.set()  # set: requests pass
+        self.hold_when: Callable[[], bool] = lambda: True
         self.seen = asyncio.Event()
         self.vllm_stop = VllmStop()  # the one the lifecycle hands to its app
         self.finished = 0  # generate requests answered in full
@@ -228,9 +228,13 @@ class FakeEngine:
         self.at_lifespan: Callable[[], None] = lambda: None  # as the app's lifespan starts
 
     # --- what a test does to it
-    def holding(self) -> None:
+    def holding(self, when: Callable[[], bool] = lambda: True) -> None:
+        """Hold every generate request from now on, or from the first that arrives when
+        `when()` is true (a condition on the run state: it holds at that point, whatever the
+        host's speed)."""
         self.seen.clear()
         self.hold.clear()
+        self.hold_when = when
 
     def release(self) -> None:
         self.hold.set()
@@ -317,7 +321,7 @@ class FakeEngine:
         if kind not in self._compiled:
             self._compiled.add(kind)
             self.jit[self.jit_phases[-1] if self.jit_phases else "warmup"] += 1
-        if not self.hold.is_set():
+        if not self.hold.is_set() and self.hold_when():
             self.seen.set()
             await self.hold.wait()
         self.running += 1

@@ -103,22 +103,40 @@ def test_manifest_round_trip_and_mismatch(tmp_path: Path) -> None:
     assert caches.read_manifest(tmp_path) is None
 
 
-def test_another_device_or_torch_is_a_warning_naming_the_difference(
+def test_a_bake_for_another_gpu_or_toolchain_is_checked_first_and_never_copied(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    h100 = _manifest(device="NVIDIA H100 (compute capability 9.0)", torch_version="2.13.0")
-    caches.write_manifest(tmp_path, h100)
-    assert caches.differences(h100, h100) is None
-    l4 = _manifest(device="NVIDIA L4 (compute capability 8.9)", torch_version="2.14.1")
-    cache = caches.Cache(tmp_path, tmp_path, True, h100)
-    with caplog.at_level("WARNING", logger="llmwarm.caches"):
-        cache.check(l4)
-    assert (
-        "baked on 'NVIDIA H100 (compute capability 9.0)', now 'NVIDIA L4 (compute capability "
-        "8.9)'; baked with torch '2.13.0', now '2.14.1'"
-    ) in caplog.text
-    # a manifest from before these fields were recorded: no difference claimed
-    assert caches.differences(_manifest(), l4) is None
+    # The defect: the manifest's hard keys were vLLM's version and its configuration hash,
+    # which leaves the device out on purpose; the device and torch were only logged, CUDA,
+    # Triton and FlashInfer not recorded, and every baked tree was copied (gigabytes a start)
+    # before anything was checked.
+    h100 = {
+        "device": "NVIDIA H100 (compute capability 9.0)", "torch_version": "2.13.0",
+        "cuda_version": "12.9", "triton_version": "3.4.0", "driver_version": "575.57",
+    }  # fmt: skip
+    _bake_by_hand(tmp_path / "shared", _manifest(**h100))
+    l4 = {**h100, "device": "NVIDIA L4 (compute capability 8.9)", "triton_version": "3.5.0"}
+    cache = caches.Cache.open(tmp_path / "shared")
+    try:
+        with caplog.at_level("WARNING", logger="llmwarm.caches"):
+            cache.adopt(l4)
+        assert cache.baked is None and not list(cache.live.iterdir())  # nothing copied
+        assert (
+            "baked on 'NVIDIA H100 (compute capability 9.0)', not 'NVIDIA L4 (compute "
+            "capability 8.9)'; with Triton '3.4.0', not '3.5.0'"
+        ) in caplog.text
+        # the same kind of card and toolchain: copied; another driver is a warning only
+        cache.adopt({**h100, "driver_version": "580.65"})
+        assert cache.baked is not None and (cache.live / "vllm" / "graph.py").exists()
+        newer_driver = _manifest(**{**h100, "driver_version": "580.65"})
+        assert caches.mismatch(cache.baked, newer_driver) is None
+        assert "driver '575.57', now '580.65'" in str(caches.differences(cache.baked, newer_driver))
+        # and a serving replica of the other kind never replaces the bake
+        assert "baked on" in str(caches.mismatch(cache.baked, _manifest(**l4)))
+    finally:
+        cache.close()
+    # a manifest from before these fields were recorded holds nothing against a toolchain
+    assert caches.mismatch(_manifest(), _manifest(**l4)) is None
 
 
 @pytest.fixture
@@ -200,12 +218,19 @@ def _bake_by_hand(directory: Path, manifest: caches.Manifest, text: str = "v1") 
     caches.write_manifest(directory, manifest)
 
 
+def _opened(directory: Path) -> caches.Cache:
+    """`Cache.open` and its `adopt` as a start makes them (these bakes record no toolchain)."""
+    cache = caches.Cache.open(directory)
+    cache.adopt({})
+    return cache
+
+
 def test_a_baked_directory_is_copied_in_and_never_written(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     _bake_by_hand(shared, _manifest())
     before = {p: p.read_text() for p in shared.rglob("*") if p.is_file()}
     before[shared / caches.LOCK] = ""  # how replicas take turns: the one file it may add
-    cache = caches.Cache.open(shared)
+    cache = _opened(shared)
     try:
         assert (
             cache.baked is not None and (cache.live / "inductor" / "kernel.so").read_text() == "v1"
@@ -244,7 +269,7 @@ def test_a_reader_never_copies_half_of_a_publish(
     # lock against its exclusive one) and copies what the new manifest vouches for.
     shared = tmp_path / "shared"
     _bake_by_hand(shared, _manifest(), text="old")
-    writer = caches.Cache.open(shared)
+    writer = _opened(shared)
     _bake_by_hand(writer.live, _manifest(), text="new")
     halfway, go_on = threading.Event(), threading.Event()
     copy = shutil.copytree
@@ -263,7 +288,7 @@ def test_a_reader_never_copies_half_of_a_publish(
     publishing.start()
     assert halfway.wait(30)
     opened: list[caches.Cache] = []
-    reading = threading.Thread(target=lambda: opened.append(caches.Cache.open(shared)))
+    reading = threading.Thread(target=lambda: opened.append(_opened(shared)))
     reading.start()
     reading.join(0.3)
     assert reading.is_alive()  # it waits for the publish
@@ -285,7 +310,7 @@ def test_a_read_only_directory_is_read_and_nothing_is_written(
     _bake_by_hand(small_fs, _manifest())
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     with caplog.at_level("INFO", logger="llmwarm.caches"):
-        cache = caches.Cache.open(small_fs)
+        cache = _opened(small_fs)
     try:
         assert not cache.writable and cache.baked is not None
         assert (cache.live / "vllm" / "graph.py").read_text() == "v1"
@@ -314,7 +339,7 @@ def test_publishing_works_where_only_a_read_write_descriptor_locks(
         assert cache.publish(_manifest()) is True
     finally:
         cache.close()
-    reader = caches.Cache.open(tmp_path / "shared")  # a shared lock, read-write as well
+    reader = _opened(tmp_path / "shared")  # a shared lock, read-write as well
     try:
         assert (reader.live / "vllm" / "graph.py").read_text() == "mine"
     finally:
@@ -328,7 +353,8 @@ def test_copies_left_by_a_killed_process_are_removed_at_the_next_start(tmp_path:
     _bake_by_hand(shared, _manifest())
     code = (
         "import sys, time; from pathlib import Path; from llmwarm import caches; "
-        "c = caches.Cache.open(Path(sys.argv[1])); print(c.live, flush=True); time.sleep(3600)"
+        "c = caches.Cache.open(Path(sys.argv[1])); c.adopt({}); print(c.live, flush=True); "
+        "time.sleep(3600)"
     )
     lives = []
     for _ in range(2):

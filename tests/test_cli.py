@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from typer.testing import CliRunner
@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from llmwarm import __version__
 from llmwarm.cli import app
 from tests.conftest import invoke
+from tests.fakes import MINIMAL_PROFILE
 from tests.launch import ENGINE_FLAGS, LLMWARM, engine_env, free_port
 
 
@@ -392,3 +393,83 @@ def test_a_cpu_start_failure_with_several_ranks_says_what_to_bind(
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|2|3")
     assert _start_hints(config) == []
     assert _start_hints(SimpleNamespace(parallel_config=SimpleNamespace(world_size=1))) == []
+
+
+def test_the_plan_follows_the_engine_vllm_resolved_not_the_flags(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The defect: llmwarm read `num_speculative_tokens` from --speculative-config's JSON, which
+    # vLLM fills itself for MTP and draft models (their n_predict) and suffix decoding; and it
+    # modelled vLLM's default sizes at the 512-token ceiling, where data-centre Blackwell's is
+    # 1024 and `performance_mode=interactivity` captures every size to 32.
+    from llmwarm import engine, graphs, vllm_args
+    from llmwarm.fit import EngineShape
+    from llmwarm.profile import load_profile
+    from llmwarm.settings import apply_capture_sizes
+
+    args = vllm_args.parse_args([str(tiny_model), "--max-model-len", "1024"], "test")
+    args.speculative_config = {"method": "mtp"}  # the draft model says how many: 3
+    blackwell = [*range(1, 33), *range(40, 256, 8), *range(256, 1025, 16)]
+    resolved = EngineShape(
+        max_model_len=1024, max_num_seqs=256, max_num_batched_tokens=8192,
+        cudagraph_capture_sizes=blackwell, spec_tokens=3,
+    )  # fmt: skip
+    monkeypatch.setattr(engine, "shape_from_args", lambda args: resolved)
+    plan = apply_capture_sizes(args, load_profile(MINIMAL_PROFILE))
+    assert all(size % 4 == 0 for size in plan.sizes) and 4 in plan.sizes
+    assert plan.default_count == len(blackwell) != len(graphs.vllm_default(256, 8192, 3))
+
+
+def _gpu_config_hash(args: Any) -> str:
+    """vLLM's configuration hash (its compile cache's name) as a GPU would compute it: with the
+    capture sizes these args give (the CPU platform clears them)."""
+    from vllm.config import CUDAGraphMode
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    config = engine_args.create_engine_config()
+    config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    config.compilation_config.cudagraph_capture_sizes = engine_args.cudagraph_capture_sizes
+    return str(config.compute_hash())
+
+
+def test_a_start_after_learning_keeps_the_sizes_its_baked_cache_was_compiled_for(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The defect: the sizes followed the learn files, which change with traffic; they are
+    # part of vLLM's configuration hash, which names the compile cache: the next start missed
+    # the baked cache, compiled again, and `publish` declined to replace the bake.
+    from collections import Counter
+
+    from llmwarm import caches, learn
+    from llmwarm.coverage import Shape
+    from llmwarm.kinds import Kind
+    from llmwarm.settings import resolve
+
+    monkeypatch.setattr(caches, "use", lambda directory: None)  # no environment to undo
+    cache_dir, learned = tmp_path / "cache", tmp_path / "learned.json"
+    learn.write(learned, Counter({Shape(Kind("completions"), 64, 4, 16): 10}), "tiny")
+
+    def start(mode: Literal["serve", "bake"]) -> Any:
+        return resolve(
+            [str(tiny_model), "--max-model-len", "1024", "--served-model-name", "tiny"],
+            profile_path=MINIMAL_PROFILE, report_path=None, plot_path=None,
+            on_unconverged="serve", capture_sizes_from_profile=True, cache_dir=cache_dir,
+            learn_path=learned, mode=mode, prog=f"llmwarm {mode}",
+        )  # fmt: skip
+
+    bake = start("bake")
+    assert bake.capture is not None and bake.cache is not None
+    baked_hash = _gpu_config_hash(bake.vllm_args)
+    caches.write_manifest(cache_dir, caches.Manifest(
+        llmwarm_version="x", vllm_version="0.32.0", model="tiny", config_hash=baked_hash,
+        engine_start_s=1.0, capture_sizes=bake.capture,
+    ))  # fmt: skip
+    bake.cache.close()
+    # traffic taught a wide shape since: a plan of its own would differ
+    learn.write(learned, Counter({Shape(Kind("completions"), 1024, 64, 16): 500}), "tiny")
+    serve = start("serve")
+    assert serve.cache is not None
+    serve.cache.close()
+    assert serve.vllm_args.cudagraph_capture_sizes == bake.capture.sizes
+    assert _gpu_config_hash(serve.vllm_args) == baked_hash  # the baked cache is hit

@@ -206,7 +206,9 @@ async def test_run_waits_for_the_rewarm_and_returns_its_report() -> None:
     assert r.status_code == empty.status_code == 200 and r.json()["trigger"] == "api"
     assert [source.rsplit("/", 1)[-1] for _, source in asked] == ["chat.yaml", "minimal.yaml"]
     assert closed == [True, False] and served.state.gate_closed is False
-    assert len(served.published) == 2 and served.jit == ["serving", "serving"]
+    # a closed gate warms (a compile is the warm-up's); an open one runs beside users (either's)
+    assert served.jit == ["warmup", "serving", "rewarm", "serving"]
+    assert len(served.published) == 2
 
 
 async def test_run_without_wait_is_202_and_a_second_run_meanwhile_409() -> None:
@@ -382,7 +384,7 @@ async def test_a_failed_rewarm_is_not_published() -> None:
         r = await c.post("/warmup/run", headers=ADMIN, json={"close_gate": True})
     assert r.status_code == 500 and r.json()["error"] == "HTTP 500"
     assert served.published == [] and served.state.gate_closed is False
-    assert served.jit == ["serving"]
+    assert served.jit == ["warmup", "serving"]
 
 
 async def test_bad_bodies_name_the_field_and_never_echo_it() -> None:

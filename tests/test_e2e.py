@@ -271,7 +271,7 @@ def test_report_file(served: Served) -> None:
                     assert sample["tpot_s"] is None or sample["tpot_s"] > 0
         assert all(any(s["tpot_s"] for s in r["samples"]) for r in rounds)  # decode was timed
     # vLLM's CPU worker runs no JIT monitor; llmwarm's counter is there and says so
-    assert report["jit"] == {"active": False, "warmup": 0, "serving": 0}
+    assert report["jit"] == {"active": False, "warmup": 0, "serving": 0, "rewarm": 0}
     assert report["requests"] == sent
     kinds = {k["kind"] for k in report["kinds"]}
     assert {"completions+logprobs", "chat-stream+json_schema", "chat"} <= kinds

@@ -32,11 +32,37 @@ def test_a_compile_while_warming_is_counted_not_raised_then_the_users_mode_appli
     # how vLLM's CuTe-DSL hook reports a compile: through the module's _handle_jit_event
     monitor._log_cutedsl_jit_compile("fused_moe_kernel")
     monitor._log_cutedsl_jit_compile("rms_norm_kernel")
-    assert ext.llmwarm_jit_events() == {"active": True, "warmup": 2, "serving": 0}
+    counts = {"active": True, "warmup": 2, "serving": 0, "rewarm": 0, "stage": 0, "engine": 0}
+    assert ext.llmwarm_jit_events() == counts
     ext.llmwarm_jit_phase("serving")
     with pytest.raises(RuntimeError, match="during inference: fused_moe_kernel"):
         monitor._log_cutedsl_jit_compile("fused_moe_kernel")  # error mode: as vLLM does
-    assert ext.llmwarm_jit_events() == {"active": True, "warmup": 2, "serving": 1}
+    assert ext.llmwarm_jit_events() == {**counts, "serving": 1}
+
+
+def test_during_an_open_gate_rewarm_a_compile_is_counted_apart_and_never_raised(
+    monitor: Any,
+) -> None:
+    # The defect: an open-gate re-warm set the phase to warm-up, so users' compiles beside it
+    # counted as caught, and `error` mode was silenced for them.
+    ext = jitmon.JitMonitorExtension()
+    ext.llmwarm_jit_phase("rewarm")
+    monitor._log_cutedsl_jit_compile("fused_moe_kernel")  # a user's or the re-warm's
+    events = ext.llmwarm_jit_events()
+    assert (events["warmup"], events["serving"], events["rewarm"]) == (0, 0, 1)
+
+
+def test_workers_combine_as_the_kernels_they_compile() -> None:
+    # The defect: workers were combined with `max`, which undercounts pipeline stages (each
+    # compiles its own layers' kernels) and data-parallel engines.
+    from llmwarm.engine import combined
+
+    def worker(engine: int, stage: int, warmup: int) -> dict[str, Any]:
+        return {"active": True, "warmup": warmup, "serving": 0, "stage": stage, "engine": engine}
+
+    # two stages of two tensor-parallel ranks each, on two engines: ranks of a stage agree
+    seen = [worker(e, s, 3 + s) for e in (0, 1) for s in (0, 1) for _ in range(2)]
+    assert combined(seen).warmup == 2 * (3 + 4)
 
 
 def test_an_unknown_phase_is_refused(monitor: Any) -> None:

@@ -253,3 +253,16 @@ def test_traffic_the_warm_up_missed_is_uncovered_then_learned_and_covered(
     for file in written:
         assert SECRET not in file.read_text(errors="replace"), file
     assert sum(row["requests"] for row in json.loads(path.read_text())["shapes"]) == 8
+
+
+def test_a_process_claims_its_file_while_it_lives_and_leaves_no_lock(tmp_path: Path) -> None:
+    # The defect: each start's lock stayed beside the files after it ended (a fleet's `warm`
+    # and `bake` runs included), one more file in the shared directory every time.
+    (tmp_path / ".pod-c-3333.lock").touch()  # a process gone before it wrote its file
+    claim = learn.claim(tmp_path)
+    assert claim is not None
+    learn.read(tmp_path)  # another replica's start merges and prunes meanwhile
+    mine = tmp_path / f".{learn.own_file(tmp_path).stem}.lock"
+    assert mine.exists() and not (tmp_path / ".pod-c-3333.lock").exists()
+    learn.release(claim, tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".lock")] == [".llmwarm.lock"]
