@@ -413,7 +413,7 @@ def profile_show(
             )
     except LlmwarmError as exc:
         _exit_with(exc)
-    Console(width=200).print(plan_table(profile, str(file)))
+    Console().print(plan_table(profile, str(file)))
 
 
 ShareOption = Annotated[

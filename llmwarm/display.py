@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
+from rich.console import Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
-from llmwarm import files
+from llmwarm import endpoints, files
+from llmwarm.endpoints import SPECS
 from llmwarm.profile import Profile
 from llmwarm.report import Report
 
@@ -22,82 +26,160 @@ def _ratio(first: float | None, steady: float | None) -> str:
     return f"{first / steady:.2f}x"
 
 
-def table(report: Report) -> Table:
-    """Cold (round 1) against warm (the converged window), per bucket, in milliseconds."""
-    state = "converged" if report.converged else f"NOT converged: {', '.join(report.unconverged)}"
-    t = Table(
-        title=f"llmwarm warm-up: {report.requests} requests in {report.warmup_s:.1f} s "
-        f"(engine start {report.engine_start_s:.1f} s); {state}",
-        title_justify="left",
-    )
-    t.add_column("bucket")
-    t.add_column("rounds", justify="right")
-    t.add_column("converged")
-    for label in ("TTFT", "TPOT", "e2e"):
-        t.add_column(f"{label} cold", justify="right")
-        t.add_column(f"{label} warm", justify="right")
-    t.add_column("e2e cold/warm", justify="right")
-    t.add_column("noise", justify="right")
+def _cold_warm(first: float | None, warm: float | None) -> str:
+    return f"{_ms(first)}→{_ms(warm)}" if first is not None else "-"
+
+
+def buckets_table(report: Report) -> Table:
+    """The buckets that ran, one row each: rounds (✓ converged), first round → warm, in ms."""
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    t.add_column("bucket", no_wrap=True)
+    t.add_column("rounds", justify="right", no_wrap=True)
+    for label in ("TTFT ms", "TPOT ms", "e2e ms"):
+        t.add_column(label, justify="right", no_wrap=True)
+    t.add_column("first/warm", justify="right", no_wrap=True)
     window = report.convergence.window
     for b in report.buckets:
-        verdict = f"round {b.converged_at}" if b.converged else f"no ({b.stop_reason})"
-        cells = [b.key, str(len(b.rounds)), verdict]
-        for metric in ("ttft", "tpot", "e2e"):
-            cells += [_ms(b.first(metric)), _ms(b.warm(metric, window))]
+        if not b.rounds:
+            continue  # (not run: `skipped_line` says how many and why)
+        mark = "✓" if b.converged else "✗"
+        cells = [b.key, f"{len(b.rounds)} {mark}"]
+        cells += [_cold_warm(b.first(m), b.warm(m, window)) for m in ("ttft", "tpot", "e2e")]
         cells.append(_ratio(b.first("e2e"), b.warm("e2e", window)))
-        cells.append("-" if b.noise is None else f"±{b.noise:.0%}")
         t.add_row(*cells)
     return t
 
 
-def plan_table(profile: Profile, source: str) -> Table:
-    """What a profile will send: buckets in run order, request kinds, requests per round."""
+def skipped_line(report: Report) -> str | None:
+    """One line for the optional buckets no round reached: how many, why, what changes it."""
+    skipped = [b for b in report.buckets if not b.rounds and b.optional]
+    if not skipped:
+        return None
+    share = report.optional_share
+    why = (
+        f"the warm-up had spent its share of the engine's start ({share:.0%}, the profile's "
+        "budget.optional_share: raise it to warm them)"
+        if share is not None
+        else "the warm-up's budget ran out (the profile's budget)"
+    )
+    return f"+{len(skipped)} optional buckets not run: {why}"
+
+
+# The kinds grid's column headings: endpoint (abbreviated to fit 80 columns) and mode.
+_SHORT = {
+    "completions": "cmpl", "chat": "chat", "responses": "resp", "messages": "msgs",
+    "embeddings": "embed", "pooling": "pool", "classify": "class", "score": "score",
+    "rerank": "rank",
+}  # fmt: skip
+
+
+def kinds_grid(report: Report) -> Table:
+    """Request kinds as a grid: endpoints (x streaming) as columns, features as rows. A cell is
+    ✓ warmed, N.N× (warmed and measured twice: its first request over its warm one), ✗ not
+    warmed though the model serves it, or – (the endpoint or mode takes no such feature)."""
+    from llmwarm.features import Feature
+    from llmwarm.kinds import Kind
+
+    measured = {k.kind: k for k in report.kinds}
+    served = [e for e in endpoints.SPECS if e in report.endpoints] or sorted(
+        {k.endpoint for k in measured}
+    )
+    columns = [(e, s) for e in served for s in (False, True) if not s or SPECS[e].streamable]
+    rows = [None, *map(Feature.parse, report.features)]
+    rows = [f for f in rows if f is None or f.name != "greedy"]
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    t.add_column("kind", no_wrap=True)
+    for endpoint, stream in columns:
+        t.add_column(f"{_SHORT[endpoint]}\n{'str' if stream else '-'}", justify="right")
+    for feature in rows:
+        cells = []
+        for endpoint, stream in columns:
+            if feature is not None and not feature.spec.takes(endpoint, stream):
+                cells.append("–")
+                continue
+            summary = measured.get(Kind(endpoint, stream, (feature,) if feature else ()))
+            if summary is None:
+                cells.append("✗")
+            elif summary.warm_e2e_s:
+                cells.append(f"{summary.cold_e2e_s / summary.warm_e2e_s:.1f}×")
+            else:
+                cells.append("✓")
+        t.add_row("plain" if feature is None else str(feature), *cells)
+    return t
+
+
+def closing_line(report: Report) -> str:
+    """Engine start, warm-up and its share, requests, the verdict (the unconverged buckets are
+    the table's ✗)."""
+    start, warm = report.engine_start_s, report.warmup_s
+    share = warm / (start + warm) if start + warm > 0 else 0.0
+    if report.error is not None:
+        verdict = "FAILED (the report's error says why)"
+    elif report.converged:
+        verdict = "converged"
+    else:
+        verdict = f"NOT converged ({len(report.unconverged)} ✗)"
+    warmed = f"engine start {start:.1f} s + warm-up {warm:.1f} s ({share:.0%})"
+    return " · ".join([warmed, f"{report.requests} requests", verdict])
+
+
+def summary(report: Report, where: Path | None = None) -> Group:
+    """The warm-up at a glance, in 80 columns: its buckets, its request kinds, one line."""
+    title = Text(f"llmwarm warm-up of {report.model}", style="bold")
+    parts: list[RenderableType] = [title, buckets_table(report)]
+    if (line := skipped_line(report)) is not None:
+        parts.append(Text(line))
+    parts += [
+        kinds_grid(report),
+        Text("✓ warmed  N.N× its first request over a warm one  ✗ not warmed  – n/a", "dim"),
+        Text(closing_line(report), style="bold", no_wrap=True, overflow="ellipsis"),
+    ]
+    if where is not None:
+        parts.append(Text(f"report: {where}", style="dim"))
+    return Group(*parts)
+
+
+def plan_table(profile: Profile, source: str) -> Group:
+    """What a profile will send, in 80 columns: buckets in run order (optional ones apart),
+    the request kinds each sends, requests per round; then the totals and the features."""
     from llmwarm.corpus import kinds, requests_per_round, requests_per_sweep
 
     rule = profile.convergence
-    t = Table(title=f"warm-up plan of {source}", title_justify="left")
-    for column in ("bucket", "prompt", "concurrency", "max_tokens", "priority", "kinds",
-                   "requests/round", "tokens/round", "sweep"):  # fmt: skip
-        t.add_column(column, justify="left" if column in ("bucket", "kinds") else "right")
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for column in ("bucket", "prompt", "at once", "output", "kinds", "req/round", "sweep"):
+        t.add_column(column, justify="left" if column == "bucket" else "right", no_wrap=True)
     low = high = 0
-    for b in profile.buckets:
+    # the required buckets, then the optional ones (dim: run as time allows)
+    for b in sorted(profile.buckets, key=lambda b: b.optional):
         per_round, per_sweep = requests_per_round(profile, b), requests_per_sweep(profile, b)
         sweeps = per_sweep * (2 if profile.check else 1)  # and the check, if asked
-        low += per_round * rule.earliest + sweeps
-        high += per_round * rule.max_rounds + sweeps
-        names = [str(k) for k in kinds(profile, b)]
-        shown = ", ".join(names) if len(names) <= 4 else f"{len(names)}: {', '.join(names[:3])} …"
+        if not b.optional:
+            low += per_round * rule.earliest + sweeps
+            high += per_round * rule.max_rounds + sweeps
         t.add_row(
-            b.name, str(b.prompt_tokens), str(b.concurrency), str(b.max_tokens), str(b.priority),
-            shown, str(per_round), str(per_round * (b.prompt_tokens + b.max_tokens)),
-            str(sweeps or "-"),
+            b.name, str(b.prompt_tokens), str(b.concurrency), str(b.max_tokens),
+            str(len(kinds(profile, b))), str(per_round), str(sweeps or "-"),
+            style="dim" if b.optional else None,
         )  # fmt: skip
+    lines: list[RenderableType] = [Text(f"warm-up plan of {source}", style="bold"), t]
+    if optional := sum(b.optional for b in profile.buckets):
+        lines.append(Text(f"({optional} optional buckets, dim: as time allows)", style="dim"))
     if profile.auto is not None:
-        t.add_row("auto", "…", "…", str(profile.auto.max_tokens), "", "resolved against an "
-                  "engine: pass --model", "", "", "")  # fmt: skip
-    t.caption = (
-        f"{low}–{high} requests ({rule.earliest}–{rule.max_rounds} rounds a "
-        f"bucket, until {rule.metric} converges); features: "
-        f"{', '.join(map(str, profile.features.features()))}"
-        f" on {', '.join(sorted(profile.feature_buckets())) or '-'}, each kind sent at once after "
-        "round 1"
-        + (" and again after the last round (the check: features x2)" if profile.check else "")
-    )
-    return t
-
-
-def kinds_table(report: Report) -> Table:
-    """Cold (round 1) against warm end-to-end latency per request kind, in milliseconds."""
-    t = Table(title="per request kind (all buckets): end-to-end latency", title_justify="left")
-    t.add_column("kind")
-    t.add_column("e2e cold", justify="right")
-    t.add_column("e2e warm", justify="right")
-    t.add_column("cold/warm", justify="right")
-    for k in report.kinds:
-        t.add_row(
-            str(k.kind), _ms(k.cold_e2e_s), _ms(k.warm_e2e_s), _ratio(k.cold_e2e_s, k.warm_e2e_s)
-        )
-    return t
+        lines.append(Text("+ auto buckets from the engine's limits (pass --model to resolve them)"))
+    use = ", ".join(map(str, profile.features.features()))
+    check = " and after the last round (the check)" if profile.check else ""
+    lines += [
+        Text(
+            f"{low}–{high} requests in the required buckets ({rule.earliest}–{rule.max_rounds} "
+            f"rounds a bucket, until {rule.metric} converges)"
+        ),
+        Text(
+            f"features: {use}; on {', '.join(sorted(profile.feature_buckets())) or '-'}, every "
+            f"kind sent at once after round 1{check}",
+            style="dim",
+        ),
+    ]
+    return Group(*lines)
 
 
 def plot(report: Report, path: Path, option: str = "--plot") -> None:

@@ -39,9 +39,14 @@ class Progress:
 class ProgressView:
     """Call `update` after every round; a context manager around the whole warm-up."""
 
-    def __init__(self, buckets: int, metric: str, console: Console | None = None) -> None:
+    def __init__(
+        self, buckets: int, metric: str, console: Console | None = None, optional: int = 0
+    ) -> None:
+        """`buckets`: those the warm-up will run; `optional`: those it may add if time allows
+        (counted in the total once they run, so it never ends below its total)."""
         self.console = console or Console(stderr=True)
         self.buckets = buckets
+        self.optional = optional
         self.metric = metric
         self.bar: Bar | None = None
         self.task: TaskID | None = None
@@ -77,15 +82,18 @@ class ProgressView:
         series = b.series(self.metric)
         latest = f"{series[-1] * 1000:.2f} ms" if series else "-"
         state = f"converged at round {b.converged_at}" if b.converged else ""
+        total = max(self.buckets, p.bucket_index)  # an optional bucket that runs counts
+        more = self.buckets + self.optional - total
+        where = f"bucket {p.bucket_index}/{total}" + (f" (+{more} optional)" if more else "")
         if self.bar is not None and self.task is not None:
             self.bar.update(
                 self.task,
+                total=total,
                 completed=p.bucket_index - (0 if p.bucket_done else 1),
-                description=f"bucket {p.bucket_index}/{p.buckets} {b.key} round "
-                f"{p.round} ({self.metric} {latest}) {state}",
+                description=f"{where} {b.key} round {p.round} ({self.metric} {latest}) {state}",
             )
         else:
             logger.info(
-                "warm-up bucket %d/%d %s round %d: %s median %s %s",
-                p.bucket_index, p.buckets, b.key, p.round, self.metric, latest, state,
+                "warm-up %s %s round %d: %s median %s %s",
+                where, b.key, p.round, self.metric, latest, state,
             )  # fmt: skip

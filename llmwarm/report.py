@@ -394,6 +394,17 @@ class Report(BaseModel):
         description="Set when the warm-up failed (a request failed, the engine died); "
         "the buckets then hold what was measured until then.",
     )
+    endpoints: list[str] = Field(
+        default_factory=list, description="The endpoints vLLM serves this model on."
+    )
+    features: list[str] = Field(
+        default_factory=list, description="The profile's request features, as kinds name them."
+    )
+    optional_share: float | None = Field(
+        default=None,
+        description="The profile's `budget.optional_share`: how much of the engine's start "
+        "time optional buckets may add (none: no such limit).",
+    )
     buckets: list[BucketResult]
 
     @computed_field  # type: ignore[prop-decorator]
@@ -443,11 +454,16 @@ class Report(BaseModel):
         jit: JitEvents | None = None,
         learned: Learned | None = None,
         error: WarmupFailure | None = None,
+        endpoints: Iterable[str] = (),
     ) -> Report:
-        """The report of one warm-up of the process `origin` describes."""
+        """The report of one warm-up of the process `origin` describes (`endpoints`: those
+        vLLM serves this model on)."""
         return cls(
             **dataclasses.asdict(origin),
             profile=source,
+            endpoints=sorted(endpoints),
+            features=[str(f) for f in profile.features.features()],
+            optional_share=profile.budget.optional_share,
             warmup_s=seconds,
             requests=outcome.requests,
             cache_salt=cache_salt,
@@ -474,6 +490,7 @@ class Report(BaseModel):
         requests: int,
         seconds: float,
         error: LlmwarmError,
+        endpoints: Iterable[str] = (),
     ) -> Report:
         """The report of a warm-up that failed: what was measured until then."""
         for bucket in buckets:
@@ -482,6 +499,7 @@ class Report(BaseModel):
         return cls.build(
             origin, profile=profile, source=source, trigger=trigger,
             outcome=Outcome(buckets, requests), seconds=seconds, error=WarmupFailure.of(error),
+            endpoints=endpoints,
         )  # fmt: skip
 
     @property

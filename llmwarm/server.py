@@ -42,7 +42,7 @@ from llmwarm.access import Admin
 from llmwarm.client import ClientProcess
 from llmwarm.control import Control
 from llmwarm.coverage import MAX_SHAPES, Coverage, Warmed
-from llmwarm.display import kinds_table, plot, table
+from llmwarm.display import plot, summary
 from llmwarm.errors import (
     EXIT_INTERRUPTED,
     EngineDied,
@@ -195,9 +195,7 @@ def _write(report: Report, settings: Settings, state: RunState) -> None:
 
 def _show_and_judge(report: Report, settings: Settings) -> None:
     """Show the tables of the start-up warm-up and apply the unconverged policy."""
-    console = Console(stderr=True, width=180)
-    console.print(table(report))
-    console.print(kinds_table(report))
+    Console(stderr=True).print(summary(report, settings.report_path))
     if report.converged:
         return
     unconverged = ", ".join(report.unconverged)

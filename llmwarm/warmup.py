@@ -353,14 +353,14 @@ class WarmupRun:
             report = Report.failed(
                 self.origin, profile=profile, source=source, trigger=trigger,
                 buckets=list(live.buckets.values()), requests=live.requests,
-                seconds=live.elapsed() or 0.0, error=exc,
+                seconds=live.elapsed() or 0.0, error=exc, endpoints=shape.endpoints,
             )  # fmt: skip
         else:
             self.state.jit = await self.engine.jit_events()
             report = Report.build(
                 self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
                 seconds=live.seconds or 0.0, kv_fill=kv, prefill=swept, cache_salt=requests.salt,
-                jit=self.state.jit, learned=learned,
+                jit=self.state.jit, learned=learned, endpoints=shape.endpoints,
             )  # fmt: skip
         self.state.warmup_ended(report)
         return report
@@ -371,7 +371,11 @@ class WarmupRun:
         profile = requests.profile
         live = self.state.warmup
         ranks = shape.ranks()
-        view = ProgressView(len(profile.buckets) * len(ranks), profile.convergence.metric)
+        optional = sum(b.optional for b in profile.buckets) * len(ranks)
+        view = ProgressView(
+            len(profile.buckets) * len(ranks) - optional, profile.convergence.metric,
+            optional=optional,
+        )  # fmt: skip
 
         def on_round(p: Progress) -> None:
             live.buckets[p.bucket.key] = p.bucket

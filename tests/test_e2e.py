@@ -277,7 +277,7 @@ def test_report_file(served: Served) -> None:
     assert {"completions+logprobs", "chat-stream+json_schema", "chat"} <= kinds
     assert {"responses", "responses-stream", "messages", "messages-stream"} <= kinds
     # the warm-up table was logged
-    assert f"llmwarm warm-up: {sent} requests" in served.log_text()
+    assert f"· {sent} requests ·" in served.log_text()
 
 
 def test_metrics_show_the_warmup_beside_vllms(served: Served) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from llmwarm.display import plot, table
+from llmwarm.display import plot, summary
 from llmwarm.report import KvFillResult, Report, RoundResult, write_json
 from tests.fakes import bucket, sample
 from tests.fakes import report as make_report
@@ -76,24 +76,57 @@ def test_json_round_trip_with_computed_medians(tmp_path: Path) -> None:
     assert Report.model_validate(data).buckets[0].rounds[2].samples[0].tpot_s == 0.01
 
 
-def test_table_shows_cold_and_warm_in_ms() -> None:
-    console = Console(width=200, record=True)
-    console.print(table(make_report()))
-    text = console.export_text()
-    assert "p4-c1-o8" in text and "round 3" in text and "; converged" in text
-    assert "800.0" in text and "175.0" in text  # e2e cold / warm
+def _shown(report: Report, width: int = 80) -> str:
+    console = Console(width=width, record=True)
+    console.print(summary(report, Path("/var/lib/llmwarm/report.json")))
+    return console.export_text()
+
+
+def test_the_summary_shows_first_and_warm_in_ms() -> None:
+    text = _shown(make_report())
+    assert "p4-c1-o8" in text and "3 ✓" in text and "· converged" in text
+    assert "800.0→175.0" in text  # e2e: round 1 -> warm
     assert "4.57x" in text
+    assert "report: /var/lib/llmwarm/report.json" in text
 
 
-def test_table_and_summary_name_unconverged_buckets() -> None:
+def test_the_summary_names_unconverged_buckets() -> None:
     late = bucket(converged_at=None).model_copy(update={"name": "late"})
     report = make_report(bucket(), late)
     assert not report.converged and report.unconverged == ["late"]
-    console = Console(width=200, record=True)
-    console.print(table(report))
-    text = console.export_text()
-    assert "NOT converged: late" in text and "no (max_rounds)" in text
+    text = _shown(report)
+    assert "NOT converged (1 ✗)" in text
+    row = next(line for line in text.splitlines() if line.lstrip().startswith("late"))
+    assert row.split()[1:3] == ["3", "✗"]
     assert report.summary()["unconverged"] == ["late"]
+
+
+def test_the_summary_fits_80_columns_and_shows_only_what_ran() -> None:
+    # The defect: 18 bucket rows, 14 of them `auto-... | 0 | no (skipped) | - | - ...`, and 50
+    # kind rows of "-" a user could not act on, in a table 180 columns wide.
+    ran = [bucket().model_copy(update={"name": f"p{16 * 2**i}-c{2**i}-o8"}) for i in range(4)]
+    skipped = [
+        bucket().model_copy(update={
+            "name": f"auto-p{8192 // 2**i}-c{2**(i % 7)}-o32", "rounds": [], "optional": True,
+            "converged_at": None, "stop_reason": "skipped",
+        })
+        for i in range(14)
+    ]  # fmt: skip
+    report = make_report(*ran, *skipped).model_copy(update={
+        "endpoints": ["chat", "completions", "messages", "responses"],
+        "features": ["greedy", "logprobs", "json_schema", "token_ids"],
+        "optional_share": 0.1,
+    })  # fmt: skip
+    text = _shown(report)
+    assert max(map(len, text.splitlines())) <= 80, text
+    assert "auto-p" not in text and "skipped" not in text  # no row for what did not run
+    assert "+14 optional buckets not run" in text and "budget.optional_share" in text
+    # every endpoint the model serves, streamed and not: 8 columns; token IDs only on
+    # completions (– elsewhere); what was not sent: ✗
+    header = next(line for line in text.splitlines() if "cmpl" in line)
+    assert header.split() == ["cmpl", "cmpl", "chat", "chat", "resp", "resp", "msgs", "msgs"]
+    token_ids = next(line for line in text.splitlines() if line.lstrip().startswith("token_ids"))
+    assert token_ids.split()[1:] == ["✗", "✗", "–", "–", "–", "–", "–", "–"]
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
