@@ -169,7 +169,10 @@ class Cache:
                 return
             started = time.perf_counter()
             for sub in _trees(self.shared):
-                shutil.copytree(self.shared / sub, self.live / sub, symlinks=True)
+                # (vLLM's import may have made a tree's directory since `open` pointed there)
+                shutil.copytree(
+                    self.shared / sub, self.live / sub, symlinks=True, dirs_exist_ok=True
+                )
             self.baked = baked
         logger.info(
             "--cache-dir %s: its baked caches copied to %s (%.1f MB in %.1f s)",

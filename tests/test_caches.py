@@ -219,8 +219,10 @@ def _bake_by_hand(directory: Path, manifest: caches.Manifest, text: str = "v1") 
 
 
 def _opened(directory: Path) -> caches.Cache:
-    """`Cache.open` and its `adopt` as a start makes them (these bakes record no toolchain)."""
+    """`Cache.open` and its `adopt` as a start makes them (these bakes record no toolchain);
+    in between, importing vLLM may make a cache's directory where `open` pointed it."""
     cache = caches.Cache.open(directory)
+    (cache.live / "inductor").mkdir()
     cache.adopt({})
     return cache
 
