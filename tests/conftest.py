@@ -52,6 +52,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 SHARED = ("served", "baked")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its own hook)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
