@@ -94,6 +94,11 @@ class Manifest(BaseModel):
     flashinfer_version: str = Field(default="")
     baked_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     engine_start_s: float = Field(description="The baking start's engine start (cold).")
+    warmup_s: float | None = Field(
+        default=None,
+        description="The baking start's warm-up: with the engine start, what a "
+        "start predicts its time to ready from when it has no report of its own.",
+    )
     capture_sizes: CaptureSizes | None = Field(
         default=None,
         description="The CUDA-graph sizes --capture-sizes-from-profile chose at the bake: "

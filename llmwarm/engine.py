@@ -18,14 +18,14 @@ import sys
 import threading
 import time
 from argparse import Namespace
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 import psutil
 
-from llmwarm import frontend, jitmon, lifeline, vllm_args
+from llmwarm import frontend, jitmon, lifeline, loading, vllm_args
 from llmwarm.endpoints import SPECS
 from llmwarm.errors import (
     EngineDied,
@@ -345,8 +345,11 @@ def _start_hints(config: Any) -> list[tuple[str, str]]:
 
 
 @asynccontextmanager
-async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
-    """A V1 `AsyncLLM` for these arguments, shut down on exit whatever happened.
+async def start_engine(
+    args: Namespace, on_stage: Callable[[str], None] = lambda stage: None
+) -> AsyncIterator[EngineClient]:
+    """A V1 `AsyncLLM` for these arguments, shut down on exit whatever happened; `on_stage`
+    hears each stage its worker begins while it loads (`llmwarm.loading`).
 
     vLLM builds the engine synchronously (config, process spawn, a handshake wait of a minute
     or more). That runs in a thread, so the event loop keeps answering 503s meanwhile; a
@@ -356,18 +359,20 @@ async def start_engine(args: Namespace) -> AsyncIterator[EngineClient]:
     cancelled = threading.Event()
     started = time.perf_counter()
     running = RunningPeak()
-    future = asyncio.get_running_loop().run_in_executor(None, _build, args, cancelled, running)
-    try:
-        engine = await asyncio.shield(future)
-    except asyncio.CancelledError:
-        cancelled.set()
-        # The thread may be about to spawn the engine: keep ending children until it returns.
-        while not future.done():
-            await asyncio.to_thread(_end_children)
-            await asyncio.wait([future], timeout=0.5)
-        if not future.cancelled() and future.exception() is None:
-            future.result().shutdown()
-        raise
+    with loading.listening(on_stage):
+        future = asyncio.get_running_loop().run_in_executor(None, _build, args, cancelled, running)
+        try:
+            engine = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled.set()
+            # The thread may be about to spawn the engine: keep ending children until it
+            # returns.
+            while not future.done():
+                await asyncio.to_thread(_end_children)
+                await asyncio.wait([future], timeout=0.5)
+            if not future.cancelled() and future.exception() is None:
+                future.result().shutdown()
+            raise
     try:
         # Started lazily outside an event loop; start it now so an engine death during the
         # warm-up is noticed at once.

@@ -2,7 +2,8 @@
 
 An ASGI app that wraps vLLM's. It owns `/ready` (200 only when warm: for readiness probes)
 and `/live` (200 in every phase while the process runs: for liveness probes, so a replica is
-never restarted for warming). While loading it answers every request itself;
+never restarted for warming), and `/startup` (the stage and the predicted time to ready, in
+every phase, no key: `llmwarm.startup`). While loading it answers every request itself;
 while warming it lets through only llmwarm's own warm-up requests, recognised by a per-process
 random token in a header *and* a local peer (loopback, unix socket, or the server's own
 address), so no outside client can
@@ -26,13 +27,16 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import secrets
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import make_asgi_app
 from starlette.requests import Request
 
+from llmwarm import startup
 from llmwarm.access import is_local
 from llmwarm.control import PREFIX as CONTROL_PREFIX
 from llmwarm.recording import Recording
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
 WARMUP_HEADER = "x-llmwarm-warmup"
+STARTUP = "/startup"
 
 # vLLM's routes that answer without the API key: probes and docs, which run no model.
 OPEN = frozenset(
@@ -51,8 +56,8 @@ OPEN = frozenset(
 # Liveness: vLLM's answer (200 while its engine lives) whenever the process serves.
 HEALTH = frozenset({"/health", "/ping"})
 
-# Seconds a client should wait before trying again, by phase: loading takes a minute or
-# more, warming tens of seconds.
+# Seconds a client should wait before trying again, by phase (loading takes a minute or
+# more, warming tens of seconds), or less when the start expects to be ready sooner.
 RETRY_AFTER = {Phase.LOADING: 10, Phase.WARMING: 5, Phase.STOPPING: 5}
 
 
@@ -122,6 +127,8 @@ class Gate:
         path = scope["path"] if scope["type"] == "http" else None
         if path == "/live":
             return await _json(send, 200, {"status": phase.value})
+        if path == STARTUP:  # no key: the stage and the time to ready reveal nothing
+            return await _json(send, 200, startup.status(self.state, time.perf_counter()))
         if path == "/ready":
             if phase is Phase.READY:
                 return await _json(send, 200, self._state(scope, phase))
@@ -167,11 +174,15 @@ class Gate:
             # 1013: try again later.
             await send({"type": "websocket.close", "code": 1013})
             return
+        status = startup.status(self.state, time.perf_counter())
         body = {
             **self._state(scope, phase),
+            "startup": status,
             "message": "llmwarm: the model server is not warm yet; retry later",
         }
         retry = RETRY_AFTER.get(phase, 5)
+        if (expected := status.get("expected_ready_in_s")) is not None:
+            retry = max(1, min(retry, math.ceil(expected)))
         await _json(send, 503, body, [(b"retry-after", str(retry).encode())])
 
 

@@ -21,7 +21,8 @@ compiles. Triton autotuning is printed by vLLM, not reported through the hook; F
 DeepGEMM JIT builds and Inductor's own kernels are not seen at all. A count of 0 says none of
 those, not that nothing compiled.
 
-Imports vLLM only when called, in the worker; nothing else of llmwarm runs there.
+Imports vLLM only when called, in the worker; nothing else of llmwarm runs there but the
+forwarding of the worker's loading stages (`llmwarm.loading`), installed on import.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from llmwarm import loading
+
 logger = logging.getLogger("llmwarm.jitmon")
+loading.in_worker()  # in vLLM's worker (the extension's import): its stages to llmwarm
 
 QUALNAME = "llmwarm.jitmon.JitMonitorExtension"
 PHASES = ("warmup", "serving", "rewarm")

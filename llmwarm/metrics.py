@@ -6,6 +6,12 @@ A collector reads the live state when scraped, so nothing is counted twice:
     llmwarm_engine_start_seconds                                    engine start to engine ready
     llmwarm_warmup_seconds                                          warm-up so far / in all
     llmwarm_warmup_requests                                         warm-up requests sent
+    llmwarm_startup_seconds                                         since launch; once ready,
+                                                                    the time to ready
+    llmwarm_expected_ready_in_seconds                               predicted (0 when ready;
+                                                                    absent: nothing to predict
+                                                                    from: llmwarm.startup)
+    llmwarm_warmup_done_ratio                                       the buckets' share done
     llmwarm_warmups_total{trigger="startup|api",                    warm-ups ended
                           outcome="converged|unconverged|failed"}
     llmwarm_write_failures_total{file="report|learn|caches"}        files not written, serving on
@@ -15,7 +21,7 @@ A collector reads the live state when scraped, so nothing is counted twice:
     llmwarm_bucket_warm_ttft_seconds{bucket}                        warm median TTFT
     llmwarm_bucket_warm_tpot_seconds{bucket}                        warm median TPOT
     llmwarm_jit_monitor_active                                      1 if vLLM's JIT monitor runs
-    llmwarm_jit_events{phase="warmup|serving"}                      its compiles and autotuning
+    llmwarm_jit_events{phase="warmup|serving|rewarm"}               its compiles and autotuning
                                                                     runs: caught / missed
     llmwarm_requests_total{covered="true|false"}                    user requests the warm-up
                                                                     covered / did not
@@ -30,6 +36,7 @@ A collector reads the live state when scraped, so nothing is counted twice:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, get_args
 
@@ -42,6 +49,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from llmwarm import startup
 from llmwarm.report import Trigger
 from llmwarm.state import Phase, RunState, WarmupProgress
 
@@ -62,6 +70,7 @@ class WarmupCollector(Collector):
             value={phase.value: phase is state.phase for phase in Phase},
         )
         yield from _warmup(state)
+        yield from _startup(state)
         yield from _buckets(state.warmup)
         if state.jit is not None:
             yield from _jit(state.jit)
@@ -101,6 +110,31 @@ def _warmup(state: RunState) -> Iterable[Metric]:
         )
         yield GaugeMetricFamily(
             "llmwarm_warmup_requests", "Warm-up requests sent.", value=state.warmup.requests
+        )
+
+
+def _startup(state: RunState) -> Iterable[Metric]:
+    """The start's time to ready, for an autoscaler (`llmwarm.startup`)."""
+    now = time.perf_counter()
+    status = startup.status(state, now)
+    yield GaugeMetricFamily(
+        "llmwarm_startup_seconds",
+        "Seconds since the process started until it was first ready; then its time to ready.",
+        value=state.ready_s if state.ready_s is not None else now - state.started,
+    )
+    if status["expected_ready_in_s"] is not None:
+        yield GaugeMetricFamily(
+            "llmwarm_expected_ready_in_seconds",
+            "Predicted seconds until ready (0 when ready), from this replica's last start "
+            "(its report, or the bake's manifest) and the progress so far; absent when "
+            "there is nothing to predict from.",
+            value=status["expected_ready_in_s"],
+        )
+    if status.get("warmup_done") is not None:
+        yield GaugeMetricFamily(
+            "llmwarm_warmup_done_ratio",
+            "The share of the warm-up's buckets done (1 when ready).",
+            value=status["warmup_done"],
         )
 
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from llmwarm import __version__, caches, engine, frontend, learn, metrics, vllm_args
+from llmwarm import __version__, caches, engine, frontend, learn, metrics, startup, vllm_args
 from llmwarm.access import Admin
 from llmwarm.client import ClientProcess
 from llmwarm.control import Control
@@ -68,7 +68,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-StartEngine = Callable[[Namespace], AbstractAsyncContextManager[engine.EngineClient]]
+StartEngine = Callable[
+    [Namespace, Callable[[str], None]], AbstractAsyncContextManager[engine.EngineClient]
+]
 
 
 def _signalled(signum: int, frame: object) -> None:
@@ -216,6 +218,8 @@ class Lifecycle:
         authorized = frontend.authorizer(args)
         self.settings = settings
         self.state = RunState(window=settings.profile.convergence.window)
+        baked = settings.cache.baked if settings.cache is not None else None
+        self.state.earlier = startup.earlier(settings.report_path, baked)
         self.rewarms = Rewarms(
             self.state, self._rewarm_once, self._publish, self._jit_phase,
             served=(settings.profile, str(settings.profile_path)),
@@ -266,7 +270,8 @@ class Lifecycle:
 
     async def _live(self) -> Report:
         settings = self.settings
-        async with self._start(settings.vllm_args) as eng:
+        self.state.engine_starting()
+        async with self._start(settings.vllm_args, self.state.engine_loading) as eng:
             self.state.engine_start_s = eng.start_s
             logger.info("engine started in %.1f s; warming up", eng.start_s)
             if settings.cache is not None and settings.mode != "bake":
@@ -300,7 +305,9 @@ class Lifecycle:
         whose product it is; a server logs it, counts it and serves on."""
         bake = self.settings.mode == "bake"
         try:
-            await asyncio.to_thread(cache.publish, _manifest(self.settings, eng), force=bake)
+            report = self.state.report
+            made = _manifest(self.settings, eng, report.warmup_s if report else None)
+            await asyncio.to_thread(cache.publish, made, force=bake)
         except OSError as exc:
             self.state.write_failures["caches"] += 1
             error = WriteError(
@@ -409,7 +416,9 @@ def _origin(settings: Settings, started_at: datetime, eng: engine.EngineClient) 
     )
 
 
-def _manifest(settings: Settings, eng: engine.EngineClient) -> caches.Manifest:
+def _manifest(
+    settings: Settings, eng: engine.EngineClient, warmup_s: float | None = None
+) -> caches.Manifest:
     """The running engine's manifest: what a bake of it records."""
     return caches.Manifest.model_validate(
         {
@@ -419,6 +428,7 @@ def _manifest(settings: Settings, eng: engine.EngineClient) -> caches.Manifest:
             "model": settings.model,
             "config_hash": eng.config_hash(),
             "engine_start_s": eng.start_s,
+            "warmup_s": warmup_s,
             "capture_sizes": settings.capture,
         }
     )

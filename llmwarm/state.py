@@ -22,12 +22,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from llmwarm.coverage import Coverage
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
     from llmwarm.report import BucketResult, JitEvents, Report
+    from llmwarm.startup import Earlier
 
 
 class Stage(str, enum.Enum):
@@ -54,11 +57,24 @@ class WarmupProgress:
     requests: int = 0
     buckets: dict[str, BucketResult] = field(default_factory=dict)
     where: dict[str, Any] = field(default_factory=dict)  # for the 503 body
+    done: int = 0  # buckets done (converged, or at their last round)
+    planned: int = 0  # buckets the warm-up will run (an optional one that runs adds one)
 
     def elapsed(self) -> float | None:
         if self.seconds is not None or self.started is None:
             return self.seconds
         return time.perf_counter() - self.started
+
+    def fraction(self) -> float:
+        """The share of its buckets done (0 during the KV-cache fill and the prefill sweep)."""
+        return min(1.0, self.done / self.planned) if self.planned else 0.0
+
+
+def process_started() -> float:
+    """When this process began, on `time.perf_counter()`'s clock: a replica's time to ready
+    counts from its launch, Python's and vLLM's imports included (seconds here)."""
+    age = time.time() - psutil.Process().create_time()
+    return time.perf_counter() - max(0.0, age)
 
 
 @dataclass
@@ -67,6 +83,15 @@ class RunState:
 
     window: int  # the serving profile's convergence window (for metrics before a warm-up)
     stage: Stage = Stage.STARTING
+    # The start, on time.perf_counter()'s clock (`llmwarm.startup`): the process's launch, the
+    # engine's start, what the loading engine last said it does (`llmwarm.loading`) and since
+    # when; the seconds from launch to ready once ready; what an earlier start took.
+    started: float = field(default_factory=process_started)
+    engine_started: float | None = None
+    loading: str | None = None
+    loading_since: float | None = None
+    ready_s: float | None = None
+    earlier: Earlier | None = None
     gate_closed: bool = False  # a re-warm asked for the gate to close while it runs
     app: ASGIApp | None = None  # vLLM's app, once built
     engine_start_s: float | None = None
@@ -107,8 +132,16 @@ class RunState:
     def warming(self, app: ASGIApp) -> None:
         self.app, self.stage = app, Stage.WARMING
 
+    def engine_starting(self) -> None:
+        self.engine_started = time.perf_counter()
+
+    def engine_loading(self, stage: str) -> None:
+        self.loading, self.loading_since = stage, time.perf_counter()
+
     def serving(self) -> None:
         self.stage = Stage.SERVING
+        if self.ready_s is None:  # the first time the gate opens
+            self.ready_s = time.perf_counter() - self.started
 
     def stopping(self) -> None:
         self.stage = Stage.STOPPING

@@ -372,14 +372,14 @@ class WarmupRun:
         live = self.state.warmup
         ranks = shape.ranks()
         optional = sum(b.optional for b in profile.buckets) * len(ranks)
-        view = ProgressView(
-            len(profile.buckets) * len(ranks) - optional, profile.convergence.metric,
-            optional=optional,
-        )  # fmt: skip
+        live.planned = len(profile.buckets) * len(ranks) - optional
+        view = ProgressView(live.planned, profile.convergence.metric, optional=optional)
 
         def on_round(p: Progress) -> None:
             live.buckets[p.bucket.key] = p.bucket
             live.requests = p.requests
+            live.planned = max(live.planned, p.bucket_index)  # an optional bucket that runs
+            live.done = p.bucket_index - (0 if p.bucket_done else 1)
             live.where = {
                 "bucket": p.bucket_index, "buckets": p.buckets, "name": p.bucket.key,
                 "round": p.round, "requests": p.requests,

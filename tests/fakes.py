@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from llmwarm import endpoints, measure
+from llmwarm import endpoints, loading, measure
 from llmwarm.convergence import Rule
 from llmwarm.corpus import Tokenizer, WarmRequest, WordTokenizer
 from llmwarm.coverage import Shape
@@ -243,8 +243,11 @@ class FakeEngine:
         self.dead = True
 
     @contextlib.asynccontextmanager
-    async def start(self, args: Namespace) -> AsyncIterator[FakeEngine]:
-        """`llmwarm.engine.start_engine`'s stand-in."""
+    async def start(
+        self, args: Namespace, on_stage: Callable[[str], None] = lambda stage: None
+    ) -> AsyncIterator[FakeEngine]:
+        """`llmwarm.engine.start_engine`'s stand-in: its worker says it loads the weights."""
+        on_stage(loading.STAGES[0][1])
         self.started.set()
         try:
             if self.hold_start:

@@ -26,7 +26,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 
-from llmwarm import engine
+from llmwarm import engine, loading
 from llmwarm.features import with_image
 from tests.launch import (
     ENGINE_FLAGS,
@@ -68,6 +68,22 @@ def test_503_with_retry_after_until_warm(served: Served) -> None:
         elif progress:
             assert 1 <= progress["bucket"] <= progress["buckets"] == 2
             assert progress["round"] >= 1
+
+
+def test_a_start_tells_its_stage_as_vllms_worker_logs_it(served: Served) -> None:
+    startups = [(body["status"], body["startup"]) for *_, body in served.before_ready]
+    loading_details = {s["detail"] for phase, s in startups if phase == "loading"}
+    stages = {stage for _, stage in loading.STAGES}
+    # the real worker said what it did (weights, compile, KV cache) while the engine loaded
+    assert loading_details & stages, loading_details
+    assert loading_details <= stages | {"the engine starts (vLLM's processes begin)"}
+    for phase, s in startups:
+        assert s["phase"] == phase and 0 <= s["warmup_done"] <= 1
+        if phase == "loading":  # a first start: no earlier one to predict from, and why
+            assert s["expected_ready_in_s"] is None and "no earlier start" in s["expected_from"]
+    status = httpx.get(f"{served.url}/startup").json()  # no key
+    assert status["phase"] == "ready" and status["expected_ready_in_s"] == 0.0
+    assert status["ready_s"] > max(s["elapsed_s"] for _, s in startups)
 
 
 def test_gate_under_load_answers_every_user_and_runs_none_cold(served: Served) -> None:

@@ -241,6 +241,41 @@ async def test_sigterm_while_starting_interrupts_and_shuts_the_engine(
     assert run.eng.shut_down
 
 
+async def test_a_loading_start_tells_its_stage_and_time_to_ready(
+    running: Callable[..., Run], tmp_path: Path
+) -> None:
+    # the last start's report: an engine start of 2 s and a warm-up of half a second
+    (tmp_path / "report.json").write_text(json.dumps({"engine_start_s": 2, "warmup_s": 0.5}))
+    run = running(FakeEngine(hold_start=True))
+    await run.eng.started.wait()
+    anonymous = httpx.AsyncClient(base_url=run.client.base_url)  # /startup needs no key
+    try:
+        status = (await anonymous.get("/startup")).json()
+        assert status["phase"] == "loading"
+        assert status["detail"] == "loading the weights"  # as the fake worker said
+        assert 0 < status["expected_ready_in_s"] <= 2.5
+        assert "the last start's report" in status["expected_from"]
+        r = await anonymous.post("/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 503 and r.json()["startup"]["phase"] == "loading"
+        assert int(r.headers["retry-after"]) <= 3  # sooner than loading's 10: expected soon
+        metrics = (await run.client.get("/metrics")).text
+        assert "llmwarm_expected_ready_in_seconds " in metrics
+        assert "llmwarm_startup_seconds " in metrics
+    finally:
+        await anonymous.aclose()
+
+
+async def test_a_ready_start_keeps_its_time_to_ready(running: Callable[..., Run]) -> None:
+    run = running(FakeEngine())
+    await run.until(Stage.SERVING)
+    status = (await run.client.get("/startup")).json()
+    assert status["phase"] == "ready" and status["expected_ready_in_s"] == 0.0
+    assert status["ready_s"] > 0 and status["warmup_done"] == 1.0
+    metrics = generate_latest(REGISTRY).decode()  # (the fake's app has no /metrics)
+    assert f"llmwarm_startup_seconds {run.life.state.ready_s}" in metrics
+    assert "llmwarm_warmup_done_ratio 1.0" in metrics
+
+
 async def test_an_engine_that_fails_to_start_is_a_startup_error(
     running: Callable[..., Run],
 ) -> None:
