@@ -83,7 +83,7 @@ def test_a_start_tells_its_stage_as_vllms_worker_logs_it(served: Served) -> None
             assert s["expected_ready_in_s"] is None and "no earlier start" in s["expected_from"]
     status = httpx.get(f"{served.url}/startup").json()  # no key
     assert status["phase"] == "ready" and status["expected_ready_in_s"] == 0.0
-    assert status["ready_s"] > max(s["elapsed_s"] for _, s in startups)
+    assert status["ready_s"] >= max(s["elapsed_s"] for _, s in startups)
 
 
 def test_gate_under_load_answers_every_user_and_runs_none_cold(served: Served) -> None:
