@@ -145,11 +145,60 @@ def test_the_scaled_object_scales_the_deployment_on_vllms_queue() -> None:
         if d and d["kind"] == "Deployment"
     )  # fmt: skip
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    (trigger,) = scaled["spec"]["triggers"]
-    # what KEDA's prometheus scaler requires (its metadata is a free map in the CRD)
-    assert trigger["type"] == "prometheus"
-    assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
-    assert "vllm:num_requests_waiting" in selectors(trigger["metadata"]["query"])[0]
+    queue, hold = scaled["spec"]["triggers"]
+    for trigger in (queue, hold):
+        # what KEDA's prometheus scaler requires (its metadata is a free map in the CRD)
+        assert trigger["type"] == "prometheus"
+        assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
+    assert "vllm:num_requests_waiting" in selectors(queue["metadata"]["query"])[0]
+    assert any("llmwarm_expected_ready_in_seconds" in s for s in selectors(HOLD))
+
+
+HOLD = _yaml(SCALED_OBJECT)["spec"]["triggers"][1]["metadata"]["query"]
+
+
+def _series(replica: str, phase: str, expected: str | None) -> list[dict[str, str]]:
+    """A replica's phase (StateSet) and predicted time to ready, for promtool."""
+    out = [
+        {"series": f'llmwarm_phase{{job="llmwarm", instance="{replica}", llmwarm_phase="{p}"}}',
+         "values": "1x3" if p == phase else "0x3"}
+        for p in ("loading", "warming", "ready", "stopping")
+    ]  # fmt: skip
+    if expected is not None:
+        labels = f'job="llmwarm", instance="{replica}"'
+        out.append({"series": f"llmwarm_expected_ready_in_seconds{{{labels}}}", "values": expected})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("replicas", "held"),
+    [
+        ([("a", "ready", "0x3"), ("b", "ready", "0x3")], 0),  # nothing on its way: no hold
+        ([("a", "ready", "0x3"), ("b", "warming", "40x3")], 2),  # b arrives: keep both
+        ([("a", "ready", "0x3"), ("b", "loading", None)], 0),  # a first start: no prediction
+        ([("a", "ready", "0x3"), ("b", "loading", "3600x3")], 0),  # stuck for an hour: not held
+        ([("a", "stopping", "0x3"), ("b", "loading", "90x3"), ("c", "ready", "0x3")], 2),
+    ],
+    ids=["all-ready", "one-arriving", "no-prediction", "stuck", "one-stopping"],
+)
+def test_the_scale_in_guard_holds_the_fleet_while_a_replica_arrives(
+    tmp_path: Path, replicas: list[tuple[str, str, str | None]], held: int
+) -> None:
+    # KEDA's second trigger, evaluated by promtool on a fleet's series
+    series = [s for r in replicas for s in _series(*r)]
+    test = {
+        "tests": [{
+            "interval": "1m", "input_series": series,
+            "promql_expr_test": [{"expr": HOLD, "eval_time": "1m",
+                                  "exp_samples": [{"labels": "{}", "value": held}]}],
+        }]
+    }  # fmt: skip
+    (tmp_path / "hold.test.yaml").write_text(yaml.safe_dump(test))
+    done = subprocess.run(
+        [tool("promtool"), "test", "rules", "hold.test.yaml"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_the_serving_runtime_matches_kserves_api_types(tmp_path: Path) -> None:
@@ -195,6 +244,8 @@ def test_the_dashboard_shows_what_an_operator_asks_for() -> None:
                    "llmwarm_bucket_warm_ttft_seconds", "llmwarm_bucket_warm_tpot_seconds",
                    "llmwarm_requests_total", "llmwarm_cold_miss_ratio",
                    "llmwarm_jit_events_total", "vllm:num_requests_waiting",
+                   "llmwarm_expected_ready_in_seconds", "llmwarm_startup_seconds",
+                   "llmwarm_warmup_done_ratio",
                    "vllm:time_to_first_token_seconds_bucket"]:  # fmt: skip
         assert metric in named, metric
 
@@ -219,8 +270,8 @@ def queries() -> dict[str, str]:
             what = "alert" if "alert" in rule else "record"
             found[f"{what} {rule[what]}"] = rule["expr"]
     keda = yaml.safe_load(SCALED_OBJECT.read_text())
-    for trigger in keda["spec"]["triggers"]:
-        found["KEDA trigger"] = trigger["metadata"]["query"]
+    for i, trigger in enumerate(keda["spec"]["triggers"]):
+        found[f"KEDA trigger {trigger.get('name', i)}"] = trigger["metadata"]["query"]
     return found
 
 
