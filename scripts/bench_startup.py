@@ -109,7 +109,7 @@ def one(scenario: str, args: argparse.Namespace, report: Path | None, cache: Pat
         ready_s,
         (first_t, first["expected_ready_in_s"]),
         (loaded[0], loaded[1]["expected_ready_in_s"]) if loaded else None,
-        first["expected_from"],
+        first["expected_from"].split(" (/")[0],  # (not this machine's paths)
     )
 
 
