@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from llmwarm.gate import Gate
 from llmwarm.metrics import WarmupCollector, registered
 from llmwarm.report import JitEvents, WarmupFailure
+from llmwarm.startup import Earlier
 from llmwarm.state import RunState, WarmupProgress
 from tests.fakes import INNER, report
 from tests.fakes import bucket as _bucket
@@ -88,8 +89,9 @@ def _documented() -> list[tuple[str, str, set[str]]]:
     named = []
     for page in pages:
         for metric, labels in _NAMED.findall(page.read_text()):
-            keys = {part.split("=")[0].strip() for part in labels.split(",") if part.strip()}
-            named.append((page.name, metric, keys))
+            # (a PromQL matcher: =, !=, =~, !~; `job` and `instance` are the scrape's labels)
+            keys = {re.split("[!=~]", part)[0].strip() for part in labels.split(",")}
+            named.append((page.name, metric, keys - {"", "job", "instance"}))
     return named
 
 
@@ -97,6 +99,7 @@ def test_every_metric_and_label_the_docs_name_is_exported() -> None:
     # The defect: the README documented `llmwarm_cold_miss_ratio{shape}`; the label is `kind`.
 
     state = RunState(window=2, engine_start_s=30.0)
+    state.earlier = Earlier(30.0, 10.0, "the last start's report")  # a prediction to export
     state.warmup = WarmupProgress(window=2, started=time.perf_counter() - 2)
     ranked = _bucket().model_copy(update={"rank": 0})  # `rank`: under data parallelism
     state.warmup.buckets[ranked.key] = ranked
