@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from tests.fakes import Pace, paced_app
 from tests.launch import BAKED_ENGINE, LLMWARM, MINIMAL, ROOT, engine_env
+from tests.running import running, settings, vllm_args  # noqa: F401  (fixtures)
 from tests.served import Served, shared_server
 
 if TYPE_CHECKING:
