@@ -143,6 +143,24 @@ def with_adapters(profile: Profile, adapters: list[str]) -> Profile:
     )
 
 
+def for_adapter(profile: Profile, adapter: str) -> Profile:
+    """The warm-up of one LoRA adapter loaded at run time: the profile's feature buckets (the
+    buckets it crosses features with), each sending the `lora` feature on this adapter, its
+    rounds too; no KV-cache fill, no prefill sweep (the base model's: warm already)."""
+    names = profile.feature_buckets()
+    features = profile.features.model_copy(
+        update={"use": ["lora"], "lora": [adapter], "buckets": sorted(names)}
+    )
+    return profile.model_copy(
+        update={
+            "buckets": [b for b in profile.buckets if b.name in names],
+            "features": features,
+            "kv_fill": None,
+            "prefill": None,
+        }
+    )
+
+
 Problems = list[tuple[str, str]]
 
 

@@ -38,6 +38,7 @@ from starlette.requests import Request
 
 from llmwarm import startup
 from llmwarm.access import is_local
+from llmwarm.adapters import AdapterRoutes
 from llmwarm.control import PREFIX as CONTROL_PREFIX
 from llmwarm.recording import Recording
 from llmwarm.state import Phase, RunState, Stage
@@ -90,6 +91,8 @@ class Gate:
         self.state = state
         # user requests go on through it to vLLM's app (off: benchmarks of the gate alone)
         self.recording = Recording(state, enabled=coverage)
+        # runtime LoRA adapters: held back until warm (its owner set by the lifecycle)
+        self.adapters = AdapterRoutes(state, self.recording)
         self.control = control
         self.authorized = authorized
         self.token = secrets.token_urlsafe(32)
@@ -147,7 +150,7 @@ class Gate:
         if warmup:
             assert self.state.app is not None
             return await self.state.app(scope, receive, send)
-        await self.recording(scope, receive, send)
+        await self.adapters(scope, receive, send)
 
     def _passes(self, scope: Scope, phase: Phase, warmup: bool) -> bool:
         """Whether vLLM's app may answer: once ready (and while stopping, to drain), the

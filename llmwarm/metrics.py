@@ -12,7 +12,7 @@ A collector reads the live state when scraped, so nothing is counted twice:
                                                                     absent: nothing to predict
                                                                     from: llmwarm.startup)
     llmwarm_warmup_done_ratio                                       the buckets' share done
-    llmwarm_warmups_total{trigger="startup|api",                    warm-ups ended
+    llmwarm_warmups_total{trigger="startup|api|adapter",            warm-ups ended
                           outcome="converged|unconverged|failed"}
     llmwarm_write_failures_total{file="report|learn|caches"}        files not written, serving on
     llmwarm_bucket_rounds{bucket[,rank]}                            rounds run (rank: under
@@ -80,7 +80,8 @@ class WarmupCollector(Collector):
 def _warmup(state: RunState) -> Iterable[Metric]:
     ended = CounterMetricFamily(
         "llmwarm_warmups",
-        "Warm-ups ended, by trigger (startup, api: a re-warm) and outcome (converged, "
+        "Warm-ups ended, by trigger (startup; api: a re-warm; adapter: a LoRA adapter loaded at "
+        "run time) and outcome (converged, "
         "unconverged, failed).",
         labels=["trigger", "outcome"],
     )

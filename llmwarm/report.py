@@ -87,8 +87,9 @@ class RoundResult(BaseModel):
 METRIC_FIELDS = {"tpot": "tpot_median_s", "ttft": "ttft_median_s", "e2e": "e2e_median_s"}
 
 StopReason = Literal["converged", "max_rounds", "budget", "skipped", "running", "failed"]
-# What started a warm-up: the process's start, or `POST /warmup/run`.
-Trigger = Literal["startup", "api"]
+# What started a warm-up: the process's start, `POST /warmup/run`, or a LoRA adapter loaded at
+# run time (`llmwarm.adapters`).
+Trigger = Literal["startup", "api", "adapter"]
 
 
 class Learned(BaseModel):
@@ -342,6 +343,24 @@ class KindSummary(BaseModel):
     warm_e2e_s: float | None = Field(description="Median end-to-end latency when warm.")
 
 
+class AdapterWarmup(BaseModel):
+    """A LoRA adapter loaded at run time, and its warm-up (`llmwarm.adapters`)."""
+
+    name: str
+    loaded_at: datetime = Field(description="When vLLM answered its load (UTC).")
+    warm_after_s: float = Field(
+        description="Seconds from its load to its first request let through: its warm-up, "
+        "and any warm-up it waited for."
+    )
+    warmup_s: float = Field(description="Seconds its own warm-up took.")
+    requests: int = Field(description="Warm-up requests sent to it.")
+    converged: bool
+    kinds: list[KindSummary] = Field(description="Its request kinds, cold against warm.")
+    error: WarmupFailure | None = Field(
+        default=None, description="Set when its warm-up failed: it is served all the same."
+    )
+
+
 class Report(BaseModel):
     """What a warm-up did and measured."""
 
@@ -377,7 +396,13 @@ class Report(BaseModel):
     )
     trigger: Trigger = Field(
         default="startup",
-        description="`startup`, or `api` for a re-warm asked for by `POST /warmup/run`.",
+        description="`startup`, `api` for a re-warm asked for by `POST /warmup/run`, "
+        "`adapter` for a LoRA adapter's loaded at run time.",
+    )
+    adapters: list[AdapterWarmup] = Field(
+        default_factory=list,
+        description="The LoRA adapters loaded at run time since the start, each with when it "
+        "became warm (`llmwarm.adapters`).",
     )
     learned: Learned | None = Field(
         default=None,

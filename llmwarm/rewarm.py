@@ -1,4 +1,5 @@
-"""Re-warms of a serving engine (`POST /warmup/run`), with one owner for all their rules.
+"""Re-warms of a serving engine (`POST /warmup/run`, and each LoRA adapter loaded at run time:
+`llmwarm.adapters`), with one owner for all their rules.
 
 `Rewarms` is the only thing that starts, runs or stops a re-warm, and it holds every rule:
 
@@ -11,7 +12,11 @@
   * vLLM's JIT monitor counting as warm-up meanwhile, and back to `serving` afterwards;
   * only a warm-up that finished is published (its report, the report file, what coverage
     counts as warm: the union of every finished warm-up of this engine); a failed or
-    cancelled one changes none of them, and its caller hears why.
+    cancelled one changes none of them, and its caller hears why;
+  * an adapter's warm-up starts when vLLM has loaded it, waits for any warm-up running (one
+    warm-up drives the engine at a time: each measures its latency), and is cancelled when
+    the adapter is unloaded or loaded again, or the server stops. Its end lets the adapter's
+    requests through, whatever the outcome.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmwarm.errors import LlmwarmError, WarmupError
 from llmwarm.profile import Profile, load_profile, shipped, shipped_names
-from llmwarm.state import RunState, Stage
+from llmwarm.state import Adapter, RunState, Stage
 
 if TYPE_CHECKING:
     from llmwarm.report import Report
@@ -72,6 +77,9 @@ Warm = Callable[[Profile, str], Awaitable["Report"]]
 # Make a finished warm-up's report the one the server shows, writes and counts as warm.
 Publish = Callable[["Report"], Awaitable[None]]
 JitPhase = Callable[[str], Awaitable[None]]
+# An adapter's warm-up: its name -> its report, failed or not; then its entry in the report.
+WarmAdapter = Callable[[str], Awaitable["Report"]]
+PublishAdapter = Callable[[str, "Report", float, float], Awaitable[None]]
 
 
 class Rewarms:
@@ -86,15 +94,20 @@ class Rewarms:
         served: tuple[Profile, str],
         min_interval: float,
         clock: Callable[[], float] = time.monotonic,
+        warm_adapter: WarmAdapter | None = None,
+        publish_adapter: PublishAdapter | None = None,
     ) -> None:
         self.state = state
         self._warm, self._publish, self._jit_phase = warm, publish, jit_phase
+        self._warm_adapter, self._publish_adapter = warm_adapter, publish_adapter
         self.served = served  # the profile being served, and where it came from
         self.min_interval = min_interval
         self._clock = clock
         self.task: asyncio.Task[Report] | None = None
         self._ended_at: float | None = None
         self._closed = False
+        self._engine = asyncio.Lock()  # one warm-up drives the engine at a time
+        self._adapters: dict[str, asyncio.Task[None]] = {}
 
     def start(self, request: RewarmRequest) -> asyncio.Task[Report]:
         """Start a re-warm now, or raise `Refused` saying why not (no await: the checks and
@@ -126,23 +139,18 @@ class Rewarms:
             path = shipped(request.profile)
             profile, source = load_profile(path), str(path)
         self.state.gate_closed = request.close_gate
-        # gate open: users' requests run beside the warm-up's, and a compile is either's
-        await self._jit_phase("warmup" if request.close_gate else "rewarm")
         try:
-            report = await self._warm(profile, source)
+            async with self._engine:  # (an adapter's warm-up may be running)
+                report = await self._warming(
+                    "warmup" if request.close_gate else "rewarm", self._warm(profile, source)
+                )
             if report.error is None:
                 await self._publish(report)
         finally:
-            try:
-                if self.state.stage is Stage.SERVING:
-                    # from now on a compile is a user's spike again
-                    with contextlib.suppress(Exception):  # the engine died: serving ends anyway
-                        await self._jit_phase("serving")
-            finally:
-                # Nothing is awaited from here to the task's end: the gate reopens in the same
-                # step as the task is done, so `/ready` 200 never shows a re-warm still running.
-                self._ended_at = self._clock()
-                self.state.gate_closed = False
+            # Nothing is awaited from here to the task's end: the gate reopens in the same
+            # step as the task is done, so `/ready` 200 never shows a re-warm still running.
+            self._ended_at = self._clock()
+            self.state.gate_closed = False
         if report.error is not None:
             raise WarmupError(report.error.message, problems=report.error.problems)
         logger.info(
@@ -151,13 +159,75 @@ class Rewarms:
         )  # fmt: skip
         return report
 
-    async def close(self) -> None:
-        """No re-warm starts from now on; one running is cancelled (the server is stopping)."""
-        self._closed = True
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+    async def _warming(self, phase: str, warm: Awaitable[Report]) -> Report:
+        """A warm-up of the serving engine, vLLM's JIT monitor counting it as one meanwhile
+        (gate open: users' requests run beside it, and a compile is either's)."""
+        await self._jit_phase(phase)
+        try:
+            return await warm
+        finally:
+            if self.state.stage is Stage.SERVING:
+                # from now on a compile is a user's spike again
+                with contextlib.suppress(Exception):  # the engine died: serving ends anyway
+                    await self._jit_phase("serving")
+
+    # --- LoRA adapters loaded at run time (`llmwarm.adapters`) ----------------------------
+    def adapter_loaded(self, name: str) -> None:
+        """vLLM has loaded `name` (or reloaded its weights): warming until its warm-up ends."""
+        if self._closed or self._warm_adapter is None:
+            return
+        if (running := self._adapters.pop(name, None)) is not None:
+            running.cancel()  # loaded again in place: new weights, a new warm-up
+        self.state.adapters[name] = Adapter(loaded=time.perf_counter())
+        logger.info("LoRA adapter %r loaded: warming it; its requests wait (503)", name)
+        task = asyncio.create_task(self._adapter(name, self.state.adapters[name]))
+        self._adapters[name] = task
+
+    async def adapter_unloading(self, name: str) -> None:
+        """`name` is about to be unloaded: its warm-up ends first (none of its requests may
+        meet an adapter gone)."""
+        task = self._adapters.pop(name, None)
+        self.state.adapters.pop(name, None)
+        if task is not None and not task.done():
+            task.cancel()
             with contextlib.suppress(BaseException):
-                await self.task
+                await task
+            logger.info("LoRA adapter %r unloaded while warming: its warm-up cancelled", name)
+
+    async def _adapter(self, name: str, adapter: Adapter) -> None:
+        """An adapter's warm-up, then its requests let through; cancelled (unloaded, loaded
+        again, the server stopping), it lets nothing through."""
+        assert self._warm_adapter is not None and self._publish_adapter is not None
+        try:
+            async with self._engine:
+                report = await self._warming("rewarm", self._warm_adapter(name))
+            if report.error is not None:
+                logger.error(
+                    "LoRA adapter %r: its warm-up failed (%s); serving it cold",
+                    name, report.error.message,
+                )  # fmt: skip
+                adapter.failed = True
+            waited = time.perf_counter() - adapter.loaded
+            await self._publish_adapter(name, report, adapter.loaded, waited)
+        except Exception:
+            logger.exception("LoRA adapter %r: its warm-up failed; serving it cold", name)
+            adapter.failed = True
+        # (no await from here: the adapter is let through in the step its task ends)
+        if self._adapters.get(name) is asyncio.current_task():
+            del self._adapters[name]
+        adapter.warm_s = time.perf_counter() - adapter.loaded
+        logger.info("LoRA adapter %r serves, %.1f s after its load", name, adapter.warm_s)
+
+    async def close(self) -> None:
+        """No re-warm starts from now on; those running (adapters' too) are cancelled (the
+        server is stopping)."""
+        self._closed = True
+        running = [t for t in [self.task, *self._adapters.values()] if t is not None]
+        for task in running:
+            task.cancel()
+        for task in running:
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def _log_failure(task: asyncio.Task[Report]) -> None:

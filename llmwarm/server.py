@@ -32,7 +32,7 @@ from argparse import Namespace
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -53,11 +53,12 @@ from llmwarm.errors import (
     WriteError,
     render,
 )
+from llmwarm.fit import for_adapter
 from llmwarm.frontend import Frontend
 from llmwarm.gate import Gate
 from llmwarm.metrics import WarmupCollector
 from llmwarm.profile import Profile
-from llmwarm.report import Origin, Report, WarmupFailure, write_json
+from llmwarm.report import AdapterWarmup, Origin, Report, WarmupFailure, write_json
 from llmwarm.rewarm import Rewarms
 from llmwarm.settings import Settings
 from llmwarm.state import RunState, Stage
@@ -224,10 +225,12 @@ class Lifecycle:
             self.state, self._rewarm_once, self._publish, self._jit_phase,
             served=(settings.profile, str(settings.profile_path)),
             min_interval=settings.rewarm_interval_s,
+            warm_adapter=self._warm_adapter, publish_adapter=self._publish_adapter,
         )  # fmt: skip
         admin, keyless = Admin(settings.admin_key), not frontend.api_keys(args)
         self.control = Control(self.state, authorized, self.rewarms, admin, host_check=keyless)
         self.gate = Gate(self.state, self.control, authorized)
+        self.gate.adapters.owner = self.rewarms
         self.stop = asyncio.Event()
         self.started_at = datetime.now(timezone.utc)
         self._start = start
@@ -369,8 +372,11 @@ class Lifecycle:
                     await learned()
 
     async def _publish(self, report: Report) -> None:
-        """A warm-up's report becomes the one the server shows and writes; a finished one also
-        adds what it warmed to the coverage's warm kinds and shapes."""
+        """A warm-up's report becomes the one the server shows and writes (keeping the
+        adapters loaded since the start); a finished one also adds what it warmed to the
+        coverage's warm kinds and shapes."""
+        if (last := self.state.report) is not None and last.adapters and not report.adapters:
+            report = report.model_copy(update={"adapters": last.adapters})
         self.state.report = report
         if report.error is None:
             self.state.coverage.warmed_more(Warmed.from_report(report))
@@ -386,6 +392,32 @@ class Lifecycle:
     async def _rewarm_once(self, profile: Profile, source: str) -> Report:
         assert self._warmups is not None  # serving: the engine runs
         return await self._warmups(profile, source, "api")
+
+    async def _warm_adapter(self, name: str) -> Report:
+        """A LoRA adapter loaded at run time, warmed (`llmwarm.adapters`)."""
+        assert self._warmups is not None
+        profile, source = self.rewarms.served
+        return await self._warmups(for_adapter(profile, name), source, "adapter")
+
+    async def _publish_adapter(
+        self, name: str, report: Report, loaded: float, waited: float
+    ) -> None:
+        """An adapter's warm-up into the report the server shows and writes (its kinds warm
+        for the coverage, when it finished)."""
+        if report.error is None:
+            self.state.coverage.warmed_more(Warmed.from_report(report))
+        ago = time.perf_counter() - loaded
+        entry = AdapterWarmup(
+            name=name, loaded_at=datetime.now(timezone.utc) - timedelta(seconds=ago),
+            warm_after_s=waited, warmup_s=report.warmup_s, requests=report.requests,
+            converged=report.converged, kinds=report.kinds, error=report.error,
+        )  # fmt: skip
+        last = self.state.report
+        if last is None:  # (a start-up warm-up is published before the gate opens)
+            return
+        adapters = [a for a in last.adapters if a.name != name] + [entry]
+        self.state.report = last.model_copy(update={"adapters": adapters})
+        await asyncio.to_thread(_write, self.state.report, self.settings, self.state)
 
     async def _jit_phase(self, phase: str) -> None:
         assert self._warmups is not None

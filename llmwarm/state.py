@@ -78,6 +78,19 @@ def process_started() -> float:
 
 
 @dataclass
+class Adapter:
+    """A LoRA adapter loaded at run time (`llmwarm.adapters`): warming until its warm-up ends."""
+
+    loaded: float  # time.perf_counter() when vLLM answered its load
+    warm_s: float | None = None  # seconds from its load until let through
+    failed: bool = False  # its warm-up failed: let through all the same
+
+    @property
+    def warming(self) -> bool:
+        return self.warm_s is None
+
+
+@dataclass
 class RunState:
     """Everything the process's readers need, in one place."""
 
@@ -104,6 +117,8 @@ class RunState:
     warmups: Counter[tuple[str, str]] = field(default_factory=Counter)
     # Files a serving process could not write, by what: `report`, `learn`, `caches`.
     write_failures: Counter[str] = field(default_factory=Counter)
+    # LoRA adapters loaded at run time, by name: the gate refuses a warming one's requests.
+    adapters: dict[str, Adapter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.warmup = WarmupProgress(self.window)

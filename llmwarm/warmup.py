@@ -325,13 +325,14 @@ class WarmupRun:
         A profile that does not fit the engine raises `ProfileError` before any request.
         """
         shape = self.engine.shape()
-        if trigger == "api":  # also every adapter loaded since (/v1/load_lora_adapter)
+        if trigger != "startup":  # also every adapter loaded since (/v1/load_lora_adapter)
             adapters = await served_adapters(self.client, self.origin.model)
             shape = replace(shape, lora=adapters)
-            profile = with_adapters(profile, adapters)
+            if trigger == "api":
+                profile = with_adapters(profile, adapters)
         profile = for_engine(profile, shape)
         learned = None
-        if self.learn_file is not None:
+        if self.learn_file is not None and trigger != "adapter":  # (an adapter's: its own)
             counts = self.state.coverage.all_shapes()
             # (each learned shape is a profile checked against the engine: off the loop)
             profile, learned = await asyncio.to_thread(

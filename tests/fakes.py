@@ -203,8 +203,19 @@ class FakeEngine:
     vllm_version = "0.0.fake"
     toolchain = {"device": "CPU (fake)", "torch_version": "0.0.fake"}
 
-    def __init__(self, *, hold_start: bool = False, start_error: Exception | None = None) -> None:
+    def __init__(
+        self, *, hold_start: bool = False, start_error: Exception | None = None, lora: bool = False
+    ) -> None:
         self.start_s = 0.01
+        # LoRA (`lora`: as with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING): adapters
+        # loaded at run time, and every request that ran on one, by whom (user or warm-up)
+        self.lora = lora
+        self.adapters: set[str] = set()
+        self.on_adapter: list[tuple[str, str]] = []  # (adapter, "user" or "warmup")
+        # cleared: the warm-up's requests on an adapter wait (`adapter_seen` once one does)
+        self.adapter_pass = asyncio.Event()
+        self.adapter_pass.set()
+        self.adapter_seen = asyncio.Event()
         self.hold_start = hold_start
         self.start_error = start_error
         self.started = asyncio.Event()
@@ -265,6 +276,7 @@ class FakeEngine:
             max_num_seqs=16,
             max_num_batched_tokens=512,
             endpoints=frozenset(endpoints.GENERATE),
+            lora_enabled=self.lora,
         )
 
     def tokenizer(self) -> Tokenizer:
@@ -285,6 +297,8 @@ class FakeEngine:
                     for name in endpoints.GENERATE
                 ),
                 Route("/v1/models", self._models, methods=["GET"]),
+                Route("/v1/load_lora_adapter", self._load, methods=["POST"]),
+                Route("/v1/unload_lora_adapter", self._unload, methods=["POST"]),
             ]
         )
 
@@ -312,13 +326,45 @@ class FakeEngine:
 
     # --- the app
     async def _models(self, request: Request) -> Response:
-        return JSONResponse({"data": [{"id": "fake/model", "parent": None}]})
+        adapters = [{"id": name, "parent": "fake/model"} for name in sorted(self.adapters)]
+        return JSONResponse({"data": [{"id": "fake/model", "parent": None}, *adapters]})
+
+    async def _load(self, request: Request) -> Response:
+        """As vLLM's: 200 and a plain-text success; 400 for an adapter loaded already (unless
+        in place); 404 for a path with no adapter."""
+        body = await request.json()
+        name = body["lora_name"]
+        if not self.lora:
+            return JSONResponse({"error": {"message": "LoRA is not enabled"}}, status_code=400)
+        if name in self.adapters and not body.get("load_inplace"):
+            message = f"The lora adapter '{name}' has already been loaded."
+            return JSONResponse({"error": {"message": message}}, status_code=400)
+        if body["lora_path"] == "/nowhere":
+            return JSONResponse({"error": {"message": "not found"}}, status_code=404)
+        self.adapters.add(name)
+        return Response(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload(self, request: Request) -> Response:
+        name = (await request.json())["lora_name"]
+        if name not in self.adapters:
+            return JSONResponse({"error": {"message": "not found"}}, status_code=404)
+        self.adapters.discard(name)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def _generate(self, request: Request) -> Response:
         body: dict[str, Any] = await request.json()
         if self.dead:  # as vLLM's error handler: 500, and it asks its server to stop
             self.vllm_stop.should_exit = True
             return JSONResponse({"error": {"message": "EngineDeadError"}}, status_code=500)
+        model = body.get("model", "fake/model")
+        if model != "fake/model":
+            if model not in self.adapters:  # as vLLM: no such model
+                return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
+            warmup = "x-llmwarm-warmup" in request.headers
+            self.on_adapter.append((model, "warmup" if warmup else "user"))
+            if warmup and not self.adapter_pass.is_set():
+                self.adapter_seen.set()
+                await self.adapter_pass.wait()
         self.salts.append(body.get("cache_salt"))
         kind = (request.url.path, bool(body.get("stream")))
         if kind not in self._compiled:

@@ -14,6 +14,7 @@ import json
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -553,37 +554,76 @@ def test_while_warming_sigterm_exits_130_and_engine_death_exits_4(
             proc.kill()
 
 
-def test_rewarm_after_a_lora_adapter_is_loaded_warms_it(tiny_model: Path, tmp_path: Path) -> None:
+def _users_on(url: str, model: str, answers: list[tuple[int, str | None]]) -> None:
+    """A user who sends requests naming `model` back to back, before and after it exists,
+    until three were answered 200 (bounded: at most 3000 requests)."""
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for i in range(3000):
+            body = {"model": model, "prompt": "select", "max_tokens": 2}
+            r = c.post("/v1/completions", json=body, headers={"x-request-id": f"user-{i}"})
+            answers.append((r.status_code, r.headers.get("retry-after")))
+            if sum(status == 200 for status, _ in answers) == 3:
+                return
+            time.sleep(0.02)
+
+
+def test_a_lora_adapter_loaded_at_run_time_is_warm_before_a_user_runs_on_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
     port = free_port()
-    log = tmp_path / "log"
+    log, report = tmp_path / "log", tmp_path / "r.json"
     env = engine_env() | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "LLMWARM_ADMIN_KEY": "a"}
     proc = launch_serve(
         tiny_model, port, log, "--served-model-name", "tiny", "--profile", str(MINIMAL),
-        "--report", str(tmp_path / "r.json"),
+        "--report", str(report), "--enable-log-requests",
         "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", env=env,
     )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+        with httpx.Client(base_url=url, timeout=120) as c:
             wait_ready(proc, c, log)
+            answers: list[tuple[int, str | None]] = []
+            user = threading.Thread(target=_users_on, args=(url, "sql", answers))
+            user.start()
+            while not answers:  # the user is there before the adapter
+                time.sleep(0.01)
             loaded = c.post(
                 "/v1/load_lora_adapter",
                 json={"lora_name": "sql", "lora_path": str(tiny_model / "lora")},
             )
             assert loaded.status_code == 200, loaded.text
-            report = c.post("/warmup/run", json={}, headers={"authorization": "Bearer a"})
-            assert report.status_code == 200, report.text
-            answer = c.post(
-                "/v1/completions", json={"model": "sql", "prompt": "a", "max_tokens": 4}
-            )
-        kinds = {k["kind"] for k in report.json()["kinds"]}
-        assert {"completions+lora:sql", "chat-stream+lora:sql"} <= kinds, kinds
-        assert report.json()["error"] is None
-        assert answer.status_code == 200 and answer.json()["model"] == "sql"
+            user.join()
+            base = c.post("/v1/completions", json={"model": "tiny", "prompt": "a"})
+            assert base.status_code == 200, base.text
+            rewarmed = c.post("/warmup/run", json={}, headers={"authorization": "Bearer a"})
+            assert rewarmed.status_code == 200, rewarmed.text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait() == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+    # the user: no such model (404), then warming (503 + Retry-After), then served (200)
+    statuses = [status for status, _ in answers]
+    assert statuses == sorted(statuses, key=[404, 503, 200].index), statuses
+    assert 503 in statuses and statuses[0] == 404
+    assert all(retry == "5" for status, retry in answers if status == 503)
+    # vLLM's own log: every request it ran on the adapter before the first user's was the
+    # warm-up's, and they came after the load
+    text = log.read_text(errors="replace")
+    on_sql = [m.group(1) for m in re.finditer(r"Received request (\S+): .*lora_name='sql'", text)]
+    first_user = next(i for i, rid in enumerate(on_sql) if "user-" in rid)
+    assert first_user > 0 and not [rid for rid in on_sql[:first_user] if "user-" in rid]
+    received = text.index(f"Received request {on_sql[first_user]}")
+    assert text.index("LoRA adapter 'sql' serves") < received
+    # the report lists it, warm after its warm-up; the re-warm warmed it too and kept the entry
+    data = json.loads(report.read_text())
+    (entry,) = data["adapters"]
+    assert entry["name"] == "sql" and entry["error"] is None
+    assert entry["warm_after_s"] >= entry["warmup_s"] > 0
+    assert {"completions+lora:sql", "chat-stream+lora:sql"} <= {k["kind"] for k in entry["kinds"]}
+    kinds = {k["kind"] for k in rewarmed.json()["kinds"]}
+    assert {"completions+lora:sql", "chat-stream+lora:sql"} <= kinds, kinds
+    assert data["trigger"] == "api" and rewarmed.json()["error"] is None
 
 
 POOLING = ["--runner", "pooling", "--convert", "embed"]
