@@ -10,12 +10,15 @@ Pure: no vLLM (`llmwarm.engine` builds the shape).
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 from llmwarm import endpoints
 from llmwarm.errors import ProfileError
 from llmwarm.features import Features
 from llmwarm.profile import Auto, Bucket, Prefill, Profile
+
+logger = logging.getLogger(__name__)
 
 # Tokens a chat template may add around one user message; kept free so chat prompts fit too.
 CHAT_TEMPLATE_ALLOWANCE = 64
@@ -245,6 +248,15 @@ def for_engine(profile: Profile, shape: EngineShape) -> Profile:
     if problems:
         raise ProfileError("the profile does not fit this engine", problems=problems)
     features = profile.features
+    if shape.lora_enabled and "prompt_logprobs" in features.use:
+        # vLLM 0.32 computes prompt logprobs with the sampler's LoRA mapping: with --enable-lora
+        # such a request kills the engine (vllm-project/vllm#16668, open), a user's as well
+        logger.warning(
+            "not warming prompt_logprobs: with --enable-lora a request for them kills vLLM "
+            "0.32's engine (vllm-project/vllm#16668); users' such requests would too"
+        )
+        use = [name for name in features.use if name != "prompt_logprobs"]
+        features = features.model_copy(update={"use": use})
     if (
         shape.multimodal
         and features.auto_image

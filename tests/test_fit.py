@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from llmwarm.errors import ProfileError
-from llmwarm.fit import EngineShape, concurrency_classes, for_engine, with_adapters
+from llmwarm.fit import (
+    EngineShape,
+    concurrency_classes,
+    for_adapter,
+    for_engine,
+    with_adapters,
+)
 from llmwarm.profile import parse_profile
 
 BUCKET = {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}
@@ -48,6 +54,34 @@ def test_lora_needs_lora_enabled_and_known_adapters() -> None:
         "lora:sql",
         "lora:chat",
     ]
+
+
+def test_with_lora_enabled_prompt_logprobs_are_not_warmed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found by the LoRA benchmark: the default profile's prompt_logprobs killed vLLM 0.32's
+    # engine with --enable-lora (vllm-project/vllm#16668): the start-up warm-up failed
+    profile = parse_profile(
+        {"buckets": [BUCKET], "features": {"use": ["greedy", "prompt_logprobs", "logprobs"]}}
+    )
+    assert "prompt_logprobs" in for_engine(profile, SHAPE).features.use
+    lora = EngineShape(**{**SHAPE.__dict__, "lora_enabled": True})
+    assert for_engine(profile, lora).features.use == ["greedy", "logprobs"]
+    assert "vllm-project/vllm#16668" in caplog.text
+
+
+def test_an_adapter_s_warm_up_sends_lora_on_it_at_the_feature_buckets() -> None:
+    profile = parse_profile(
+        {"buckets": [BUCKET, {**BUCKET, "prompt_tokens": 64}, {**BUCKET, "max_tokens": 16}],
+         "features": {"use": ["greedy", "logprobs"], "buckets": ["p64-c1-o4"]},
+         "kv_fill": {"share": 0.1}}
+    )  # fmt: skip
+    only = for_adapter(profile, "sql")
+    assert [b.name for b in only.buckets] == ["p64-c1-o4"]
+    assert list(map(str, only.features.features())) == ["lora:sql"]
+    assert only.kv_fill is None and only.prefill is None
+    lora = EngineShape(**{**SHAPE.__dict__, "lora_enabled": True, "lora": ["sql"]})
+    assert for_engine(only, lora).feature_buckets() == {"p64-c1-o4"}
 
 
 def test_with_adapters_warms_every_listed_adapter_once() -> None:
