@@ -5,8 +5,11 @@
 #
 # Like the vLLM image, the arguments are MODEL and `vllm serve` flags; the port answers 503
 # until the warm-up is done. Configuration by environment: see the README ("Container").
+# BASE: vLLM's image; scripts/build-image checks these layers here on Dockerfile.cpu's `engine`
+# stage (vLLM's CPU build), since no GPU image can be pulled or run on this CI machine.
 ARG VLLM_VERSION=0.32.0
-FROM vllm/vllm-openai:v${VLLM_VERSION}
+ARG BASE=vllm/vllm-openai:v${VLLM_VERSION}
+FROM ${BASE}
 
 # vLLM (and torch) come with the base image: install llmwarm alone, not its [gpu] extra.
 COPY pyproject.toml README.md /opt/llmwarm/

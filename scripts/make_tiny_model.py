@@ -256,12 +256,19 @@ def main(argv: list[str]) -> int:
     out = Path(args[0])
     stamp = out / "llmwarm-stamp.json"
     want = STAMP + kind.replace("--", "-")
-    if stamp.exists() and json.loads(stamp.read_text()).get("stamp") == want:
-        return 0
-    BUILDERS[kind](out)
-    stamp.write_text(json.dumps({"stamp": want}))
-    print(f"tiny model{kind.replace('--', ' (') + ')' if kind else ''} written to {out}")
+    if not (stamp.exists() and json.loads(stamp.read_text()).get("stamp") == want):
+        BUILDERS[kind](out)
+        stamp.write_text(json.dumps({"stamp": want}))
+        print(f"tiny model{kind.replace('--', ' (') + ')' if kind else ''} written to {out}")
+    readable(out)
     return 0
+
+
+def readable(out: Path) -> None:
+    """Every file readable by anyone, as a model volume is (safetensors writes its file 0600,
+    which a container's own user could not read)."""
+    for path in [out, *out.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import shlex
 import socket
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 @pytest.fixture(scope="session")
 def baked(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A compile-cache directory `llmwarm bake` filled for `BAKED_ENGINE` (empty caches: a
-    cold start), for the fleet and container tests that start from one."""
+    cold start), for the fleet tests that start from one."""
     cache = tmp_path_factory.mktemp("baked")
     done = subprocess.run(
         [*LLMWARM, "bake", str(tiny_model), *BAKED_ENGINE, "--profile", str(MINIMAL),
@@ -175,11 +176,38 @@ def llmwarm_env_vars() -> set[str]:
 
 
 def dockerfile(name: str) -> tuple[list[str], dict[str, str], str]:
-    """ENTRYPOINT, ENV and FROM (ARGs substituted) of a Dockerfile."""
+    """ENTRYPOINT, ENV and base image of a Dockerfile's last stage: its ENV with its parent
+    stages', its base the image the chain of stages starts from (the global ARGs' defaults
+    substituted, one referring to another included)."""
     with (ROOT / name).open("rb") as f:
-        parsed = DockerfileParser(fileobj=f)
-        (entrypoint,) = [i["value"] for i in parsed.structure if i["instruction"] == "ENTRYPOINT"]
-        return json.loads(entrypoint), dict(parsed.envs), str(parsed.baseimage)
+        structure = DockerfileParser(fileobj=f).structure
+    args: dict[str, str] = {}
+    stages: dict[str, tuple[str, dict[str, str]]] = {}
+    base, env, stage, entrypoint = "", {}, "", "[]"
+
+    def resolved(text: str) -> str:
+        for key, value in args.items():
+            text = text.replace(f"${{{key}}}", value).replace(f"${key}", value)
+        return text
+
+    for item in structure:
+        instruction, value = item["instruction"], item["value"]
+        if instruction == "ARG" and not base:  # the global scope, before the first FROM
+            key, _, default = value.partition("=")
+            args[key] = resolved(default)
+        elif instruction == "FROM":
+            image, _, stage = resolved(value).partition(" AS ")
+            base, parent = stages.get(image, (image, {}))
+            env = dict(parent)
+        elif instruction == "ENV":
+            for pair in shlex.split(value):
+                key, _, val = pair.partition("=")
+                env[key] = val
+        elif instruction == "ENTRYPOINT":
+            entrypoint = value
+        if stage:
+            stages[stage.strip()] = (base, env)
+    return json.loads(entrypoint), env, base
 
 
 @contextlib.asynccontextmanager

@@ -1,151 +1,249 @@
-"""The container entrypoint, run the way the image runs it, without Docker: the image's
-ENTRYPOINT and ENV, configuration by environment as in deploy/, llmwarm as PID 1 of its own
-PID namespace (`unshare`), signals from outside as `docker stop` / the kubelet send them.
+"""The CPU image (Dockerfile.cpu), built by scripts/build-image and run under podman as users
+run it: the tiny model mounted read-only, configuration by environment as in deploy/, a
+read-only root filesystem, its own non-root user, llmwarm as PID 1 getting `podman stop`'s
+SIGTERM, volumes for the baked cache (read-only), the report and the learn files.
 
-`llmwarm bake` fills a cache directory first; the entrypoint then starts from it.
+The image is built once per run (its layers reused from the run before: only the code's layer
+changes with a commit), and every test here runs on one xdist worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
-import signal
+import stat
 import subprocess
-import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
-from tests.conftest import dockerfile
-from tests.launch import (
-    BAKED_ENGINE,
-    ENGINE_FLAGS,
-    MINIMAL,
-    engine_env,
-    free_port,
-    wait_ready,
-)
+from tests.launch import ENGINE_FLAGS, ROOT, engine_env, free_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("container")]
 
-BIN = Path(sys.executable).parent  # where the image's PATH finds `llmwarm`
-
-
-def _container_env(tmp: Path, **extra: str) -> dict[str, str]:
-    """Dockerfile.cpu's ENV, with its paths mapped under `tmp` (the container's volumes)."""
-    _, image_env, _ = dockerfile("Dockerfile.cpu")
-    env = engine_env()
-    for key, value in image_env.items():
-        if key == "PATH":
-            env[key] = f"{BIN}:{os.environ['PATH']}"
-        elif value.startswith("/var/"):
-            env[key] = str(tmp / value.lstrip("/"))
-            Path(env[key]).parent.mkdir(parents=True, exist_ok=True)
-        else:
-            env[key] = value
-    return env | extra
+# runc with the cgroupfs manager, and the container's limits within the host's (crun fails here)
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000", "--shm-size", "1g"]
+TAG = "localhost/llmwarm-cpu:test"
+UID = 10001  # the image's user
+# /tmp on a tmpfs (the root is read-only): exec, for the C++ kernels torch.compile loads
+TMP = ["--read-only", "--tmpfs", "/tmp:rw,exec,nosuid,nodev,size=2g"]
+MINIMAL = "/opt/llmwarm/llmwarm/configs/minimal.yaml"  # shipped in the image
 
 
-def _pid1(proc: subprocess.Popen[bytes]) -> psutil.Process:
-    """llmwarm: the child of `unshare`, PID 1 in its namespace."""
-    while not (children := psutil.Process(proc.pid).children()):
-        assert proc.poll() is None, "unshare ended without starting llmwarm"
-        time.sleep(0.05)
-    return children[0]
+def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([*PODMAN, *args], capture_output=True, text=True)
+    assert not check or done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
+    return done
 
 
-def _status(process: psutil.Process, field: str) -> str:
-    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return line.split(":", 1)[1].strip()
-    raise KeyError(field)
-
-
-def _namespace_pid(process: psutil.Process) -> int:
-    """Its PID inside its own (innermost) PID namespace."""
-    return int(_status(process, "NSpid").split()[-1])
-
-
-def _catches_sigterm(process: psutil.Process) -> bool:
-    return bool(int(_status(process, "SigCgt"), 16) & (1 << (signal.SIGTERM - 1)))
-
-
-def test_bake_leaves_the_compile_caches_and_a_manifest(baked: Path) -> None:
-    manifest = json.loads((baked / "llmwarm-bake.json").read_text())
-    assert manifest["model"] == "tiny" and manifest["vllm_version"] == "0.32.0"
-    assert len(manifest["config_hash"]) >= 10 and manifest["engine_start_s"] > 0
-    # compiled code: on vLLM's CPU build, inductor's C++ kernels (AOT is off there, see
-    # llmwarm/caches.py); on GPUs also vLLM's AOT artifacts, Triton and FlashInfer kernels
-    kernels = list((baked / "inductor").rglob("*.so"))
-    assert kernels, sorted(str(p.relative_to(baked)) for p in baked.rglob("*"))
-
-
-def test_entrypoint_serves_warm_from_the_baked_cache_and_stops_on_sigterm(
-    tiny_model: Path, baked: Path, tmp_path: Path
-) -> None:
-    assert shutil.which("unshare"), "util-linux unshare is needed to run as PID 1"
-    entrypoint, _, _ = dockerfile("Dockerfile.cpu")
-    port = free_port()
-    env = _container_env(tmp_path, LLMWARM_PROFILE=str(MINIMAL), LLMWARM_CACHE_DIR=str(baked))
-    log = tmp_path / "log"
-    # `docker run IMAGE MODEL [vllm flags]`: the arguments follow the ENTRYPOINT
-    cmd = [
-        "unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--",
-        *entrypoint, str(tiny_model), *BAKED_ENGINE, "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    t0 = time.monotonic()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        llmwarm = _pid1(proc)
-        assert Path(llmwarm.cmdline()[1]).name == "llmwarm" and llmwarm.cmdline()[2] == "serve"
-        assert _namespace_pid(llmwarm) == 1  # no shell in between: it gets the signals
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            wait_ready(proc, client, log)
-        print(f"entrypoint, baked cache: ready in {time.monotonic() - t0:.1f} s")
-        text = log.read_text()
-        assert "match this engine" in text, text[-3000:]  # it started from the baked caches
-        assert "Compiling model again due to a load failure" not in text  # and they loaded
-        report = Path(env["LLMWARM_REPORT"])  # the image's report path, in its volume
-        assert json.loads(report.read_text())["converged"] in (True, False)
-        children = llmwarm.children(recursive=True)
-        llmwarm.send_signal(signal.SIGTERM)  # from outside the namespace, like `docker stop`
-        assert proc.wait() == 0
-        psutil.wait_procs(children)  # each ends (one left behind: the test's timeout)
-        assert not llmwarm.is_running()
-        assert "Traceback" not in log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def test_pid1_stops_on_sigterm_even_before_its_event_loop_runs(
-    tiny_model: Path, tmp_path: Path
-) -> None:
-    # The first seconds go to importing vLLM; PID 1 ignores signals it has no handler for.
-    entrypoint, _, _ = dockerfile("Dockerfile.cpu")
-    cmd = ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--",
-           *entrypoint, str(tiny_model), *ENGINE_FLAGS, "--port", str(free_port())]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_container_env(tmp_path)
+@pytest.fixture(scope="session")
+def image() -> str:
+    """Built once a run; `scripts/build-image` says how long it took and the image's size."""
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "build-image"), TAG], capture_output=True, text=True
     )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    print(done.stdout)
+    return TAG
+
+
+def _env() -> list[str]:
+    """The engine's environment here, as the tests' engines have it (a core of their own)."""
+    env = engine_env()
+    keep = ["VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_AOT_COMPILE", "VLLM_CPU_OMP_THREADS_BIND"]
+    return [f"--env={key}={env[key]}" for key in keep if key in env]
+
+
+def _owned(path: Path) -> Path:
+    """A host directory the image's user writes (a volume, as a pod's securityContext makes it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, UID, UID)
+    return path
+
+
+@contextlib.contextmanager
+def container(name: str, *args: str) -> Iterator[str]:
+    """`podman run -d ... IMAGE ARGS`; removed at the end, whatever happened."""
+    podman("run", "-d", "--name", name, *LIMITS, *TMP, *_env(), *args)
     try:
-        llmwarm = _pid1(proc)
-        assert _namespace_pid(llmwarm) == 1
-        while not _catches_sigterm(llmwarm):  # the CLI is up; vLLM is being imported
-            assert proc.poll() is None, "llmwarm ended before it handled SIGTERM"
-            time.sleep(0.02)
-        llmwarm.send_signal(signal.SIGTERM)
-        assert proc.wait() == 130
-        out = proc.stdout.read().decode() if proc.stdout else ""
-        assert "Traceback" not in out, out[-2000:]
+        yield name
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        podman("rm", "-f", "-t", "0", name, check=False)
+
+
+def _state(name: str) -> dict[str, Any]:
+    return dict(json.loads(podman("inspect", "--format", "{{json .State}}", name).stdout))
+
+
+def _host_pids(name: str) -> list[int]:
+    """Every process of the container, by its PID on the host."""
+    out = podman("top", name, "hpid").stdout.split()[1:]
+    return [int(pid) for pid in out]
+
+
+def _until(what: str, check: Callable[[], bool], name: str, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout  # a hang guard with the log, never a bound on speed
+    while not check():
+        state = _state(name)
+        assert state["Running"], (
+            f"{what}: the container ended\n{podman('logs', name).stderr[-3000:]}"
+        )
+        assert time.monotonic() < deadline, f"never {what}\n{podman('logs', name).stderr[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_the_image_bakes_then_serves_warm_from_the_bake_read_only_and_drains_on_stop(
+    image: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    cache, state = _owned(tmp_path / "cache"), _owned(tmp_path / "state")
+    _owned(state / "learn")  # a learn directory: a file per replica
+    model = ["--volume", f"{tiny_model}:/models/tiny:ro"]
+    flags = [*ENGINE_FLAGS, "--served-model-name", "tiny"]
+    # the bake job: its own entrypoint, the cache volume writable, exit 0 through podman
+    baked = subprocess.run(
+        [*PODMAN, "run", "--rm", *LIMITS, *TMP, *_env(), *model,
+         "--volume", f"{cache}:/var/cache/llmwarm", "--env", f"LLMWARM_PROFILE={MINIMAL}",
+         "--entrypoint", "llmwarm", image, "bake", "/models/tiny", *flags,
+         "--report", "/tmp/bake.json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert baked.returncode == 0, baked.stderr[-3000:]
+    assert (cache / "llmwarm-bake.json").is_file()
+    bake_start = json.loads((cache / "llmwarm-bake.json").read_text())["engine_start_s"]
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with container(
+        "llmwarm-serve-test", *model,
+        "--volume", f"{cache}:/var/cache/llmwarm:ro",  # the fleet's baked cache, read-only
+        "--volume", f"{state}:/var/lib/llmwarm",  # the report and learn files
+        "--env", f"LLMWARM_PROFILE={MINIMAL}", "--env", "LLMWARM_LEARN=/var/lib/llmwarm/learn",
+        "--publish", f"127.0.0.1:{port}:8000",
+        image, "/models/tiny", *flags, "--shutdown-timeout", "600",
+    ) as name:  # fmt: skip
+        refused: list[httpx.Response] = []
+        with httpx.Client(base_url=url, timeout=30) as client:
+
+            def ready() -> bool:
+                try:
+                    r = client.get("/ready")
+                except httpx.TransportError:
+                    return False
+                if r.status_code == 503:
+                    refused.append(r)
+                return r.status_code == 200
+
+            _until("ready", ready, name)
+            assert refused and all(int(r.headers["retry-after"]) > 0 for r in refused)
+            answer = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+            assert answer.status_code == 200, answer.text
+        # its own user, not root; PID 1 is llmwarm itself
+        assert podman("exec", name, "id", "-u").stdout.strip() == str(UID)
+        assert "llmwarm serve" in podman("exec", name, "cat", "/proc/1/cmdline").stdout.replace(
+            "\0", " "
+        )
+        # a stream in flight, then `podman stop`: it drains, exit 0 within the grace period
+        tokens: list[str] = []
+
+        def stream() -> None:
+            body = {"model": "tiny", "prompt": "drain", "max_tokens": 200, "ignore_eos": True,
+                    "stream": True}  # fmt: skip
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=None) as r:
+                tokens.extend(line for line in r.iter_lines() if line.startswith("data: {"))
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        while not tokens:
+            time.sleep(0.01)
+        stopped = podman("stop", "--time", "120", name)
+        streaming.join()
+        assert stopped.returncode == 0 and len(tokens) == 200  # every token: drained
+        assert _state(name)["ExitCode"] == 0
+        log = podman("logs", name).stderr
+    assert "match this engine" in log, log[-3000:]  # started from the baked caches
+    assert "Compiling model again due to a load failure" not in log and "Traceback" not in log
+    report = state / "report.json"
+    data = json.loads(report.read_text())
+    assert data["error"] is None
+    start = data["engine_start_s"]
+    print(f"engine start: baked at {bake_start:.1f} s (cold), from the bake {start:.1f} s")
+    # on the volume, the image's user's, readable by a sidecar (the umask's modes)
+    for written in (report, *sorted((state / "learn").glob("*.json"))):
+        assert written.stat().st_uid == UID, written
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
+    assert list((state / "learn").glob("*.json")), "no learn file"
+
+
+def test_exit_codes_reach_podman_and_a_kill_leaves_no_process(
+    image: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    # the report's folder: a volume (the root is read-only)
+    state = _owned(tmp_path / "state")
+    model = ["--volume", f"{tiny_model}:/models/tiny:ro", "--volume", f"{state}:/var/lib/llmwarm"]
+    # a bad flag: 2, through `podman run` and `podman wait`
+    bad = subprocess.run(
+        [*PODMAN, "run", "--rm", *LIMITS, *TMP, *model, image, "/models/tiny", "--no-such-flag"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "--no-such-flag" in bad.stderr
+    # SIGTERM as soon as llmwarm handles it (PID 1 ignores a signal it has no handler for):
+    # interrupted while starting, 130, at once rather than at the stop timeout
+    with container("llmwarm-early-stop", *model, image, "/models/tiny", *ENGINE_FLAGS) as name:
+        pid = int(_state(name)["Pid"])  # PID 1's, on the host
+        _until("handling SIGTERM", lambda: _catches_sigterm(pid), name)
+        t0 = time.monotonic()
+        podman("stop", "--time", "300", name)
+        assert _state(name)["ExitCode"] == 130 and time.monotonic() - t0 < 300
+    # `podman kill` while the engine loads: every process of the container ends
+    with container("llmwarm-kill", *model, image, "/models/tiny", *ENGINE_FLAGS) as name:
+        _until(
+            "the engine's processes",
+            lambda: "EngineCore" in podman("top", name, "args", check=False).stdout,
+            name,
+        )
+        pids = _host_pids(name)
+        assert len(pids) >= 2
+        podman("kill", name)
+        assert podman("wait", name).stdout.strip() == "137"
+        procs = []
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs.append(psutil.Process(pid))
+        psutil.wait_procs(procs)  # each ends (one left behind: the test's timeout)
+
+
+def _catches_sigterm(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << 14))  # SIGTERM is 15
+    return False
+
+
+def test_the_gpu_dockerfile_builds_its_layers_on_vllms_cpu_build(image: str) -> None:
+    # No GPU image can be pulled or run here: Dockerfile's own layers (llmwarm installed on
+    # vLLM, its import checked) are built on Dockerfile.cpu's `engine` stage instead, vLLM's
+    # CPU build where the vLLM image has its GPU build
+    script = str(ROOT / "scripts" / "build-image")
+    engine = "localhost/llmwarm-engine:test"
+    for tag, env in [
+        (engine, {"LLMWARM_IMAGE_TARGET": "engine"}),  # (its layers: the image's, reused)
+        ("localhost/llmwarm-gpu-layers:test",
+         {"LLMWARM_IMAGE_FILE": "Dockerfile", "LLMWARM_IMAGE_BASE": engine}),
+    ]:  # fmt: skip
+        done = subprocess.run([script, tag], capture_output=True, text=True, env=os.environ | env)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    imported = podman(
+        "run", "--rm", *LIMITS, "--workdir", "/", "--entrypoint", "python3",
+        "localhost/llmwarm-gpu-layers:test",
+        "-c", "import llmwarm, vllm; print(llmwarm.__file__, vllm.__version__)",
+    )  # fmt: skip
+    assert "site-packages/llmwarm" in imported.stdout and "0.32.0" in imported.stdout
