@@ -17,6 +17,7 @@ the start's time to ready (launch to ready).
 Writes the `startup` section of docs/benchmarks.md.
 
     python scripts/bench_startup.py --model .cache/tiny-llama --starts 3
+    python scripts/bench_startup.py --model .cache/smollm2 --starts 2 -- --dtype float32
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def watch(cmd: list[str], url: str, environ: dict[str, str], log: Path) -> dict[
 def one(scenario: str, args: argparse.Namespace, report: Path | None, cache: Path | None,
         cache_root: Path) -> Start:  # fmt: skip
     port = free_port()
-    cmd = [sys.executable, "-m", "llmwarm", "serve", str(args.model), *ENGINE_FLAGS,
+    cmd = [sys.executable, "-m", "llmwarm", "serve", str(args.model), *ENGINE_FLAGS, *args.engine,
            "--host", "127.0.0.1", "--port", str(port),
            "--report", str(report) if report else os.devnull]  # fmt: skip
     if cache is not None:
@@ -122,7 +123,7 @@ def scenario(name: str, args: argparse.Namespace, work: Path) -> list[Start]:
         with args.log.open("ab") as out:
             subprocess.run(
                 [sys.executable, "-m", "llmwarm", "bake", str(args.model), *ENGINE_FLAGS,
-                 *(["--profile", str(args.profile)] if args.profile else []),
+                 *args.engine, *(["--profile", str(args.profile)] if args.profile else []),
                  "--cache-dir", str(baked), "--report", os.devnull],
                 stdout=out, stderr=subprocess.STDOUT, env=env(work / "bake-root"), check=True,
             )  # fmt: skip
@@ -173,9 +174,12 @@ def markdown(starts: list[Start], args: argparse.Namespace, seconds: float) -> s
     command = "python scripts/bench_startup.py " + shlex.join(
         ["--model", str(args.model), "--starts", str(args.starts)]
         + (["--profile", str(args.profile)] if args.profile else [])
+        + [f"--scenario={name}" for name in args.scenario or []]
+        + (["--", *args.engine] if args.engine else [])
     )
     every = [s.error(s.loaded) for s in starts]
-    return f"""## Time to ready, predicted (`GET /startup`)
+    title = "" if args.section == "startup" else f", {args.model.name}"
+    return f"""## Time to ready, predicted (`GET /startup`){title}
 
 `{command}` ({datetime.now(timezone.utc):%Y-%m-%d}, this machine: 2 shared CPU cores; {
         seconds / 60:.0f} min). Each start's prediction (`expected_ready_in_s`) at its first
@@ -210,7 +214,9 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=3, help="measured starts per scenario")
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, default=None)
     parser.add_argument("--docs", type=Path, default=Path(__file__).parent.parent / "docs")
+    parser.add_argument("--section", default="startup", help="of docs/benchmarks.md")
     parser.add_argument("--log", type=Path, default=Path("bench-startup.log"))
+    parser.add_argument("engine", nargs="*", help="more `vllm serve` flags, after --")
     args = parser.parse_args()
     began = time.perf_counter()
     starts: list[Start] = []
@@ -219,7 +225,7 @@ def main() -> None:
             starts += scenario(name, args, Path(tmp) / str(i))
     body = markdown(starts, args, time.perf_counter() - began)
     print(body)
-    write_section(args.docs / "benchmarks.md", "startup", body)
+    write_section(args.docs / "benchmarks.md", args.section, body)
 
 
 if __name__ == "__main__":
