@@ -5,9 +5,10 @@ With `VLLM_ALLOW_RUNTIME_LORA_UPDATING`, vLLM loads an adapter on `POST /v1/load
 paths. `AdapterRoutes`, the ASGI middleware between the gate and the recording, holds each
 such adapter back until it is warm:
 
-  * it passes the load to vLLM; once vLLM answers 200 the adapter is *warming*
-    (`RunState.adapters`): a request naming it (its body's `model`) gets 503 + Retry-After,
-    while the base model and every other adapter serve on;
+  * a new adapter is *warming* (`RunState.adapters`) from the moment its load reaches vLLM:
+    a request naming it (its body's `model`) gets 503 + Retry-After, while the base model and
+    every other adapter serve on (vLLM routes to an adapter once loaded, before its answer);
+    a load vLLM refuses lets it go again;
   * its warm-up (`fit.for_adapter`: the serving profile's feature buckets, the `lora` feature
     on this adapter) runs with the gate open, one warm-up at a time with the re-warms
     (`llmwarm.rewarm`, their one owner);
@@ -56,6 +57,10 @@ RETRY_AFTER_S = 5
 
 class Owner(Protocol):
     """What starts and stops adapter warm-ups (`llmwarm.rewarm.Rewarms`)."""
+
+    def adapter_loading(self, name: str) -> object | None: ...
+
+    def adapter_refused(self, name: str, held: object) -> None: ...
 
     def adapter_loaded(self, name: str) -> None: ...
 
@@ -109,9 +114,14 @@ class AdapterRoutes:
                 status = message["status"]
             await send(message)
 
-        await self.app(scope, _replay(body, receive), watched)
-        if path in LOAD and name and status == 200:
-            self.owner.adapter_loaded(name)
+        held = self.owner.adapter_loading(name) if path in LOAD and name else None
+        try:
+            await self.app(scope, _replay(body, receive), watched)
+        finally:
+            if path in LOAD and name and status == 200:
+                self.owner.adapter_loaded(name)
+            elif held is not None:
+                self.owner.adapter_refused(name or "", held)
 
 
 async def _read(receive: Receive) -> bytes:

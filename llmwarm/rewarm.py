@@ -172,6 +172,19 @@ class Rewarms:
                     await self._jit_phase("serving")
 
     # --- LoRA adapters loaded at run time (`llmwarm.adapters`) ----------------------------
+    def adapter_loading(self, name: str) -> Adapter | None:
+        """vLLM is loading `name`, new here: held (warming) from now, as vLLM serves it before
+        it answers the load. What is held, for `adapter_refused`; None if nothing is."""
+        if self._closed or self._warm_adapter is None or name in self.state.adapters:
+            return None
+        held = self.state.adapters[name] = Adapter(loaded=time.perf_counter())
+        return held
+
+    def adapter_refused(self, name: str, held: object) -> None:
+        """vLLM refused the load `adapter_loading` held `name` for: it is let go."""
+        if self.state.adapters.get(name) is held:
+            del self.state.adapters[name]
+
     def adapter_loaded(self, name: str) -> None:
         """vLLM has loaded `name` (or reloaded its weights): warming until its warm-up ends."""
         if self._closed or self._warm_adapter is None:

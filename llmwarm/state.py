@@ -81,7 +81,7 @@ def process_started() -> float:
 class Adapter:
     """A LoRA adapter loaded at run time (`llmwarm.adapters`): warming until its warm-up ends."""
 
-    loaded: float  # time.perf_counter() when vLLM answered its load
+    loaded: float  # time.perf_counter() at its load: asked (held), then answered by vLLM
     warm_s: float | None = None  # seconds from its load until let through
     failed: bool = False  # its warm-up failed: let through all the same
 

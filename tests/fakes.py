@@ -216,6 +216,11 @@ class FakeEngine:
         self.adapter_pass = asyncio.Event()
         self.adapter_pass.set()
         self.adapter_seen = asyncio.Event()
+        # cleared: a load answers only once set, its adapter served meanwhile (as vLLM's: it
+        # routes to an adapter from the moment it has loaded it, before its answer)
+        self.load_answer = asyncio.Event()
+        self.load_answer.set()
+        self.loaded = asyncio.Event()
         self.hold_start = hold_start
         self.start_error = start_error
         self.started = asyncio.Event()
@@ -342,6 +347,8 @@ class FakeEngine:
         if body["lora_path"] == "/nowhere":
             return JSONResponse({"error": {"message": "not found"}}, status_code=404)
         self.adapters.add(name)
+        self.loaded.set()
+        await self.load_answer.wait()
         return Response(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def _unload(self, request: Request) -> Response:

@@ -94,6 +94,36 @@ async def test_a_loaded_adapter_is_refused_until_warm_while_the_base_serves(
     assert not [m for m in coverage["uncovered_by_requests"] if "lora:sql" in m["kind"]]
 
 
+async def test_a_request_while_vllm_loads_the_adapter_waits_as_a_warming_one(
+    running: Callable[..., Run],
+) -> None:
+    # vLLM serves an adapter once loaded, before its answer to the load: a user's request
+    # in between would run cold (seen under load in the e2e test: 404, 200, then 503s)
+    run = await serving(running)
+    run.eng.load_answer.clear()
+    run.eng.loaded.clear()
+    loading = asyncio.create_task(load(run))
+    await run.eng.loaded.wait()  # loaded in vLLM, its answer not sent yet
+    refused = await run.client.post("/v1/completions", json=ON_SQL)
+    assert refused.status_code == 503 and refused.json()["adapter"] == "sql"
+    run.eng.load_answer.set()
+    assert (await loading).status_code == 200
+    await warm(run)
+    assert (await run.client.post("/v1/completions", json=ON_SQL)).status_code == 200
+    assert [who for _, who in run.eng.on_adapter][-1] == "user"
+    assert "user" not in [who for _, who in run.eng.on_adapter][:-1]
+
+
+async def test_a_refused_load_leaves_no_adapter_held(running: Callable[..., Run]) -> None:
+    run = await serving(running)
+    missing = await load(run, "gone", lora_path="/nowhere")
+    assert missing.status_code == 404
+    assert "gone" not in run.life.state.adapters
+    # vLLM's own 404 for a model it does not serve, not a 503 for an adapter never loaded
+    asked = await run.client.post("/v1/completions", json={**ON_SQL, "model": "gone"})
+    assert asked.status_code == 404
+
+
 async def test_only_the_adapter_s_warm_up_runs_its_feature_buckets(
     running: Callable[..., Run],
 ) -> None:

@@ -26,7 +26,7 @@ import pytest
 
 from tests.launch import ENGINE_FLAGS, ROOT, engine_env, free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("container")]
+pytestmark = pytest.mark.e2e
 
 # runc with the cgroupfs manager, and the container's limits within the host's (crun fails here)
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
