@@ -191,10 +191,11 @@ def plot(report: Report, path: Path, option: str = "--plot") -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for ax, (metric, label) in zip(
-        axes, (("ttft", "time to first token"), ("tpot", "time per output token")), strict=True
-    ):
-        for b in report.buckets:
+    # TTFT only where a round sent new prompts (later rounds resend theirs: decode only)
+    titles = (("ttft", "time to first token (rounds with new prompts)"),
+              ("tpot", "time per output token"))  # fmt: skip
+    for ax, (metric, label) in zip(axes, titles, strict=True):
+        for b in (b for b in report.buckets if b.rounds):  # optional buckets not run: none
             rounds = [round_ for round_, _ in b.measured(metric)]
             values = [v * 1000 for v in b.series(metric)]
             (line,) = ax.plot(rounds, values, marker="o", markersize=3, label=b.key)
@@ -206,7 +207,7 @@ def plot(report: Report, path: Path, option: str = "--plot") -> None:
         ax.set_ylabel("median, ms")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3, which="both")
-    axes[0].legend(fontsize="small")
+    axes[1].legend(fontsize="small", loc="best")
     fig.suptitle(
         f"llmwarm warm-up of {report.model}: ★ = converged "
         f"({report.convergence.metric}, window {report.convergence.window}, "

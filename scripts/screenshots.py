@@ -51,7 +51,7 @@ def main() -> None:
         report = Report.model_validate_json(report_path.read_text())
     console = Console(record=True, width=80, force_terminal=True, color_system="truecolor")
     console.print(summary(report, Path("report.json")))
-    text = console.export_text()
+    text = console.export_text(clear=False)
     console.save_svg(str(args.docs / "warmup-summary.svg"), title="llmwarm warm")
     body = f"""```
 $ {" ".join(cmd)}
