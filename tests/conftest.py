@@ -312,11 +312,11 @@ async def fake_url(pace: Pace) -> AsyncIterator[str]:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs (needs root, as on this project's machines)."""
+    """A 1 MiB tmpfs (needs root, as on this project's machines): room for a plot's PNG."""
     where = tmp_path / "fs"
     where.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from argparse import Namespace
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
@@ -535,3 +536,9 @@ def paced_app(pace: Pace) -> Starlette:
     return Starlette(
         routes=[Route(spec.path, paced, methods=["POST"]) for spec in endpoints.SPECS.values()]
     )
+
+
+def fill(where: Path, leave: int = 4096) -> None:
+    """Fill `where`'s file system but for `leave` bytes: too little for a report."""
+    free = os.statvfs(where).f_bavail * os.statvfs(where).f_frsize
+    (where / "filler").write_bytes(b"x" * max(0, free - leave))

@@ -16,7 +16,7 @@ from tests.fakes import bucket, report
 
 
 def _big_report() -> str:
-    return "x" * 200_000  # more than the file system holds
+    return "x" * 2_000_000  # more than the file system holds
 
 
 def test_a_full_disk_names_the_path_and_keeps_the_previous_file(small_fs: Path) -> None:

@@ -34,7 +34,7 @@ from llmwarm.server import Lifecycle
 from llmwarm.settings import Settings
 from llmwarm.state import Phase, Stage
 from llmwarm.warmup import unless_dead
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, fill
 from tests.launch import free_port
 from tests.running import Run
 
@@ -462,7 +462,7 @@ async def test_jit_monitor_events_count_as_warmup_until_the_gate_opens(
 async def test_a_report_that_cannot_be_written_is_logged_and_serving_goes_on(
     settings: Callable[..., Settings], small_fs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    (small_fs / "filler").write_bytes(b"x" * 60_000)  # the disk is (nearly) full
+    fill(small_fs)  # the disk is (nearly) full
     full = dataclasses.replace(settings(), report_path=small_fs / "report.json")
     eng = FakeEngine()
     run = Run(Lifecycle(full, start=eng.start), eng)
@@ -480,7 +480,7 @@ async def test_a_report_that_cannot_be_written_is_logged_and_serving_goes_on(
 async def test_warm_fails_when_its_report_cannot_be_written(
     settings: Callable[..., Settings], small_fs: Path
 ) -> None:
-    (small_fs / "filler").write_bytes(b"x" * 60_000)
+    fill(small_fs)
     full = dataclasses.replace(settings(), report_path=small_fs / "report.json", mode="warm")
     eng = FakeEngine()
     with pytest.raises(WriteError, match="cannot write"):
