@@ -25,11 +25,12 @@ import httpx
 from pydantic import BaseModel, Field, computed_field
 from rich.table import Table
 
-from llmwarm import corpus, endpoints, measure
 from llmwarm.errors import Unreachable, UsageError, WarmupError
-from llmwarm.features import Feature
-from llmwarm.kinds import Kind
-from llmwarm.profile import Bucket, Profile
+from llmwarm.model import corpus, endpoints
+from llmwarm.model.features import Feature
+from llmwarm.model.kinds import Kind
+from llmwarm.model.profile import Bucket, Profile
+from llmwarm.warmup import measure
 
 
 class KindResult(BaseModel):

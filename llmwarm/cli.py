@@ -18,7 +18,7 @@ from llmwarm import __version__, files
 from llmwarm.errors import EXIT_INTERRUPTED, LlmwarmError, UsageError, render
 
 if TYPE_CHECKING:
-    from llmwarm.settings import Mode
+    from llmwarm.serve.settings import Mode
 
 err = Console(stderr=True)
 
@@ -102,7 +102,8 @@ def _configure_logging() -> None:
 
 def _run(ctx: typer.Context, *, mode: Mode, vllm_help: bool, **options: Any) -> None:
     # Imported here so `--help`, `--version` and profile errors never wait on vLLM.
-    from llmwarm import engine, server, settings, vllm_args
+    from llmwarm.backend import engine, vllm_args
+    from llmwarm.serve import server, settings
 
     prog = f"llmwarm {ctx.info_name}"
     _configure_logging()
@@ -330,8 +331,8 @@ def bench_command(
     import asyncio
 
     from llmwarm import bench
-    from llmwarm.profile import load_profile, shipped
-    from llmwarm.settings import check_output_path
+    from llmwarm.model.profile import load_profile, shipped
+    from llmwarm.serve.settings import check_output_path
 
     try:
         check_output_path(json_out, "--json")
@@ -365,7 +366,7 @@ def profile_check(
     files: Annotated[list[Path], typer.Argument(help="Profiles to check.", show_default=False)],
 ) -> None:
     """Validate profiles: exit 0, or exit 2 with one line per problem naming the field."""
-    from llmwarm.profile import load_profile
+    from llmwarm.model.profile import load_profile
 
     failed: list[LlmwarmError] = []
     for file in files:
@@ -395,14 +396,15 @@ def profile_show(
     ] = None,
 ) -> None:
     """Show the expanded plan: buckets in run order, request kinds, request counts."""
-    from llmwarm.display import plan_table
-    from llmwarm.fit import for_engine
-    from llmwarm.profile import load_profile
+    from llmwarm.model.fit import for_engine
+    from llmwarm.model.profile import load_profile
+    from llmwarm.serve.display import plan_table
 
     try:
         profile = load_profile(file)
         if model is not None:
-            from llmwarm import engine, settings, vllm_args
+            from llmwarm.backend import engine, vllm_args
+            from llmwarm.serve import settings
 
             args = vllm_args.parse_args([model, *ctx.args], "llmwarm profile show")
             settings.check_model(args.model)
@@ -443,22 +445,27 @@ def profile_from_log(
     out: OutOption = None,
 ) -> None:
     """Build a profile from real traffic: buckets and features that cover its requests."""
-    from llmwarm.fromlog import build
-    from llmwarm.profile import parse_profile
+    from llmwarm.traffic.fromlog import build
+
+    def built() -> tuple[dict[str, Any], str]:
+        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+        return build(lines, coverage, str(file))
+
+    _print_profile(built, out)
+
+
+def _print_profile(built: Callable[[], tuple[dict[str, Any], str]], out: Path | None) -> None:
+    """A profile `built` (its data, its comment), checked to load, the comment first, to
+    stdout or `out`."""
+    import yaml
+
+    from llmwarm.model.profile import parse_profile
 
     try:
-        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
-        data, comment = build(lines, coverage, str(file))
+        data, comment = built()
         parse_profile(data, source="the built profile")  # what we print must load
     except LlmwarmError as exc:
         _exit_with(exc)
-    _print_profile(data, comment, out)
-
-
-def _print_profile(data: dict[str, Any], comment: str, out: Path | None) -> None:
-    """A built profile, its comment first, to stdout or `out`."""
-    import yaml
-
     text = comment + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     if out is None:
         typer.echo(text, nl=False)
@@ -485,16 +492,13 @@ def profile_from_coverage(
     out: OutOption = None,
 ) -> None:
     """Build one profile from the learn files of a fleet: the shapes its traffic had."""
-    from llmwarm import learn
-    from llmwarm.profile import parse_profile
+    from llmwarm.traffic import learn
 
-    try:
+    def built() -> tuple[dict[str, Any], str]:
         counts = learn.read_many(learn_files)
-        data, comment = learn.profile_from(counts, coverage, [str(f) for f in learn_files])
-        parse_profile(data, source="the built profile")  # what we print must load
-    except LlmwarmError as exc:
-        _exit_with(exc)
-    _print_profile(data, comment, out)
+        return learn.profile_from(counts, coverage, [str(f) for f in learn_files])
+
+    _print_profile(built, out)
 
 
 @profile_app.command("schema")
@@ -502,7 +506,7 @@ def profile_schema() -> None:
     """Print the JSON Schema of the profile format (for editors)."""
     import json
 
-    from llmwarm.profile import Profile
+    from llmwarm.model.profile import Profile
 
     typer.echo(json.dumps(Profile.model_json_schema(), indent=2))
 

@@ -1,9 +1,10 @@
 """Reference pages generated from the code at every docs build (mkdocs-gen-files), so they
 cannot drift from it: the CLI by typer's own docs generator, the profile and the report from
-their JSON Schemas."""
+their JSON Schemas; and ARCHITECTURE.md, the package map first, as the architecture page."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mkdocs_gen_files
@@ -11,8 +12,8 @@ import typer
 from typer.cli import get_docs_for_click
 
 from llmwarm.cli import app
-from llmwarm.profile import Profile
-from llmwarm.report import Report
+from llmwarm.model.profile import Profile
+from llmwarm.model.report import Report
 
 
 def cli() -> str:
@@ -76,3 +77,8 @@ with mkdocs_gen_files.open("reference/report.md", "w") as out:
             "(`--report`, `GET /warmup/report`), from its JSON Schema.",
         )
     )
+# ARCHITECTURE.md (the package map first) as the site's contributor page, its links to docs/
+# pages made site links
+architecture = (Path(__file__).resolve().parents[1] / "ARCHITECTURE.md").read_text()
+with mkdocs_gen_files.open("architecture.md", "w") as out:
+    out.write(architecture.replace("](docs/", "]("))

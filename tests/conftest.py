@@ -24,8 +24,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from typer.testing import CliRunner
 
+from benchmarks.launch import LLMWARM, ROOT
 from tests.fakes import Pace, paced_app
-from tests.launch import BAKED_ENGINE, LLMWARM, MINIMAL, ROOT, engine_env
+from tests.launch import BAKED_ENGINE, MINIMAL, engine_env
 from tests.running import running, settings, vllm_args  # noqa: F401  (fixtures)
 from tests.served import Served, shared_server
 
@@ -290,7 +291,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 async def answering(handler: Handler) -> AsyncIterator[aiohttp.ClientSession]:
     """A measuring client (`measure.session`) of a server on loopback where `handler` answers
     every request."""
-    from llmwarm import measure
+    from llmwarm.warmup import measure
 
     app = Starlette(routes=[Route("/{path:path}", handler, methods=["GET", "POST"])])
     async with on_loopback(app) as url, measure.session(url) as session:

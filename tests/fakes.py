@@ -1,6 +1,6 @@
 """Shared fakes for the tests that need no vLLM engine: reports, an inner app for the gate, and
-a fake engine (`llmwarm.engine.EngineClient`) whose app speaks the OpenAI wire format, so the
-whole lifecycle runs in seconds over a real socket.
+a fake engine (`llmwarm.backend.engine.EngineClient`) whose app speaks the OpenAI wire format, so
+the whole lifecycle runs in seconds over a real socket.
 
 The end-to-end layer (`test_e2e.py`, `test_container.py`) never uses these.
 """
@@ -23,14 +23,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from llmwarm import endpoints, loading, measure
-from llmwarm.convergence import Rule
-from llmwarm.corpus import Tokenizer, WarmRequest, WordTokenizer
-from llmwarm.coverage import Shape
-from llmwarm.fit import EngineShape
-from llmwarm.frontend import VllmStop
-from llmwarm.kinds import Kind
-from llmwarm.report import BucketResult, JitEvents, Report, RoundResult, Sample
+from llmwarm.backend import loading
+from llmwarm.backend.frontend import VllmStop
+from llmwarm.model import endpoints
+from llmwarm.model.convergence import Rule
+from llmwarm.model.corpus import Tokenizer, WarmRequest, WordTokenizer
+from llmwarm.model.fit import EngineShape
+from llmwarm.model.kinds import Kind
+from llmwarm.model.report import BucketResult, JitEvents, Report, RoundResult, Sample
+from llmwarm.traffic.coverage import Shape
+from llmwarm.warmup import measure
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 
 class LocalClient:
-    """`llmwarm.client.Client` in this process: for the tests of what the warm-up does with
+    """`llmwarm.warmup.client.Client` in this process: for the tests of what the warm-up does with
     what it measures (rounds, sweeps, the KV fill); `ClientProcess` is tested on its own."""
 
     def __init__(self, base_url: str) -> None:
@@ -61,7 +63,7 @@ class LocalClient:
 
 
 class ScriptedClient:
-    """`llmwarm.client.Client` with no server and no clock: every request of the n-th batch
+    """`llmwarm.warmup.client.Client` with no server and no clock: every request of the n-th batch
     (from 0) takes `script(n)` seconds to its first token, a token and in all, so what the
     convergence rule decides is the test's, never the host's load."""
 
@@ -85,8 +87,8 @@ class ScriptedClient:
 
 
 class Clock:
-    """`llmwarm.measure`'s clock in a test (`install`): virtual seconds that a fake server sets,
-    read back exactly, whatever the host's load.
+    """`llmwarm.warmup.measure`'s clock in a test (`install`): virtual seconds that a fake server
+    sets, read back exactly, whatever the host's load.
 
     The server calls `at(t)` before it sends each event the client times (a stream's first
     event and its events with text): `at` waits until the client has read the clock for every
@@ -106,7 +108,7 @@ class Clock:
     def install(self, monkeypatch: Any) -> None:
         from types import SimpleNamespace
 
-        from llmwarm import measure
+        from llmwarm.warmup import measure
 
         monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=self.perf_counter))
 
@@ -263,7 +265,8 @@ class FakeEngine:
     async def start(
         self, args: Namespace, on_stage: Callable[[str], None] = lambda stage: None
     ) -> AsyncIterator[FakeEngine]:
-        """`llmwarm.engine.start_engine`'s stand-in: its worker says it loads the weights."""
+        """`llmwarm.backend.engine.start_engine`'s stand-in: its worker says it loads the
+        weights."""
         on_stage(loading.STAGES[0][1])
         self.started.set()
         try:

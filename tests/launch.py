@@ -1,5 +1,6 @@
 """Launching llmwarm for real, as the end-to-end tests do: the command, vLLM's flags and
-environment on this machine, waiting for readiness, and finding an engine's processes.
+environment on this machine (the benchmarks' own, `benchmarks.launch`, with what tests add),
+waiting for readiness, and finding an engine's processes.
 
 Shared by the e2e tests (through conftest.py's fixtures and directly).
 """
@@ -10,9 +11,7 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,27 +20,19 @@ import httpx
 import psutil
 import pytest
 
+import benchmarks.launch
+from benchmarks.launch import ENGINE_FLAGS, LLMWARM, ROOT, free_port
 from llmwarm import lifeline
 
-ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = ROOT / "llmwarm" / "configs" / "minimal.yaml"
-LLMWARM = [sys.executable, "-m", "llmwarm"]
-# vLLM on this CPU machine: a small KV cache and memory fraction (NUMA node 0 is ~8 GiB).
-ENGINE_FLAGS = ["--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
 # The engine the session's baked cache is for (`baked`), and every start from it: a cache is
 # baked for one configuration.
 BAKED_ENGINE = [*ENGINE_FLAGS, "--served-model-name", "tiny", "--max-num-seqs", "4"]
 # Compiled once per configuration and run: vLLM's CPU build cannot load back the AOT artifacts
-# it saves (llmwarm.caches), so every start compiled its graph again (~20 s of each start
+# it saves (llmwarm.backend.caches), so every start compiled its graph again (~20 s of each start
 # here); its other compile cache loads (~5 s). Tests that use --cache-dir point these into
 # their own directory.
 COMPILE_CACHE = ROOT / ".cache" / "vllm-tests"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def engine_env(bind: bool = True) -> dict[str, str]:
@@ -49,9 +40,8 @@ def engine_env(bind: bool = True) -> dict[str, str]:
     time) each worker's engines get a core of their own (`bind`: unless the test sets its own
     core lists, or wants vLLM's `auto`) and a compile cache of their own (two processes
     compiling into one cache at once mixed files upstream, vllm-project/vllm#52413)."""
-    env = dict(os.environ)
+    env = benchmarks.launch.engine_env()
     worker = env.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")
     env.setdefault("VLLM_CACHE_ROOT", str(COMPILE_CACHE / (worker or "main")))
     if worker and bind:

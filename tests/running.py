@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from llmwarm.profile import load_profile
-from llmwarm.report import Report
-from llmwarm.server import Lifecycle
-from llmwarm.settings import Settings
-from llmwarm.state import Stage
-from llmwarm.vllm_args import parse_args
+from llmwarm.backend.vllm_args import parse_args
+from llmwarm.model.profile import load_profile
+from llmwarm.model.report import Report
+from llmwarm.serve.server import Lifecycle
+from llmwarm.serve.settings import Settings
+from llmwarm.serve.state import Stage
 from tests.fakes import MINIMAL_PROFILE, FakeEngine
 
 ADMIN_KEY = "admin-5e2b"  # POST /warmup/run's (over TCP, it needs one)

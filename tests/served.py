@@ -27,17 +27,15 @@ import httpx
 import psutil
 import pytest
 
-from llmwarm.gate import WARMUP_HEADER
+from benchmarks.launch import ENGINE_FLAGS, LLMWARM, free_port
+from llmwarm.serve.gate import WARMUP_HEADER
 from tests.launch import (
-    ENGINE_FLAGS,
-    LLMWARM,
     MINIMAL,
     STARTUP_TIMEOUT_S,
     Launch,
     engine_core,
     engine_env,
     engine_processes,
-    free_port,
 )
 
 API_KEY = "e2e-key-7c1d"

@@ -1,4 +1,4 @@
-"""Who may do what: the peer checks of `llmwarm.access`."""
+"""Who may do what: the peer checks of `llmwarm.serve.access`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from llmwarm.access import Admin, is_local, is_loopback, machine_host
+from llmwarm.serve.access import Admin, is_local, is_loopback, machine_host
 
 
 def _scope(client: tuple[str, int] | None, *headers: tuple[bytes, bytes]) -> dict[str, Any]:

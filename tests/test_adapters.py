@@ -1,5 +1,5 @@
 """LoRA adapters loaded at run time, warm before a user's request runs on them
-(`llmwarm.adapters`), on a lifecycle serving a fake engine (tests/running.py): a user's request
+(`llmwarm.serve.lora`), on a lifecycle serving a fake engine (tests/running.py): a user's request
 naming a warming adapter is refused (503), the base model serves meanwhile; unloading, loading
 twice, a load that fails, a warm-up that fails and SIGTERM mid-warm-up."""
 
@@ -16,8 +16,8 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from llmwarm import engine
-from llmwarm.state import Stage
+from llmwarm.backend import engine
+from llmwarm.serve.state import Stage
 from tests.fakes import FakeEngine
 from tests.running import Run
 

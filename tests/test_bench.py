@@ -10,9 +10,11 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from llmwarm import bench, corpus, measure
+from llmwarm import bench
 from llmwarm.errors import Unreachable
-from llmwarm.profile import parse_profile
+from llmwarm.model import corpus
+from llmwarm.model.profile import parse_profile
+from llmwarm.warmup import measure
 from tests.conftest import answering, invoke
 from tests.fakes import Pace, _unary
 

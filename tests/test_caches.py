@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from llmwarm import caches, settings
+from llmwarm.backend import caches
 from llmwarm.cli import app
 from llmwarm.errors import UsageError
+from llmwarm.serve import settings
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +119,7 @@ def test_a_bake_for_another_gpu_or_toolchain_is_checked_first_and_never_copied(
     l4 = {**h100, "device": "NVIDIA L4 (compute capability 8.9)", "triton_version": "3.5.0"}
     cache = caches.Cache.open(tmp_path / "shared")
     try:
-        with caplog.at_level("WARNING", logger="llmwarm.caches"):
+        with caplog.at_level("WARNING", logger="llmwarm.backend.caches"):
             cache.adopt(l4)
         assert cache.baked is None and not list(cache.live.iterdir())  # nothing copied
         assert (
@@ -201,9 +202,9 @@ def test_flags_win_over_the_environment(resolved: dict[str, Any], tmp_path: Path
 
 
 def test_the_help_and_the_docs_list_every_variable() -> None:
+    from benchmarks.launch import ROOT
     from llmwarm.cli import ENV_HELP
     from tests.conftest import llmwarm_env_vars
-    from tests.launch import ROOT
 
     known = {v for v in llmwarm_env_vars() if v.startswith("LLMWARM_")}  # bench: OPENAI_API_KEY
     assert set(re.findall(r"LLMWARM_\w+", ENV_HELP)) == known
@@ -311,7 +312,7 @@ def test_a_read_only_directory_is_read_and_nothing_is_written(
 ) -> None:
     _bake_by_hand(small_fs, _manifest())
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
-    with caplog.at_level("INFO", logger="llmwarm.caches"):
+    with caplog.at_level("INFO", logger="llmwarm.backend.caches"):
         cache = _opened(small_fs)
     try:
         assert not cache.writable and cache.baked is not None

@@ -12,11 +12,12 @@ from typing import Any, Literal
 import pytest
 from typer.testing import CliRunner
 
+from benchmarks.launch import ENGINE_FLAGS, LLMWARM, free_port
 from llmwarm import __version__
 from llmwarm.cli import app
 from tests.conftest import invoke
 from tests.fakes import MINIMAL_PROFILE
-from tests.launch import ENGINE_FLAGS, LLMWARM, engine_env, free_port
+from tests.launch import engine_env
 
 
 def test_version() -> None:
@@ -312,8 +313,8 @@ def _gpu_capture_sizes(args: Any) -> tuple[list[int], int]:
 def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    from llmwarm import graphs
-    from llmwarm.settings import resolve
+    from llmwarm.backend import capture
+    from llmwarm.serve.settings import resolve
 
     profile = tmp_path / "wide.yaml"
     profile.write_text(
@@ -335,14 +336,14 @@ def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
         ours = settings.vllm_args.cudagraph_capture_sizes
         return (ours, *_gpu_capture_sizes(settings.vllm_args), settings.capture)
 
-    ours, kept, budget, capture = sizes()
+    ours, kept, budget, given = sizes()
     assert budget == 1024
     # vLLM keeps every size: its graphs are exactly these, and no more than its default count
-    assert kept == ours == capture.sizes and len(ours) <= graphs.MAX_SIZES
+    assert kept == ours == given.sizes and len(ours) <= capture.MAX_SIZES
     # tokens, not requests: decode steps 1 and 96, prefills 16, 1024 (96 x 16 = 1536, capped
     # at max_num_batched_tokens), 300 and 900, each exactly: no padding
     assert {1, 96, 16, 300, 900, 1024} <= set(ours) and max(ours) == 1024
-    assert capture.padding == 0
+    assert given.padding == 0
     # vLLM's default (no sizes given) stops at 2 x max_num_seqs = 256 tokens: the 300- and
     # 900-token prefills and the 1024-token one would run without a graph; llmwarm's model of
     # that default is vLLM's own
@@ -350,8 +351,8 @@ def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
         [str(tiny_model), *flags], profile_path=profile, report_path=None, plot_path=None,
         on_unconverged="serve", mode="serve", prog="llmwarm serve",
     ).vllm_args)  # fmt: skip
-    assert max(default) == 256 and default == graphs.vllm_default(128, 1024)
-    assert capture.default_count == len(default)
+    assert max(default) == 256 and default == capture.vllm_default(128, 1024)
+    assert given.default_count == len(default)
     # with 3 speculative tokens a decode step of 96 requests is 96 x 4 = 384 tokens, and every
     # size is a multiple of 4 (vLLM dispatches a uniform decode batch only to such a size)
     ours, kept, _, capture = sizes("--speculative-config", spec)
@@ -360,7 +361,7 @@ def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
 
 
 def test_vllms_default_capture_sizes_are_modelled_as_vllm_makes_them(tiny_model: Path) -> None:
-    from llmwarm import graphs, vllm_args
+    from llmwarm.backend import capture, vllm_args
 
     for seqs, budget, spec in ((256, 8192, 0), (8, 2048, 0), (256, 8192, 3), (32, 64, 1)):
         flags = ["--max-num-seqs", str(seqs), "--max-num-batched-tokens", str(budget)]
@@ -370,7 +371,7 @@ def test_vllms_default_capture_sizes_are_modelled_as_vllm_makes_them(tiny_model:
                  "prompt_lookup_min": 2})]  # fmt: skip
         args = vllm_args.parse_args([str(tiny_model), "--max-model-len", "512", *flags], "test")
         vllms, _ = _gpu_capture_sizes(args)
-        assert graphs.vllm_default(seqs, budget, spec) == vllms, (seqs, budget, spec)
+        assert capture.vllm_default(seqs, budget, spec) == vllms, (seqs, budget, spec)
 
 
 def test_capture_sizes_from_profile_conflicts_with_the_vllm_flag(tiny_model: Path) -> None:
@@ -387,7 +388,7 @@ def test_a_cpu_start_failure_with_several_ranks_says_what_to_bind(
 ) -> None:
     from types import SimpleNamespace
 
-    from llmwarm.engine import _start_hints
+    from llmwarm.backend.engine import _start_hints
 
     config = SimpleNamespace(parallel_config=SimpleNamespace(world_size=4))
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
@@ -405,10 +406,10 @@ def test_the_plan_follows_the_engine_vllm_resolved_not_the_flags(
     # vLLM fills itself for MTP and draft models (their n_predict) and suffix decoding; and it
     # modelled vLLM's default sizes at the 512-token ceiling, where data-centre Blackwell's is
     # 1024 and `performance_mode=interactivity` captures every size to 32.
-    from llmwarm import engine, graphs, vllm_args
-    from llmwarm.fit import EngineShape
-    from llmwarm.profile import load_profile
-    from llmwarm.settings import apply_capture_sizes
+    from llmwarm.backend import capture, engine, vllm_args
+    from llmwarm.model.fit import EngineShape
+    from llmwarm.model.profile import load_profile
+    from llmwarm.serve.settings import apply_capture_sizes
 
     args = vllm_args.parse_args([str(tiny_model), "--max-model-len", "1024"], "test")
     args.speculative_config = {"method": "mtp"}  # the draft model says how many: 3
@@ -420,7 +421,7 @@ def test_the_plan_follows_the_engine_vllm_resolved_not_the_flags(
     monkeypatch.setattr(engine, "shape_from_args", lambda args: resolved)
     plan = apply_capture_sizes(args, load_profile(MINIMAL_PROFILE))
     assert all(size % 4 == 0 for size in plan.sizes) and 4 in plan.sizes
-    assert plan.default_count == len(blackwell) != len(graphs.vllm_default(256, 8192, 3))
+    assert plan.default_count == len(blackwell) != len(capture.vllm_default(256, 8192, 3))
 
 
 def _gpu_config_hash(args: Any) -> str:
@@ -444,10 +445,11 @@ def test_a_start_after_learning_keeps_the_sizes_its_baked_cache_was_compiled_for
     # the baked cache, compiled again, and `publish` declined to replace the bake.
     from collections import Counter
 
-    from llmwarm import caches, learn
-    from llmwarm.coverage import Shape
-    from llmwarm.kinds import Kind
-    from llmwarm.settings import resolve
+    from llmwarm.backend import caches
+    from llmwarm.model.kinds import Kind
+    from llmwarm.serve.settings import resolve
+    from llmwarm.traffic import learn
+    from llmwarm.traffic.coverage import Shape
 
     monkeypatch.setattr(caches, "use", lambda directory: None)  # no environment to undo
     cache_dir, learned = tmp_path / "cache", tmp_path / "learned.json"

@@ -7,11 +7,11 @@ import asyncio
 import psutil
 import pytest
 
-from llmwarm.client import ClientProcess
-from llmwarm.corpus import Corpus, WarmRequest, WordTokenizer
 from llmwarm.errors import WarmupError
-from llmwarm.kinds import Kind
-from llmwarm.profile import parse_profile
+from llmwarm.model.corpus import Corpus, WarmRequest, WordTokenizer
+from llmwarm.model.kinds import Kind
+from llmwarm.model.profile import parse_profile
+from llmwarm.warmup.client import ClientProcess
 from tests.fakes import Pace
 
 PROFILE = parse_profile(

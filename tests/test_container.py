@@ -24,7 +24,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.launch import ENGINE_FLAGS, ROOT, engine_env, free_port
+from benchmarks.launch import ENGINE_FLAGS, ROOT, free_port
+from tests.launch import engine_env
 
 pytestmark = pytest.mark.e2e
 

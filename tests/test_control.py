@@ -10,14 +10,14 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from llmwarm.access import Admin
-from llmwarm.control import Control
 from llmwarm.errors import ProfileError, WarmupError
-from llmwarm.gate import Gate
-from llmwarm.profile import Profile
-from llmwarm.report import Report, WarmupFailure
-from llmwarm.rewarm import RewarmRequest, Rewarms
-from llmwarm.state import RunState
+from llmwarm.model.profile import Profile
+from llmwarm.model.report import Report, WarmupFailure
+from llmwarm.serve.access import Admin
+from llmwarm.serve.control import Control
+from llmwarm.serve.gate import Gate
+from llmwarm.serve.rewarm import RewarmRequest, Rewarms
+from llmwarm.serve.state import RunState
 from tests.fakes import INNER, MINIMAL_PROFILE
 from tests.fakes import report as _report
 
@@ -442,7 +442,7 @@ def test_a_failed_report_is_not_converged() -> None:
 
 def test_every_shipped_profile_is_a_rewarm_profile() -> None:
     # The defect: `long-context` and `structured-output` failed `str.isidentifier()`.
-    from llmwarm.profile import shipped_names
+    from llmwarm.model.profile import shipped_names
 
     assert {"long-context", "structured-output", "default", "minimal"} <= set(shipped_names())
     for name in shipped_names():

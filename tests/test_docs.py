@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.launch import ROOT
+from benchmarks.launch import ROOT
 
 # an absolute path into a checkout's own files (`/home/me/llmwarm/.cache/tiny-llama`)
 _MACHINE_PATH = re.compile(r"(?<![\w.~-])/[\w.-]+(?:/[\w.-]+)*/(?:\.cache|llmwarm/configs)/")

@@ -23,18 +23,9 @@ import httpx
 import psutil
 import pytest
 
-from llmwarm.profile import load_profile
-from tests.launch import (
-    ENGINE_FLAGS,
-    LLMWARM,
-    MINIMAL,
-    Launch,
-    engine_env,
-    engine_processes,
-    free_port,
-    serving,
-    wait_ready,
-)
+from benchmarks.launch import ENGINE_FLAGS, LLMWARM, free_port
+from llmwarm.model.profile import load_profile
+from tests.launch import MINIMAL, Launch, engine_env, engine_processes, serving, wait_ready
 
 pytestmark = pytest.mark.e2e
 

@@ -27,18 +27,16 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 
-from llmwarm import engine, loading
-from llmwarm.features import with_image
+from benchmarks.launch import ENGINE_FLAGS, LLMWARM, free_port
+from llmwarm.backend import engine, loading
+from llmwarm.model.features import with_image
 from tests.launch import (
-    ENGINE_FLAGS,
-    LLMWARM,
     MINIMAL,
     STARTUP_TIMEOUT_S,
     Launch,
     engine_core,
     engine_env,
     engine_processes,
-    free_port,
     launch_serve,
     serving,
     wait_ready,

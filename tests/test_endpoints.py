@@ -9,11 +9,12 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from llmwarm import corpus, endpoints, measure
-from llmwarm.corpus import WarmRequest, WordTokenizer
 from llmwarm.errors import WarmupError
-from llmwarm.kinds import Kind
-from llmwarm.profile import Profile, parse_profile
+from llmwarm.model import corpus, endpoints
+from llmwarm.model.corpus import WarmRequest, WordTokenizer
+from llmwarm.model.kinds import Kind
+from llmwarm.model.profile import Profile, parse_profile
+from llmwarm.warmup import measure
 from tests.conftest import Handler, answering
 
 

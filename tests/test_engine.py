@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from llmwarm.engine import Engine
+from llmwarm.backend.engine import Engine
 
 
 @dataclass

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from llmwarm.features import DEFAULT_SCHEMA, Feature, Features, apply
+from llmwarm.model.features import DEFAULT_SCHEMA, Feature, Features, apply
 
 
 def body(feature: str, endpoint: str, features: Features) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def test_images_are_one_kind_per_size_and_real_pngs() -> None:
 
     from PIL import Image
 
-    from llmwarm.features import apply, image_data_url, in_body
+    from llmwarm.model.features import apply, image_data_url, in_body
 
     features = Features(use=["greedy", "image"], images=["64x48", "300x200"])
     assert list(map(str, features.features())) == ["greedy", "image:64x48", "image:300x200"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from llmwarm import files
-from llmwarm.display import plot
 from llmwarm.errors import WriteError
-from llmwarm.report import write_json
+from llmwarm.model.report import write_json
+from llmwarm.serve.display import plot
 from tests.fakes import bucket, report
 
 

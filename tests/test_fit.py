@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from llmwarm.errors import ProfileError
-from llmwarm.fit import (
+from llmwarm.model.fit import (
     EngineShape,
     concurrency_classes,
     for_adapter,
     for_engine,
     with_adapters,
 )
-from llmwarm.profile import parse_profile
+from llmwarm.model.profile import parse_profile
 
 BUCKET = {"prompt_tokens": 8, "concurrency": 1, "max_tokens": 4}
 
@@ -212,7 +212,7 @@ def test_score_buckets_hold_a_query_and_a_document() -> None:
 def test_the_ranks_a_server_warms_come_from_vllms_parallel_config(
     tiny_moe: Path, flags: tuple[str, ...], ranks: tuple[int, ...], pinned: bool
 ) -> None:
-    from llmwarm import engine, vllm_args
+    from llmwarm.backend import engine, vllm_args
 
     args = vllm_args.parse_args([str(tiny_moe), *flags], "test")
     shape = engine.shape_from_args(args)

@@ -16,14 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.launch import (
-    BAKED_ENGINE,
-    LLMWARM,
-    MINIMAL,
-    engine_env,
-    free_port,
-    wait_ready,
-)
+from benchmarks.launch import LLMWARM, free_port
+from tests.launch import BAKED_ENGINE, MINIMAL, engine_env, wait_ready
 
 pytestmark = pytest.mark.e2e
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from llmwarm.errors import ProfileError
-from llmwarm.fromlog import build, parse
-from llmwarm.profile import parse_profile
+from llmwarm.model.profile import parse_profile
+from llmwarm.traffic.fromlog import build, parse
 
 RECEIVED = (
     "(APIServer pid=1) INFO 11-28 20:07:51 [request_logger.py:66] Received request {rid}: "

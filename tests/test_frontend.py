@@ -1,9 +1,9 @@
 """The HTTP half of the vLLM adapter: llmwarm's server start-up against vLLM's own.
 
 vLLM's `serve_http` cannot take the gate in front of its app (it installs its own signal
-handlers and stops the engine before the HTTP server), so `llmwarm.frontend` builds the server
-from vLLM's pieces. These tests fail the day vLLM's start-up passes an argument llmwarm's does
-not, or `serve_http` consumes one llmwarm does not handle.
+handlers and stops the engine before the HTTP server), so `llmwarm.backend.frontend` builds the
+server from vLLM's pieces. These tests fail the day vLLM's start-up passes an argument llmwarm's
+does not, or `serve_http` consumes one llmwarm does not handle.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from llmwarm import frontend
-from llmwarm.vllm_args import parse_args
+from llmwarm.backend import frontend
+from llmwarm.backend.vllm_args import parse_args
 from tests.fakes import INNER
 
 

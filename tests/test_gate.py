@@ -15,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from llmwarm.access import Admin
-from llmwarm.control import Control
-from llmwarm.gate import HEALTH, WARMUP_HEADER, Gate
-from llmwarm.profile import Profile
-from llmwarm.report import Report
-from llmwarm.rewarm import Rewarms
-from llmwarm.state import Phase, RunState
+from llmwarm.model.profile import Profile
+from llmwarm.model.report import Report
+from llmwarm.serve.access import Admin
+from llmwarm.serve.control import Control
+from llmwarm.serve.gate import HEALTH, WARMUP_HEADER, Gate
+from llmwarm.serve.rewarm import Rewarms
+from llmwarm.serve.state import Phase, RunState
 from tests.fakes import INNER, report
 
 if TYPE_CHECKING:

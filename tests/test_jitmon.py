@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from llmwarm import jitmon
+from llmwarm.backend import jitmon
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_during_an_open_gate_rewarm_a_compile_is_counted_apart_and_never_raised(
 def test_workers_combine_as_the_kernels_they_compile() -> None:
     # The defect: workers were combined with `max`, which undercounts pipeline stages (each
     # compiles its own layers' kernels) and data-parallel engines.
-    from llmwarm.engine import combined
+    from llmwarm.backend.engine import combined
 
     def worker(engine: int, stage: int, warmup: int) -> dict[str, Any]:
         return {"active": True, "warmup": warmup, "serving": 0, "stage": stage, "engine": engine}
@@ -107,7 +107,7 @@ def test_the_counter_is_given_only_where_every_worker_can_load_it(
 ) -> None:
     # The defect: it was injected on every worker; on a multi-node engine, nodes without
     # llmwarm installed failed to start where plain vLLM would.
-    from llmwarm import vllm_args
+    from llmwarm.backend import vllm_args
 
     args = vllm_args.parse_args(["fake/model", *flags], "test")
     before = args.worker_extension_cls

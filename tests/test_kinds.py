@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmwarm import endpoints, features
-from llmwarm.features import Feature
-from llmwarm.kinds import PLAIN, Kind
+from llmwarm.model import endpoints, features
+from llmwarm.model.features import Feature
+from llmwarm.model.kinds import PLAIN, Kind
 
 _plain = [name for name in features.SPECS if name not in ("lora", "image")]
 feature_values = st.one_of(

@@ -16,11 +16,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from llmwarm import endpoints, learn
 from llmwarm.cli import app
-from llmwarm.coverage import Shape, Warmed
-from llmwarm.fit import EngineShape, for_engine
-from llmwarm.profile import load_profile, parse_profile
+from llmwarm.model import endpoints
+from llmwarm.model.fit import EngineShape, for_engine
+from llmwarm.model.profile import load_profile, parse_profile
+from llmwarm.traffic import learn
+from llmwarm.traffic.coverage import Shape, Warmed
 from tests.fakes import MINIMAL_PROFILE
 from tests.fakes import shape as _shape
 from tests.launch import serving

@@ -14,17 +14,15 @@ import httpx
 import psutil
 import pytest
 
+from benchmarks.launch import ENGINE_FLAGS, LLMWARM, free_port
 from llmwarm import lifeline
 from tests.launch import (
-    ENGINE_FLAGS,
-    LLMWARM,
     MINIMAL,
     STARTUP_TIMEOUT_S,
     Launch,
     engine_core,
     engine_env,
     engine_processes,
-    free_port,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,9 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from llmwarm import corpus, measure
-from llmwarm.corpus import WordTokenizer
-from llmwarm.profile import parse_profile
+from llmwarm.model import corpus
+from llmwarm.model.corpus import WordTokenizer
+from llmwarm.model.profile import parse_profile
+from llmwarm.warmup import measure
 from tests.conftest import on_loopback
 from tests.fakes import Clock, answer
 

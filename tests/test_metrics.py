@@ -7,11 +7,12 @@ from pathlib import Path
 import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 
-from llmwarm.gate import Gate
-from llmwarm.metrics import WarmupCollector, registered
-from llmwarm.report import JitEvents, WarmupFailure
-from llmwarm.startup import Earlier
-from llmwarm.state import RunState, WarmupProgress
+from llmwarm.model.report import JitEvents, WarmupFailure
+from llmwarm.serve.gate import Gate
+from llmwarm.serve.metrics import WarmupCollector, registered
+from llmwarm.serve.startup import Earlier
+from llmwarm.serve.state import RunState
+from llmwarm.warmup.progress import WarmupProgress
 from tests.fakes import INNER, report
 from tests.fakes import bucket as _bucket
 from tests.fakes import shape as _shape

@@ -21,7 +21,7 @@ import promql_parser
 import pytest
 import yaml
 
-from tests.launch import ROOT, free_port
+from benchmarks.launch import ROOT, free_port
 from tests.served import AUTH, Served
 
 DEPLOY = ROOT / "deploy"

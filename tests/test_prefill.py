@@ -11,12 +11,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from llmwarm import prefill
-from llmwarm.corpus import Corpus, WarmRequest, WordTokenizer
 from llmwarm.errors import ProfileError
-from llmwarm.fit import EngineShape, for_engine, prefill_counts
-from llmwarm.profile import Prefill, parse_profile
-from llmwarm.report import PrefillResult, Sample
+from llmwarm.model.corpus import Corpus, WarmRequest, WordTokenizer
+from llmwarm.model.fit import EngineShape, for_engine, prefill_counts
+from llmwarm.model.profile import Prefill, parse_profile
+from llmwarm.model.report import PrefillResult, Sample
+from llmwarm.warmup import prefill
 from tests.conftest import on_loopback
 from tests.fakes import LocalClient, answer
 

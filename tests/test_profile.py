@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from llmwarm.errors import Problem, ProfileError
-from llmwarm.profile import load_profile, parse_profile, shipped
+from llmwarm.model.profile import load_profile, parse_profile, shipped
 
 CONFIGS = Path(__file__).parent.parent / "llmwarm" / "configs"
 

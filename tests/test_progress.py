@@ -6,7 +6,7 @@ import logging
 import pytest
 from rich.console import Console
 
-from llmwarm.progress import Progress, ProgressView
+from llmwarm.warmup.progress import Progress, ProgressView
 from tests.fakes import bucket as _bucket
 
 

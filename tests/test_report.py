@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from llmwarm.display import plot, summary
-from llmwarm.report import KvFillResult, Report, RoundResult, write_json
+from llmwarm.model.report import KvFillResult, Report, RoundResult, write_json
+from llmwarm.serve.display import plot, summary
 from tests.fakes import bucket, sample
 from tests.fakes import report as make_report
 

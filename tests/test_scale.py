@@ -13,15 +13,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.launch import (
-    ENGINE_FLAGS,
-    LLMWARM,
-    STARTUP_TIMEOUT_S,
-    Launch,
-    engine_env,
-    engine_processes,
-    serving,
-)
+from benchmarks.launch import ENGINE_FLAGS, LLMWARM
+from tests.launch import STARTUP_TIMEOUT_S, Launch, engine_env, engine_processes, serving
 
 pytestmark = pytest.mark.e2e
 

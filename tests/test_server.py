@@ -28,14 +28,15 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from llmwarm import caches, engine, server
+from benchmarks.launch import free_port
+from llmwarm.backend import caches, engine
 from llmwarm.errors import EngineDied, Interrupted, StartupError, WarmupError, WriteError
-from llmwarm.server import Lifecycle
-from llmwarm.settings import Settings
-from llmwarm.state import Phase, Stage
-from llmwarm.warmup import unless_dead
+from llmwarm.serve import server
+from llmwarm.serve.server import Lifecycle
+from llmwarm.serve.settings import Settings
+from llmwarm.serve.state import Phase, Stage
+from llmwarm.warmup.run import unless_dead
 from tests.fakes import FakeEngine, fill
-from tests.launch import free_port
 from tests.running import Run
 
 # --- the engine-death guard -----------------------------------------------------------------

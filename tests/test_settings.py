@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from llmwarm.errors import ModelNotFound, UsageError
-from llmwarm.profile import shipped
-from llmwarm.settings import check_model, check_output_path, resolve
+from llmwarm.model.profile import shipped
+from llmwarm.serve.settings import check_model, check_output_path, resolve
 
 
 def test_default_profile_ships_with_the_package() -> None:
@@ -51,7 +51,7 @@ def test_a_learn_directory_that_cannot_be_made_turns_learning_off(
 ) -> None:
     # The defect: `mkdir` of the learn directory inside --cache-dir raised an OSError, a
     # traceback and exit 1 at every start of every replica.
-    from llmwarm import caches
+    from llmwarm.backend import caches
 
     monkeypatch.setattr(caches, "use", lambda directory: None)  # no environment to undo
     cache_dir = tmp_path / "cache"

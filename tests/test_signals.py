@@ -24,16 +24,14 @@ import httpx
 import psutil
 import pytest
 
-from llmwarm import engine
+from benchmarks.launch import ENGINE_FLAGS, LLMWARM, free_port
+from llmwarm.backend import engine
 from tests.launch import (
-    ENGINE_FLAGS,
-    LLMWARM,
     MINIMAL,
     STARTUP_TIMEOUT_S,
     Launch,
     engine_env,
     engine_processes,
-    free_port,
     wait_ready,
 )
 

@@ -1,4 +1,5 @@
-"""A request body read as its chunks go by, all but its long strings (`llmwarm.skeleton`)."""
+"""A request body read as its chunks go by, all but its long strings
+(`llmwarm.traffic.skeleton`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmwarm.skeleton import LONG, MAX_KEPT, Skeleton, text_length
+from llmwarm.traffic.skeleton import LONG, MAX_KEPT, Skeleton, text_length
 
 
 @dataclass(frozen=True)

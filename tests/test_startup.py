@@ -1,5 +1,5 @@
-"""The start's stage and its predicted time to ready (`llmwarm.startup`), and the loading
-engine's stages as its worker tells them (`llmwarm.loading`)."""
+"""The start's stage and its predicted time to ready (`llmwarm.serve.startup`), and the loading
+engine's stages as its worker tells them (`llmwarm.backend.loading`)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from llmwarm import loading, startup
-from llmwarm.caches import Manifest
-from llmwarm.state import RunState
+from llmwarm.backend import loading
+from llmwarm.backend.caches import Manifest
+from llmwarm.serve import startup
+from llmwarm.serve.state import RunState
 
 T0 = 1000.0  # the process's launch, on the state's clock
 EARLIER = startup.Earlier(engine_start_s=30.0, warmup_s=20.0, source="the last start's report")
@@ -135,7 +136,7 @@ def test_the_first_opening_of_the_gate_is_the_time_to_ready() -> None:
 def test_the_process_start_counts_from_the_launch(tmp_path: Path) -> None:
     # a process that slept before making its state: its start counts the sleep
     code = (
-        "import time; time.sleep(0.5); from llmwarm.state import RunState; "
+        "import time; time.sleep(0.5); from llmwarm.serve.state import RunState; "
         "print(time.perf_counter() - RunState(window=3).started)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

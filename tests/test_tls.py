@@ -19,7 +19,8 @@ import httpx
 import pytest
 import trustme
 
-from tests.launch import ENGINE_FLAGS, LLMWARM, MINIMAL, engine_env, free_port, wait_ready
+from benchmarks.launch import ENGINE_FLAGS, LLMWARM, free_port
+from tests.launch import MINIMAL, engine_env, wait_ready
 
 pytestmark = pytest.mark.e2e
 

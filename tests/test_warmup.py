@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from llmwarm import warmup
-from llmwarm.corpus import Corpus, WordTokenizer
 from llmwarm.errors import WarmupError
-from llmwarm.fit import EngineShape
-from llmwarm.profile import Profile, parse_profile
-from llmwarm.progress import Progress
-from llmwarm.report import BucketResult, Outcome
+from llmwarm.model.corpus import Corpus, WordTokenizer
+from llmwarm.model.fit import EngineShape
+from llmwarm.model.profile import Profile, parse_profile
+from llmwarm.model.report import BucketResult, Outcome
+from llmwarm.warmup import run as warmup
+from llmwarm.warmup.progress import Progress
 from tests.conftest import on_loopback
 from tests.fakes import LocalClient, Pace, ScriptedClient, bucket, paced_app, report
 

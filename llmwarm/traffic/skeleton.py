@@ -1,0 +1,130 @@
+"""A JSON request body read as its chunks go by, keeping all but its long strings.
+
+Coverage classifies each user request by a few fields of its body (`model`, `stream`,
+`max_tokens`, the sampling and structured-output fields, the parts of its messages), never by
+its text. A 5 MB image (a data URL) or a long prompt is one string, and parsing the whole body
+on the serving loop (`json.loads` of 5 MB: about 10 ms) stalls every stream the loop serves.
+`Skeleton` instead copies what it reads except the inside of any string longer than `LONG`
+bytes, which it leaves as a placeholder that `text_length` reads back, and parses only the few
+hundred bytes kept.
+
+Its work per chunk is a few passes in C over the chunk (`bytes.replace`, `split`, `map`), and a
+Python step per *long* string only (at most one per `LONG` bytes): a body of escaped quotes or of
+a hundred thousand short strings costs about what `json.loads` of it costs, never a Python step
+per escape or per string (tests/test_skeleton.py holds it to that; benchmarks/loop_lag.py
+measures the serving loop under such bodies). The placeholder carries a random mark of this
+process's, so no request can forge a length with a short string of its own.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import Any
+
+LONG = 512  # bytes of a string's (escaped) text: a longer one is skipped
+MAX_KEPT = 1 << 20  # bytes kept at most (a body of many short strings, a huge token-id list)
+# A skipped string reads back as NUL, this process's mark, a colon and its length: a request
+# cannot know the mark, so its own short strings never read as a length.
+_MARK = f"\x00{secrets.token_hex(8)}:"
+_QUOTE = ord('"')
+# A quote that `LONG` bytes and more follow before the next: where a long string may begin.
+_LONG_AFTER = re.compile(b'"(?=[^"]{%d})' % (LONG + 1))
+
+
+def text_length(text: str) -> int:
+    """A string's length, a skipped one's included (see `Skeleton`)."""
+    if text.startswith(_MARK) and text[len(_MARK) :].isdigit():
+        return int(text[len(_MARK) :])
+    return len(text)
+
+
+_MARK_JSON = json.dumps(_MARK)[1:-1].encode()  # the mark as the kept JSON holds it (escaped)
+
+
+class Skeleton:
+    """Feed a body's chunks in order (`feed`), then `parse()` the kept part."""
+
+    def __init__(self) -> None:
+        self._kept = bytearray()
+        self._in_string = False
+        self._escape = False  # the chunk before ended inside a string on an escaping backslash
+        self._string_at = 0  # where the string being read starts in `_kept` (after its quote)
+        self._string_len = 0  # its length so far, in bytes
+        self.overflow = False  # more than MAX_KEPT to keep: the body is not classified
+
+    def feed(self, chunk: bytes) -> None:
+        if self.overflow or not chunk:
+            return
+        if self._escape:  # this chunk's first byte is the escaped one
+            self._escape = False
+            self._string(chunk[:1])
+            chunk = chunk[1:]
+        # Escapes neutralised, left to right as JSON pairs them (`\\`, then `\"`): every quote
+        # left delimits a string, at the same offset as in `chunk`.
+        plain = chunk
+        if b"\\" in chunk:
+            plain = chunk.replace(b"\\\\", b"..").replace(b'\\"', b"..")
+        pos = 0
+        if self._in_string:  # the string the chunk before began ends here, or goes on
+            end = plain.find(b'"')
+            self._string(chunk[: len(chunk) if end < 0 else end], closes=end >= 0)
+            pos = len(chunk) if end < 0 else end + 1
+        if pos < len(chunk):
+            self._outside(chunk, plain, pos)
+        if self._in_string and plain.endswith(b"\\"):
+            self._escape = True
+        if len(self._kept) > MAX_KEPT:
+            self.overflow = True
+            self._kept = bytearray()
+
+    def _outside(self, chunk: bytes, plain: bytes, pos: int) -> None:
+        """The chunk from `pos`, where no string is open: the strings it holds, the long ones
+        left out (a Python step for each quote that `LONG` bytes follow, no more), and a last
+        one that goes on in the next chunk."""
+        opened = plain.count(b'"', pos) % 2 == 1
+        limit = plain.rfind(b'"') if opened else len(plain)
+        cursor = counted = pos
+        quotes = 0  # before `counted`, since `pos`
+        for match in _LONG_AFTER.finditer(plain, pos, limit):
+            at = match.start()
+            quotes += plain.count(b'"', counted, at)
+            counted = at
+            if quotes % 2:  # a closing quote: what follows is no string
+                continue
+            end = plain.find(b'"', at + 1)
+            self._kept += chunk[cursor : at + 1]
+            self._kept += b"%s%d" % (_MARK_JSON, end - at - 1)
+            cursor = end
+        if not opened:
+            self._kept += chunk[cursor:]
+            return
+        self._kept += chunk[cursor : limit + 1]  # with the quote that opens it
+        self._in_string, self._string_at, self._string_len = True, len(self._kept), 0
+        self._string(chunk[limit + 1 :])
+
+    def _string(self, text: bytes, closes: bool = False) -> None:
+        """More of the string being read; `closes`: its closing quote follows `text`."""
+        self._string_len += len(text)
+        if self._string_len <= LONG:
+            self._kept += text
+        elif len(self._kept) > self._string_at:  # it just became long: drop what was kept
+            del self._kept[self._string_at :]
+        if closes:
+            if self._string_len > LONG:
+                self._kept += b"%s%d" % (_MARK_JSON, self._string_len)
+            self._kept.append(_QUOTE)
+            self._in_string = False
+
+    def parse(self) -> Any:
+        """The body with its long strings as placeholders; None if it is not JSON (or was too
+        large to keep)."""
+        if self.overflow or self._in_string:
+            return None
+        try:
+            return json.loads(self._kept)
+        except ValueError:
+            return None
