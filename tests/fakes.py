@@ -70,10 +70,12 @@ class ScriptedClient:
     def __init__(self, script: Callable[[int], float]) -> None:
         self.script = script
         self.batches = 0
+        self.sent: list[list[WarmRequest]] = []  # each batch, in the order sent
 
     async def measure_all(self, requests: Sequence[WarmRequest]) -> list[Sample]:
         value = self.script(self.batches)
         self.batches += 1
+        self.sent.append(list(requests))
         return [
             Sample(
                 kind=r.kind, ttft_s=value if r.stream else None, tpot_s=value if r.stream else None,

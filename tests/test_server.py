@@ -187,6 +187,18 @@ async def test_an_engine_that_fails_to_start_is_a_startup_error(
         await run.task
 
 
+async def test_a_start_sends_each_logprob_width_and_reports_it(
+    running: Callable[..., Run],
+) -> None:
+    # the profile warms logprobs; vLLM's --max-logprobs is 20 (the fake's shape)
+    run = running(FakeEngine())
+    await run.until(Stage.SERVING)
+    report = (await run.client.get("/warmup/report")).json()
+    assert report["logprob_classes"] == [0, 1, 3, 7, 15, 20]
+    await run.sigterm()
+    await run.task
+
+
 async def test_sigterm_while_warming_interrupts(running: Callable[..., Run]) -> None:
     eng = FakeEngine()
     eng.holding()

@@ -448,6 +448,7 @@ def _shape(config: Any, args: Namespace) -> EngineShape:
         dp_ranks=ranks,
         dp_pinned=pinned,
         spec_tokens=int(getattr(config.speculative_config, "num_speculative_tokens", 0) or 0),
+        max_logprobs=int(config.model_config.max_logprobs),
     )
 
 

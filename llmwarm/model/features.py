@@ -491,3 +491,22 @@ def in_body(body: Mapping[str, Any]) -> set[str]:
 def in_log(logged: Logged) -> set[str]:
     """The features a vLLM request log line shows."""
     return {name for name, s in SPECS.items() if s.in_log(logged)}
+
+
+# The most `top_logprobs` warmed when vLLM sets no limit (--max-logprobs -1): OpenAI's own.
+UNLIMITED_LOGPROBS = 20
+
+
+def logprob_classes(max_logprobs: int) -> list[int]:
+    """One log-probability count per kernel vLLM's GPU sampler compiles for it: the v2 model
+    runner's top-k log-softmax kernel takes the next power of two of 1 + the step's largest
+    count as a compile-time width (`vllm/v1/worker/gpu/sample/logprob.py`,
+    `compute_token_logprobs`), so counts 0, 1, 2-3, 4-7, 8-15, 16-31, ... each compile on first
+    use, and vLLM's own warm-up reaches one of them. The largest count of each class up to
+    `max_logprobs` (-1: `UNLIMITED_LOGPROBS`)."""
+    limit = max_logprobs if max_logprobs >= 0 else UNLIMITED_LOGPROBS
+    counts, width = [], 1
+    while width // 2 <= limit:  # the class of `width`: counts from width // 2 to width - 1
+        counts.append(min(width - 1, limit))
+        width *= 2
+    return counts

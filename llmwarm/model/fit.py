@@ -48,6 +48,8 @@ class EngineShape:
     # speculative decoding: draft tokens a step, as vLLM's configuration resolved them (it
     # fills them itself for MTP and draft models, and suffix decoding); 0: none
     spec_tokens: int = 0
+    # the most log-probabilities a request may ask (vLLM's --max-logprobs; -1: no limit)
+    max_logprobs: int = 20
 
     def ranks(self) -> list[int | None]:
         """The ranks a warm-up goes through, one after another (None: the one engine)."""

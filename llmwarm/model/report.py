@@ -390,6 +390,12 @@ class Report(BaseModel):
     prefill: PrefillResult | None = Field(
         default=None, description="The prefill sweep, when the profile asks for one."
     )
+    logprob_classes: list[int] = Field(
+        default_factory=list,
+        description="`top_logprobs` counts sent one request at a time, one per kernel width "
+        "vLLM's GPU sampler compiles (the next power of two of 1 + the count); empty when the "
+        "profile warms no `logprobs`.",
+    )
     jit: JitEvents | None = Field(
         default=None,
         description="vLLM's JIT-monitor events by phase at the end of this warm-up (absent "
@@ -476,6 +482,7 @@ class Report(BaseModel):
         seconds: float,
         kv_fill: KvFillResult | None = None,
         prefill: PrefillResult | None = None,
+        logprob_classes: Iterable[int] = (),
         cache_salt: str | None = None,
         jit: JitEvents | None = None,
         learned: Learned | None = None,
@@ -497,6 +504,7 @@ class Report(BaseModel):
             budget_exhausted=outcome.budget_exhausted,
             kv_fill=kv_fill,
             prefill=prefill,
+            logprob_classes=sorted(logprob_classes),
             jit=jit,
             learned=learned,
             trigger=trigger,

@@ -44,6 +44,7 @@ from llmwarm.traffic import learn
 from llmwarm.warmup import prefill
 from llmwarm.warmup.client import Client
 from llmwarm.warmup.progress import Progress, ProgressView, WarmupProgress
+from llmwarm.warmup.sampler import send_logprob_classes
 
 if TYPE_CHECKING:
     from llmwarm.traffic.coverage import Coverage
@@ -311,6 +312,39 @@ async def unless_dead(eng: engine.EngineClient, work: Awaitable[_T]) -> _T:
     raise died_warming(eng)
 
 
+@dataclass
+class Before:
+    """What a warm-up sent before its buckets, every rank's."""
+
+    kv: KvFillResult | None = None
+    prefill: PrefillResult | None = None
+    logprob_classes: list[int] = field(default_factory=list)
+
+    def seconds(self) -> float:
+        return (self.kv.seconds if self.kv else 0) + (self.prefill.seconds if self.prefill else 0)
+
+    def log(self) -> None:
+        kv, swept = self.kv, self.prefill
+        if kv is not None:
+            logger.info(
+                "KV-cache fill: %d of %d blocks prefilled once (%d requests, %.1f s)",
+                kv.blocks_reached, kv.blocks, kv.requests, kv.seconds,
+            )  # fmt: skip
+        if swept is not None:
+            logger.info(
+                "prefill sweep: %d token counts from %d to %d, alone and %d at once "
+                "(%d requests, %.1f s)%s", len(swept.token_counts), swept.token_counts[0],
+                swept.token_counts[-1], swept.batched, swept.requests, swept.seconds,
+                f"; {len(swept.cut)} longer counts cut (up to {swept.cut[-1]}), past its share "
+                "of the engine's start time" if swept.cut else "",
+            )  # fmt: skip
+        if self.logprob_classes:
+            logger.info(
+                "log-probability widths: top_logprobs %s, one request at a time",
+                ", ".join(map(str, self.logprob_classes)),
+            )
+
+
 class Record(Protocol):
     """Where a warm-up reports as it goes, and reads the live traffic's shapes: the server's
     run state (`llmwarm.serve.state.RunState`), their one writer."""
@@ -364,7 +398,7 @@ class WarmupRun:
             f"llmwarm-{secrets.token_hex(8)}",
         )
         try:
-            outcome, kv, swept = await unless_dead(self.engine, self._warm(requests, shape))
+            outcome, before = await unless_dead(self.engine, self._warm(requests, shape))
         except WarmupError as exc:
             report = Report.failed(
                 self.origin, profile=profile, source=source, trigger=trigger,
@@ -375,15 +409,14 @@ class WarmupRun:
             jit = await self.engine.jit_events()
             report = Report.build(
                 self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
-                seconds=live.seconds or 0.0, kv_fill=kv, prefill=swept, cache_salt=requests.salt,
+                seconds=live.seconds or 0.0, kv_fill=before.kv, prefill=before.prefill,
+                logprob_classes=before.logprob_classes, cache_salt=requests.salt,
                 jit=jit, learned=learned, endpoints=shape.endpoints,
             )  # fmt: skip
         self.state.warmup_ended(report)
         return report
 
-    async def _warm(
-        self, requests: Corpus, shape: EngineShape
-    ) -> tuple[Outcome, KvFillResult | None, PrefillResult | None]:
+    async def _warm(self, requests: Corpus, shape: EngineShape) -> tuple[Outcome, Before]:
         profile = requests.profile
         live = self.state.warmup
         ranks = shape.ranks()
@@ -402,43 +435,40 @@ class WarmupRun:
             }  # fmt: skip
             view.update(p)
 
-        def on_fill(blocks: int, target: int) -> None:
-            live.where = {"kv_fill": {"blocks": blocks, "target": target}}
-
-        kv = swept = None
-        start_s = self.origin.engine_start_s  # the prefill sweep's time is a share of it
-        for rank in ranks:  # each rank's KV cache is its own, and its kernels
-            pinned = replace(requests, rank=rank if shape.dp_pinned else None)
-            kv = KvFillResult.add(kv, await fill_kv(self.client, pinned, shape, on_batch=on_fill))
-            if requests.profile.prefill is not None:
-                live.where = {"prefill": {"rank": rank}}
-            swept = PrefillResult.add(
-                swept, await prefill.sweep(self.client, pinned, shape, start_s)
-            )
-        if kv is not None:
-            logger.info(
-                "KV-cache fill: %d of %d blocks prefilled once (%d requests, %.1f s)",
-                kv.blocks_reached, kv.blocks, kv.requests, kv.seconds,
-            )  # fmt: skip
-        if swept is not None:
-            logger.info(
-                "prefill sweep: %d token counts from %d to %d, alone and %d at once "
-                "(%d requests, %.1f s)%s", len(swept.token_counts), swept.token_counts[0],
-                swept.token_counts[-1], swept.batched, swept.requests, swept.seconds,
-                f"; {len(swept.cut)} longer counts cut (up to {swept.cut[-1]}), past its share "
-                "of the engine's start time" if swept.cut else "",
-            )  # fmt: skip
+        before = await self._before_buckets(requests, shape, live)
         with view:
-            # the share bounds the whole warm-up: the KV-cache fill's time counts too
+            # the share bounds the whole warm-up: what ran before the buckets counts too
             share = profile.budget.optional_share
             optional_seconds = None
             if share is not None:
-                before = (kv.seconds if kv else 0) + (swept.seconds if swept else 0)
-                optional_seconds = share * self.origin.engine_start_s - before
+                optional_seconds = share * self.origin.engine_start_s - before.seconds()
             outcome = await rounds(
                 self.client, requests, on_round=on_round,
                 running=self.engine.take_running_peak,
                 optional_seconds=optional_seconds, ranks=ranks, pinned=shape.dp_pinned,
             )  # fmt: skip
         live.seconds = live.elapsed()
-        return outcome, kv, swept
+        return outcome, before
+
+    async def _before_buckets(
+        self, requests: Corpus, shape: EngineShape, live: WarmupProgress
+    ) -> Before:
+        """Rank by rank (each rank's KV cache and kernels are its own): the KV-cache fill, the
+        prefill sweep, the sampler's log-probability widths."""
+
+        def on_fill(blocks: int, target: int) -> None:
+            live.where = {"kv_fill": {"blocks": blocks, "target": target}}
+
+        done = Before()
+        start_s = self.origin.engine_start_s  # the prefill sweep's time is a share of it
+        for rank in shape.ranks():
+            pinned = replace(requests, rank=rank if shape.dp_pinned else None)
+            kv = await fill_kv(self.client, pinned, shape, on_batch=on_fill)
+            done.kv = KvFillResult.add(done.kv, kv)
+            if requests.profile.prefill is not None:
+                live.where = {"prefill": {"rank": rank}}
+            swept = await prefill.sweep(self.client, pinned, shape, start_s)
+            done.prefill = PrefillResult.add(done.prefill, swept)
+            done.logprob_classes = await send_logprob_classes(self.client, pinned, shape)
+        done.log()
+        return done
