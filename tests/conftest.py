@@ -73,28 +73,41 @@ _E2E_SECONDS: dict[str, float] = {}
 # tests that share them, so reported on its own and not charged to the test that ran first.
 _SHARED_SECONDS: dict[str, float] = {}
 _SHARED_SETUPS: dict[str, int] = {}
-_SETTING_UP: list[pytest.Item] = []  # the test whose set-up is running (on this worker)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None]:
-    _SETTING_UP.append(item)
-    try:
-        yield
-    finally:
-        _SETTING_UP.pop()
+class _SharedSetup:
+    """Times the shared fixtures' set-up into each test's reports. A plugin of its own, not
+    conftest hooks: pytest calls `pytest_fixture_setup` for a session fixture through the
+    session's hooks, which see no conftest below the root (tests/ is one)."""
+
+    def __init__(self) -> None:
+        self.setting_up: list[pytest.Item] = []  # the test whose set-up runs (this worker)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None]:
+        self.setting_up.append(item)
+        try:
+            yield
+        finally:
+            self.setting_up.pop()
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(
+        self, fixturedef: pytest.FixtureDef[object]
+    ) -> Generator[None, object, object]:
+        item = self.setting_up[-1] if self.setting_up else None
+        if fixturedef.scope == "function" or item is None or not item.get_closest_marker("e2e"):
+            return (yield)
+        start = time.monotonic()
+        try:
+            return (yield)
+        finally:  # in the test's reports: they reach pytest-xdist's controller
+            took = time.monotonic() - start
+            item.user_properties.append(("shared", (fixturedef.argname, took)))
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef[object]) -> Generator[None, object, object]:
-    item = _SETTING_UP[-1] if _SETTING_UP else None
-    if fixturedef.scope == "function" or item is None or not item.get_closest_marker("e2e"):
-        return (yield)
-    start = time.monotonic()
-    try:
-        return (yield)
-    finally:  # in the test's reports: they reach pytest-xdist's controller
-        item.user_properties.append(("shared", (fixturedef.argname, time.monotonic() - start)))
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_SharedSetup(), "llmwarm-shared-setup")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
