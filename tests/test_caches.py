@@ -355,30 +355,33 @@ def test_copies_left_by_a_killed_process_are_removed_at_the_next_start(tmp_path:
     shared = tmp_path / "shared"
     _bake_by_hand(shared, _manifest())
     code = (
-        "import sys, time; from pathlib import Path; from llmwarm import caches; "
+        "import sys, time; from pathlib import Path; from llmwarm.backend import caches; "
         "c = caches.Cache.open(Path(sys.argv[1])); c.adopt({}); print(c.live, flush=True); "
         "time.sleep(3600)"
     )
-    lives = []
-    for _ in range(2):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(shared)], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout is not None
-        with proc.stdout:
-            lives.append((proc, Path(proc.stdout.readline().strip())))
-    (killed, orphan), (alive, living) = lives
-    killed.kill()
-    killed.wait()
-    os.utime(orphan, (time.time() - 120, time.time() - 120))  # not one made a moment ago
-    os.utime(living, (time.time() - 120, time.time() - 120))
-    assert (orphan / "vllm" / "graph.py").is_file()
-    try:
+    command = [sys.executable, "-c", code, str(shared)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    lives: list[Path] = []
+    try:  # (each waited for, whatever fails: none left for a later test's garbage collection)
+        for proc in procs:
+            assert proc.stdout is not None
+            with proc.stdout:
+                line = proc.stdout.readline().strip()
+            assert line, f"the cache's process failed: exit {proc.wait()}"
+            lives.append(Path(line))
+        orphan, living = lives
+        procs[0].kill()
+        procs[0].wait()
+        os.utime(orphan, (time.time() - 120, time.time() - 120))  # not one made a moment ago
+        os.utime(living, (time.time() - 120, time.time() - 120))
+        assert (orphan / "vllm" / "graph.py").is_file()
         cache = caches.Cache.open(shared)
         cache.close()
         assert not orphan.exists()  # its process is gone
         assert (living / "vllm" / "graph.py").is_file()  # its process lives
     finally:
-        alive.kill()
-        alive.wait()
-        shutil.rmtree(living, ignore_errors=True)
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        if len(lives) == 2:
+            shutil.rmtree(lives[1], ignore_errors=True)

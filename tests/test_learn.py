@@ -100,8 +100,9 @@ def test_a_fleets_learn_directory_is_read_whole_and_written_a_file_per_process(
     own = learn.own_file(tmp_path)
     assert own.parent == tmp_path and own.name.startswith("llmwarm-7d9f-abc12-")
     other = subprocess.run(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from llmwarm import learn;"
-         " print(learn.own_file(Path(sys.argv[1])).name)", str(tmp_path)],
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from llmwarm.traffic import learn; print(learn.own_file(Path(sys.argv[1])).name)",
+         str(tmp_path)],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     assert other.endswith(".json") and other != own.name

@@ -219,7 +219,7 @@ async def test_the_worker_tells_its_stages_across_processes() -> None:
     # as vLLM's spawned worker: another process, with the environment, and vLLM's loggers
     worker = (
         "import logging; logging.getLogger('vllm').setLevel(logging.INFO)\n"
-        "from llmwarm import loading; loading.in_worker(); loading.in_worker()\n"
+        "from llmwarm.backend import loading; loading.in_worker(); loading.in_worker()\n"
         "log = logging.getLogger('vllm.v1.worker.gpu_model_runner')\n"
         "log.info('Starting to load model %s...', 'm')\n"
         "log.info('unrelated')\n"

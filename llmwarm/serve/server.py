@@ -29,8 +29,7 @@ import os
 import signal
 import time
 from argparse import Namespace
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
@@ -52,18 +51,18 @@ from llmwarm.errors import (
 )
 from llmwarm.model.fit import for_adapter
 from llmwarm.model.profile import Profile
-from llmwarm.model.report import AdapterWarmup, Origin, Report, WarmupFailure, write_json
-from llmwarm.serve import metrics, startup
+from llmwarm.model.report import AdapterWarmup, Origin, Report, WarmupFailure
+from llmwarm.serve import metrics, outputs, startup
 from llmwarm.serve.access import Admin
 from llmwarm.serve.control import Control
-from llmwarm.serve.display import plot, summary
+from llmwarm.serve.display import summary
 from llmwarm.serve.gate import Gate
 from llmwarm.serve.metrics import WarmupCollector
 from llmwarm.serve.rewarm import Rewarms
 from llmwarm.serve.settings import Settings
 from llmwarm.serve.state import RunState, Stage
 from llmwarm.traffic import learn
-from llmwarm.traffic.coverage import MAX_SHAPES, Coverage, Warmed
+from llmwarm.traffic.coverage import Warmed
 from llmwarm.warmup.client import ClientProcess
 from llmwarm.warmup.run import WarmupRun, died_warming
 
@@ -172,33 +171,6 @@ async def _watch_jit(eng: engine.EngineClient, state: RunState, every: float = 1
             state.jit = await eng.jit_events()
 
 
-async def _keep_learning(
-    write: Callable[[], Awaitable[None]], every: float = learn.WRITE_EVERY_S
-) -> None:
-    """While serving, write the learn file from time to time (when traffic changed it)."""
-    while True:
-        await asyncio.sleep(every)
-        await write()
-
-
-def _write(report: Report, settings: Settings, state: RunState) -> None:
-    """Write the report (and plot), each atomically. A file that cannot be written (full
-    disk) fails `warm` and `bake`, whose product it is; a server logs it, counts it and serves
-    on (the previous file is intact, and `/warmup/report` has the report)."""
-    try:
-        if settings.report_path is not None:
-            write_json(report, settings.report_path)
-            logger.info("warm-up report written to %s", settings.report_path)
-        if settings.plot_path is not None and report.buckets:
-            plot(report, settings.plot_path)
-            logger.info("warm-up plot written to %s", settings.plot_path)
-    except WriteError as exc:
-        if not settings.serve:
-            raise
-        state.write_failures["report"] += 1
-        logger.error("%s; serving on", "\n".join(render(exc.message, exc.problems)))
-
-
 def _show_and_judge(report: Report, settings: Settings) -> None:
     """Show the tables of the start-up warm-up and apply the unconverged policy."""
     Console(stderr=True).print(summary(report, settings.report_path))
@@ -239,7 +211,7 @@ class Lifecycle:
         self._start = start
         self._warmups: WarmupRun | None = None  # once the engine runs
         self.state.coverage.served = frozenset(vllm_args.served_names(args))
-        self._learn_writable = _read_learned(settings, self.state.coverage)
+        self._learn_writable = outputs.read_learned(settings, self.state.coverage)
         # this process's file in a learn directory, in use while it lives (`learn.claim`): a
         # server's (`warm` and `bake` serve nobody, and write none)
         self._learn_claim = (
@@ -281,7 +253,7 @@ class Lifecycle:
             self.state.engine_start_s = eng.start_s
             logger.info("engine started in %.1f s; warming up", eng.start_s)
             if settings.cache is not None and settings.mode != "bake":
-                settings.cache.check(_manifest(settings, eng))
+                settings.cache.check(outputs.manifest(settings, eng))
             try:
                 app = await eng.build_app(self.http.vllm_stop)
                 self.state.warming(app)
@@ -312,7 +284,7 @@ class Lifecycle:
         bake = self.settings.mode == "bake"
         try:
             report = self.state.report
-            made = _manifest(self.settings, eng, report.warmup_s if report else None)
+            made = outputs.manifest(self.settings, eng, report.warmup_s if report else None)
             await asyncio.to_thread(cache.publish, made, force=bake)
         except OSError as exc:
             self.state.write_failures["caches"] += 1
@@ -358,9 +330,9 @@ class Lifecycle:
             self.state.serving()
             logger.info("warm: serving on %s", self.http.listen_url)
             watches = [asyncio.create_task(_watch_jit(eng, self.state))]
-            learned = functools.partial(_write_learned, self.state, self.settings)
+            learned = functools.partial(outputs.write_learned, self.state, self.settings)
             if self._learn_writable:
-                watches.append(asyncio.create_task(_keep_learning(learned)))
+                watches.append(asyncio.create_task(outputs.keep_learning(learned)))
             try:
                 await _serve_until_stopped(self.stop, self.http, eng)
             finally:
@@ -390,7 +362,7 @@ class Lifecycle:
                 ", ".join(learned.buckets) or "none", ", ".join(learned.kinds) or "none",
             )  # fmt: skip
         # a plot, a slow disk: off the loop
-        await asyncio.to_thread(_write, report, self.settings, self.state)
+        await asyncio.to_thread(outputs.write_report, report, self.settings, self.state)
 
     async def _rewarm_once(self, profile: Profile, source: str) -> Report:
         assert self._warmups is not None  # serving: the engine runs
@@ -420,7 +392,7 @@ class Lifecycle:
             return
         adapters = [a for a in last.adapters if a.name != name] + [entry]
         self.state.report = last.model_copy(update={"adapters": adapters})
-        await asyncio.to_thread(_write, self.state.report, self.settings, self.state)
+        await asyncio.to_thread(outputs.write_report, self.state.report, self.settings, self.state)
 
     async def _jit_phase(self, phase: str) -> None:
         assert self._warmups is not None
@@ -449,58 +421,6 @@ def _origin(settings: Settings, started_at: datetime, eng: engine.EngineClient) 
         on_unconverged=settings.on_unconverged,
         capture_sizes=settings.capture,
     )
-
-
-def _manifest(
-    settings: Settings, eng: engine.EngineClient, warmup_s: float | None = None
-) -> caches.Manifest:
-    """The running engine's manifest: what a bake of it records."""
-    return caches.Manifest.model_validate(
-        {
-            **eng.toolchain,
-            "llmwarm_version": __version__,
-            "vllm_version": eng.vllm_version,
-            "model": settings.model,
-            "config_hash": eng.config_hash(),
-            "engine_start_s": eng.start_s,
-            "warmup_s": warmup_s,
-            "capture_sizes": settings.capture,
-        }
-    )
-
-
-async def _write_learned(state: RunState, settings: Settings) -> None:
-    """The learn file, when traffic changed it (in a thread: a slow disk, an fsync); a failed
-    write is logged and counted (serving goes on, the next write tries again)."""
-    path, coverage = settings.learn_path, state.coverage
-    if path is None or not coverage.changed:
-        return
-    coverage.changed = False
-    shapes = coverage.own_shapes()
-    try:
-        await asyncio.to_thread(learn.write, learn.own_file(path), shapes, settings.model)
-    except WriteError as exc:
-        coverage.changed = True
-        state.write_failures["learn"] += 1
-        logger.error("%s", "\n".join(render(exc.message, exc.problems)))
-        return
-    logger.info("learn file written: %s", path)
-
-
-def _read_learned(settings: Settings, coverage: Coverage) -> bool:
-    """The learn files' counts into the coverage; whether this replica's own may be written."""
-    if settings.learn_path is None:
-        return False
-    read = learn.read(settings.learn_path)
-    # a fleet's files may hold more shapes than a process keeps: the most requested
-    coverage.history = Counter(dict(read.counts.most_common(MAX_SHAPES)))
-    coverage.own = read.own
-    if read.counts:
-        logger.info(
-            "learn files %s (%d): %d requests in %d shapes", settings.learn_path, read.files,
-            sum(read.counts.values()), len(read.counts),
-        )  # fmt: skip
-    return read.writable
 
 
 def run_sync(settings: Settings) -> Report:
