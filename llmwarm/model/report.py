@@ -392,9 +392,9 @@ class Report(BaseModel):
     )
     logprob_classes: list[int] = Field(
         default_factory=list,
-        description="`top_logprobs` counts sent one request at a time, one per kernel width "
-        "vLLM's GPU sampler compiles (the next power of two of 1 + the count); empty when the "
-        "profile warms no `logprobs`.",
+        description="`top_logprobs` counts sent one request at a time (to each data-parallel "
+        "rank), one per kernel width vLLM's GPU sampler compiles (the next power of two of 1 + "
+        "the count); empty when the profile warms no `logprobs`.",
     )
     jit: JitEvents | None = Field(
         default=None,
