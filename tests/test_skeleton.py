@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,3 +151,52 @@ def test_a_short_string_cannot_forge_a_length() -> None:
     skeleton = Skeleton()
     skeleton.feed(json.dumps({"prompt": "\x00" + "9" * 500}).encode())
     assert text_length(skeleton.parse()["prompt"]) == 501
+
+
+def _llmwarm_lines(work: Callable[[], object]) -> int:
+    """Python lines of llmwarm's own code that `work` runs (its cost, counted as steps)."""
+    package = str(Path(Skeleton.feed.__code__.co_filename).parents[1])
+    count = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        if not frame.f_code.co_filename.startswith(package):
+            return None
+        if event == "line":
+            count += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        work()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize("body", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_classifying_a_hostile_body_costs_steps_a_field_not_a_string(body: Any) -> None:
+    # The defect: the coverage read a prompt's length a Python step per string of a batch
+    # (a prompt of 100,000 short strings: 12 ms on the serving loop, for each request). Now its
+    # strings are counted in C passes (`texts_length`), and a step or two per long string
+    # (one per LONG bytes at most) reads its length back.
+    from llmwarm.traffic import coverage
+
+    skeleton = Skeleton()
+    skeleton.feed(json.dumps({"model": "m", "max_tokens": 4, **body}).encode())
+    data = skeleton.parse()
+    served = frozenset({"completions"})
+    lines = _llmwarm_lines(lambda: coverage.classify("completions", data, b"", 1, served))
+    skipped = sum(1 for v in body.values() for s in (v if isinstance(v, list) else [v])
+                  if len(json.dumps(s)) - 2 > LONG)  # fmt: skip
+    assert lines <= 300 + 3 * skipped, lines
+
+
+def test_a_batchs_length_counts_each_string_and_reads_skipped_ones_back() -> None:
+    from llmwarm.traffic.skeleton import texts_length
+
+    skeleton = Skeleton()
+    skeleton.feed(json.dumps({"p": ["x" * (LONG + 1), "ab", "7", "y" * (LONG + 88)]}).encode())
+    batch = skeleton.parse()["p"]
+    assert texts_length(batch) == ((LONG + 1) + 2 + 1 + (LONG + 88), 4)
+    assert texts_length([1, 2, 3]) == (0, 0) and texts_length([]) == (0, 0)

@@ -23,7 +23,7 @@ from typing import Any
 
 from llmwarm.errors import ProfileError
 from llmwarm.model import endpoints, features
-from llmwarm.traffic.skeleton import text_length
+from llmwarm.traffic.skeleton import texts_length
 
 CHARS_PER_TOKEN = 4
 DEFAULT_PROMPT_TOKENS = 128  # when a log line tells no prompt length
@@ -57,11 +57,17 @@ def _text_chars(body: dict[str, Any]) -> int:
             parts += [p.get("text") for p in content if isinstance(p, dict)]
         else:
             parts.append(content)
+    batches = []  # a batch's strings are counted in C (`texts_length`), however many
     for key in ("prompt", "input", "query", "queries", "documents", "text_1", "text_2"):
         value = body.get(key)
-        parts += value if isinstance(value, list) else [value]
-    texts = [text_length(p) for p in parts if isinstance(p, str)]
-    return sum(texts) + max(0, len(texts) - 1)
+        if isinstance(value, list):
+            batches.append(value)
+        else:
+            parts.append(value)
+    texts = [[p for p in parts if isinstance(p, str)], *batches]
+    counted = [texts_length(t) for t in texts]
+    chars, strings = sum(c for c, _ in counted), sum(n for _, n in counted)
+    return chars + max(0, strings - 1)
 
 
 # The fields read as numbers or flags, typed so in vLLM's request models: pydantic (lax mode)
