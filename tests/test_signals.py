@@ -113,7 +113,14 @@ def _until_in_log(run: Launched, marker: str) -> None:
 
 
 def _named(run: Launched, name: str) -> bool:
-    return any(name in " ".join(p.cmdline()) for p in engine_processes(run.launch))
+    for process in engine_processes(run.launch):
+        try:  # (a short-lived child, a compiler say, may be gone by now)
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if name in command:
+            return True
+    return False
 
 
 # The stages of loading, by what shows them: vLLM's EngineCore process has named itself; its
