@@ -11,6 +11,7 @@ is PyTorch's and compiles nothing per width: there these are a few short request
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from llmwarm.model.corpus import SWEEP_MAX_TOKENS, SWEEP_PROMPT_TOKENS, Corpus, kinds
 from llmwarm.model.features import logprob_classes
@@ -44,8 +45,7 @@ async def send_logprob_classes(client: Client, requests: Corpus, shape: EngineSh
     sent = []
     for count in logprob_classes(shape.max_logprobs):
         features = requests.profile.features.model_copy(update={"logprobs": count})
-        one = Corpus(requests.profile.model_copy(update={"features": features}),
-                     requests.tokenizer, requests.model, requests.salt, requests.rank)  # fmt: skip
+        one = replace(requests, profile=requests.profile.model_copy(update={"features": features}))
         batch = await asyncio.to_thread(one.batch, bucket, kind, 1, count)
         await client.measure_all(batch.requests)
         sent.append(count)
