@@ -340,19 +340,23 @@ def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
     assert budget == 1024
     # vLLM keeps every size: its graphs are exactly these, and no more than its default count
     assert kept == ours == given.sizes and len(ours) <= capture.MAX_SIZES
-    # tokens, not requests: decode steps 1 and 96, prefills 16, 1024 (96 x 16 = 1536, capped
-    # at max_num_batched_tokens), 300 and 900, each exactly: no padding
-    assert {1, 96, 16, 300, 900, 1024} <= set(ours) and max(ours) == 1024
-    assert given.padding == 0
-    # vLLM's default (no sizes given) stops at 2 x max_num_seqs = 256 tokens: the 300- and
-    # 900-token prefills and the 1024-token one would run without a graph; llmwarm's model of
-    # that default is vLLM's own
+    # tokens, not requests: decode steps 1 and 96, a prefill of 16, each exactly: no padding;
+    # the prefills of 300, 900 and 1024 tokens (96 x 16 = 1536, capped at
+    # max_num_batched_tokens) are past vLLM's default's reach (2 x max_num_seqs = 256 tokens):
+    # compute-bound, they run without a graph, unpadded, as with vLLM's default
+    assert {1, 96, 16} <= set(ours) and max(ours) == given.ceiling == 256
+    assert given.warmed_padding == 0 and given.uncaptured == [300, 900, 1024]
+    # llmwarm's model of vLLM's default is vLLM's own
     default, _ = _gpu_capture_sizes(resolve(
         [str(tiny_model), *flags], profile_path=profile, report_path=None, plot_path=None,
         on_unconverged="serve", mode="serve", prog="llmwarm serve",
     ).vllm_args)  # fmt: skip
     assert max(default) == 256 and default == capture.vllm_default(128, 1024)
-    assert given.default_count == len(default)
+    assert given.default_count == len(default) and given.default_largest == 256
+    # FULL_DECODE_ONLY: no graph above the widest decode step (96 requests), and the prefills
+    # are no steps of a graph (none left out: no mixed step has one)
+    ours, kept, _, decode = sizes("-cc.cudagraph_mode=FULL_DECODE_ONLY")
+    assert max(ours) == decode.ceiling == 96 and decode.uncaptured == [] and kept == ours
     # with 3 speculative tokens a decode step of 96 requests is 96 x 4 = 384 tokens, and every
     # size is a multiple of 4 (vLLM dispatches a uniform decode batch only to such a size)
     ours, kept, _, capture = sizes("--speculative-config", spec)

@@ -25,3 +25,11 @@ def test_no_page_names_a_path_of_the_machine_it_was_written_on() -> None:
         assert str(ROOT) not in text, page
         found = _MACHINE_PATH.search(text)
         assert found is None, f"{page.name}: {found and found.group(0)}"
+
+
+def test_the_gpu_pages_h100_capture_plan_is_the_plan_the_code_makes_now() -> None:
+    from benchmarks.capture_plan import render
+
+    page = (ROOT / "docs" / "gpu.md").read_text()
+    shown = page.split("<!-- h100-plan:start -->\n", 1)[1].split("\n<!-- h100-plan:end -->")[0]
+    assert shown == render(), "run `python -m benchmarks.capture_plan`"

@@ -2,19 +2,33 @@
 
 vLLM's capture sizes count *tokens* in a step, for decode graphs and for mixed-prefill
 (piecewise) graphs alike; a step runs on the smallest captured size at least as large (padded)
-or, past the largest, without a graph. vLLM's default grid stops at min(2 x `max_num_seqs` x
-(1 + speculative tokens), 512) tokens, so a profile's long prefills and wide batches run eager.
+or, past the largest, without a graph (unpadded: torch.compile's graph for any size, compiled
+at start). vLLM's default grid stops at min(2 x `max_num_seqs` x (1 + speculative tokens), 512)
+tokens.
 
-Every size is a graph captured at each start (minutes and GiBs of graph memory on a large
-model: the cost llmwarm exists to remove), so `plan` gives at most `MAX_SIZES`, vLLM's own
-default count at its 512-token ceiling:
+Graphs cost at every start: capture time per graph, and graph-pool memory, taken from the KV
+cache, that grows with the largest captured step (vLLM measures it at start,
+`vllm/v1/worker/gpu/cudagraph_utils.py` `profile_cudagraph_memory`: the largest graphs set the
+pool, each further graph adds little). A graph pays where a step's kernel launches weigh: decode
+steps and small mixed ones; a long prefill is compute-bound, and padding it up to a graph costs
+more than the launches it saves. So `plan` stays under a *ceiling*: vLLM's own largest default
+size, raised to the widest decode step the profile (and the learn file) runs (at most
+`max_num_seqs` x (1 + speculative tokens), and at most `DECODE_REACH`: the pool grows at most
+2x over vLLM's default's); warmed steps above it run without a graph, unpadded, as in vLLM's
+default. With `FULL_DECODE_ONLY` graphs (no graph for a mixed step) only decode
+steps count, and no size is planned above the widest decode step. Under the ceiling, at most
+`MAX_SIZES` sizes (vLLM's own default count at its 512-token ceiling):
 
-  1. the largest step the profile (and the learn file) warms, so none of them runs eager;
+  1. the ceiling itself, so no step below it runs without a graph;
   2. the steps themselves, as many as fit: where there are more, the one whose steps would pay
      the least extra padding at the next size up goes first, by how often each step occurs
      (a bucket's steps once, the learn file's by their share of its requests);
   3. in the room left, vLLM's own grid points where they save the most padding between the
      sizes already chosen, for the steps between two classes.
+
+The plan reports what it traded: its padding for a step of any size up to the ceiling beside
+vLLM's default's, the warmed steps' own, the largest size beside vLLM's (the graph pool), and the
+warmed steps left without a graph.
 
 With speculative decoding every size is a multiple of the decode query length
 (1 + speculative tokens): vLLM 0.32 dispatches a uniform decode batch only to such a size.
@@ -27,12 +41,16 @@ import bisect
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from llmwarm.model.profile import Bucket
 from llmwarm.model.report import CaptureSizes
 
 MAX_SIZES = 51  # vLLM's default grid at its default 512-token ceiling: 1, 2, 4, 8..248, 256..512
 _DEFAULT_CEILING = 512  # tokens; 1024 on data-centre Blackwell
+# The widest decode step given a graph: vLLM's own largest default ceiling on any GPU (1024
+# tokens, data-centre Blackwell). A wider step is compute-bound, its launches a small share.
+DECODE_REACH = 1024
 
 
 def _grid(top: int) -> list[int]:
@@ -64,23 +82,38 @@ def _up(n: int, query: int) -> int:
     return -(-n // query) * query
 
 
+@dataclass
+class Steps:
+    """The steps, in tokens, a profile (and a learn file) runs, by how often each occurs."""
+
+    weights: dict[int, float] = field(default_factory=dict)
+    widest_decode: int = 1  # the largest decode step among them (tokens)
+
+
 def steps(
     buckets: Iterable[Bucket],
     max_num_batched_tokens: int,
     spec_tokens: int = 0,
     learned: Mapping[tuple[int, int], int] | None = None,
-) -> dict[int, float]:
+    *,
+    max_num_seqs: int | None = None,
+    decode_only: bool = False,
+) -> Steps:
     """The steps, in tokens, that the buckets (and the learn file's (prompt, concurrency)
     classes, by request count) run, with how often each occurs: a decode step of
-    `concurrency` x (1 + speculative tokens), one prompt's prefill and the whole batch's, each
-    at most `max_num_batched_tokens` (a step never holds more)."""
+    `concurrency` (at most `max_num_seqs`) x (1 + speculative tokens), and, unless only decode
+    steps take graphs (`decode_only`), one prompt's prefill and the whole batch's; each at most
+    `max_num_batched_tokens` (a step never holds more)."""
     query = 1 + spec_tokens
-    weights: dict[int, float] = {}
+    found = Steps()
 
     def add(prompt: int, concurrency: int, weight: float) -> None:
-        for n in (concurrency * query, prompt, concurrency * prompt):
+        running = min(concurrency, max_num_seqs or concurrency)  # the scheduler's limit
+        decode = min(running * query, max_num_batched_tokens)
+        found.widest_decode = max(found.widest_decode, decode)
+        for n in (decode,) if decode_only else (decode, prompt, running * prompt):
             step = min(_up(n, query), max_num_batched_tokens)
-            weights[step] = weights.get(step, 0.0) + weight
+            found.weights[step] = found.weights.get(step, 0.0) + weight
 
     rows = list(buckets)
     for bucket in rows:
@@ -88,17 +121,37 @@ def steps(
     total = sum((learned or {}).values())
     for (prompt, concurrency), requests in (learned or {}).items():
         add(prompt, concurrency, max(1, len(rows)) * requests / total)  # as much as the profile
-    return weights
+    return found
 
 
-def _padding(chosen: Sequence[int], weights: Mapping[int, float]) -> float:
-    """The steps' mean padding, relative, weighted by how often each occurs."""
+def ceiling(
+    found: Steps, default: Sequence[int], decode_only: bool = False, spec_tokens: int = 0
+) -> int:
+    """The largest size worth a graph (see the module docstring): the widest decode step, up
+    to `DECODE_REACH` (or vLLM's own default's largest, if larger); without decode-only graphs,
+    at least vLLM's default's largest. A multiple of the decode query length."""
+    query = 1 + spec_tokens
+    vllms = default[-1] if default else 0
+    decode = min(found.widest_decode, max(vllms, DECODE_REACH))
+    top = decode if decode_only else max(vllms, decode)
+    return max(query, top // query * query)
+
+
+def mean_padding(chosen: Sequence[int], weights: Mapping[int, float]) -> float:
+    """The steps' mean padding, relative, weighted by how often each occurs (a step above the
+    largest size runs without a graph: no padding)."""
     total = sum(weights.values())
     paid = 0.0
     for step, weight in weights.items():
-        size = next(s for s in chosen if s >= step)
+        size = next((s for s in chosen if s >= step), step)
         paid += weight * (size - step) / step
     return paid / total if total else 0.0
+
+
+def any_step_padding(chosen: Sequence[int], top: int, query: int = 1) -> float:
+    """The mean relative padding of a step of each size from `query` to `top` tokens (multiples
+    of `query`), each counted once: traffic between a profile's classes may run any of them."""
+    return mean_padding(chosen, dict.fromkeys(range(query, top + 1, query), 1.0))
 
 
 def _drop_cost(
@@ -125,15 +178,21 @@ def _harmonic(n: int) -> float:
 
 
 def plan(
-    weights: Mapping[int, float], default_count: int, most: int = MAX_SIZES, spec_tokens: int = 0
+    found: Steps,
+    default: Sequence[int],
+    most: int = MAX_SIZES,
+    spec_tokens: int = 0,
+    decode_only: bool = False,
 ) -> CaptureSizes:
-    """At most `most` capture sizes for steps of these weights (see the module docstring)."""
+    """At most `most` capture sizes, under the ceiling, for the steps `found` (see the module
+    docstring); `default` is what vLLM would capture instead."""
     query = 1 + spec_tokens
+    top = ceiling(found, default, decode_only, spec_tokens)
+    weights = {s: w for s, w in found.weights.items() if s <= top}
     ordered = sorted(weights)
-    top = ordered[-1]
     # per_token[k]: what one more token of padding costs the steps ordered[:k], together
     per_token = [0.0, *itertools.accumulate(weights[s] / s for s in ordered)]
-    chosen = list(ordered)
+    chosen = sorted({*ordered, top})
     while len(chosen) > most:  # the size whose steps lose least at the next one up goes
         chosen.pop(
             min(range(len(chosen) - 1), key=lambda i: _drop_cost(i, chosen, ordered, per_token))
@@ -144,5 +203,12 @@ def plan(
         grid.remove(best)
         chosen = sorted([*chosen, best])
     return CaptureSizes(
-        sizes=chosen, default_count=default_count, padding=round(_padding(chosen, weights), 4)
+        sizes=chosen,
+        ceiling=top,
+        default_count=len(default),
+        default_largest=default[-1] if default else 0,
+        padding=round(any_step_padding(chosen, top, query), 4),
+        default_padding=round(any_step_padding(default, top, query), 4) if default else None,
+        warmed_padding=round(mean_padding(chosen, weights), 4),
+        uncaptured=sorted(s for s in found.weights if s > top),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from argparse import Namespace
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from llmwarm.backend import jitmon
 from llmwarm.errors import VllmArgsError
@@ -110,6 +110,18 @@ def model_name(args: Namespace) -> str:
 def served_names(args: Namespace) -> list[str]:
     """Every name the base model answers to (any other `model` is an adapter)."""
     return [str(n) for n in args.served_model_name] if args.served_model_name else [args.model]
+
+
+def cudagraph_steps(args: Namespace) -> Literal["none", "decode", "all"]:
+    """Which steps the CUDA-graph mode asked for runs on graphs (`-cc.cudagraph_mode`; vLLM's
+    default, FULL_AND_PIECEWISE, when not given): none, uniform decode steps only (e.g.
+    FULL_DECODE_ONLY), or mixed steps too."""
+    mode = args.compilation_config.cudagraph_mode
+    if mode is None:
+        return "all"
+    if not mode:
+        return "none"
+    return "all" if mode.mixed_mode() else "decode"
 
 
 def count_jit_events(args: Namespace) -> bool:

@@ -233,9 +233,34 @@ class CaptureSizes(BaseModel):
 
     sizes: list[int] = Field(description="Tokens per captured step, ascending.")
     default_count: int = Field(description="How many vLLM's default would capture here.")
+    ceiling: int | None = Field(
+        default=None,
+        description="The largest step worth a graph: vLLM's default's largest size, or the "
+        "widest decode step if wider (with decode-only graphs, that step); a larger one runs "
+        "without a graph.",
+    )
+    default_largest: int | None = Field(
+        default=None,
+        description="vLLM's default's largest size: the graph pool grows with the largest "
+        "captured step, so `sizes[-1]` against it is the pool's growth (modelled; a GPU "
+        "measures it at start).",
+    )
     padding: float = Field(
-        description="The profile's steps' mean padding up to their graph, relative (0.05: 5 % "
-        "more tokens computed than the step holds), weighted by how often each occurs."
+        description="The mean padding up to a graph of a step of each size up to the plan's "
+        "ceiling, relative (0.05: 5 % more tokens computed than the step holds): what a step "
+        "between the warmed ones pays; a step above the largest size runs without a graph."
+    )
+    default_padding: float | None = Field(
+        default=None, description="The same for vLLM's default sizes, over the same steps."
+    )
+    warmed_padding: float | None = Field(
+        default=None,
+        description="The warmed steps' own mean padding, weighted by how often each occurs.",
+    )
+    uncaptured: list[int] = Field(
+        default_factory=list,
+        description="Warmed steps (tokens) above the ceiling: long prefills run without a "
+        "graph, unpadded, as in vLLM's default, rather than paying a graph's memory and padding.",
     )
 
 

@@ -123,10 +123,11 @@ def apply_capture_sizes(
     baked: caches.Manifest | None = None,
 ) -> CaptureSizes:
     """Give vLLM CUDA-graph capture sizes, in tokens, for the steps the profile (and the learn
-    file) warms, at most `capture.MAX_SIZES` of them (`llmwarm.backend.capture`): no warmed step
-    runs without a graph (vLLM's default stops at 512 tokens), and steps between two classes pad
-    little. GPU only: the CPU platform clears capture sizes. Refused with flags that size or
-    switch off graphs themselves.
+    file) warms, at most `capture.MAX_SIZES` of them, up to a ceiling that bounds the graph
+    pool (`llmwarm.backend.capture`): no warmed decode step runs without a graph (vLLM's default
+    stops at 512 tokens), long prefills run without one, unpadded, as in vLLM's default, and
+    steps between two classes pad little. GPU only: the CPU platform clears capture sizes.
+    Refused with flags that size or switch off graphs themselves.
 
     With a bake (`baked`: the --cache-dir's manifest) that recorded its sizes, those: the sizes
     are part of vLLM's configuration hash, which names its compile cache, so sizes that followed
@@ -136,6 +137,7 @@ def apply_capture_sizes(
         ("--cudagraph-capture-sizes", args.cudagraph_capture_sizes is not None),
         ("--max-cudagraph-capture-size", args.max_cudagraph_capture_size is not None),
         ("--enforce-eager", args.enforce_eager),
+        ("-cc.cudagraph_mode=NONE", vllm_args.cudagraph_steps(args) == "none"),
     ):
         if given:
             raise UsageError(
@@ -160,19 +162,27 @@ def apply_capture_sizes(
         buckets += auto_buckets(profile.auto, shape, chat=True)
     spec = shape.spec_tokens  # as vLLM resolved it, not only as the flag gave it
     learned = learn.size_classes(learn_path) if learn_path is not None else None
-    steps = capture.steps(buckets, shape.max_num_batched_tokens, spec, learned)
+    decode_only = vllm_args.cudagraph_steps(args) == "decode"
+    found = capture.steps(
+        buckets, shape.max_num_batched_tokens, spec, learned,
+        max_num_seqs=shape.max_num_seqs, decode_only=decode_only,
+    )  # fmt: skip
     # vLLM's own default where its configuration holds one (a GPU: the data-centre Blackwell
     # ceiling, `performance_mode`, dynamic speculative decoding included); on the CPU build,
     # which captures none, llmwarm's model of it (`capture.vllm_default`)
     default = shape.cudagraph_capture_sizes or capture.vllm_default(
         shape.max_num_seqs, shape.max_num_batched_tokens, spec
     )
-    plan = capture.plan(steps, len(default), spec_tokens=spec)
+    plan = capture.plan(found, default, spec_tokens=spec, decode_only=decode_only)
     args.cudagraph_capture_sizes = plan.sizes
     logger.info(
         "--capture-sizes-from-profile: %d CUDA graphs up to %d tokens (vLLM's default: %d up "
-        "to %d); the warmed steps pad %.1f %% on average", len(plan.sizes), plan.sizes[-1],
-        len(default), default[-1] if default else 0, 100 * plan.padding,
+        "to %d); a step of any size up to %d tokens pads %.1f %% on average (vLLM's default "
+        "%.1f %%), the warmed steps %.1f %%%s", len(plan.sizes), plan.sizes[-1], len(default),
+        plan.default_largest, plan.ceiling,
+        100 * plan.padding, 100 * (plan.default_padding or 0), 100 * (plan.warmed_padding or 0),
+        f"; {len(plan.uncaptured)} warmed prefill steps of {plan.uncaptured[0]} tokens or "
+        "more run without a graph, unpadded, as in vLLM's default" if plan.uncaptured else "",
     )  # fmt: skip
     return plan
 
