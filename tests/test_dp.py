@@ -63,7 +63,8 @@ def assert_each_rank_served_its_buckets(
     served, sent = served_per_engine(metrics), sent_per_rank(report)
     fill = report["kv_fill"]["requests"] if report["kv_fill"] else 0
     swept = report["prefill"]["requests"] if report["prefill"] else 0
-    swept += len(report["logprob_classes"]) * len(ranks)  # a request per width, each rank
+    widths = len(report["logprob_classes"]) + len(report["prompt_logprob_classes"])
+    swept += widths * len(ranks)  # a request per width, each rank
     assert set(sent) == ranks and set(served) == ranks, (served, sent)
     for rank in ranks:  # every request of a rank's buckets ran on that rank's engine
         assert sent[rank] > 0 and served[rank] >= sent[rank], (rank, served, sent)

@@ -120,7 +120,8 @@ def test_gate_under_load_answers_every_user_and_runs_none_cold(served: Served) -
         for sample in r["samples"]
     )
     fill, swept = report["kv_fill"]["requests"], report["prefill"]["requests"]
-    widths = len(report["logprob_classes"])  # a request per log-probability width
+    # a request per log-probability width, of top_logprobs and of prompt_logprobs
+    widths = len(report["logprob_classes"]) + len(report["prompt_logprob_classes"])
     assert widths and len(before) == engine_requests + fill + swept + widths
     users_run = {rid for i, rid in added if i > opened and "ext-" in rid}
     for a in served_ok:  # each answered user request ran on the engine after the gate opened

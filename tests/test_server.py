@@ -195,6 +195,7 @@ async def test_a_start_sends_each_logprob_width_and_reports_it(
     await run.until(Stage.SERVING)
     report = (await run.client.get("/warmup/report")).json()
     assert report["logprob_classes"] == [0, 1, 3, 7, 15, 20]
+    assert report["prompt_logprob_classes"] == []  # the profile warms no prompt_logprobs
     await run.sigterm()
     await run.task
 

@@ -421,6 +421,11 @@ class Report(BaseModel):
         "rank), one per kernel width vLLM's GPU sampler compiles (the next power of two of 1 + "
         "the count); empty when the profile warms no `logprobs`.",
     )
+    prompt_logprob_classes: list[int] = Field(
+        default_factory=list,
+        description="`prompt_logprobs` counts sent the same way (a prompt's log-probabilities "
+        "go through the same kernel); empty when the profile warms no `prompt_logprobs`.",
+    )
     jit: JitEvents | None = Field(
         default=None,
         description="vLLM's JIT-monitor events by phase at the end of this warm-up (absent "
@@ -508,6 +513,7 @@ class Report(BaseModel):
         kv_fill: KvFillResult | None = None,
         prefill: PrefillResult | None = None,
         logprob_classes: Iterable[int] = (),
+        prompt_logprob_classes: Iterable[int] = (),
         cache_salt: str | None = None,
         jit: JitEvents | None = None,
         learned: Learned | None = None,
@@ -530,6 +536,7 @@ class Report(BaseModel):
             kv_fill=kv_fill,
             prefill=prefill,
             logprob_classes=sorted(logprob_classes),
+            prompt_logprob_classes=sorted(prompt_logprob_classes),
             jit=jit,
             learned=learned,
             trigger=trigger,

@@ -319,6 +319,7 @@ class Before:
     kv: KvFillResult | None = None
     prefill: PrefillResult | None = None
     logprob_classes: list[int] = field(default_factory=list)
+    prompt_logprob_classes: list[int] = field(default_factory=list)
 
     def seconds(self) -> float:
         return (self.kv.seconds if self.kv else 0) + (self.prefill.seconds if self.prefill else 0)
@@ -338,11 +339,15 @@ class Before:
                 f"; {len(swept.cut)} longer counts cut (up to {swept.cut[-1]}), past its share "
                 "of the engine's start time" if swept.cut else "",
             )  # fmt: skip
-        if self.logprob_classes:
-            logger.info(
-                "log-probability widths: top_logprobs %s, one request at a time",
-                ", ".join(map(str, self.logprob_classes)),
-            )
+        for name, counts in (
+            ("top_logprobs", self.logprob_classes),
+            ("prompt_logprobs", self.prompt_logprob_classes),
+        ):
+            if counts:
+                logger.info(
+                    "log-probability widths: %s %s, one request at a time",
+                    name, ", ".join(map(str, counts)),
+                )  # fmt: skip
 
 
 class Record(Protocol):
@@ -410,7 +415,8 @@ class WarmupRun:
             report = Report.build(
                 self.origin, profile=profile, source=source, trigger=trigger, outcome=outcome,
                 seconds=live.seconds or 0.0, kv_fill=before.kv, prefill=before.prefill,
-                logprob_classes=before.logprob_classes, cache_salt=requests.salt,
+                logprob_classes=before.logprob_classes,
+                prompt_logprob_classes=before.prompt_logprob_classes, cache_salt=requests.salt,
                 jit=jit, learned=learned, endpoints=shape.endpoints,
             )  # fmt: skip
         self.state.warmup_ended(report)
@@ -469,6 +475,8 @@ class WarmupRun:
                 live.where = {"prefill": {"rank": rank}}
             swept = await prefill.sweep(self.client, pinned, shape, start_s)
             done.prefill = PrefillResult.add(done.prefill, swept)
-            done.logprob_classes = await send_logprob_classes(self.client, pinned, shape)
+            widths = await send_logprob_classes(self.client, pinned, shape)
+            done.logprob_classes = widths.get("logprobs", [])
+            done.prompt_logprob_classes = widths.get("prompt_logprobs", [])
         done.log()
         return done
