@@ -5,9 +5,10 @@ Two measurements, each side by side in one run:
   gate        the gate (coverage on, then off, alternating) in front of an app that reads each
               body as vLLM's does but parses nothing, served by uvicorn in this process, while a
               client process sends 5 MB chat bodies (an image as a data URL), two at a time;
-              what is left is llmwarm's own work per request; then, coverage on, hostile bodies
-              (a 400 KB prompt of escaped quotes, a prompt of 100,000 short strings: the kinds
-              that cost the classifier a Python step each before it read chunks in C)
+              what is left is llmwarm's own work per request; then hostile bodies (a 400 KB
+              prompt of escaped quotes, a prompt of 100,000 short strings: the kinds that cost
+              the classifier a Python step each before it read chunks in C), coverage on and
+              off: the difference is the classifier's, the rest the loop's reading them
   re-warm     `llmwarm serve MODEL` run in this process (its lifecycle on this loop, a real
               vLLM engine) with a wide profile (64 prompts of 512 tokens at once), the ticker
               beside it: serving idle, then during an open-gate `POST /warmup/run`
@@ -107,13 +108,16 @@ else:  # hostile: what costs a naive reader a step per escape or per string
 bodies = [json.dumps(b).encode() for b in bodies]
 end = time.monotonic() + seconds
 def loop(i):
+    sent = 0
     with httpx.Client(timeout=60) as c:
         while time.monotonic() < end:
             body = bodies[i % len(bodies)]
             c.post(url, content=body, headers={"content-type": "application/json"})
             i += 1
+            sent += 1
+    return sent
 with cf.ThreadPoolExecutor(2) as pool:
-    list(pool.map(loop, range(2)))
+    print(sum(pool.map(loop, range(2))))
 """
 
 
@@ -121,9 +125,12 @@ async def gate_lag(seconds: float, rounds: int) -> dict[str, Any]:
     from llmwarm.serve.gate import Gate
     from llmwarm.serve.state import RunState
 
-    results: dict[str, list[float]] = {"on": [], "off": [], "hostile": []}
+    modes = ("on", "off", "hostile", "hostile-off")
+    results: dict[str, list[float]] = {mode: [] for mode in modes}
+    sent = dict.fromkeys(modes, 0)
     for i in range(rounds):
-        for mode in ("on", "off", "hostile") if i % 2 == 0 else ("hostile", "off", "on"):
+        for mode in modes if i % 2 == 0 else modes[::-1]:
+            coverage, hostile = mode in ("on", "hostile"), mode.startswith("hostile")
             state = RunState(window=2)
             state.warming(_reads_body)
             state.serving()
@@ -131,26 +138,30 @@ async def gate_lag(seconds: float, rounds: int) -> dict[str, Any]:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
             server = uvicorn.Server(uvicorn.Config(
-                Gate(state, coverage=mode != "off"), log_level="warning", lifespan="off",
+                Gate(state, coverage=coverage), log_level="warning", lifespan="off",
                 h11_max_incomplete_event_size=64 * 1024 * 1024,
             ))  # fmt: skip
             serving = asyncio.create_task(server.serve(sockets=[sock]))
             ticker = Ticker()
-            path = "/v1/completions" if mode == "hostile" else "/v1/chat/completions"
+            path = "/v1/completions" if hostile else "/v1/chat/completions"
             client = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}{path}", str(seconds),
-                "hostile" if mode == "hostile" else "image",
+                "hostile" if hostile else "image", stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             await asyncio.sleep(1.0)  # the client's start-up (its 5 MB body) is not measured
             ticker.take()
-            await client.wait()
+            out, _ = await client.communicate()
+            sent[mode] += int(out)
             results[mode] += ticker.take()
             ticker.task.cancel()
             server.should_exit = True
             await serving
-            if mode != "off":
+            if coverage:
                 assert state.coverage.covered + state.coverage.uncovered > 0, "none recorded"
-    return {mode: _stats(lags) for mode, lags in results.items()}
+    return {
+        mode: _stats(lags) | {"bodies_per_s": sent[mode] / (rounds * seconds)}
+        for mode, lags in results.items()
+    }
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:
@@ -234,16 +245,19 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = ["## The serving loop's lag (`benchmarks/loop_lag.py`)", "",
              f"Measured {when} on this machine (2 cores, shared): a 1 ms ticker on the loop "
              "that serves users, p50 / p99 / max of how late it woke, in ms.", "",
-             "| run | gate, coverage off | gate, coverage on | gate, coverage on, hostile "
-             "bodies | vLLM serving, idle | during a re-warm, gate open |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| run | gate, coverage off | gate, coverage on | hostile bodies, coverage off "
+             "| hostile bodies, coverage on | vLLM serving, idle | during a re-warm, gate open |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
 
-    def cell(s: dict[str, float]) -> str:
-        return f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} / {s['max_ms']:.1f}"
+    def cell(s: dict[str, float] | None) -> str:
+        if s is None:
+            return "-"
+        rate = f" ({s['bodies_per_s']:.0f} bodies/s)" if "bodies_per_s" in s else ""
+        return f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} / {s['max_ms']:.1f}{rate}"
 
     for run in runs:
         gate, rewarm = run["gate"], run.get("rewarm")
-        hostile = cell(gate["hostile"]) if "hostile" in gate else "-"
+        hostile = f"{cell(gate.get('hostile-off'))} | {cell(gate.get('hostile'))}"
         idle, during = (cell(rewarm["idle"]), cell(rewarm["rewarm"])) if rewarm else ("-", "-")
         lines.append(
             f"| {run['label']} ({run['commit']}) | {cell(gate['off'])} | {cell(gate['on'])} | "
@@ -252,7 +266,9 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines += ["", "The gate's columns: 5 MB chat bodies (an image as a data URL), two at a time "
               "from another process, to an app that reads each body but parses nothing: what "
               "is left is llmwarm's own work per request; hostile bodies: a 400 KB prompt of "
-              "escaped quotes and a prompt of 100,000 short strings, alternately. The re-warm's: "
+              "escaped quotes and a prompt of 100,000 short strings, alternately, back to back "
+              "from two client threads (bodies/s: how many the gate read and answered); the "
+              "difference between their two columns is the classifier's. The re-warm's: "
               "`llmwarm serve` on "
               "the tiny model in the benchmark's own process, re-warming 64 prompts of 512 "
               "tokens at once (vLLM's own work on its loop included). Command: "

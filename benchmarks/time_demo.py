@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -39,8 +40,15 @@ def main() -> None:
         assert demo.stdout is not None
         lines: list[str] = []
         answered = None
+        at: dict[str, float] = {}  # when each phase ended, from the start
+        closing = ""
         for line in demo.stdout:
             lines.append(line.rstrip("\n"))
+            for phase, mark in (("set-up", "setup: ready"), ("model", "llmwarm demo (")):
+                if line.startswith(mark):
+                    at.setdefault(phase, time.perf_counter() - start)
+            if "engine start " in line and " + warm-up " in line:
+                closing = line
             if line.startswith("A: "):
                 answered = time.perf_counter() - start
             if answered is not None and line.lstrip().startswith("-d '"):  # its last line
@@ -57,9 +65,24 @@ def main() -> None:
 
 From a fresh clone to that answer: **{answered / 60:.1f} min** (`python -m benchmarks.time_demo`,
 {datetime.now(timezone.utc):%Y-%m-%d}: `scripts/demo` in a new clone with a new `.venv`, pip's
-cache warm, this machine's 2 CPU cores)."""
+cache warm, this machine's 2 CPU cores){_phases(at, closing, answered)}."""
     write_section(args.docs / "getting-started.md", "demo", body)
     print(body)
+
+
+def _phases(at: dict[str, float], closing: str, answered: float) -> str:
+    """Where the time went: set-up, the model's build, the serve (its engine start and warm-up
+    as its closing line gives them), the question."""
+    if "set-up" not in at or "model" not in at:
+        return ""
+    found = re.search(r"engine start ([\d.]+) s \+ warm-up ([\d.]+) s", closing)
+    serve = f"serving {answered - at['model']:.0f} s"
+    if found:
+        serve += f" (engine start {float(found[1]):.0f} s, warm-up {float(found[2]):.0f} s)"
+    return (
+        f": set-up {at['set-up']:.0f} s, the model {at['model'] - at['set-up']:.0f} s, "
+        f"{serve}, the question included"
+    )
 
 
 if __name__ == "__main__":
