@@ -1,5 +1,5 @@
 """How long a newcomer waits: a fresh clone of this repository, `scripts/demo` typed, until the
-answer is printed (set-up into a new .venv with pip's cache as it is, the model built, served
+answer is printed (set-up into a new .venv with uv's cache as it is, the model built, served
 warm, asked). Writes what the demo printed and the time into the getting-started page's
 `demo` section, then stops the demo (Ctrl-C, as a user would).
 
@@ -30,7 +30,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llmwarm-demo-") as tmp:
         clone = Path(tmp) / "llmwarm"
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
-        # the model's GGUF comes from PyPI like every package; pip's cache is the machine's
+        # the model's GGUF comes from PyPI like every package; uv's and pip's caches are the
+        # machine's
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "LLMWARM"))}
         start = time.perf_counter()
         demo = subprocess.Popen(
@@ -64,7 +65,7 @@ def main() -> None:
 ```
 
 From a fresh clone to that answer: **{answered / 60:.1f} min** (`python -m benchmarks.time_demo`,
-{datetime.now(timezone.utc):%Y-%m-%d}: `scripts/demo` in a new clone with a new `.venv`, pip's
+{datetime.now(timezone.utc):%Y-%m-%d}: `scripts/demo` in a new clone with a new `.venv`, uv's
 cache warm, this machine's 2 CPU cores){_phases(at, closing, answered)}."""
     write_section(args.docs / "getting-started.md", "demo", body)
     print(body)
