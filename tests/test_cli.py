@@ -142,22 +142,24 @@ def test_vllm_help_lists_vllm_flags() -> None:
     assert "--max-model-len" in out and "--tensor-parallel-size" in out
 
 
-def test_port_in_use_fails_before_the_engine_loads(tiny_model: Path) -> None:
+def test_port_in_use_fails_before_the_engine_loads(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In-process (a subprocess would import vLLM again: 10 s of the fast lane): an engine that
+    # started would fail the test here instead of starting
+    from llmwarm import lifeline
+
+    def started() -> None:  # the first thing an engine's start does
+        raise AssertionError("an engine started before the port was checked")
+
+    monkeypatch.setattr(lifeline, "arm", started)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run(
-            [*LLMWARM, "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=engine_env(),
-        )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"127.0.0.1:{port} is already in use" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "EngineCore" not in proc.stderr  # refused before any engine started
+        code, out = invoke("serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port))
+    assert code == 2, out  # (invoke: no traceback, an uncaught exception fails it)
+    assert f"127.0.0.1:{port} is already in use" in out
 
 
 @pytest.mark.e2e  # starts the real engine (which fails)
