@@ -355,10 +355,11 @@ def test_capture_sizes_from_profile_are_tokens_covering_every_step_vllm_keeps(
     ).vllm_args)  # fmt: skip
     assert max(default) == 256 and default == capture.vllm_default(128, 1024)
     assert given.default_count == len(default) and given.default_largest == 256
-    # FULL_DECODE_ONLY: no graph above the widest decode step (96 requests), and the prefills
-    # are no steps of a graph (none left out: no mixed step has one)
+    # FULL_DECODE_ONLY: no graph above the widest decode step vLLM runs (128 requests, where
+    # its default captures to 256), and the prefills are no steps of a graph (none left out:
+    # no mixed step has one)
     ours, kept, _, decode = sizes("-cc.cudagraph_mode=FULL_DECODE_ONLY")
-    assert max(ours) == decode.ceiling == 96 and decode.uncaptured == [] and kept == ours
+    assert max(ours) == decode.ceiling == 128 and decode.uncaptured == [] and kept == ours
     # with 3 speculative tokens a decode step of 96 requests is 96 x 4 = 384 tokens, and every
     # size is a multiple of 4 (vLLM dispatches a uniform decode batch only to such a size)
     ours, kept, _, capture = sizes("--speculative-config", spec)

@@ -15,8 +15,9 @@ more than the launches it saves. So `plan` stays under a *ceiling*: vLLM's own l
 size, raised to the widest decode step the profile (and the learn file) runs (at most
 `max_num_seqs` x (1 + speculative tokens), and at most `DECODE_REACH`: the pool grows at most
 2x over vLLM's default's); warmed steps above it run without a graph, unpadded, as in vLLM's
-default. With `FULL_DECODE_ONLY` graphs (no graph for a mixed step) only decode
-steps count, and no size is planned above the widest decode step. Under the ceiling, at most
+default. With `FULL_DECODE_ONLY` graphs (no graph for a mixed step) only decode steps count,
+and no size is planned above the widest decode step the engine runs (`max_num_seqs` x query).
+Under the ceiling, at most
 `MAX_SIZES` sizes (vLLM's own default count at its 512-token ceiling):
 
   1. the ceiling itself, so no step below it runs without a graph;
@@ -88,6 +89,7 @@ class Steps:
 
     weights: dict[int, float] = field(default_factory=dict)
     widest_decode: int = 1  # the largest decode step among them (tokens)
+    decode_limit: int | None = None  # the widest the engine runs: max_num_seqs x query
 
 
 def steps(
@@ -106,6 +108,8 @@ def steps(
     `max_num_batched_tokens` (a step never holds more)."""
     query = 1 + spec_tokens
     found = Steps()
+    if max_num_seqs is not None:
+        found.decode_limit = min(max_num_seqs * query, max_num_batched_tokens)
 
     def add(prompt: int, concurrency: int, weight: float) -> None:
         running = min(concurrency, max_num_seqs or concurrency)  # the scheduler's limit
@@ -128,12 +132,17 @@ def ceiling(
     found: Steps, default: Sequence[int], decode_only: bool = False, spec_tokens: int = 0
 ) -> int:
     """The largest size worth a graph (see the module docstring): the widest decode step, up
-    to `DECODE_REACH` (or vLLM's own default's largest, if larger); without decode-only graphs,
-    at least vLLM's default's largest. A multiple of the decode query length."""
+    to `DECODE_REACH` (or vLLM's own default's largest, if larger), and at least vLLM's
+    default's largest; with decode-only graphs, the widest decode step the engine runs (a
+    larger size would never be used), up to the same reach. A multiple of the decode query
+    length."""
     query = 1 + spec_tokens
     vllms = default[-1] if default else 0
-    decode = min(found.widest_decode, max(vllms, DECODE_REACH))
-    top = decode if decode_only else max(vllms, decode)
+    reach = max(vllms, DECODE_REACH)
+    if decode_only:
+        top = min(found.decode_limit or found.widest_decode, reach)
+    else:
+        top = max(vllms, min(found.widest_decode, reach))
     return max(query, top // query * query)
 
 
