@@ -10,6 +10,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,6 +21,7 @@ from llmwarm.model.report import Report
 from llmwarm.serve.access import Admin
 from llmwarm.serve.control import Control
 from llmwarm.serve.gate import HEALTH, WARMUP_HEADER, Gate
+from llmwarm.serve.metrics import WarmupCollector
 from llmwarm.serve.rewarm import Rewarms
 from llmwarm.serve.state import Phase, RunState
 from tests.fakes import INNER, report
@@ -350,6 +352,29 @@ async def test_invocations_are_counted_as_the_endpoint_they_run() -> None:
         assert (await c.post("/invocations", json={"model": "m", "input": "x"})).status_code == 200
     kinds = {shape.kind.endpoint for shape in state.coverage.served_shapes}
     assert kinds == {"chat", "embeddings"}
+
+
+async def test_a_body_of_tiny_strings_is_counted_unread_and_shown_on_metrics() -> None:
+    # A body read no further (llmwarm.traffic.skeleton) is no shape and no traceback: counted
+    # under its reason, where an operator sees it
+    async def completions(request: Request) -> Response:
+        await request.body()
+        return Response(b'{"usage": {"prompt_tokens": 3}}', media_type="application/json")
+
+    state = RunState(window=2)
+    state.warming(Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])]))
+    state.serving()
+    gate = gate_on(state)
+    async with client(gate) as c:
+        tiny = {"model": "m", "prompt": ["a"] * 100_000, "max_tokens": 4}
+        assert (await c.post("/v1/completions", json=tiny)).status_code == 200
+    assert state.coverage.untracked["body_dense"] == 1 and not state.coverage.served_shapes
+    registry = CollectorRegistry()
+    registry.register(WarmupCollector(state))
+    untracked = registry.get_sample_value(
+        "llmwarm_requests_untracked_total", {"reason": "body_dense"}
+    )
+    assert untracked == 1
 
 
 async def test_health_answers_during_a_re_warm_that_closed_the_gate() -> None:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmwarm.traffic.skeleton import LONG, MAX_KEPT, Skeleton, text_length
+from llmwarm.traffic.skeleton import DENSE_AFTER, LONG, MAX_KEPT, Skeleton, text_length
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def test_not_json_or_too_much_to_keep_is_none() -> None:
         assert skeleton.parse() is None
     huge = Skeleton()
     huge.feed(json.dumps({"prompt": list(range(MAX_KEPT // 4))}).encode())  # token ids
-    assert huge.overflow and huge.parse() is None
+    assert huge.unread == "large" and huge.parse() is None
 
 
 def _lines_run(chunks: list[bytes]) -> int:
@@ -200,3 +200,64 @@ def test_a_batchs_length_counts_each_string_and_reads_skipped_ones_back() -> Non
     batch = skeleton.parse()["p"]
     assert texts_length(batch) == ((LONG + 1) + 2 + 1 + (LONG + 88), 4)
     assert texts_length([1, 2, 3]) == (0, 0) and texts_length([]) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "body", [HOSTILE["a hundred thousand short strings"], HOSTILE["thirty thousand keys"]],
+    ids=["short strings", "keys"],
+)  # fmt: skip
+def test_past_64_kib_a_body_dense_in_tiny_strings_is_read_no_further(body: Any) -> None:
+    # The defect: read to its end, each such body held the serving loop a few ms (~json.loads
+    # of it); sent back to back they kept the loop's lag p99 at 15 ms (benchmarks/loop_lag.py).
+    raw = json.dumps(body).encode()
+    chunks = [raw[i : i + 65536] for i in range(0, len(raw), 65536)]
+    assert len(chunks) > 2
+    skeleton = Skeleton()
+    for chunk in chunks:
+        skeleton.feed(chunk)
+    assert skeleton.unread == "dense" and skeleton.parse() is None
+    # its cost: the first 64 KiB read as any body is, then a count a chunk
+    assert _lines_run(chunks) <= _lines_run(chunks[:1]) + 12 * len(chunks)
+
+
+def test_what_users_send_is_never_dense() -> None:
+    # long chats, code with escapes, images, token IDs: read to their end, whatever their size
+    code = 'def f(x):\n    return "x" + str(x)\n' * 30
+    bodies = [
+        {"messages": [{"role": "user", "content": f"turn {i}: " + "words " * 40}
+                      for i in range(600)]},
+        {"messages": [{"role": "user", "content": code}] * 200},
+        {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 900_000}},
+        ]}]},
+        {"prompt": list(range(30_000))},
+        {"prompt": json.dumps([{"id": i, "name": f"n{i}", "ok": True} for i in range(4000)])},
+    ]  # fmt: skip
+    for body in bodies:
+        raw = json.dumps(body).encode()
+        assert len(raw) > DENSE_AFTER
+        skeleton = Skeleton()
+        for i in range(0, len(raw), 65536):
+            skeleton.feed(raw[i : i + 65536])
+        assert skeleton.unread is None and _read(skeleton.parse()) == _expected(body)
+
+
+def test_a_string_of_escaped_quotes_is_two_counts_a_chunk() -> None:
+    # The review's body: 400 KB of escaped quotes. Inside a string whose quotes in a chunk are
+    # all escaped, a chunk costs two counts in C, where it cost two replaces, each a new copy of
+    # the chunk with a step per escape (~json.loads's time). Copies show as memory; counts none.
+    import tracemalloc
+
+    raw = json.dumps(HOSTILE["escaped quotes"]).encode()
+    chunks = [raw[i : i + 65536] for i in range(0, len(raw), 65536)]
+    skeleton = Skeleton()
+    skeleton.feed(chunks[0])  # opens the string
+    tracemalloc.start()
+    try:
+        for chunk in chunks[1:]:
+            skeleton.feed(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32768  # no copy of a 64 KiB chunk
+    assert _read(skeleton.parse()) == _expected(HOSTILE["escaped quotes"])

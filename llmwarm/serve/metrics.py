@@ -214,10 +214,12 @@ def _coverage(coverage: Coverage) -> Iterable[Metric]:
     untracked = CounterMetricFamily(
         "llmwarm_requests_untracked",
         "User requests counted but whose shape was not kept: past the cap on distinct shapes "
-        "(shapes_full), or a body that could not be read (unreadable).",
+        "(shapes_full), a body that could not be read (unreadable), a body with more structure "
+        "to keep than 256 KiB (body_large), or one past 64 KiB of thousands of tiny strings (a "
+        "quote every 8 bytes or fewer), read no further (body_dense).",
         labels=["reason"],
     )
-    for reason in ("shapes_full", "unreadable"):
+    for reason in ("shapes_full", "unreadable", "body_large", "body_dense"):
         untracked.add_metric([reason], coverage.untracked[reason])
     yield untracked
 

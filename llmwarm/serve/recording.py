@@ -126,6 +126,9 @@ class _Observed:
         if not 200 <= self.status < 300:
             return
         coverage = self.coverage
+        if self.body.unread is not None:  # read no further (llmwarm.traffic.skeleton)
+            coverage.untracked[f"body_{self.body.unread}"] += 1
+            return
         try:
             if self.endpoint is None:
                 raise ValueError("a body /invocations runs on no endpoint this model serves")

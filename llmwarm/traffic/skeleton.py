@@ -11,9 +11,14 @@ hundred bytes kept.
 Its work per chunk is a few passes in C over the chunk (`bytes.replace`, `split`, `map`), and a
 Python step per *long* string only (at most one per `LONG` bytes): a body of escaped quotes or of
 a hundred thousand short strings costs about what `json.loads` of it costs, never a Python step
-per escape or per string (tests/test_skeleton.py holds it to that; benchmarks/loop_lag.py
-measures the serving loop under such bodies). The placeholder carries a random mark of this
-process's, so no request can forge a length with a short string of its own.
+per escape or per string (tests/test_skeleton.py holds it to that). Even that is too much on a
+loop that serves streams when a client sends such bodies back to back (a few ms each), so a
+chunk inside a string whose quotes are all escaped is two counts in C, and past `DENSE_AFTER`
+bytes a body that holds a quote that is no escape every `DENSE` bytes or fewer is read no
+further (`unread`): no request a user means holds that many tiny strings or keys, while chats,
+code, images, documents and token IDs hold few (benchmarks/loop_lag.py measures the serving loop
+under such bodies). The placeholder carries a random mark of this process's, so no
+request can forge a length with a short string of its own.
 
 Pure: no I/O.
 """
@@ -26,7 +31,10 @@ import secrets
 from typing import Any
 
 LONG = 512  # bytes of a string's (escaped) text: a longer one is skipped
-MAX_KEPT = 1 << 20  # bytes kept at most (a body of many short strings, a huge token-id list)
+# bytes kept at most (a huge token-id list): their parse, a few ms, holds the loop
+MAX_KEPT = 256 * 1024
+DENSE_AFTER = 64 * 1024  # bytes of a body read whatever they hold; past them, a body with
+DENSE = 8  # a quote that is no escape every DENSE bytes or fewer ends the reading (see above)
 # A skipped string reads back as NUL, this process's mark, a colon and its length: a request
 # cannot know the mark, so its own short strings never read as a length.
 _MARK = f"\x00{secrets.token_hex(8)}:"
@@ -64,6 +72,14 @@ def texts_length(texts: list[Any]) -> tuple[int, int]:
 _MARK_JSON = json.dumps(_MARK)[1:-1].encode()  # the mark as the kept JSON holds it (escaped)
 
 
+def _quotes(chunk: bytes) -> tuple[int, int]:
+    """The chunk's quotes, and those a backslash precedes; counted only where `in` (a memchr,
+    far cheaper than a count) finds any: most of a long string's chunks hold none."""
+    if b'"' not in chunk:
+        return 0, 0
+    return chunk.count(b'"'), chunk.count(b'\\"') if b"\\" in chunk else 0
+
+
 class Skeleton:
     """Feed a body's chunks in order (`feed`), then `parse()` the kept part."""
 
@@ -73,15 +89,36 @@ class Skeleton:
         self._escape = False  # the chunk before ended inside a string on an escaping backslash
         self._string_at = 0  # where the string being read starts in `_kept` (after its quote)
         self._string_len = 0  # its length so far, in bytes
-        self.overflow = False  # more than MAX_KEPT to keep: the body is not classified
+        self._fed = 0  # bytes of the body so far
+        self._delimiters = 0  # quotes in them that are no escape, near enough
+        # why the body is not classified: `large` (more than MAX_KEPT to keep), `dense` (see
+        # the module docstring); None: read
+        self.unread: str | None = None
+
+    @property
+    def overflow(self) -> bool:
+        """The body was not read to its end (`unread` says why)."""
+        return self.unread is not None
 
     def feed(self, chunk: bytes) -> None:
-        if self.overflow or not chunk:
+        if self.unread is not None or not chunk:
+            return
+        self._fed += len(chunk)
+        quotes, escaped = _quotes(chunk)
+        self._delimiters += quotes - escaped
+        if self._fed > DENSE_AFTER and self._delimiters * DENSE >= self._fed:
+            self.unread, self._kept = "dense", bytearray()  # thousands of tiny strings
             return
         if self._escape:  # this chunk's first byte is the escaped one
             self._escape = False
             self._string(chunk[:1])
             chunk = chunk[1:]
+            quotes, escaped = _quotes(chunk)
+        if self._in_string and quotes and quotes == escaped and b"\\\\" not in chunk:
+            # every quote in the chunk escaped (a prompt of code or JSON): the string goes on
+            self._string(chunk)
+            self._escape = chunk.endswith(b"\\")
+            return
         # Escapes neutralised, left to right as JSON pairs them (`\\`, then `\"`): every quote
         # left delimits a string, at the same offset as in `chunk`.
         plain = chunk
@@ -97,8 +134,7 @@ class Skeleton:
         if self._in_string and plain.endswith(b"\\"):
             self._escape = True
         if len(self._kept) > MAX_KEPT:
-            self.overflow = True
-            self._kept = bytearray()
+            self.unread, self._kept = "large", bytearray()
 
     def _outside(self, chunk: bytes, plain: bytes, pos: int) -> None:
         """The chunk from `pos`, where no string is open: the strings it holds, the long ones
