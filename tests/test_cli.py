@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import socket
@@ -153,6 +154,11 @@ def test_port_in_use_fails_before_the_engine_loads(
         raise AssertionError("an engine started before the port was checked")
 
     monkeypatch.setattr(lifeline, "arm", started)
+
+    def open_sockets() -> dict[int, socket.socket]:
+        return {id(o): o for o in gc.get_objects() if type(o) is socket.socket and o.fileno() >= 0}
+
+    before = open_sockets()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -160,6 +166,10 @@ def test_port_in_use_fails_before_the_engine_loads(
         code, out = invoke("serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port))
     assert code == 2, out  # (invoke: no traceback, an uncaught exception fails it)
     assert f"127.0.0.1:{port} is already in use" in out
+    # and the socket the failed bind made is closed, not left open until a garbage collection
+    # (vLLM's `create_server_socket` leaves it open: the exception's frames hold it)
+    leaked = [o for key, o in open_sockets().items() if key not in before]
+    assert not leaked, leaked
 
 
 @pytest.mark.e2e  # starts the real engine (which fails)

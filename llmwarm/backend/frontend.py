@@ -70,6 +70,7 @@ def bind(args: Namespace) -> tuple[str, socket.socket]:
     try:
         url, sock = setup_server(args, reuse_port=False)
     except OSError as exc:
+        _close_sockets(exc)
         where = args.uds or f"{args.host or '0.0.0.0'}:{args.port}"
         if exc.errno == errno.EADDRINUSE:
             raise PortInUse(
@@ -86,6 +87,18 @@ def bind(args: Namespace) -> tuple[str, socket.socket]:
         # vLLM's URL names the flag's port; asked for any (`warm`), name the one bound
         url = f"{url.rsplit(':', 1)[0]}:{sock.getsockname()[1]}"
     return url, sock
+
+
+def _close_sockets(exc: BaseException) -> None:
+    """Close the socket a failed bind leaves open: vLLM's `create_server_socket` creates it,
+    and its `bind` raises with it held in the frame (a process that serves on after the
+    failure, as `llmwarm warm` in a test run does, would leak it until a garbage collection)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, socket.socket):
+                value.close()
+        tb = tb.tb_next
 
 
 def serve_http_kwargs(args: Namespace) -> dict[str, Any]:
