@@ -236,8 +236,8 @@ class CaptureSizes(BaseModel):
     ceiling: int | None = Field(
         default=None,
         description="The largest step worth a graph: vLLM's default's largest size, or the "
-        "widest decode step if wider (with decode-only graphs, that step); a larger one runs "
-        "without a graph.",
+        "widest decode step if wider, up to 1024 tokens (with decode-only graphs, the widest "
+        "decode step vLLM runs, max_num_seqs x query); a larger one runs without a graph.",
     )
     default_largest: int | None = Field(
         default=None,
