@@ -72,12 +72,23 @@ def texts_length(texts: list[Any]) -> tuple[int, int]:
 _MARK_JSON = json.dumps(_MARK)[1:-1].encode()  # the mark as the kept JSON holds it (escaped)
 
 
-def _quotes(chunk: bytes) -> tuple[int, int]:
-    """The chunk's quotes, and those a backslash precedes; counted only where `in` (a memchr,
-    far cheaper than a count) finds any: most of a long string's chunks hold none."""
-    if b'"' not in chunk:
-        return 0, 0
-    return chunk.count(b'"'), chunk.count(b'\\"') if b"\\" in chunk else 0
+def _count(chunk: bytes, byte: bytes, at: int) -> int:
+    """How many times `byte` occurs in the chunk from `at`; counted only where a `find` (a
+    memchr, far cheaper than a count) finds one: most of a long string's chunks hold none."""
+    return chunk.count(byte, at) if chunk.find(byte, at) >= 0 else 0
+
+
+def _escapes_next(chunk: bytes, at: int) -> bool | None:
+    """Inside a string, with no quote in the chunk from `at`: whether it ends on a backslash
+    that escapes the next chunk's first byte (an odd run of them); None if the run is longer
+    than the few bytes looked at and is not the whole chunk (the general path reads it)."""
+    tail = chunk[max(at, len(chunk) - 64) :]
+    run = len(tail) - len(tail.rstrip(b"\\"))
+    if run == len(tail) and len(chunk) - at > len(tail):
+        run = chunk.count(b"\\", at)  # nothing but backslashes, perhaps
+        if run < len(chunk) - at:
+            return None
+    return run % 2 == 1
 
 
 class Skeleton:
@@ -104,21 +115,31 @@ class Skeleton:
         if self.unread is not None or not chunk:
             return
         self._fed += len(chunk)
-        quotes, escaped = _quotes(chunk)
+        at = 0  # where this chunk's own reading starts
+        if self._escape:  # its first byte is the escaped one
+            self._escape = False
+            self._string(chunk[:1])
+            at = 1
+        quotes = _count(chunk, b'"', at)
+        backslashes = _count(chunk, b"\\", at) if quotes else 0
+        escaped = chunk.count(b'\\"', at) if backslashes else 0
         self._delimiters += quotes - escaped
         if self._fed > DENSE_AFTER and self._delimiters * DENSE >= self._fed:
             self.unread, self._kept = "dense", bytearray()  # thousands of tiny strings
             return
-        if self._escape:  # this chunk's first byte is the escaped one
-            self._escape = False
-            self._string(chunk[:1])
+        if self._in_string:  # the two ways a chunk goes on inside a string, in a count or two
+            if not quotes and (escapes := _escapes_next(chunk, at)) is not None:
+                self._string(memoryview(chunk)[at:])  # text with no quote: goes on
+                self._escape = escapes
+                return
+            if quotes and quotes == escaped and backslashes - escaped <= chunk.endswith(b"\\"):
+                # every quote escaped and every backslash an escaped quote's, but perhaps a
+                # last one (a prompt of code or JSON): goes on
+                self._string(memoryview(chunk)[at:])
+                self._escape = backslashes > escaped
+                return
+        if at:
             chunk = chunk[1:]
-            quotes, escaped = _quotes(chunk)
-        if self._in_string and quotes and quotes == escaped and b"\\\\" not in chunk:
-            # every quote in the chunk escaped (a prompt of code or JSON): the string goes on
-            self._string(chunk)
-            self._escape = chunk.endswith(b"\\")
-            return
         # Escapes neutralised, left to right as JSON pairs them (`\\`, then `\"`): every quote
         # left delimits a string, at the same offset as in `chunk`.
         plain = chunk
@@ -161,7 +182,7 @@ class Skeleton:
         self._in_string, self._string_at, self._string_len = True, len(self._kept), 0
         self._string(chunk[limit + 1 :])
 
-    def _string(self, text: bytes, closes: bool = False) -> None:
+    def _string(self, text: bytes | memoryview, closes: bool = False) -> None:
         """More of the string being read; `closes`: its closing quote follows `text`."""
         self._string_len += len(text)
         if self._string_len <= LONG:
