@@ -22,6 +22,7 @@ from llmwarm.serve.access import Admin
 from llmwarm.serve.control import Control
 from llmwarm.serve.gate import HEALTH, WARMUP_HEADER, Gate
 from llmwarm.serve.metrics import WarmupCollector
+from llmwarm.serve.recording import SLICE
 from llmwarm.serve.rewarm import Rewarms
 from llmwarm.serve.state import Phase, RunState
 from tests.fakes import INNER, report
@@ -375,6 +376,42 @@ async def test_a_body_of_tiny_strings_is_counted_unread_and_shown_on_metrics() -
         "llmwarm_requests_untracked_total", {"reason": "body_dense"}
     )
     assert untracked == 1
+
+
+async def test_a_large_body_is_read_a_slice_at_a_time_the_loops_other_work_between() -> None:
+    # The defect: a 256 KiB chunk (what asyncio reads from a socket at once) of a hostile body
+    # read in one go held the serving loop ~2 ms, every stream it serves waiting; now a slice
+    # of it at a time, the loop's other tasks run between two
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    during: list[int] = []
+
+    async def completions(request: Request) -> Response:
+        before = turns
+        await request.body()  # as vLLM reads it
+        during.append(turns - before)
+        return Response(b'{"usage": {"prompt_tokens": 3}}', media_type="application/json")
+
+    state = RunState(window=2)
+    state.warming(Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])]))
+    state.serving()
+    body = json.dumps({"model": "m", "prompt": '"' * 131_072, "max_tokens": 4}).encode()
+    other = asyncio.create_task(other_work())
+    try:
+        async with client(gate_on(state)) as c:
+            answer = await c.post("/v1/completions", content=body)  # one chunk
+    finally:
+        other.cancel()
+    assert answer.status_code == 200
+    assert during[0] >= len(body) // SLICE - 1
+    (shape,) = state.coverage.served_shapes  # and read whole: classified
+    assert shape.kind.endpoint == "completions"
 
 
 async def test_health_answers_during_a_re_warm_that_closed_the_gate() -> None:

@@ -11,6 +11,7 @@ request: a body that cannot be read is counted as such, never logged as a traceb
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INVOCATIONS = "/invocations"
+# Bytes of a body read at a time: a chunk the server hands over is up to 256 KiB (what asyncio
+# reads from a socket at once), and reading that much of a hostile body (escapes, thousands of
+# tiny strings) costs ~2 ms in one go; a slice costs ~0.2 ms at most, and the loop serves its
+# streams between two (benchmarks/loop_lag.py).
+SLICE = 32 * 1024
 # What vLLM's `/invocations` runs, in the order it tries its request types
 # (vllm/entrypoints/serve/sagemaker/api_router.py): the first the model serves whose fields the
 # body has (`classify` and `pooling` take an embedding's `input`).
@@ -89,7 +95,13 @@ class _Observed:
         async def observed_receive() -> Message:
             message = await receive()
             if message["type"] == "http.request":
-                self.body.feed(message.get("body", b""))
+                body = message.get("body", b"")
+                for at in range(0, len(body), SLICE):
+                    if self.body.overflow:  # read no further
+                        break
+                    if at:  # the loop's other work (every stream it serves) goes first
+                        await asyncio.sleep(0)
+                    self.body.feed(body[at : at + SLICE])
             return message
 
         async def observed_send(message: Message) -> None:
