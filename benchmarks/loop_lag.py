@@ -7,8 +7,10 @@ Two measurements, each side by side in one run:
               client process sends 5 MB chat bodies (an image as a data URL), two at a time;
               what is left is llmwarm's own work per request; then hostile bodies (a 400 KB
               prompt of escaped quotes, a prompt of 100,000 short strings: the kinds that cost
-              the classifier a Python step each before it read chunks in C), coverage on and
-              off: the difference is the classifier's, the rest the loop's reading them
+              the classifier a Python step each before it read chunks in C; a 400 KB prompt of
+              backslash-quote pairs, the costliest to read now), coverage on and off: the
+              difference is the classifier's, the rest the loop's reading them. On uvloop, as
+              `vllm serve` and `llmwarm serve` run
   re-warm     `llmwarm serve MODEL` run in this process (its lifecycle on this loop, a real
               vLLM engine) with a wide profile (64 prompts of 512 tokens at once), the ticker
               beside it: serving idle, then during an open-gate `POST /warmup/run`
@@ -104,7 +106,8 @@ if kind == "image":
                     {"type": "image_url", "image_url": {"url": image}}]}]}]
 else:  # hostile: what costs a naive reader a step per escape or per string
     bodies = [{"model": "m", "max_tokens": 16, "prompt": '"' * 200_000},
-              {"model": "m", "max_tokens": 16, "prompt": ["a"] * 100_000}]
+              {"model": "m", "max_tokens": 16, "prompt": ["a"] * 100_000},
+              {"model": "m", "max_tokens": 16, "prompt": '\\"' * 100_000}]
 bodies = [json.dumps(b).encode() for b in bodies]
 end = time.monotonic() + seconds
 def loop(i):
@@ -218,6 +221,8 @@ def main() -> None:
     parser.add_argument("--gate-only", action="store_true", help="no re-warm (no engine)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import uvloop
+
     import llmwarm
 
     checkout = Path(llmwarm.__file__).resolve().parent  # the llmwarm measured
@@ -226,9 +231,8 @@ def main() -> None:
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True
         ).stdout.strip(),
-        "gate": asyncio.run(gate_lag(args.seconds, args.rounds)),
+        "gate": uvloop.run(gate_lag(args.seconds, args.rounds)),
     }
-    import uvloop
 
     if not args.gate_only:
         result["rewarm"] = uvloop.run(rewarm_lag(args.model, idle_s=args.seconds))
@@ -266,9 +270,10 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines += ["", "The gate's columns: 5 MB chat bodies (an image as a data URL), two at a time "
               "from another process, to an app that reads each body but parses nothing: what "
               "is left is llmwarm's own work per request; hostile bodies: a 400 KB prompt of "
-              "escaped quotes and a prompt of 100,000 short strings, alternately, back to back "
-              "from two client threads (bodies/s: how many the gate read and answered); the "
-              "difference between their two columns is the classifier's. The re-warm's: "
+              "escaped quotes, a prompt of 100,000 short strings and a 400 KB prompt of "
+              "backslash-quote pairs, in turn, back to back from two client threads (bodies/s: "
+              "how many the gate read and answered); the difference between their two columns "
+              "is the classifier's. All on uvloop, as `vllm serve` runs. The re-warm's: "
               "`llmwarm serve` on "
               "the tiny model in the benchmark's own process, re-warming 64 prompts of 512 "
               "tokens at once (vLLM's own work on its loop included). Command: "

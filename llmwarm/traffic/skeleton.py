@@ -13,12 +13,14 @@ Python step per *long* string only (at most one per `LONG` bytes): a body of esc
 a hundred thousand short strings costs about what `json.loads` of it costs, never a Python step
 per escape or per string (tests/test_skeleton.py holds it to that). Even that is too much on a
 loop that serves streams when a client sends such bodies back to back (a few ms each), so a
-chunk inside a string whose quotes are all escaped is two counts in C, and past `DENSE_AFTER`
-bytes a body that holds a quote that is no escape every `DENSE` bytes or fewer is read no
-further (`unread`): no request a user means holds that many tiny strings or keys, while chats,
-code, images, documents and token IDs hold few (benchmarks/loop_lag.py measures the serving loop
-under such bodies). The placeholder carries a random mark of this process's, so no
-request can forge a length with a short string of its own.
+chunk inside a string with no quote is a memchr and a look at its last bytes, one whose quotes
+are all escaped a few counts in C, and past `DENSE_AFTER` bytes a body that holds a quote that
+is no escape every `DENSE` bytes or fewer is read no further (`unread`): no request a user means
+holds that many tiny strings or keys, while chats, code, images, documents and token IDs hold
+few. The gate feeds it 32 KiB at a time, the loop's other work between two
+(`llmwarm.serve.recording`; benchmarks/loop_lag.py measures the serving loop under such
+bodies). The placeholder carries a random mark of this process's, so no request can forge a
+length with a short string of its own.
 
 Pure: no I/O.
 """
