@@ -75,7 +75,8 @@ class Ticker:
 
 
 def _stats(lags: list[float]) -> dict[str, float]:
-    ordered = sorted(lags) or [0.0]
+    # uvloop's timers have a resolution of 1 ms and may wake a fraction early: no lag, not less
+    ordered = sorted(max(0.0, lag) for lag in lags) or [0.0]
     return {
         "ticks": len(lags),
         "p50_ms": 1000 * statistics.median(ordered),
@@ -257,7 +258,8 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
         if s is None:
             return "-"
         rate = f" ({s['bodies_per_s']:.0f} bodies/s)" if "bodies_per_s" in s else ""
-        return f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} / {s['max_ms']:.1f}{rate}"
+        p50, p99 = (max(0.0, s[q]) for q in ("p50_ms", "p99_ms"))  # (see _stats)
+        return f"{p50:.2f} / {p99:.2f} / {s['max_ms']:.1f}{rate}"
 
     for run in runs:
         gate, rewarm = run["gate"], run.get("rewarm")
