@@ -11,15 +11,21 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 
 from llmwarm.backend import engine
-from llmwarm.serve.state import Stage
+from llmwarm.serve.lora import AdapterRoutes
+from llmwarm.serve.recording import SLICE
+from llmwarm.serve.state import Adapter, RunState, Stage
 from tests.fakes import FakeEngine
 from tests.running import Run
+
+if TYPE_CHECKING:
+    from starlette.types import Message, Receive, Scope, Send
 
 BASE = {"model": "fake/model", "prompt": "hi", "max_tokens": 2}
 ON_SQL = {"model": "sql", "prompt": "select", "max_tokens": 2}
@@ -243,3 +249,48 @@ async def test_a_rewarm_waits_for_an_adapter_s_warm_up(running: Callable[..., Ru
     assert [a["name"] for a in (await run.client.get("/warmup/report")).json()["adapters"]] == [
         "sql"
     ]
+
+
+async def test_a_large_body_is_read_for_its_adapter_a_slice_at_a_time() -> None:
+    # The defect: while an adapter warmed, every model request's body was read for its `model`
+    # in one go on the serving loop (a 5 MB image: ~8 ms, a 400 KB hostile prompt: ~4 ms); now
+    # a slice at a time, as the recording reads it, the loop's other work between two
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    passed: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        passed.append(json.loads((await receive())["body"])["model"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    state = RunState(window=2)
+    state.adapters["sql"] = Adapter(loaded=0.0)  # warming
+    routes = AdapterRoutes(state, app, owner=object())  # type: ignore[arg-type]
+    statuses: list[int] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    other = asyncio.create_task(other_work())
+    try:
+        for model in ("sql", "fake/model"):
+            body = json.dumps({"model": model, "prompt": '"' * 131_072}).encode()
+
+            async def receive(body: bytes = body) -> Message:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            scope: Scope = {"type": "http", "method": "POST", "path": "/v1/completions"}
+            before = turns
+            await routes(scope, receive, send)
+            assert turns - before >= len(body) // SLICE - 1
+    finally:
+        other.cancel()
+    assert statuses == [503, 200] and passed == ["fake/model"]

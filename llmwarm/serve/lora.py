@@ -30,7 +30,8 @@ changes nothing. Stopping: the warm-ups are cancelled with the re-warms; the ada
 requests are refused while the server drains.
 
 Bodies are read here only while an adapter is warming, and only a model endpoint's: otherwise
-each request passes untouched.
+each request passes untouched. Such a body is read for its `model` as the recording reads it,
+a slice at a time with the loop's other work between two.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmwarm.model.endpoints import BY_PATH
-from llmwarm.serve.recording import INVOCATIONS
+from llmwarm.serve.recording import INVOCATIONS, read
 from llmwarm.traffic.skeleton import Skeleton
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class AdapterRoutes:
             return await self.app(scope, receive, send)
         if method == "POST" and (path in BY_PATH or path == INVOCATIONS) and self._warming():
             body = await _read(receive)
-            model = _model(body)
+            model = await _model(body)
             adapter = self.state.adapters.get(model) if model else None
             if adapter is not None and adapter.warming:
                 return await _refuse(send, model or "")
@@ -150,10 +151,11 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def _model(body: bytes) -> str | None:
-    """A model request's `model` (its long strings, a prompt, an image, left unread)."""
+async def _model(body: bytes) -> str | None:
+    """A model request's `model` (its long strings, a prompt, an image, left unread; read a
+    slice at a time, as the recording reads it)."""
     skeleton = Skeleton()
-    skeleton.feed(body)
+    await read(skeleton, body)
     data = skeleton.parse()
     value = data.get("model") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None

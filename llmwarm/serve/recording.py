@@ -40,6 +40,17 @@ SLICE = 32 * 1024
 _INVOKED = ("chat", "completions", "embeddings", "classify", "rerank", "score", "pooling")
 
 
+async def read(skeleton: Skeleton, chunk: bytes) -> None:
+    """Feed a body's chunk to its skeleton a `SLICE` at a time, the loop's other work (every
+    stream it serves) between two."""
+    for at in range(0, len(chunk), SLICE):
+        if skeleton.overflow:  # read no further
+            return
+        if at:
+            await asyncio.sleep(0)
+        skeleton.feed(chunk[at : at + SLICE])
+
+
 def invoked(body: Any, served: frozenset[str]) -> str | None:
     """The endpoint a body sent to `/invocations` runs on a model serving `served`."""
     if not isinstance(body, dict):
@@ -95,13 +106,7 @@ class _Observed:
         async def observed_receive() -> Message:
             message = await receive()
             if message["type"] == "http.request":
-                body = message.get("body", b"")
-                for at in range(0, len(body), SLICE):
-                    if self.body.overflow:  # read no further
-                        break
-                    if at:  # the loop's other work (every stream it serves) goes first
-                        await asyncio.sleep(0)
-                    self.body.feed(body[at : at + SLICE])
+                await read(self.body, message.get("body", b""))
             return message
 
         async def observed_send(message: Message) -> None:
