@@ -88,6 +88,28 @@ class ScriptedClient:
         raise AssertionError(f"no server here: GET {path}")
 
 
+class LoopTurns:
+    """Another task on the event loop, counting its turns (`count`) while in the `async with`:
+    how often the loop ran other work meanwhile."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
 class Clock:
     """`llmwarm.warmup.measure`'s clock in a test (`install`): virtual seconds that a fake server
     sets, read back exactly, whatever the host's load.

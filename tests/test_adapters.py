@@ -21,7 +21,7 @@ from llmwarm.backend import engine
 from llmwarm.serve.lora import AdapterRoutes
 from llmwarm.serve.recording import SLICE
 from llmwarm.serve.state import Adapter, RunState, Stage
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, LoopTurns
 from tests.running import Run
 
 if TYPE_CHECKING:
@@ -255,14 +255,6 @@ async def test_a_large_body_is_read_for_its_adapter_a_slice_at_a_time() -> None:
     # The defect: while an adapter warmed, every model request's body was read for its `model`
     # in one go on the serving loop (a 5 MB image: ~8 ms, a 400 KB hostile prompt: ~4 ms); now
     # a slice at a time, as the recording reads it, the loop's other work between two
-    turns = 0
-
-    async def other_work() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
     passed: list[str] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -279,8 +271,7 @@ async def test_a_large_body_is_read_for_its_adapter_a_slice_at_a_time() -> None:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    other = asyncio.create_task(other_work())
-    try:
+    async with LoopTurns() as turns:
         for model in ("sql", "fake/model"):
             body = json.dumps({"model": model, "prompt": '"' * 131_072}).encode()
 
@@ -288,9 +279,7 @@ async def test_a_large_body_is_read_for_its_adapter_a_slice_at_a_time() -> None:
                 return {"type": "http.request", "body": body, "more_body": False}
 
             scope: Scope = {"type": "http", "method": "POST", "path": "/v1/completions"}
-            before = turns
+            before = turns.count
             await routes(scope, receive, send)
-            assert turns - before >= len(body) // SLICE - 1
-    finally:
-        other.cancel()
+            assert turns.count - before >= len(body) // SLICE - 1
     assert statuses == [503, 200] and passed == ["fake/model"]

@@ -25,7 +25,7 @@ from llmwarm.serve.metrics import WarmupCollector
 from llmwarm.serve.recording import SLICE
 from llmwarm.serve.rewarm import Rewarms
 from llmwarm.serve.state import Phase, RunState
-from tests.fakes import INNER, report
+from tests.fakes import INNER, LoopTurns, report
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send
@@ -382,32 +382,21 @@ async def test_a_large_body_is_read_a_slice_at_a_time_the_loops_other_work_betwe
     # The defect: a 256 KiB chunk (what asyncio reads from a socket at once) of a hostile body
     # read in one go held the serving loop ~2 ms, every stream it serves waiting; now a slice
     # of it at a time, the loop's other tasks run between two
-    turns = 0
-
-    async def other_work() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
+    turns = LoopTurns()
     during: list[int] = []
 
     async def completions(request: Request) -> Response:
-        before = turns
+        before = turns.count
         await request.body()  # as vLLM reads it
-        during.append(turns - before)
+        during.append(turns.count - before)
         return Response(b'{"usage": {"prompt_tokens": 3}}', media_type="application/json")
 
     state = RunState(window=2)
     state.warming(Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])]))
     state.serving()
     body = json.dumps({"model": "m", "prompt": '"' * 131_072, "max_tokens": 4}).encode()
-    other = asyncio.create_task(other_work())
-    try:
-        async with client(gate_on(state)) as c:
-            answer = await c.post("/v1/completions", content=body)  # one chunk
-    finally:
-        other.cancel()
+    async with turns, client(gate_on(state)) as c:
+        answer = await c.post("/v1/completions", content=body)  # one chunk
     assert answer.status_code == 200
     assert during[0] >= len(body) // SLICE - 1
     (shape,) = state.coverage.served_shapes  # and read whole: classified
